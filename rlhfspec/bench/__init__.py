@@ -1,0 +1,1 @@
+"""Benchmarks behind `rlhfspec bench ...`: measured side by side in one process, written to benchmarks/."""

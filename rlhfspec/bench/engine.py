@@ -1,0 +1,148 @@
+"""`rlhfspec bench engine`: our engine against transformers' `generate`, same model, prompts and settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhfspec.bench.common import machine, median, memory_read_bandwidth, timed, write_json, write_section
+from rlhfspec.data.chat import encode_prompt
+from rlhfspec.data.prompts import BENCH_PROMPTS
+from rlhfspec.engine.generate import generate
+from rlhfspec.engine.sampling import SamplingParams
+from rlhfspec.models.loader import _cached_default, default_cache_dir, load_model
+
+
+@dataclass
+class EngineBenchConfig:
+    model: str = "default"
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    batches: tuple[int, ...] = (1, 16, 64)
+    max_new_tokens: int = 64
+    ragged_prompts: int = 64
+    ragged_max_new_tokens: int = 256
+    repeats: int = 3
+    device: str = "cpu"
+
+    @classmethod
+    def quick(cls, **kw) -> EngineBenchConfig:
+        return cls(batches=(1, 16), max_new_tokens=16, ragged_prompts=16, ragged_max_new_tokens=64, **kw)
+
+
+def hf_model(source: str, dtype: torch.dtype, device: str):
+    """transformers' own implementation of the same checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    path = _cached_default(default_cache_dir()) if source == "default" else Path(source)
+    if path.is_file():
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model.to(device).eval()
+
+
+def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, eos: bool, pad_id: int, device: str) -> int:
+    """Greedy transformers generate on a left-padded batch; returns the useful tokens produced."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    eos_id = model.generation_config.eos_token_id if eos else None
+    with torch.inference_mode():
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=eos_id, pad_token_id=pad_id, temperature=None, top_p=None, top_k=None,
+        )[:, width:]
+    if not eos:
+        return out.numel()
+    eos_ids = set(eos_id if isinstance(eos_id, list) else [eos_id])
+    useful = 0
+    for row in out.tolist():
+        n = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
+        useful += n
+    return useful
+
+
+def run(cfg: EngineBenchConfig, json_path: str | None = None, write_results: bool = True, log=print) -> dict:
+    rows = []
+    bandwidth = memory_read_bandwidth() if cfg.device == "cpu" else None
+    for dtype_name in cfg.dtypes:
+        ours, tok = load_model(cfg.model, dtype=dtype_name, device=cfg.device)
+        ref = hf_model(cfg.model, ours.dtype, cfg.device)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        weight_bytes = ours.config.num_params * ours.dtype.itemsize
+        encoded = [encode_prompt(tok, p) for p in BENCH_PROMPTS]
+        fixed = SamplingParams(temperature=0, max_new_tokens=cfg.max_new_tokens, ignore_eos=True)
+        # Warm both (kernel choice, weight packing, allocator) before timing.
+        generate(ours, encoded[:2], SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))
+        hf_generate(ref, encoded[:2], 4, False, pad, cfg.device)
+        for batch in cfg.batches:
+            prompts = [encoded[i % len(encoded)] for i in range(batch)]
+            t_ours, t_hf = [], []
+            for _ in range(cfg.repeats):
+                t_ours.append(timed(lambda: generate(ours, prompts, fixed), cfg.device))
+                t_hf.append(timed(lambda: hf_generate(ref, prompts, cfg.max_new_tokens, False, pad, cfg.device), cfg.device))
+            tokens = batch * cfg.max_new_tokens
+            ours_s, hf_s = median(t_ours), median(t_hf)
+            roof = None
+            if batch == 1 and bandwidth:
+                roof = (weight_bytes / bandwidth) / (ours_s / cfg.max_new_tokens)
+            rows.append(_row("fixed", dtype_name, batch, tokens / ours_s, tokens / hf_s, roof))
+            log(_fmt(rows[-1]))
+        prompts = [encoded[i % len(encoded)] for i in range(cfg.ragged_prompts)]
+        natural = SamplingParams(temperature=0, max_new_tokens=cfg.ragged_max_new_tokens)
+        t_ours, t_hf, n_ours, n_hf = [], [], 0, 0
+        for _ in range(cfg.repeats):
+            outs: list = []
+            t_ours.append(timed(lambda: outs.extend(generate(ours, prompts, natural)), cfg.device))
+            n_ours = sum(len(o.token_ids) for o in outs)
+            box: list[int] = []
+            t_hf.append(timed(lambda: box.append(hf_generate(ref, prompts, cfg.ragged_max_new_tokens, True, pad, cfg.device)), cfg.device))
+            n_hf = box[0]
+        rows.append(_row("ragged", dtype_name, cfg.ragged_prompts, n_ours / median(t_ours), n_hf / median(t_hf), None))
+        log(_fmt(rows[-1]))
+        del ours, ref
+    result = {
+        "machine": machine(),
+        "model": cfg.model,
+        "device": cfg.device,
+        "memory_read_gb_s": None if bandwidth is None else round(bandwidth / 1e9, 1),
+        "rows": rows,
+    }
+    write_json(json_path, result)
+    if write_results:
+        write_section(f"engine-{cfg.device}", _markdown(result, cfg))
+    return result
+
+
+def _row(case: str, dtype: str, batch: int, ours: float, hf: float, roof: float | None) -> dict:
+    return {
+        "case": case, "dtype": dtype, "batch": batch, "ours_tok_s": round(ours, 1), "hf_tok_s": round(hf, 1),
+        "ratio": round(ours / hf, 2), "roofline_frac": None if roof is None else round(roof, 2),
+    }
+
+
+def _fmt(r: dict) -> str:
+    roof = "" if r["roofline_frac"] is None else f"  roofline {r['roofline_frac']:.2f}"
+    return f"{r['case']:6} {r['dtype']:8} batch {r['batch']:3}: ours {r['ours_tok_s']:7.1f} tok/s  transformers {r['hf_tok_s']:7.1f} tok/s  ratio {r['ratio']:.2f}{roof}"
+
+
+def _markdown(result: dict, cfg: EngineBenchConfig) -> str:
+    lines = [
+        f"## Engine vs transformers `generate` ({result['device']})",
+        "",
+        f"Command: `rlhfspec bench engine{' --device cuda' if cfg.device == 'cuda' else ''}"
+        f"{' --quick' if cfg.max_new_tokens == EngineBenchConfig.quick().max_new_tokens else ''}`  ",
+        f"Machine: {result['machine']}; memory read bandwidth {result['memory_read_gb_s']} GB/s  ",
+        f"Greedy, {cfg.max_new_tokens} new tokens per sample (EOS ignored) for the fixed rows; the ragged rows run "
+        f"{cfg.ragged_prompts} prompts to EOS (cap {cfg.ragged_max_new_tokens}), counting tokens up to each EOS. "
+        f"Median of {cfg.repeats} runs each, ours and transformers alternating in one process.",
+        "",
+        "| case | dtype | batch | ours tok/s | transformers tok/s | ratio | roofline frac |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        roof = "" if r["roofline_frac"] is None else f"{r['roofline_frac']:.2f}"
+        lines.append(f"| {r['case']} | {r['dtype']} | {r['batch']} | {r['ours_tok_s']} | {r['hf_tok_s']} | {r['ratio']:.2f} | {roof} |")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""The `rlhfspec` command."""

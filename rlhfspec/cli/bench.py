@@ -1,0 +1,29 @@
+"""`rlhfspec bench <name>`: benchmarks that write benchmarks/RESULTS.md."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="run a benchmark and record it in benchmarks/RESULTS.md")
+    names = p.add_subparsers(dest="bench", required=True)
+    e = names.add_parser("engine", help="our engine vs transformers' generate on the same model")
+    e.add_argument("--model", default="default")
+    e.add_argument("--quick", action="store_true", help="batches 1 and 16, 16 new tokens")
+    e.add_argument("--json", default=None, help="write the rows to this JSON file")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--repeats", type=int, default=3)
+    e.set_defaults(run=run_engine)
+
+
+def run_engine(args) -> int:
+    import torch
+
+    from rlhfspec.bench.engine import EngineBenchConfig, run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kw = dict(model=args.model, device=args.device, repeats=args.repeats)
+    cfg = EngineBenchConfig.quick(**kw) if args.quick else EngineBenchConfig(**kw)
+    run(cfg, json_path=args.json)
+    return 0

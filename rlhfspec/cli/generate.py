@@ -1,0 +1,85 @@
+"""`rlhfspec generate`: complete prompts with the engine and print them with a throughput summary."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rlhfspec.data.chat import encode_prompt
+from rlhfspec.data.prompts import DEMO_PROMPTS
+from rlhfspec.errors import RlhfspecError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="complete prompts with the generation engine")
+    p.add_argument("--model", default="default", help="'default', a Hugging Face directory or a .gguf file")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); chat-templated unless --raw")
+    p.add_argument("--prompts-file", type=Path, help="JSONL with a 'prompt' (string) or 'messages' (chat) field per line")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=1, help="completions per prompt")
+    p.add_argument("--batch-size", type=int, default=None, help="live samples at once (default: all, up to 64)")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the device's generation default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", type=Path, help="also write the completions to this JSONL file")
+    p.set_defaults(run=run)
+
+
+def read_prompts_file(path: Path) -> list:
+    """Prompts from JSONL: each line holds 'prompt' (text) or 'messages' (chat turns)."""
+    if not path.is_file():
+        raise RlhfspecError(f"prompts file {path} does not exist.")
+    prompts = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RlhfspecError(f"{path} line {n} is not valid JSON ({e.msg}).") from None
+        value = row.get("messages", row.get("prompt")) if isinstance(row, dict) else None
+        if not value:
+            raise RlhfspecError(f"{path} line {n} has no non-empty 'prompt' or 'messages' field.")
+        prompts.append(value)
+    return prompts
+
+
+def run(args) -> int:
+    import torch
+
+    from rlhfspec import SamplingParams, generate, load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    texts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    texts = texts or DEMO_PROMPTS
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    if tok is None:
+        raise RlhfspecError(f"{args.model} has no tokenizer files; rlhfspec generate needs one to encode prompts.")
+    encoded = [encode_prompt(tok, t, chat=not args.raw) for t in texts]
+    prompts = [p for p in encoded for _ in range(args.samples)]
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens, stop=tuple(args.stop),
+    )
+    start = time.perf_counter()
+    outs = generate(model, prompts, params, seed=args.seed, batch_size=args.batch_size, tokenizer=tok, progress=True)
+    elapsed = time.perf_counter() - start
+    rows = []
+    for i, out in enumerate(outs):
+        text = tok.decode(out.token_ids, skip_special_tokens=True)
+        prompt = texts[i // args.samples]
+        print(f"### [{i}] {prompt if isinstance(prompt, str) else prompt[-1]['content']}\n{text}\n")
+        rows.append({"prompt": prompt, "completion": text, "token_ids": out.token_ids, "finish_reason": out.finish_reason})
+    if args.json:
+        args.json.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokens = sum(len(o.token_ids) for o in outs)
+    print(f"{len(outs)} samples, {tokens} tokens in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s ({model.dtype}, {torch.get_num_threads()} threads)")
+    return 0

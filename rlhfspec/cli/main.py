@@ -1,0 +1,28 @@
+"""`rlhfspec <command>`: each command module registers its own subparser."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rlhfspec.cli import bench, generate
+from rlhfspec.errors import RlhfspecError
+
+COMMANDS = [generate, bench]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlhfspec", description="RLHF with lossless, adaptive speculative decoding.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMANDS:
+        module.register(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except RlhfspecError as e:
+        print(f"rlhfspec: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

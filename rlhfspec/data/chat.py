@@ -1,0 +1,19 @@
+"""Turning prompts (plain text or chat messages) into token ids."""
+
+from __future__ import annotations
+
+from typing import Any
+
+Messages = list[dict[str, Any]]
+
+
+def encode_prompt(tokenizer, prompt: str | Messages, chat: bool = True) -> list[int]:
+    """Token ids of a prompt; with chat=True (and a chat template) a string is one user message,
+    and the assistant turn is opened so the model answers."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not isinstance(prompt, str):
+        raise TypeError("chat messages need a tokenizer with a chat template")
+    return tokenizer(prompt)["input_ids"]

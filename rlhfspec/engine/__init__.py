@@ -1,0 +1,1 @@
+"""One generation instance: live samples, prefill, decode and speculative steps, sampling, drafters."""

@@ -1,0 +1,51 @@
+"""One sample's state in a generation instance, and what `generate` returns for it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rlhfspec.engine.sampling import SamplingParams
+
+
+@dataclass(slots=True)
+class Sequence:
+    """A prompt being completed. Its randomness is keyed by (seed, sample_id, position) alone.
+
+    Invariant while live: the instance's cache holds len(prompt) + len(tokens) - 1 rows;
+    the last emitted token is fed at the next step.
+    """
+
+    sample_id: int
+    prompt: list[int]
+    params: SamplingParams
+    seed: int = 0
+    group: int | None = None  # samples of one prompt share a group (RL sampling groups)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    slot: int = -1
+
+    @property
+    def length(self) -> int:
+        """Prompt plus generated tokens."""
+        return len(self.prompt) + len(self.tokens)
+
+    @property
+    def remaining(self) -> int:
+        """Tokens it may still emit."""
+        return self.params.max_new_tokens - len(self.tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationOutput:
+    """A finished sample: generated token ids, their logprobs under the processed distribution, why it stopped."""
+
+    sample_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_new_tokens)
+
+    @classmethod
+    def of(cls, seq: Sequence) -> GenerationOutput:
+        return cls(seq.sample_id, seq.prompt, seq.tokens, seq.logprobs, seq.finish_reason)

@@ -1,0 +1,1 @@
+"""Llama-family models: architecture, KV cache, loaders and savers."""

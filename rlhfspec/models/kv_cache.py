@@ -1,0 +1,70 @@
+"""A preallocated KV cache with one slot per live sample and a length per slot."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhfspec.errors import RlhfspecError
+from rlhfspec.models.attention import CacheAttention
+from rlhfspec.models.config import ModelConfig
+
+
+class KVCache:
+    """k, v: [layers, slots, max_len, kv_heads, head_dim]; `lengths[s]` rows of slot s are valid.
+
+    Rows past a slot's length are stale and masked, so rolling back is shortening the length.
+    """
+
+    def __init__(self, config: ModelConfig, max_slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        shape = (config.num_layers, max_slots, max_len, config.num_kv_heads, config.head_dim)
+        # Zeros, not empty: masked rows still meet the value matmul, and 0 * NaN would be NaN.
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_slots, self.max_len = max_slots, max_len
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.device = self.k.device
+        self.lengths = [0] * max_slots
+        # Per-layer row views [slots*max_len, kv_heads, head_dim] that index_copy_ writes into.
+        self.k_rows = [layer.view(-1, *shape[-2:]) for layer in self.k]
+        self.v_rows = [layer.view(-1, *shape[-2:]) for layer in self.v]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def attend(self, first_slot: int, q_lens: list[int]) -> CacheAttention:
+        """Attention for one forward that appends q_lens[b] tokens to slot first_slot+b."""
+        starts = self.lengths[first_slot : first_slot + len(q_lens)]
+        for b, (s, q) in enumerate(zip(starts, q_lens)):
+            if s + q > self.max_len:
+                raise RlhfspecError(
+                    f"slot {first_slot + b} needs {s + q} KV rows but the cache holds {self.max_len}; raise max_len."
+                )
+        return CacheAttention(self, first_slot, starts, q_lens)
+
+    def advance(self, first_slot: int, q_lens: list[int]) -> None:
+        """Commit the rows a forward wrote."""
+        for b, q in enumerate(q_lens):
+            self.lengths[first_slot + b] += q
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot src's valid rows into slot dst (used to keep live slots packed)."""
+        n = self.lengths[src]
+        self.k[:, dst, :n] = self.k[:, src, :n]
+        self.v[:, dst, :n] = self.v[:, src, :n]
+        self.lengths[dst] = n
+        self.lengths[src] = 0
+
+    def rows(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A slot's valid K and V rows: [layers, len, kv_heads, head_dim] each (copies)."""
+        n = self.lengths[slot]
+        return self.k[:, slot, :n].clone(), self.v[:, slot, :n].clone()
+
+    def load_rows(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Fill a slot with rows exported by `rows` (possibly from another instance)."""
+        n = k.shape[1]
+        if n > self.max_len:
+            raise RlhfspecError(f"a migrated sample brings {n} KV rows but this cache holds {self.max_len}; raise max_len.")
+        self.k[:, slot, :n] = k.to(self.k.device, self.k.dtype)
+        self.v[:, slot, :n] = v.to(self.v.device, self.v.dtype)
+        self.lengths[slot] = n

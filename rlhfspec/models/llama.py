@@ -1,0 +1,161 @@
+"""The Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2/2.5, Qwen3) on packed tokens.
+
+Modules hold the parameters under stable names; the forward pass walks a `Plan` of plain
+tensors and projection callables instead of calling submodules, because on the CPU decode
+path Python's module machinery costs as much as the small ops it dispatches. Projections are
+fused (q|k|v and gate|up), so a layer is four matmuls; the attention is a callable
+(`CacheAttention` for generation, `DenseAttention` for training) so one set of weights serves
+the engine and the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlhfspec.models.config import ModelConfig
+from rlhfspec.models.linear import Linear, Projection, projection
+from rlhfspec.models.rope import apply_rope, inv_freq_and_scale, rope_tables
+
+Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm: normalise in float32, cast back, scale. x: [..., H]."""
+    # Written out: F.rms_norm's CPU path is several times slower for the few rows of a decode step.
+    if x.dtype == torch.float32:
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight
+    h = x.float()
+    return weight * (h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, device):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Block(nn.Module):
+    """One decoder layer's parameters."""
+
+    def __init__(self, c: ModelConfig, dtype: torch.dtype, device):
+        super().__init__()
+        q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.input_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
+        self.qkv = Linear(c.hidden_size, q_out + 2 * kv_out, c.qkv_bias, dtype, device)
+        self.o = Linear(q_out, c.hidden_size, c.o_bias, dtype, device)
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, device) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, device) if c.qk_norm else None
+        self.post_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
+        self.gate_up = Linear(c.hidden_size, 2 * c.intermediate_size, c.mlp_bias, dtype, device)
+        self.down = Linear(c.intermediate_size, c.hidden_size, c.mlp_bias, dtype, device)
+
+
+@dataclass(slots=True)
+class LayerPlan:
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qk_norm: torch.Tensor | None  # q_norm's weight for the q heads, k_norm's for the k heads: [Hq+Hkv, D]
+    qkv: Projection
+    o: Projection
+    gate_up: Projection
+    down: Projection
+
+
+@dataclass(slots=True)
+class Plan:
+    key: tuple
+    layers: list[LayerPlan]
+    head: Projection
+
+
+class Transformer(nn.Module):
+    """Decoder over packed tokens: `forward(tokens [N], positions [N], attention) -> hidden [N, H]`."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(Block(config, dtype, device) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, False, dtype, device)
+        self._rope_len = 0
+        self._plans: dict[bool, Plan] = {}
+        self.register_buffer("rope_cos", torch.empty(0, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def ensure_positions(self, max_len: int) -> None:
+        """Build the RoPE tables for positions [0, max_len) (once, grown on demand)."""
+        if max_len <= self._rope_len:
+            return
+        c = self.config
+        inv, scale = inv_freq_and_scale(c.rope, c.head_dim, max_len, c.max_position_embeddings)
+        self.rope_cos, self.rope_sin = rope_tables(inv, scale, max_len, self.dtype, self.device)
+        self._rope_len = max_len
+
+    def plan(self) -> Plan:
+        """The forward's view of the parameters, rebuilt (and repacked) whenever any of them changes."""
+        inference = not (torch.is_grad_enabled() and self.embed.weight.requires_grad)
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        cached = self._plans.get(inference)
+        if cached is not None and cached.key == key:
+            return cached
+        layers = []
+        for b in self.layers:
+            qk_norm = None
+            if b.q_norm is not None:
+                c = self.config
+                qk_norm = torch.cat((b.q_norm.weight.expand(c.num_heads, -1), b.k_norm.weight.expand(c.num_kv_heads, -1)))
+            layers.append(
+                LayerPlan(
+                    b.input_norm.weight, b.post_norm.weight, qk_norm,
+                    projection(b.qkv.weight, b.qkv.bias, inference),
+                    projection(b.o.weight, b.o.bias, inference),
+                    projection(b.gate_up.weight, b.gate_up.bias, inference),
+                    projection(b.down.weight, b.down.bias, inference),
+                )
+            )
+        head = self.lm_head.weight if self.lm_head is not None else self.embed.weight
+        plan = Plan(key, layers, projection(head, None, inference))
+        self._plans[inference] = plan
+        return plan
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attention: Attention) -> torch.Tensor:
+        """tokens, positions: [N] -> final hidden states (before the last norm) [N, H]."""
+        c = self.config
+        hq, hkv, d, eps = c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps
+        plan = self.plan()
+        x = F.embedding(tokens, self.embed.weight)
+        n = x.shape[0]
+        cos = self.rope_cos[positions].unsqueeze(1)
+        sin = self.rope_sin[positions].unsqueeze(1)
+        for i, layer in enumerate(plan.layers):
+            qkv = layer.qkv(rms_norm(x, layer.input_norm, eps)).view(n, hq + 2 * hkv, d)
+            qk = qkv[:, : hq + hkv]
+            if layer.qk_norm is not None:
+                qk = rms_norm(qk, layer.qk_norm, eps)
+            qk = apply_rope(qk, cos, sin)
+            x = x + layer.o(attention(i, qk[:, :hq], qk[:, hq:], qkv[:, hq + hkv :]))
+            gate, up = layer.gate_up(rms_norm(x, layer.post_norm, eps)).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [..., H] -> float32 logits [..., V]."""
+        return self.plan().head(rms_norm(hidden, self.norm.weight, self.config.rms_norm_eps)).float()

@@ -1,0 +1,75 @@
+"""Our decoder's logits equal transformers' own implementation of the same checkpoint."""
+
+import pytest
+import torch
+
+from rlhfspec import load_model
+from tests.conftest import ARCHS, random_prompts, tiny_hf_model
+from tests.models.helpers import engine_logits, hf_logits
+
+
+def _sequences(vocab: int, seed: int = 0):
+    prompts = random_prompts(4, vocab, 3, 17, seed=seed)
+    continuations = random_prompts(4, vocab, 32, 32, seed=seed + 1)
+    return prompts, continuations
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_fp32_logits_equal_transformers_prefill_and_32_decode_steps(arch, tiny_checkpoint):
+    path = tiny_checkpoint(arch)
+    ours, _ = load_model(path, dtype="float32")
+    ref = tiny_hf_model(arch)
+    prompts, conts = _sequences(ours.config.vocab_size)
+    got = engine_logits(ours, prompts, conts)
+    want = hf_logits(ref, [p + c for p, c in zip(prompts, conts)])
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert (g - w).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_ragged_chunks_through_the_cache_equal_transformers(arch, tiny_checkpoint):
+    """Samples appending different numbers of tokens in one forward (what verification does)."""
+    ours, _ = load_model(tiny_checkpoint(arch), dtype="float32")
+    ref = tiny_hf_model(arch)
+    prompts, conts = _sequences(ours.config.vocab_size, seed=3)
+    chunks = [[1, 3, 2], [4], [2, 1], [1, 5, 1, 1]]
+    got = engine_logits(ours, prompts, conts, chunks=chunks)
+    want = hf_logits(ref, [p + c for p, c in zip(prompts, conts)])
+    for g, w in zip(got, want):
+        assert (g - w).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_bf16_logits_within_bf16_noise_of_transformers_bf16(arch, tiny_checkpoint):
+    """Tolerance: our bf16 logits may differ from transformers' bf16 logits by at most three times
+    transformers' own bf16 error (against its float32 logits), plus 0.02."""
+    path = tiny_checkpoint(arch)
+    ours, _ = load_model(path, dtype="bfloat16")
+    ref32 = tiny_hf_model(arch)
+    ref16 = tiny_hf_model(arch, dtype=torch.bfloat16)
+    prompts, conts = _sequences(ours.config.vocab_size, seed=5)
+    seqs = [p + c for p, c in zip(prompts, conts)]
+    got = engine_logits(ours, prompts, conts)
+    for g, w16, w32 in zip(got, hf_logits(ref16, seqs), hf_logits(ref32, seqs)):
+        noise = (w16 - w32).abs().max().item()
+        assert (g - w16).abs().max().item() <= 3 * noise + 0.02
+
+
+def test_training_forward_equals_engine_forward(tiny_checkpoint):
+    """The trainer's padded forward (DenseAttention) and the engine's cached forward agree."""
+    from rlhfspec.models.attention import DenseAttention
+
+    model, _ = load_model(tiny_checkpoint("qwen2"), dtype="float32")
+    prompts, conts = _sequences(model.config.vocab_size, seed=7)
+    seqs = [p + c for p, c in zip(prompts, conts)]
+    width = max(map(len, seqs))
+    ids = torch.tensor([[0] * (width - len(s)) + s for s in seqs])  # left padding
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    model.ensure_positions(width)
+    att = DenseAttention(mask, model.config.num_heads, model.config.num_kv_heads)
+    with torch.no_grad():
+        dense = model.logits(model(ids.reshape(-1), att.positions, att)).view(len(seqs), width, -1)
+    cached = engine_logits(model, prompts, conts)
+    for i, s in enumerate(seqs):
+        assert (dense[i, width - len(s) :] - cached[i]).abs().max().item() <= 1e-4
