@@ -28,6 +28,8 @@ def register(sub) -> None:
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the device's generation default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--drafter", default="none", help="none, ngram, or a draft model directory")
+    p.add_argument("--num-draft-tokens", type=int, default=4, help="draft tokens per step when a drafter is set")
     p.add_argument("--json", type=Path, help="also write the completions to this JSONL file")
     p.set_defaults(run=run)
 
@@ -69,8 +71,11 @@ def run(args) -> int:
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         max_new_tokens=args.max_new_tokens, stop=tuple(args.stop),
     )
+    drafter = None if args.drafter == "none" else args.drafter
+    stats: list = []
     start = time.perf_counter()
-    outs = generate(model, prompts, params, seed=args.seed, batch_size=args.batch_size, tokenizer=tok, progress=True)
+    outs = generate(model, prompts, params, seed=args.seed, batch_size=args.batch_size, tokenizer=tok, progress=True,
+                    drafter=drafter, num_draft_tokens=args.num_draft_tokens, instance_stats=stats)
     elapsed = time.perf_counter() - start
     rows = []
     for i, out in enumerate(outs):
@@ -81,5 +86,8 @@ def run(args) -> int:
     if args.json:
         args.json.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tokens = sum(len(o.token_ids) for o in outs)
-    print(f"{len(outs)} samples, {tokens} tokens in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s ({model.dtype}, {torch.get_num_threads()} threads)")
+    line = f"{len(outs)} samples, {tokens} tokens in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s"
+    if drafter is not None:
+        line += f", acceptance {stats[0].acceptance or 0:.1%}, {stats[0].tokens_per_step:.2f} tokens/step per sample"
+    print(f"{line} ({model.dtype}, {torch.get_num_threads()} threads)")
     return 0

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rlhfspec.cli import bench, generate
+from rlhfspec.cli import bench, distill, generate
 from rlhfspec.errors import RlhfspecError
 
-COMMANDS = [generate, bench]
+COMMANDS = [generate, distill, bench]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,14 +5,18 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Sequence as Seq
+from pathlib import Path
 
+from rlhfspec.engine.drafters import DraftModelDrafter, Drafter, NgramDrafter
 from rlhfspec.engine.instance import GenerationInstance
 from rlhfspec.engine.progress import Progress
 from rlhfspec.engine.sampling import SamplingParams
 from rlhfspec.engine.sequence import GenerationOutput, Sequence
 from rlhfspec.errors import RlhfspecError
+from rlhfspec.strategy.base import StaticStrategy, Strategy
 
 DEFAULT_MAX_BATCH = 64
+MAX_DRAFT_TOKENS = 16
 
 
 def generate(
@@ -25,14 +29,21 @@ def generate(
     tokenizer=None,
     progress: bool = False,
     sample_ids: Seq[int] | None = None,
-    groups: Seq[int] | None = None,
+    drafter=None,
+    num_draft_tokens: int | None = None,
+    strategy: Strategy | None = None,
+    instance_stats: list | None = None,
 ) -> list[GenerationOutput]:
     """Complete each prompt (token ids); outputs in prompt order.
 
     Up to `batch_size` samples run at once (default min(#prompts, 64)); a finished sample's slot
     is refilled from the queue. Sample i's randomness is keyed by (seed, sample_ids[i], position)
     (sample_ids default to 0..n-1), so its tokens do not depend on batch_size or on which other
-    prompts run beside it. `groups[i]` marks samples of the same prompt (RL sampling groups).
+    prompts run beside it.
+
+    drafter: None, "ngram", a draft model path, a model from `load_model`, or a `Drafter`;
+    num_draft_tokens: draft length per step (default 4). Speculative decoding is lossless: the
+    tokens follow the policy's own sampling distribution and `logprobs` are the policy's.
     """
     params = params or SamplingParams()
     if not prompts_token_ids:
@@ -40,10 +51,7 @@ def generate(
     ids = list(range(len(prompts_token_ids))) if sample_ids is None else list(sample_ids)
     if len(set(ids)) != len(ids) or len(ids) != len(prompts_token_ids):
         raise RlhfspecError(f"sample_ids must be {len(prompts_token_ids)} distinct integers, one per prompt.")
-    seqs = [
-        Sequence(sample_id=ids[i], prompt=[int(t) for t in p], params=params, seed=seed, group=None if groups is None else groups[i])
-        for i, p in enumerate(prompts_token_ids)
-    ]
+    seqs = [Sequence(sample_id=ids[i], prompt=[int(t) for t in p], params=params, seed=seed) for i, p in enumerate(prompts_token_ids)]
     longest = max(len(s.prompt) for s in seqs)
     limit = model.config.max_position_embeddings
     if longest + params.max_new_tokens > limit:
@@ -52,12 +60,39 @@ def generate(
             f"prompt {worst.sample_id} is {len(worst.prompt)} tokens; with max_new_tokens {params.max_new_tokens} "
             f"it exceeds the model's {limit} positions."
         )
+    drafters = [] if drafter is None else [make_drafter(drafter, model, tokenizer)]
+    if strategy is None and drafters:
+        n = 4 if num_draft_tokens is None else num_draft_tokens
+        check_draft_length(n)
+        strategy = StaticStrategy(drafters[0].name, n)
     batch = min(batch_size or DEFAULT_MAX_BATCH, len(seqs))
-    instance = GenerationInstance(model, batch, longest + params.max_new_tokens, tokenizer=tokenizer)
+    instance = GenerationInstance(model, batch, longest + params.max_new_tokens, tokenizer=tokenizer, drafters=drafters, strategy=strategy)
     for s in seqs:
         instance.validate(s)
     run(instance, seqs, progress=progress)
+    if instance_stats is not None:
+        instance_stats.append(instance.stats)
     return [GenerationOutput.of(s) for s in seqs]
+
+
+def check_draft_length(n: int) -> None:
+    if not isinstance(n, int) or n < 0:
+        raise RlhfspecError(f"num_draft_tokens is {n!r}; it must be an integer >= 0.")
+    if n > MAX_DRAFT_TOKENS:
+        raise RlhfspecError(f"num_draft_tokens is {n}; the maximum is {MAX_DRAFT_TOKENS}.")
+
+
+def make_drafter(spec, policy, tokenizer=None) -> Drafter:
+    """A Drafter from "ngram", a checkpoint path, a loaded model, or a Drafter."""
+    if isinstance(spec, Drafter):
+        return spec
+    if spec == "ngram":
+        return NgramDrafter()
+    if isinstance(spec, (str, Path)):
+        return DraftModelDrafter.load(spec, policy, policy_tokenizer=tokenizer)
+    if hasattr(spec, "config") and hasattr(spec, "plan"):
+        return DraftModelDrafter(spec, policy)
+    raise RlhfspecError(f"drafter {spec!r} is not 'ngram', a draft model path, a model from load_model, or a Drafter.")
 
 
 def run(instance: GenerationInstance, seqs: list[Sequence], progress: bool = False) -> None:
@@ -68,6 +103,9 @@ def run(instance: GenerationInstance, seqs: list[Sequence], progress: bool = Fal
     while queue or instance.live:
         if queue and instance.free_slots:
             admit = [queue.popleft() for _ in range(min(instance.free_slots, len(queue)))]
-            bar.update(len(instance.add(admit)), instance.stats.emitted, time.perf_counter() - start)
-        bar.update(len(instance.step()), instance.stats.emitted, time.perf_counter() - start)
+            done = len(instance.add(admit))
+        else:
+            done = 0
+        done += len(instance.step())
+        bar.update(done, instance.stats.emitted, time.perf_counter() - start, instance.stats.acceptance)
     bar.close()

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from rlhfspec.engine.drafters.base import Drafter
 from rlhfspec.engine.sampling import SAMPLE, SamplingParams, keyed_uniforms, processed_logprobs, sample, seed_tensor
 from rlhfspec.engine.sequence import Sequence
+from rlhfspec.engine.spec import verify
 from rlhfspec.engine.stopping import StopChecker
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.kv_cache import KVCache
+from rlhfspec.strategy.base import Decision, StepRecord, Strategy, Workload
 
 
 @dataclass(slots=True)
@@ -19,17 +22,34 @@ class InstanceStats:
     steps: int = 0
     prefill_tokens: int = 0
     emitted: int = 0
+    proposed: int = 0
+    accepted: int = 0
     forward_s: float = 0.0
+    records: list[StepRecord] = field(default_factory=list)
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.accepted / self.proposed if self.proposed else None
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens a sample gains per decode step (1 for plain decoding)."""
+        slots = sum(r.batch for r in self.records)
+        return sum(r.emitted for r in self.records) / slots if slots else 0.0
 
 
 class GenerationInstance:
     """Live samples occupy slots 0..B-1 (kept dense: a finished sample's slot takes the last one).
 
     `add` prefills new samples (packed, one forward) and draws their first token; `step` runs one
-    batched decode step for all live samples. Both return the samples that finished.
+    batched decode step, speculative when the strategy picks a drafter. Both return the samples
+    that finished.
     """
 
-    def __init__(self, model, max_batch: int, max_len: int, *, tokenizer=None, eos_ids: tuple[int, ...] | None = None):
+    def __init__(
+        self, model, max_batch: int, max_len: int, *, tokenizer=None, eos_ids: tuple[int, ...] | None = None,
+        drafters: list[Drafter] | None = None, strategy: Strategy | None = None,
+    ):
         if max_batch < 1:
             raise RlhfspecError(f"max_batch is {max_batch}; it must be >= 1.")
         self.model = model
@@ -37,11 +57,16 @@ class GenerationInstance:
         model.ensure_positions(max_len)
         self.cache = KVCache(model.config, max_batch, max_len, model.dtype, model.device)
         eos = model.config.eos_token_ids if eos_ids is None else eos_ids
-        if tokenizer is not None and tokenizer.eos_token_id is not None:
+        if tokenizer is not None and tokenizer.eos_token_id is not None and eos_ids is None:
             eos = tuple(sorted(set(eos) | {tokenizer.eos_token_id}))
         self.stopper = StopChecker(eos, tokenizer)
         self.live: list[Sequence] = []
         self.stats = InstanceStats()
+        self.drafters: dict[str, Drafter] = {}
+        for d in drafters or []:
+            d.bind(self)
+            self.drafters[d.name] = d
+        self.strategy = strategy
 
     @property
     def free_slots(self) -> int:
@@ -77,35 +102,81 @@ class GenerationInstance:
         first = len(self.live)
         for i, s in enumerate(seqs):
             s.slot = first + i
+            self.cache.lengths[s.slot] = 0
             self.live.append(s)
-        logits = self.forward(first, [s.prompt for s in seqs], last_only=True)
+        for d in self.drafters.values():
+            d.admitted(seqs)
+        logits = self.forward([s.slot for s in seqs], [s.prompt for s in seqs], last_only=True)
         self.stats.prefill_tokens += sum(len(s.prompt) for s in seqs)
         tokens, logprobs = self.draw(seqs, logits, [s.length for s in seqs])
-        return self._emit(seqs, tokens, logprobs)
+        return self._emit(seqs, [[t] for t in tokens], [[lp] for lp in logprobs])
+
+    def workload(self) -> Workload:
+        return Workload(
+            [s.sample_id for s in self.live], [s.length for s in self.live],
+            [s.remaining for s in self.live], list(self.drafters),
+        )
 
     @torch.inference_mode()
-    def step(self) -> list[Sequence]:
-        """One decode step for every live sample; returns the samples that finished."""
+    def step(self, decision: Decision | None = None) -> list[Sequence]:
+        """One decode step for every live sample (speculative if the decision, or else the strategy,
+        names a drafter); returns the samples that finished."""
         if not self.live:
             return []
         seqs = list(self.live)
-        logits = self.forward(0, [[s.tokens[-1]] for s in seqs], last_only=True)
+        if decision is None and self.strategy is not None:
+            decision = self.strategy.decide(self.workload())
+        if decision is not None and decision.drafter is not None and any(decision.n):
+            if decision.drafter not in self.drafters:
+                raise RlhfspecError(f"drafter {decision.drafter!r} is not attached; this instance has {sorted(self.drafters) or 'none'}.")
+            return self._speculate(seqs, self.drafters[decision.drafter], decision.n)
+        t0 = time.perf_counter()
+        logits = self.forward(list(range(len(seqs))), [[s.tokens[-1]] for s in seqs], last_only=True)
         tokens, logprobs = self.draw(seqs, logits, [s.length for s in seqs])
+        record = StepRecord(len(seqs), None, [0] * len(seqs), [0] * len(seqs), len(seqs), 0.0,
+                            time.perf_counter() - t0, sum(s.length for s in seqs) / len(seqs), [s.sample_id for s in seqs])
+        return self._finish_step(record, seqs, [[t] for t in tokens], [[lp] for lp in logprobs])
+
+    def _speculate(self, seqs: list[Sequence], drafter: Drafter, n: list[int]) -> list[Sequence]:
+        """Draft, verify every sample's [last, d_1..d_n] in one forward, keep the accepted prefix."""
+        if any(k < 0 for k in n):
+            raise RlhfspecError(f"draft lengths must be >= 0; got {min(n)}.")
+        n = [max(0, min(k, s.remaining - 1)) for s, k in zip(seqs, n)]
+        t0 = time.perf_counter()
+        proposal = drafter.propose(seqs, n)
+        t1 = time.perf_counter()
+        before = self.cache.lengths[: len(seqs)]
+        logits = self.forward(list(range(len(seqs))), [[s.tokens[-1]] + d for s, d in zip(seqs, proposal.tokens)], last_only=False)
+        verdict = verify(seqs, logits, proposal.tokens, proposal.q)
+        for b, k in enumerate(verdict.accepted):
+            self.cache.lengths[b] = before[b] + 1 + k  # rejected rows become stale (masked)
+        drafter.accepted(seqs, proposal.tokens, verdict.accepted)
+        drafted = [len(d) for d in proposal.tokens]
+        self.stats.proposed += sum(drafted)
+        self.stats.accepted += sum(verdict.accepted)
+        record = StepRecord(len(seqs), drafter.name, drafted, verdict.accepted, sum(len(t) for t in verdict.tokens),
+                            t1 - t0, time.perf_counter() - t1, sum(s.length for s in seqs) / len(seqs), [s.sample_id for s in seqs])
+        return self._finish_step(record, seqs, verdict.tokens, verdict.logprobs)
+
+    def _finish_step(self, record: StepRecord, seqs, tokens, logprobs) -> list[Sequence]:
         self.stats.steps += 1
+        self.stats.records.append(record)
+        if self.strategy is not None:
+            self.strategy.observe(record)
         return self._emit(seqs, tokens, logprobs)
 
-    def forward(self, first_slot: int, new_tokens: list[list[int]], last_only: bool) -> torch.Tensor:
-        """Append new_tokens[b] to slot first_slot+b in one packed forward; float32 logits of each
-        sample's last row ([B, V]) or of every new row ([sum q, V])."""
+    def forward(self, slots: list[int], new_tokens: list[list[int]], last_only: bool) -> torch.Tensor:
+        """Append new_tokens[b] to slots[b] in one packed forward; float32 logits of each sample's
+        last row ([B, V]) or of every new row ([sum q, V])."""
         t0 = time.perf_counter()
         q_lens = [len(t) for t in new_tokens]
-        attention = self.cache.attend(first_slot, q_lens)
+        attention = self.cache.attend(slots, q_lens)
         flat = torch.tensor([t for ts in new_tokens for t in ts], device=self.cache.device)
         hidden = self.model(flat, attention.positions, attention)
         if last_only and max(q_lens) > 1:
             hidden = hidden[torch.tensor(q_lens, device=hidden.device).cumsum(0) - 1]
         logits = self.model.logits(hidden)
-        self.cache.advance(first_slot, q_lens)
+        self.cache.advance(slots, q_lens)
         self.stats.forward_s += time.perf_counter() - t0
         return logits
 
@@ -132,15 +203,18 @@ class GenerationInstance:
                 tokens[idx], logprobs[idx] = tok, chosen
         return tokens.tolist(), logprobs.tolist()
 
-    def _emit(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float]) -> list[Sequence]:
+    def _emit(self, seqs: list[Sequence], tokens: list[list[int]], logprobs: list[list[float]]) -> list[Sequence]:
+        """Append each sample's emitted tokens, stopping at the first that finishes it."""
         finished = []
-        for s, t, lp in zip(seqs, tokens, logprobs):
-            s.tokens.append(t)
-            s.logprobs.append(lp)
-            self.stats.emitted += 1
-            s.finish_reason = self.stopper.finish_reason(s)
-            if s.finish_reason is not None:
-                finished.append(s)
+        for s, ts, lps in zip(seqs, tokens, logprobs):
+            for t, lp in zip(ts, lps):
+                s.tokens.append(t)
+                s.logprobs.append(lp)
+                self.stats.emitted += 1
+                s.finish_reason = self.stopper.finish_reason(s)
+                if s.finish_reason is not None:
+                    finished.append(s)
+                    break
         self.release(finished)
         return finished
 
@@ -148,19 +222,19 @@ class GenerationInstance:
         """Free the samples' slots, moving the last live samples into the holes so slots stay dense."""
         for s in sorted(seqs, key=lambda s: s.slot, reverse=True):
             hole, last = s.slot, len(self.live) - 1
+            for d in self.drafters.values():
+                d.finished(s, hole)
             if hole != last:
                 moved = self.live[last]
                 self.cache.move(last, hole)
-                self.on_move(last, hole)
+                for d in self.drafters.values():
+                    d.moved(last, hole)
                 moved.slot = hole
                 self.live[hole] = moved
             else:
                 self.cache.lengths[hole] = 0
             self.live.pop()
             s.slot = -1
-
-    def on_move(self, src: int, dst: int) -> None:
-        """Hook for state kept per slot beside the KV cache (drafters)."""
 
 
 def _group_by_params(seqs: list[Sequence]) -> dict[SamplingParams, list[int]]:

@@ -9,7 +9,7 @@ import torch
 from rlhfspec.errors import RlhfspecError
 
 # What a keyed uniform is drawn for; part of the key so the draws never collide.
-SAMPLE, ACCEPT, RESIDUAL, BONUS = 0, 1, 2, 3
+SAMPLE, ACCEPT, RESIDUAL = 0, 1, 2
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,19 +30,21 @@ def unfold_output(out: torch.Tensor, batch: int, qlen: int) -> torch.Tensor:
 
 
 class CacheAttention:
-    """One forward's view of a `KVCache`: sample b writes q_lens[b] new rows at starts[b] of its slot.
+    """One forward's view of a `KVCache`: sample b writes q_lens[b] new rows at starts[b] of slots[b].
 
-    The slots of one forward are a contiguous range (the engine keeps live samples packed),
-    so K and V are read as views of the cache, never copied.
+    When the slots form a contiguous range (the engine keeps live samples packed) K and V are
+    read as views of the cache; any other set of slots is gathered.
     """
 
-    def __init__(self, cache, first_slot: int, starts: list[int], q_lens: list[int]):
+    def __init__(self, cache, slots: list[int], starts: list[int], q_lens: list[int]):
         self.cache = cache
         self.batch = len(starts)
-        self.slots = slice(first_slot, first_slot + self.batch)
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        dev = cache.device
+        slot_t = torch.tensor(slots, device=dev)
+        self.slots = slice(slots[0], slots[0] + self.batch) if contiguous else slot_t
         self.qmax = max(q_lens)
         self.kv_len = max(s + q for s, q in zip(starts, q_lens))
-        dev = cache.device
         start_t = torch.tensor(starts, device=dev)
         if self.qmax == 1:
             self.positions = start_t
@@ -51,9 +53,7 @@ class CacheAttention:
             rows = [b * self.qmax + t for b, q in enumerate(q_lens) for t in range(q)]
             self.pad_index = torch.tensor(rows, device=dev)
             self.positions = torch.tensor([s + t for s, q in zip(starts, q_lens) for t in range(q)], device=dev)
-        slot_ids = torch.repeat_interleave(
-            torch.arange(first_slot, first_slot + self.batch, device=dev), torch.tensor(q_lens, device=dev)
-        ) if self.qmax > 1 else torch.arange(first_slot, first_slot + self.batch, device=dev)
+        slot_ids = torch.repeat_interleave(slot_t, torch.tensor(q_lens, device=dev)) if self.qmax > 1 else slot_t
         self.flat_rows = slot_ids * cache.max_len + self.positions
         # Query (b, t) sees key j iff j <= starts[b] + t; padded queries see key 0 only.
         last = start_t[:, None] + torch.arange(self.qmax, device=dev)[None, :]
@@ -61,9 +61,10 @@ class CacheAttention:
             valid = torch.arange(self.qmax, device=dev)[None, :] < torch.tensor(q_lens, device=dev)[:, None]
             last = torch.where(valid, last, torch.zeros_like(last))
         mask = torch.arange(self.kv_len, device=dev)[None, None, :] <= last[:, :, None]
-        # Every layer's keys and values for this forward: [layers, B, Hkv, L, D] views.
-        self.keys = cache.k[:, self.slots, : self.kv_len].transpose(2, 3)
-        self.values = cache.v[:, self.slots, : self.kv_len].transpose(2, 3)
+        # Every layer's keys and values for this forward: [layers, B, Hkv, L, D] views of the cache
+        # (a gathered copy would miss the rows this forward writes, so other slot sets gather per layer).
+        self.keys = cache.k[:, self.slots, : self.kv_len].transpose(2, 3) if contiguous else None
+        self.values = cache.v[:, self.slots, : self.kv_len].transpose(2, 3) if contiguous else None
         g = cache.num_heads // cache.num_kv_heads
         if self.qmax == 1:
             # Decoding samples of equal length need no mask (the common case at batch 1).
@@ -81,9 +82,12 @@ class CacheAttention:
         if self.pad_index is not None:
             padded = q.new_zeros(self.batch * self.qmax, q.shape[1], q.shape[2])
             q = padded.index_copy_(0, self.pad_index, q)
-        out = F.scaled_dot_product_attention(
-            fold_queries(q, self.batch, self.qmax, hkv), self.keys[layer], self.values[layer], attn_mask=self.mask
-        )
+        if self.keys is not None:
+            keys, values = self.keys[layer], self.values[layer]
+        else:
+            keys = c.k[layer][self.slots, : self.kv_len].transpose(1, 2)
+            values = c.v[layer][self.slots, : self.kv_len].transpose(1, 2)
+        out = F.scaled_dot_product_attention(fold_queries(q, self.batch, self.qmax, hkv), keys, values, attn_mask=self.mask)
         out = unfold_output(out, self.batch, self.qmax)
         return out if self.pad_index is None else out.index_select(0, self.pad_index)
 

@@ -32,20 +32,18 @@ class KVCache:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
-    def attend(self, first_slot: int, q_lens: list[int]) -> CacheAttention:
-        """Attention for one forward that appends q_lens[b] tokens to slot first_slot+b."""
-        starts = self.lengths[first_slot : first_slot + len(q_lens)]
-        for b, (s, q) in enumerate(zip(starts, q_lens)):
+    def attend(self, slots: list[int], q_lens: list[int]) -> CacheAttention:
+        """Attention for one forward that appends q_lens[b] tokens to slot slots[b]."""
+        starts = [self.lengths[s] for s in slots]
+        for slot, s, q in zip(slots, starts, q_lens):
             if s + q > self.max_len:
-                raise RlhfspecError(
-                    f"slot {first_slot + b} needs {s + q} KV rows but the cache holds {self.max_len}; raise max_len."
-                )
-        return CacheAttention(self, first_slot, starts, q_lens)
+                raise RlhfspecError(f"slot {slot} needs {s + q} KV rows but the cache holds {self.max_len}; raise max_len.")
+        return CacheAttention(self, slots, starts, q_lens)
 
-    def advance(self, first_slot: int, q_lens: list[int]) -> None:
+    def advance(self, slots: list[int], q_lens: list[int]) -> None:
         """Commit the rows a forward wrote."""
-        for b, q in enumerate(q_lens):
-            self.lengths[first_slot + b] += q
+        for slot, q in zip(slots, q_lens):
+            self.lengths[slot] += q
 
     def move(self, src: int, dst: int) -> None:
         """Copy slot src's valid rows into slot dst (used to keep live slots packed)."""

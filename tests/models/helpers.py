@@ -23,10 +23,10 @@ def engine_logits(model, prompts: list[list[int]], continuations: list[list[int]
     with torch.inference_mode():
         while any(feeds):
             lens = [len(f) for f in feeds]
-            att = cache.attend(0, lens)
+            att = cache.attend(list(range(b)), lens)
             flat = torch.tensor([t for f in feeds for t in f], device=model.device)
             logits = model.logits(model(flat, att.positions, att))
-            cache.advance(0, lens)
+            cache.advance(list(range(b)), lens)
             for i, rows in enumerate(logits.split(lens)):
                 out[i].append(rows)
             feeds = []

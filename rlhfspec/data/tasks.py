@@ -1,0 +1,64 @@
+"""Built-in prompt sources: arithmetic problems generated from a seed, and short reasoning and code requests."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+REASONING = [
+    "If a shirt costs $12 and is on sale for 25% off, what is the sale price? Explain briefly.",
+    "Tom has 5 more marbles than Anna. Together they have 21. How many does Anna have? Think step by step.",
+    "A rectangle is 7 cm long and 4 cm wide. What are its area and perimeter?",
+    "Is 91 a prime number? Explain your reasoning.",
+    "What comes next in the sequence 2, 6, 12, 20, 30? Explain the pattern.",
+    "A car uses 6 liters of fuel per 100 km. How much fuel does it need for 250 km?",
+    "Sort these numbers from smallest to largest: 17, 4, 23, 9, 11.",
+    "If today is Wednesday, what day of the week will it be in 10 days?",
+    "How many minutes are there in 3.5 hours? Show the calculation.",
+    "A recipe needs 3 eggs for 12 cookies. How many eggs are needed for 30 cookies?",
+    "Which is larger, 3/4 or 5/7? Explain.",
+    "Three friends split a bill of $84 equally. How much does each pay?",
+]
+CODE = [
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Write a Python function that counts the vowels in a string.",
+    "Write a Python function that reverses a list without using reverse().",
+    "Write a Python function that returns the largest number in a list.",
+    "Write a Python function that removes duplicates from a list while keeping the order.",
+    "Write a Python function that converts Celsius to Fahrenheit.",
+    "Write a Python function that checks whether a number is prime.",
+    "Write a Python function that sums the digits of an integer.",
+    "Write a Python function that merges two sorted lists into one sorted list.",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    prompt: str
+    answer: int
+
+
+def arithmetic_problems(n: int, seed: int, digits: int = 1, ops: str = "+-") -> list[Problem]:
+    """n problems like 'What is 7 + 5? Answer with just the number.' with their integer answers."""
+    rng = random.Random(seed)
+    lo, hi = (0 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1
+    out = []
+    for _ in range(n):
+        a, b, op = rng.randint(lo, hi), rng.randint(lo, hi), rng.choice(ops)
+        if op == "-" and b > a:
+            a, b = b, a
+        answer = a + b if op == "+" else a - b if op == "-" else a * b
+        out.append(Problem(f"What is {a} {op} {b}? Answer with just the number.", answer))
+    return out
+
+
+def rl_style_prompts(n: int, seed: int) -> list[str]:
+    """A mix of arithmetic, short reasoning and code requests, as RL prompt sets look."""
+    rng = random.Random(seed)
+    pool = [p.prompt for p in arithmetic_problems(n, seed, digits=rng.choice([1, 2]))]
+    out = []
+    for i in range(n):
+        kind = i % 3
+        out.append(pool[i] if kind == 0 else rng.choice(REASONING) if kind == 1 else rng.choice(CODE))
+    return out

@@ -1,0 +1,1 @@
+"""Distilling a small draft model from the policy (and refreshing it as the policy drifts)."""

@@ -1,0 +1,50 @@
+"""Teacher targets: the policy's next-token distributions over its own generated text, kept as top-k."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhfspec.models.attention import DenseAttention
+
+
+@dataclass(slots=True)
+class Example:
+    """A prompt+response sequence and the teacher's top-k next-token logprobs at each response
+    position (row j predicts response token j): ids, logprobs [len(response), k]."""
+
+    tokens: list[int]
+    start: int  # index of the first response token
+    top_ids: torch.Tensor
+    top_logprobs: torch.Tensor
+
+
+def padded_batch(seqs: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and 0/1 mask: [B, T] each."""
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    return ids, mask
+
+
+def hidden_states(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The model's final hidden states [B, T, H] over a right-padded batch (grad follows the caller's mode)."""
+    b, t = ids.shape
+    model.ensure_positions(t)
+    att = DenseAttention(mask.to(model.device), model.config.num_heads, model.config.num_kv_heads)
+    return model(ids.to(model.device).reshape(-1), att.positions, att).view(b, t, -1)
+
+
+@torch.no_grad()
+def teacher_examples(policy, sequences: list[list[int]], starts: list[int], k: int = 32, micro_batch: int = 8) -> list[Example]:
+    """Top-k of the policy's distribution (temperature 1) at every response position."""
+    out = []
+    for i in range(0, len(sequences), micro_batch):
+        seqs, sts = sequences[i : i + micro_batch], starts[i : i + micro_batch]
+        hidden = hidden_states(policy, *padded_batch(seqs))
+        for row, (s, st) in enumerate(zip(seqs, sts)):
+            logp = torch.log_softmax(policy.logits(hidden[row, st - 1 : len(s) - 1]), dim=-1)
+            top = logp.topk(k, dim=-1)
+            out.append(Example(s, st, top.indices.cpu(), top.values.cpu()))
+    return out

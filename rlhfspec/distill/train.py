@@ -1,0 +1,144 @@
+"""Train a draft model to match the policy's next-token distributions (top-k KL), and build one."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rlhfspec.distill.teacher import Example, hidden_states, padded_batch
+from rlhfspec.models.config import ModelConfig
+from rlhfspec.models.llama import Transformer
+
+
+def draft_config(policy: ModelConfig, layers: int, hidden: int) -> ModelConfig:
+    """A small Llama with the policy's vocabulary, positions and tokens; 64-wide heads."""
+    heads = max(1, hidden // 64)
+    hf = {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "vocab_size": policy.vocab_size, "hidden_size": hidden,
+        "intermediate_size": int(math.ceil(hidden * 8 / 3 / 64) * 64),
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 2),
+        "head_dim": hidden // heads, "rms_norm_eps": policy.rms_norm_eps, "rope_theta": policy.rope["rope_theta"],
+        "max_position_embeddings": policy.max_position_embeddings, "tie_word_embeddings": True,
+        "bos_token_id": policy.bos_token_id, "eos_token_id": list(policy.eos_token_ids) or None, "hidden_act": "silu",
+    }
+    return ModelConfig.from_hf(hf, source="draft config")
+
+
+def new_draft(policy, layers: int, hidden: int, seed: int = 0) -> Transformer:
+    """A freshly initialised draft whose (tied) embeddings are the policy's, projected onto their
+    top `hidden` principal directions, so its output layer starts out speaking the policy's vocabulary."""
+    config = draft_config(policy.config, layers, hidden)
+    gen = torch.Generator().manual_seed(seed)
+    draft = Transformer(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in draft.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        emb = policy.embed.weight.detach().float().cpu()
+        _, _, vh = torch.linalg.svd(emb - emb.mean(0), full_matrices=False)
+        proj = emb @ vh[:hidden].T
+        draft.embed.weight.copy_(proj * (emb.norm(dim=1).mean() / proj.norm(dim=1).mean()))
+    return draft
+
+
+@dataclass(slots=True)
+class DistillConfig:
+    lr: float = 2e-3
+    batch_sequences: int = 16
+    weight_decay: float = 0.0
+    max_steps: int = 400
+    seconds: float = 420.0
+    seed: int = 0
+
+
+class Distiller:
+    """Holds a draft model and its optimizer; `fit` trains on teacher examples for a step or time budget.
+
+    Loss per response position: cross-entropy of the draft against the teacher's top-k
+    distribution, sum_i p_i (log p_i - log q_i) over the top-k, which is the KL to the teacher up
+    to the mass outside the top-k. With a draft vocabulary, q is a softmax over those ids only.
+    """
+
+    def __init__(self, draft: Transformer, config: DistillConfig | None = None, draft_vocab: list[int] | None = None):
+        self.draft, self.config = draft, config or DistillConfig()
+        self.vocab = None if draft_vocab is None else torch.tensor(sorted(draft_vocab))
+        self.optimizer = torch.optim.AdamW(draft.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+        self.rng = random.Random(self.config.seed)
+        self.steps = 0
+
+    def loss(self, batch: list[Example]) -> torch.Tensor:
+        ids, mask = padded_batch([e.tokens for e in batch])
+        hidden = hidden_states(self.draft, ids, mask)
+        total, count = 0.0, 0
+        for row, e in enumerate(batch):
+            h = hidden[row, e.start - 1 : len(e.tokens) - 1]
+            logq = self._log_q(h)  # [L, V or K]
+            top_ids = e.top_ids if self.vocab is None else _to_local(e.top_ids, self.vocab)
+            p = e.top_logprobs.exp()
+            valid = top_ids >= 0
+            q_at = logq.gather(-1, top_ids.clamp(min=0))
+            total = total - (p * q_at * valid).sum()
+            count += h.shape[0]
+        return total / max(count, 1)
+
+    def _log_q(self, h: torch.Tensor) -> torch.Tensor:
+        d = self.draft
+        if self.vocab is None:
+            return torch.log_softmax(d.logits(h), dim=-1)
+        from rlhfspec.models.llama import rms_norm
+
+        head = d.embed.weight[self.vocab]
+        return torch.log_softmax(rms_norm(h, d.norm.weight, d.config.rms_norm_eps) @ head.T, dim=-1)
+
+    def fit(self, examples: list[Example], log=None) -> list[float]:
+        """Train until max_steps or the time budget; returns the loss per step (cosine LR decay)."""
+        cfg = self.config
+        self.draft.train().requires_grad_(True)
+        losses, start = [], time.perf_counter()
+        order: list[int] = []
+        for step in range(cfg.max_steps):
+            if time.perf_counter() - start > cfg.seconds:
+                break
+            if len(order) < cfg.batch_sequences:
+                order = list(range(len(examples)))
+                self.rng.shuffle(order)
+            batch = [examples[order.pop()] for _ in range(min(cfg.batch_sequences, len(order)))]
+            for group in self.optimizer.param_groups:
+                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.max_steps))
+            loss = self.loss(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.draft.parameters(), 1.0)
+            self.optimizer.step()
+            self.steps += 1
+            losses.append(loss.item())
+            if log and step % 20 == 0:
+                log(f"distill step {step}: loss {losses[-1]:.3f} ({time.perf_counter() - start:.0f} s)")
+        self.draft.eval().requires_grad_(False)
+        return losses
+
+
+def _to_local(ids: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
+    """Global token ids -> positions in the sorted draft vocabulary (-1 where absent)."""
+    pos = torch.searchsorted(vocab, ids).clamp(max=len(vocab) - 1)
+    return torch.where(vocab[pos] == ids, pos, torch.full_like(pos, -1))
+
+
+def frequent_tokens(examples: list[Example], k: int, always: tuple[int, ...] = ()) -> list[int]:
+    """The k token ids carrying the most teacher probability mass over the examples (plus `always`)."""
+    mass: dict[int, float] = {}
+    for e in examples:
+        for tid, lp in zip(e.top_ids.flatten().tolist(), e.top_logprobs.exp().flatten().tolist()):
+            mass[tid] = mass.get(tid, 0.0) + lp
+    ranked = sorted(mass, key=mass.get, reverse=True)
+    chosen = list(dict.fromkeys(list(always) + ranked))[:k]
+    return sorted(chosen)

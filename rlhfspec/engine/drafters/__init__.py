@@ -1,0 +1,7 @@
+"""Drafters propose tokens for speculative decoding; the policy verifies them."""
+
+from rlhfspec.engine.drafters.base import Drafter, Proposal
+from rlhfspec.engine.drafters.draft_model import DraftModelDrafter
+from rlhfspec.engine.drafters.ngram import NgramDrafter
+
+__all__ = ["DraftModelDrafter", "Drafter", "NgramDrafter", "Proposal"]

@@ -1,0 +1,153 @@
+"""A small draft LM sharing the policy's vocabulary, with its own KV cache kept in step with the policy's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rlhfspec.engine.drafters.base import Drafter, Proposal
+from rlhfspec.engine.sampling import SAMPLE, keyed_uniforms, processed_logprobs, sample, seed_tensor
+from rlhfspec.engine.sequence import Sequence
+from rlhfspec.errors import RlhfspecError
+from rlhfspec.models.kv_cache import KVCache
+from rlhfspec.models.llama import rms_norm
+
+DRAFT_VOCAB_FILE = "draft_vocab.json"
+
+
+class DraftModelDrafter(Drafter):
+    """Drafts with a smaller model. Its cache holds, for every live sample, a prefix of the sample's
+    tokens (`cache.lengths[slot]` of them); `propose` first feeds whatever the cache lacks, so a
+    sample is caught up however many steps this drafter sat out, and a full acceptance (whose
+    last draft never went through the draft model) costs no special case.
+
+    `draft_vocab`: token ids the draft head scores (q = 0 elsewhere, which stays lossless); a
+    draft checkpoint may carry them in draft_vocab.json.
+    """
+
+    name = "draft"
+
+    def __init__(self, model, policy=None, *, tokenizer=None, policy_tokenizer=None, draft_vocab: list[int] | None = None, name: str = "draft"):
+        self.model = model
+        self.name = name
+        if policy is not None:
+            check_same_vocabulary(policy, model, policy_tokenizer, tokenizer)
+        self.vocab = None if draft_vocab is None else torch.tensor(sorted(draft_vocab), device=model.device)
+        self.cache: KVCache | None = None
+
+    @classmethod
+    def load(cls, path: str | Path, policy, policy_tokenizer=None, **kw) -> DraftModelDrafter:
+        from rlhfspec.models.loader import load_model
+
+        model, tok = load_model(path, dtype=policy.dtype, device=policy.device)
+        vocab_file = Path(path) / DRAFT_VOCAB_FILE
+        vocab = json.loads(vocab_file.read_text()) if vocab_file.is_file() else None
+        return cls(model, policy, tokenizer=tok, policy_tokenizer=policy_tokenizer, draft_vocab=vocab, **kw)
+
+    def bind(self, instance) -> None:
+        self.model.ensure_positions(instance.max_len)
+        self.cache = KVCache(self.model.config, instance.max_batch, instance.max_len, self.model.dtype, self.model.device)
+
+    def admitted(self, seqs: list[Sequence]) -> None:
+        for s in seqs:
+            self.cache.lengths[s.slot] = 0
+
+    def moved(self, src: int, dst: int) -> None:
+        self.cache.move(src, dst)
+
+    def finished(self, seq: Sequence, slot: int) -> None:
+        self.cache.lengths[slot] = 0
+
+    def propose(self, seqs: list[Sequence], n: list[int]) -> Proposal:
+        drafts: list[list[int]] = [[] for _ in seqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        active = [b for b, k in enumerate(n) if k > 0]
+        if active:
+            with torch.inference_mode():
+                # First round feeds everything the draft cache lacks (at least the last token).
+                feeds = [(s.prompt + s.tokens)[self.cache.lengths[s.slot] :] for s in (seqs[b] for b in active)]
+                for j in range(max(n)):
+                    q = self._next(seqs, active, feeds)
+                    tokens = self._draw(seqs, active, q, j)
+                    for i, b in enumerate(active):
+                        drafts[b].append(tokens[i])
+                        probs[b].append(q[i])
+                    active = [b for b in active if n[b] > j + 1]
+                    feeds = [[drafts[b][-1]] for b in active]
+                    if not active:
+                        break
+        flat = [p for ps in probs for p in ps]
+        return Proposal(drafts, torch.stack(flat) if flat else None)
+
+    def accepted(self, seqs: list[Sequence], drafts: list[list[int]], accepted: list[int]) -> None:
+        """Keep the cached prefix that matches the tokens about to be emitted."""
+        for s, d, k in zip(seqs, drafts, accepted):
+            if d:
+                # Cached: the sample's tokens, then d_1..d_{n-1}; the first k drafts stand.
+                self.cache.lengths[s.slot] = s.length + min(k, len(d) - 1)
+
+    def _next(self, seqs: list[Sequence], active: list[int], feeds: list[list[int]]) -> torch.Tensor:
+        """Processed draft probabilities [len(active), V] after feeding feeds[i] to active sample i."""
+        slots = [seqs[b].slot for b in active]
+        q_lens = [len(f) for f in feeds]
+        attention = self.cache.attend(slots, q_lens)
+        flat = torch.tensor([t for f in feeds for t in f], device=self.cache.device)
+        hidden = self.model(flat, attention.positions, attention)
+        self.cache.advance(slots, q_lens)
+        hidden = hidden[torch.tensor(q_lens, device=hidden.device).cumsum(0) - 1]
+        logits = self._logits(hidden)
+        out = torch.empty_like(logits)
+        for params, rows in _group_rows([seqs[b].params for b in active]).items():
+            idx = torch.tensor(rows, device=logits.device)
+            out[idx] = processed_logprobs(logits[idx], params).exp()
+        return out
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.vocab is None:
+            return self.model.logits(hidden)
+        c = self.model.config
+        h = rms_norm(hidden, self.model.norm.weight, c.rms_norm_eps)
+        head = self.model.embed.weight if self.model.lm_head is None else self.model.lm_head.weight
+        full = torch.full((h.shape[0], c.vocab_size), float("-inf"), device=h.device)
+        full[:, self.vocab] = F.linear(h, head[self.vocab]).float()
+        return full
+
+    def _draw(self, seqs: list[Sequence], active: list[int], q: torch.Tensor, j: int) -> list[int]:
+        # d_j is drawn with the very uniform plain sampling would use at its position: when q equals
+        # p the drafts are the plain samples and every one is accepted. The uniform stays unused by
+        # anything kept from this step beyond that position, so reusing it later keeps sampling exact.
+        group = [seqs[b] for b in active]
+        greedy = torch.tensor([s.params.greedy for s in group], device=q.device)
+        u = keyed_uniforms(
+            seed_tensor([s.seed for s in group], q.device),
+            torch.tensor([s.sample_id for s in group], device=q.device),
+            torch.tensor([s.length + j for s in group], device=q.device),
+            SAMPLE,
+        )
+        drawn = sample(q.log(), u, greedy=False)
+        return torch.where(greedy, q.argmax(-1), drawn).tolist()
+
+
+def check_same_vocabulary(policy, draft, policy_tokenizer=None, draft_tokenizer=None) -> None:
+    """A drafter must speak the policy's vocabulary: same size, and the same tokens when both tokenizers are known."""
+    pv, dv = policy.config.vocab_size, draft.config.vocab_size
+    if pv != dv:
+        raise RlhfspecError(f"the drafter's vocabulary has {dv} tokens but the policy's has {pv}; a drafter must share the policy's tokenizer.")
+    if policy_tokenizer is not None and draft_tokenizer is not None:
+        a = policy_tokenizer.convert_ids_to_tokens(list(range(len(policy_tokenizer))))
+        b = draft_tokenizer.convert_ids_to_tokens(list(range(len(draft_tokenizer))))
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                raise RlhfspecError(f"the drafter's token {i} is {y!r} but the policy's is {x!r}; a drafter must share the policy's tokenizer.")
+        if len(a) != len(b):
+            raise RlhfspecError(f"the drafter's tokenizer has {len(b)} tokens but the policy's has {len(a)}.")
+
+
+def _group_rows(params_list) -> dict:
+    groups: dict = {}
+    for r, p in enumerate(params_list):
+        groups.setdefault(p, []).append(r)
+    return groups

@@ -1,0 +1,69 @@
+"""The plain data a strategy sees and returns, and the static strategy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class Workload:
+    """What a strategy knows before a step: the live samples, their context lengths and how many
+    tokens each may still emit, and the drafters the instance has."""
+
+    sample_ids: list[int]
+    context_lens: list[int]
+    remaining: list[int]
+    drafters: list[str]
+
+    @property
+    def batch(self) -> int:
+        return len(self.sample_ids)
+
+
+@dataclass(slots=True)
+class Decision:
+    """Draft with `drafter` (None: plain decoding) and n[b] tokens for live sample b."""
+
+    drafter: str | None
+    n: list[int]
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """What one step did and cost; strategies learn from it and plots are drawn from it."""
+
+    batch: int
+    drafter: str | None
+    n: list[int]
+    accepted: list[int]
+    emitted: int
+    draft_s: float
+    verify_s: float
+    context_len: float
+    sample_ids: list[int] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return self.draft_s + self.verify_s
+
+
+class Strategy:
+    """Chooses a Decision for each step and observes what it did."""
+
+    def decide(self, workload: Workload) -> Decision:
+        raise NotImplementedError
+
+    def observe(self, record: StepRecord) -> None:
+        """Learn from a finished step (default: nothing)."""
+
+
+class StaticStrategy(Strategy):
+    """The same drafter and draft length at every step (n = 0 or no drafter: plain decoding)."""
+
+    def __init__(self, drafter: str | None, n: int):
+        self.drafter, self.n = drafter, n
+
+    def decide(self, workload: Workload) -> Decision:
+        if self.drafter is None or self.n == 0:
+            return Decision(None, [0] * workload.batch)
+        return Decision(self.drafter, [self.n] * workload.batch)
