@@ -145,4 +145,10 @@ def _markdown(result: dict, cfg: EngineBenchConfig) -> str:
     for r in result["rows"]:
         roof = "" if r["roofline_frac"] is None else f"{r['roofline_frac']:.2f}"
         lines.append(f"| {r['case']} | {r['dtype']} | {r['batch']} | {r['ours_tok_s']} | {r['hf_tok_s']} | {r['ratio']:.2f} | {roof} |")
+    ours = {(r["case"], r["dtype"], r["batch"]): r["ours_tok_s"] for r in result["rows"]}
+    pairs = [(k[0], k[2], ours[k] / ours[("fixed" if k[0] == "fixed" else "ragged", "float32", k[2])])
+             for k in ours if k[1] == "bfloat16" and (k[0], "float32", k[2]) in ours]
+    if pairs:
+        lines += ["", "Our bfloat16 throughput relative to our float32 (same run): "
+                  + ", ".join(f"{case} batch {b}: {x:.2f}x" for case, b, x in pairs)]
     return "\n".join(lines)

@@ -14,6 +14,14 @@ def register(sub) -> None:
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--repeats", type=int, default=3)
     e.set_defaults(run=run_engine)
+    s = names.add_parser("spec", help="static speculative settings (drafter, n) vs plain decoding")
+    s.add_argument("--model", default="default")
+    s.add_argument("--draft", default=None, help="draft model directory (default: the distilled default draft)")
+    s.add_argument("--quick", action="store_true", help="batches 1 and 16, n in 1, 2, 4, 8, 32 new tokens")
+    s.add_argument("--json", default=None)
+    s.add_argument("--repeats", type=int, default=1)
+    s.add_argument("--threads", type=int, default=None)
+    s.set_defaults(run=run_spec)
 
 
 def run_engine(args) -> int:
@@ -25,5 +33,18 @@ def run_engine(args) -> int:
         torch.set_num_threads(args.threads)
     kw = dict(model=args.model, device=args.device, repeats=args.repeats)
     cfg = EngineBenchConfig.quick(**kw) if args.quick else EngineBenchConfig(**kw)
+    run(cfg, json_path=args.json)
+    return 0
+
+
+def run_spec(args) -> int:
+    import torch
+
+    from rlhfspec.bench.spec import SpecBenchConfig, run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kw = dict(model=args.model, draft=args.draft, repeats=args.repeats)
+    cfg = SpecBenchConfig.make_quick(**kw) if args.quick else SpecBenchConfig(**kw)
     run(cfg, json_path=args.json)
     return 0

@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     for module in COMMANDS:
         module.register(sub)
     args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines show up promptly when piped to a log
     try:
         return args.run(args) or 0
     except RlhfspecError as e:

@@ -46,7 +46,8 @@ def new_draft(policy, layers: int, hidden: int, seed: int = 0) -> Transformer:
         emb = policy.embed.weight.detach().float().cpu()
         _, _, vh = torch.linalg.svd(emb - emb.mean(0), full_matrices=False)
         proj = emb @ vh[:hidden].T
-        draft.embed.weight.copy_(proj * (emb.norm(dim=1).mean() / proj.norm(dim=1).mean()))
+        # Rows of mean norm 1 give unit-scale initial logits (the output layer is tied).
+        draft.embed.weight.copy_(proj / proj.norm(dim=1).mean())
     return draft
 
 
@@ -76,19 +77,18 @@ class Distiller:
         self.steps = 0
 
     def loss(self, batch: list[Example]) -> torch.Tensor:
+        """Mean over response positions of -sum_{i in teacher top-k} p_i log q_i."""
         ids, mask = padded_batch([e.tokens for e in batch])
         hidden = hidden_states(self.draft, ids, mask)
-        total, count = 0.0, 0
-        for row, e in enumerate(batch):
-            h = hidden[row, e.start - 1 : len(e.tokens) - 1]
-            logq = self._log_q(h)  # [L, V or K]
-            top_ids = e.top_ids if self.vocab is None else _to_local(e.top_ids, self.vocab)
-            p = e.top_logprobs.exp()
-            valid = top_ids >= 0
-            q_at = logq.gather(-1, top_ids.clamp(min=0))
-            total = total - (p * q_at * valid).sum()
-            count += h.shape[0]
-        return total / max(count, 1)
+        # One output-layer matmul over every response position of the batch (it dominates the cost).
+        rows = torch.cat([hidden[r, e.start - 1 : len(e.tokens) - 1] for r, e in enumerate(batch)])
+        top_ids = torch.cat([e.top_ids for e in batch])
+        p = torch.cat([e.top_logprobs for e in batch]).exp()
+        if self.vocab is not None:
+            top_ids = _to_local(top_ids, self.vocab)
+        valid = top_ids >= 0
+        logq = self._log_q(rows).gather(-1, top_ids.clamp(min=0))
+        return -(p * logq * valid).sum() / max(rows.shape[0], 1)
 
     def _log_q(self, h: torch.Tensor) -> torch.Tensor:
         d = self.draft
@@ -101,19 +101,32 @@ class Distiller:
 
     def fit(self, examples: list[Example], log=None) -> list[float]:
         """Train until max_steps or the time budget; returns the loss per step (cosine LR decay)."""
+        # Softmax gradients over a 49k vocabulary are mostly denormal floats, which the CPU handles
+        # an order of magnitude slower; flushing them to zero changes nothing that matters here.
+        flushed = torch.set_flush_denormal(True)
+        try:
+            return self._fit(examples, log)
+        finally:
+            if flushed:
+                torch.set_flush_denormal(False)
+
+    def _fit(self, examples: list[Example], log=None) -> list[float]:
         cfg = self.config
         self.draft.train().requires_grad_(True)
         losses, start = [], time.perf_counter()
         order: list[int] = []
         for step in range(cfg.max_steps):
-            if time.perf_counter() - start > cfg.seconds:
+            # Cosine decay to 30% of the peak over whichever budget, steps or seconds, runs out first
+            # (decaying to zero wasted the last minutes: measured lower held-out agreement).
+            progress = max(step / cfg.max_steps, (time.perf_counter() - start) / cfg.seconds)
+            if progress >= 1:
                 break
             if len(order) < cfg.batch_sequences:
                 order = list(range(len(examples)))
                 self.rng.shuffle(order)
             batch = [examples[order.pop()] for _ in range(min(cfg.batch_sequences, len(order)))]
             for group in self.optimizer.param_groups:
-                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.max_steps))
+                group["lr"] = cfg.lr * (0.3 + 0.35 * (1 + math.cos(math.pi * progress)))
             loss = self.loss(batch)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -30,8 +30,8 @@ def generate(
     progress: bool = False,
     sample_ids: Seq[int] | None = None,
     drafter=None,
-    num_draft_tokens: int | None = None,
-    strategy: Strategy | None = None,
+    num_draft_tokens: int | str | None = None,
+    strategy: Strategy | str | None = None,
     instance_stats: list | None = None,
 ) -> list[GenerationOutput]:
     """Complete each prompt (token ids); outputs in prompt order.
@@ -41,9 +41,11 @@ def generate(
     (sample_ids default to 0..n-1), so its tokens do not depend on batch_size or on which other
     prompts run beside it.
 
-    drafter: None, "ngram", a draft model path, a model from `load_model`, or a `Drafter`;
-    num_draft_tokens: draft length per step (default 4). Speculative decoding is lossless: the
-    tokens follow the policy's own sampling distribution and `logprobs` are the policy's.
+    drafter: None, "ngram", a draft model path, a model from `load_model`, a `Drafter`, or a list
+    of these; num_draft_tokens: draft length per step (default 4), or "auto" to let the adaptive
+    strategy pick the drafter and length at every step (as strategy="adaptive" does). Speculative
+    decoding is lossless: the tokens follow the policy's own sampling distribution and `logprobs`
+    are the policy's.
     """
     params = params or SamplingParams()
     if not prompts_token_ids:
@@ -60,8 +62,15 @@ def generate(
             f"prompt {worst.sample_id} is {len(worst.prompt)} tokens; with max_new_tokens {params.max_new_tokens} "
             f"it exceeds the model's {limit} positions."
         )
-    drafters = [] if drafter is None else [make_drafter(drafter, model, tokenizer)]
-    if strategy is None and drafters:
+    specs = [] if drafter is None else list(drafter) if isinstance(drafter, (list, tuple)) else [drafter]
+    drafters = [make_drafter(d, model, tokenizer) for d in specs]
+    if len({d.name for d in drafters}) != len(drafters):
+        raise RlhfspecError(f"drafters need distinct names; got {[d.name for d in drafters]}.")
+    if strategy == "adaptive" or num_draft_tokens == "auto":
+        strategy = adaptive_strategy(model, drafters)
+    elif isinstance(strategy, str):
+        raise RlhfspecError(f"strategy {strategy!r} is not 'adaptive' or a Strategy object.")
+    elif strategy is None and drafters:
         n = 4 if num_draft_tokens is None else num_draft_tokens
         check_draft_length(n)
         strategy = StaticStrategy(drafters[0].name, n)
@@ -73,6 +82,17 @@ def generate(
     if instance_stats is not None:
         instance_stats.append(instance.stats)
     return [GenerationOutput.of(s) for s in seqs]
+
+
+def adaptive_strategy(policy, drafters: list[Drafter], max_n: int = 8) -> Strategy:
+    """The workload-aware selector over these drafters, with a cached cost profile (about 10 s the first time)."""
+    from rlhfspec.engine.profile import cost_model
+    from rlhfspec.models.loader import default_cache_dir
+    from rlhfspec.strategy.selector import AdaptiveStrategy
+
+    if not drafters:
+        raise RlhfspecError("the adaptive strategy needs at least one drafter (drafter='ngram', a draft model, or a list).")
+    return AdaptiveStrategy(cost_model(policy, {d.name: d for d in drafters}, default_cache_dir()), max_n=max_n)
 
 
 def check_draft_length(n: int) -> None:

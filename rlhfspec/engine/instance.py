@@ -67,6 +67,7 @@ class GenerationInstance:
             d.bind(self)
             self.drafters[d.name] = d
         self.strategy = strategy
+        self.started = time.perf_counter()
 
     @property
     def free_slots(self) -> int:
@@ -133,8 +134,9 @@ class GenerationInstance:
         t0 = time.perf_counter()
         logits = self.forward(list(range(len(seqs))), [[s.tokens[-1]] for s in seqs], last_only=True)
         tokens, logprobs = self.draw(seqs, logits, [s.length for s in seqs])
-        record = StepRecord(len(seqs), None, [0] * len(seqs), [0] * len(seqs), len(seqs), 0.0,
-                            time.perf_counter() - t0, sum(s.length for s in seqs) / len(seqs), [s.sample_id for s in seqs])
+        zeros = [0] * len(seqs)
+        record = StepRecord(len(seqs), None, zeros, zeros, zeros, len(seqs), 0.0, time.perf_counter() - t0,
+                            sum(s.length for s in seqs) / len(seqs), [s.sample_id for s in seqs], t0 - self.started)
         return self._finish_step(record, seqs, [[t] for t in tokens], [[lp] for lp in logprobs])
 
     def _speculate(self, seqs: list[Sequence], drafter: Drafter, n: list[int]) -> list[Sequence]:
@@ -154,8 +156,9 @@ class GenerationInstance:
         drafted = [len(d) for d in proposal.tokens]
         self.stats.proposed += sum(drafted)
         self.stats.accepted += sum(verdict.accepted)
-        record = StepRecord(len(seqs), drafter.name, drafted, verdict.accepted, sum(len(t) for t in verdict.tokens),
-                            t1 - t0, time.perf_counter() - t1, sum(s.length for s in seqs) / len(seqs), [s.sample_id for s in seqs])
+        record = StepRecord(len(seqs), drafter.name, n, drafted, verdict.accepted, sum(len(t) for t in verdict.tokens),
+                            t1 - t0, time.perf_counter() - t1, sum(s.length for s in seqs) / len(seqs),
+                            [s.sample_id for s in seqs], t0 - self.started)
         return self._finish_step(record, seqs, verdict.tokens, verdict.logprobs)
 
     def _finish_step(self, record: StepRecord, seqs, tokens, logprobs) -> list[Sequence]:

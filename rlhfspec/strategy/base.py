@@ -30,17 +30,22 @@ class Decision:
 
 @dataclass(slots=True)
 class StepRecord:
-    """What one step did and cost; strategies learn from it and plots are drawn from it."""
+    """What one step did and cost; strategies learn from it and plots are drawn from it.
+
+    n: draft lengths asked for; drafted: what the drafter proposed (an n-gram drafter may find
+    fewer); accepted: drafts kept per sample."""
 
     batch: int
     drafter: str | None
     n: list[int]
+    drafted: list[int]
     accepted: list[int]
     emitted: int
     draft_s: float
     verify_s: float
     context_len: float
     sample_ids: list[int] = field(default_factory=list)
+    start_s: float = 0.0  # seconds since the run began
 
     @property
     def seconds(self) -> float:

@@ -142,7 +142,7 @@ def test_after_rollback_both_caches_equal_a_fresh_prefill_of_the_kept_tokens(pai
     full_acceptances = 0
     for _ in range(5):
         inst.step()
-        full_acceptances += sum(a == n for a, n in zip(inst.stats.records[-1].accepted, inst.stats.records[-1].n) if n)
+        full_acceptances += sum(a == n for a, n in zip(inst.stats.records[-1].accepted, inst.stats.records[-1].drafted) if n)
         for s in inst.live:
             seq = s.prompt + s.tokens
             n = inst.cache.lengths[s.slot]

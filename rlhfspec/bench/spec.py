@@ -1,0 +1,162 @@
+"""`rlhfspec bench spec`: static speculative settings against plain decoding of the same engine."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlhfspec.bench.common import RESULTS, machine, median, timed, write_json, write_section
+from rlhfspec.bench.plots import speedup_vs_n
+from rlhfspec.data.chat import encode_prompt
+from rlhfspec.data.tasks import rl_style_prompts
+from rlhfspec.engine.drafters import DraftModelDrafter, NgramDrafter
+from rlhfspec.engine.generate import generate
+from rlhfspec.engine.sampling import SamplingParams
+from rlhfspec.models.kv_cache import KVCache
+from rlhfspec.models.loader import default_cache_dir, load_model
+
+DEFAULT_DRAFT = "drafts/smollm2-135m-l2-h256-v8192"
+
+
+def default_draft_path() -> Path:
+    return default_cache_dir() / DEFAULT_DRAFT
+
+
+def ensure_default_draft(policy, tokenizer, log=print) -> Path:
+    """The distilled default draft, distilled first (about 12 minutes) if it is not cached yet."""
+    path = default_draft_path()
+    if not (path / "model.safetensors").is_file():
+        from rlhfspec.distill.run import DistillJob, distill_draft
+
+        log(f"no distilled draft at {path}; distilling one now (rlhfspec distill-draft --draft-vocab 8192 --out {path})")
+        distill_draft(policy, tokenizer, path, DistillJob(draft_vocab=8192), log=log)
+    return path
+
+
+@dataclass
+class SpecBenchConfig:
+    model: str = "default"
+    draft: str | None = None
+    batches: tuple[int, ...] = (1, 4, 16, 64)
+    ns: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
+    temperatures: tuple[float, ...] = (0.0, 1.0)
+    max_new_tokens: int = 64
+    repeats: int = 1
+    seed: int = 123
+    quick: bool = False
+    verify_batches: tuple[int, ...] = (1, 4, 16, 64)
+    verify_ks: tuple[int, ...] = (1, 2, 4, 8)
+
+    @classmethod
+    def make_quick(cls, **kw) -> SpecBenchConfig:
+        return cls(batches=(1, 16), ns=(1, 2, 4, 8), max_new_tokens=32, quick=True, verify_batches=(1, 16), **kw)
+
+
+def verify_cost(model, batches, ks, context: int = 128, repeats: int = 5) -> list[dict]:
+    """Time of one forward of k new tokens per row over a `context`-token cache, relative to k = 1."""
+    rows = []
+    for b in batches:
+        cache = KVCache(model.config, b, context + max(ks) + 1, model.dtype, model.device)
+        model.ensure_positions(context + max(ks) + 1)
+        slots = list(range(b))
+        with torch.inference_mode():
+            att = cache.attend(slots, [context] * b)
+            model(torch.randint(0, 1000, (b * context,)), att.positions, att)
+            cache.advance(slots, [context] * b)
+            base = None
+            for k in ks:
+                def run():
+                    a = cache.attend(slots, [k] * b)
+                    model.logits(model(torch.randint(0, 1000, (b * k,)), a.positions, a))
+                run()
+                t = median([timed(run) for _ in range(repeats)])
+                base = base or t
+                rows.append({"batch": b, "k": k, "seconds": round(t, 4), "relative": round(t / base, 2)})
+    return rows
+
+
+def run(cfg: SpecBenchConfig, json_path: str | None = None, write_results: bool = True, log=print) -> dict:
+    policy, tok = load_model(cfg.model)
+    draft_path = Path(cfg.draft) if cfg.draft else ensure_default_draft(policy, tok, log)
+    drafters = {"ngram": NgramDrafter, "draft": lambda: DraftModelDrafter.load(draft_path, policy, policy_tokenizer=tok)}
+    prompts = [encode_prompt(tok, p) for p in rl_style_prompts(max(cfg.batches), seed=cfg.seed)]
+    generate(policy, prompts[:2], SamplingParams(max_new_tokens=4), tokenizer=tok)  # warm-up (packing)
+    rows = []
+    for temp in cfg.temperatures:
+        params = SamplingParams(temperature=temp, max_new_tokens=cfg.max_new_tokens)
+        for batch in cfg.batches:
+            batch_prompts = prompts[:batch]
+
+            def measure(drafter=None, n=None):
+                times, tokens, stats = [], 0, []
+                for r in range(cfg.repeats):
+                    outs: list = []
+                    times.append(timed(lambda: outs.extend(generate(
+                        policy, batch_prompts, params, seed=cfg.seed + r, tokenizer=tok,
+                        drafter=None if drafter is None else drafters[drafter](), num_draft_tokens=n, instance_stats=stats))))
+                    tokens = sum(len(o.token_ids) for o in outs)
+                return tokens / median(times), stats[-1]
+
+            plain, _ = measure()
+            for name in drafters:
+                for n in cfg.ns:
+                    tok_s, st = measure(name, n)
+                    rows.append({
+                        "drafter": name, "n": n, "batch": batch, "temperature": temp, "tok_s": round(tok_s, 1),
+                        "plain_tok_s": round(plain, 1), "speedup": round(tok_s / plain, 2),
+                        "acceptance": None if st.acceptance is None else round(st.acceptance, 3),
+                        "tokens_per_step": round(st.tokens_per_step, 2),
+                    })
+                    log(_fmt(rows[-1]))
+    result = {"machine": machine(), "model": cfg.model, "draft": str(draft_path), "dtype": str(policy.dtype).removeprefix("torch."),
+              "rows": rows, "verify_cost": verify_cost(policy, cfg.verify_batches, cfg.verify_ks)}
+    write_json(json_path, result)
+    if write_results:
+        png = speedup_vs_n(rows, RESULTS.parent / "spec_speedup.png")
+        write_section("spec", _markdown(result, cfg, png.name))
+    return result
+
+
+def _fmt(r: dict) -> str:
+    acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.0%}"
+    return (f"{r['drafter']:5} n={r['n']} batch {r['batch']:2} T={r['temperature']:g}: {r['tok_s']:6.1f} tok/s vs plain "
+            f"{r['plain_tok_s']:6.1f} -> {r['speedup']:.2f}x (acceptance {acc}, {r['tokens_per_step']:.2f} tok/step)")
+
+
+def _markdown(result: dict, cfg: SpecBenchConfig, png: str) -> str:
+    rows = result["rows"]
+    lines = [
+        "## Speculative decoding: static settings vs plain decoding",
+        "",
+        f"Command: `rlhfspec bench spec{' --quick' if cfg.quick else ''}`  ",
+        f"Machine: {result['machine']}; policy {result['model']} ({result['dtype']}), draft `{result['draft']}`  ",
+        f"RL-style prompts (arithmetic, short reasoning, code), up to {cfg.max_new_tokens} new tokens, stopping at EOS; "
+        f"speedup = tokens/s over plain decoding of the same engine measured in the same loop.",
+        "",
+        f"![speedup vs n]({png})",
+        "",
+        "| drafter | T | batch | " + " | ".join(f"n={n}" for n in cfg.ns) + " | acceptance (n=4) |",
+        "|---|---:|---:|" + "---:|" * len(cfg.ns) + "---:|",
+    ]
+    for key in sorted({(r["drafter"], r["temperature"], r["batch"]) for r in rows}):
+        cells = {r["n"]: r for r in rows if (r["drafter"], r["temperature"], r["batch"]) == key}
+        acc = cells.get(4, cells[min(cells)])["acceptance"]
+        lines.append(f"| {key[0]} | {key[1]:g} | {key[2]} | " + " | ".join(f"{cells[n]['speedup']:.2f}" for n in cfg.ns)
+                     + f" | {'-' if acc is None else f'{acc:.0%}'} |")
+    best = {}
+    for r in rows:
+        k = (r["temperature"], r["batch"])
+        if k not in best or r["speedup"] > best[k]["speedup"]:
+            best[k] = r
+    lines += ["", "Best static setting per (temperature, batch):", "", "| T | batch | drafter | n | speedup | plain tok/s |", "|---:|---:|---|---:|---:|---:|"]
+    for (t, b), r in sorted(best.items()):
+        lines.append(f"| {t:g} | {b} | {r['drafter']} | {r['n']} | {r['speedup']:.2f} | {r['plain_tok_s']} |")
+    lines += ["", "Verification cost: one forward of k new tokens per row over a 128-token cache, relative to k = 1:", "",
+              "| batch | " + " | ".join(f"k={k}" for k in cfg.verify_ks) + " |", "|---:|" + "---:|" * len(cfg.verify_ks)]
+    for b in cfg.verify_batches:
+        cells = {r["k"]: r for r in result["verify_cost"] if r["batch"] == b}
+        lines.append(f"| {b} | " + " | ".join(f"{cells[k]['relative']:.2f}x ({cells[k]['seconds'] * 1000:.0f} ms)" for k in cfg.verify_ks) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""A short profile of forward times (policy verification, draft-model drafting), cached on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from rlhfspec.engine.drafters import DraftModelDrafter, Drafter
+from rlhfspec.models.kv_cache import KVCache
+from rlhfspec.strategy.cost_model import CostModel, Table
+
+BATCHES = (1, 2, 4, 8, 16, 32, 64)
+TOKENS_PER_ROW = (1, 3, 5, 9)
+
+
+def forward_times(model, batches=BATCHES, qs=TOKENS_PER_ROW, context: int = 128, budget_s: float = 6.0) -> Table:
+    """Seconds of one forward (with logits for every new row) of q tokens per row over B rows
+    whose caches hold `context` tokens. The cache contents do not matter for timing, so no
+    prefill is run; the grid stops growing once the budget is spent."""
+    table: Table = {}
+    start = time.perf_counter()
+    model.ensure_positions(context + max(qs) + 1)
+    for b in batches:
+        cache = KVCache(model.config, b, context + max(qs) + 1, model.dtype, model.device)
+        slots = list(range(b))
+        for q in qs:
+            def run():
+                cache.lengths[:b] = [context] * b
+                att = cache.attend(slots, [q] * b)
+                model.logits(model(torch.zeros(b * q, dtype=torch.long, device=model.device), att.positions, att))
+
+            with torch.inference_mode():
+                run()
+                t = time.perf_counter()
+                run()
+                table[(b, q)] = time.perf_counter() - t
+        if time.perf_counter() - start > budget_s:
+            break
+    return table
+
+
+def profile_key(policy, drafters: dict[str, Drafter]) -> str:
+    """Identity of what the profile measured: architectures, dtypes, device, thread count."""
+    parts = {
+        "policy": policy.config.hf, "dtype": str(policy.dtype), "device": str(policy.device), "threads": torch.get_num_threads(),
+        "drafts": {k: d.model.config.hf for k, d in sorted(drafters.items()) if isinstance(d, DraftModelDrafter)},
+    }
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cost_model(policy, drafters: dict[str, Drafter], cache_dir: Path | None = None) -> CostModel:
+    """A CostModel from a profile of this policy and these drafters (about 10 s), cached per
+    model, device and thread count under cache_dir/profiles."""
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / "profiles" / f"{profile_key(policy, drafters)}.json"
+        if path.is_file():
+            return CostModel.load(path)
+    drafts: dict[str, Table] = {}
+    for name, d in drafters.items():
+        if isinstance(d, DraftModelDrafter):
+            per_token = forward_times(d.model, qs=(1,), budget_s=2.0)
+            drafts[name] = {(b, n): t * n for (b, _), t in per_token.items() for n in (1, 8)}
+    model = CostModel(forward_times(policy), drafts)
+    if path is not None:
+        model.save(path)
+    return model

@@ -1,0 +1,55 @@
+"""Draft distillation on tiny models: the loss falls and the draft moves toward the policy."""
+
+import torch
+
+from rlhfspec import SamplingParams, generate, load_model
+from rlhfspec.distill.teacher import teacher_examples
+from rlhfspec.distill.train import DistillConfig, Distiller, _to_local, frequent_tokens, new_draft
+from rlhfspec.engine.drafters import DraftModelDrafter
+from rlhfspec.models.checkpoint import save_pretrained
+from tests.conftest import random_prompts
+
+
+def _overlap(policy, draft, examples):
+    """Mean sum_x min(p(x), q(x)) over the examples' positions: the acceptance rate of one draft token."""
+    from rlhfspec.distill.teacher import hidden_states, padded_batch
+
+    with torch.no_grad():
+        seqs = [e.tokens for e in examples]
+        hp, hd = hidden_states(policy, *padded_batch(seqs)), hidden_states(draft, *padded_batch(seqs))
+        total, count = 0.0, 0
+        for r, e in enumerate(examples):
+            rows = slice(e.start - 1, len(e.tokens) - 1)
+            p = torch.softmax(policy.logits(hp[r, rows]), -1)
+            q = torch.softmax(draft.logits(hd[r, rows]), -1)
+            total += torch.minimum(p, q).sum().item()
+            count += p.shape[0]
+    return total / count
+
+
+def test_distillation_lowers_the_loss_and_raises_the_overlap(tiny_checkpoint, tmp_path):
+    policy, _ = load_model(tiny_checkpoint("llama", initializer_range=0.4), dtype="float32")
+    prompts = random_prompts(24, policy.config.vocab_size, 3, 8, seed=0)
+    outs = generate(policy, prompts, SamplingParams(max_new_tokens=24, ignore_eos=True), seed=1)
+    examples = teacher_examples(policy, [o.prompt_token_ids + o.token_ids for o in outs], [len(o.prompt_token_ids) for o in outs], k=16)
+    draft = new_draft(policy, layers=1, hidden=32)
+    before = _overlap(policy, draft, examples)
+    losses = Distiller(draft, DistillConfig(max_steps=150, lr=5e-3, batch_sequences=8)).fit(examples)
+    after = _overlap(policy, draft, examples)
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+    assert after > before + 0.1
+    # The saved draft loads like any checkpoint and drafts for the policy.
+    path = save_pretrained(draft, tmp_path / "draft")
+    loaded = DraftModelDrafter.load(path, policy)
+    stats = []
+    generate(policy, prompts[:4], SamplingParams(max_new_tokens=12, ignore_eos=True), drafter=loaded, num_draft_tokens=3, instance_stats=stats)
+    assert stats[0].acceptance > 0
+
+
+def test_a_reduced_draft_vocabulary_maps_ids_and_keeps_the_frequent_ones():
+    vocab = torch.tensor([2, 5, 9, 40])
+    assert _to_local(torch.tensor([[5, 6], [40, 2]]), vocab).tolist() == [[1, -1], [3, 0]]
+    from rlhfspec.distill.teacher import Example
+
+    e = Example([1, 2, 3], 1, torch.tensor([[7, 8], [7, 9]]), torch.log(torch.tensor([[0.6, 0.3], [0.5, 0.4]])))
+    assert frequent_tokens([e], 2, always=(0,)) == [0, 7]
