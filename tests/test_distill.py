@@ -12,7 +12,7 @@ from tests.conftest import random_prompts
 
 def _overlap(policy, draft, examples):
     """Mean sum_x min(p(x), q(x)) over the examples' positions: the acceptance rate of one draft token."""
-    from rlhfspec.distill.teacher import hidden_states, padded_batch
+    from rlhfspec.models.batch import hidden_states, padded_batch
 
     with torch.no_grad():
         seqs = [e.tokens for e in examples]

@@ -33,3 +33,32 @@ def speedup_vs_n(rows: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def rollout_timeline(traces: dict, path: Path) -> Path:
+    """Per policy: live batch size, chosen draft length (coloured by drafter) and tokens/s over the rollout."""
+    plt = _plt()
+    fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
+    colors = {None: "grey", "ngram": "tab:orange", "draft": "tab:blue"}
+    for label, records in traces.items():
+        t = [r.start_s for r in records]
+        axes[0].plot(t, [r.batch for r in records], label=label)
+        rate = [r.emitted / max(r.seconds, 1e-9) for r in records]
+        smooth = [sum(rate[max(0, i - 4) : i + 1]) / len(rate[max(0, i - 4) : i + 1]) for i in range(len(rate))]
+        axes[2].plot(t, smooth, label=label)
+        if label != "plain":
+            for drafter in sorted({r.drafter for r in records}, key=str):
+                pts = [(r.start_s, sum(r.n) / max(r.batch, 1)) for r in records if r.drafter == drafter]
+                axes[1].scatter([p[0] for p in pts], [p[1] for p in pts], s=6, color=colors.get(drafter, "tab:green"),
+                                label=f"{label}: {drafter or 'plain'}")
+    axes[0].set_ylabel("live samples")
+    axes[1].set_ylabel("draft tokens (mean n)")
+    axes[2].set_ylabel("tokens/s")
+    axes[2].set_xlabel("seconds into the rollout")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -19,6 +19,7 @@ from rlhfspec.models.kv_cache import KVCache
 from rlhfspec.models.loader import default_cache_dir, load_model
 
 DEFAULT_DRAFT = "drafts/smollm2-135m-l2-h256-v8192"
+MIN_PROMPTS = 8
 
 
 def default_draft_path() -> Path:
@@ -81,21 +82,26 @@ def verify_cost(model, batches, ks, context: int = 128, repeats: int = 5) -> lis
 def run(cfg: SpecBenchConfig, json_path: str | None = None, write_results: bool = True, log=print) -> dict:
     policy, tok = load_model(cfg.model)
     draft_path = Path(cfg.draft) if cfg.draft else ensure_default_draft(policy, tok, log)
-    drafters = {"ngram": NgramDrafter, "draft": lambda: DraftModelDrafter.load(draft_path, policy, policy_tokenizer=tok)}
-    prompts = [encode_prompt(tok, p) for p in rl_style_prompts(max(cfg.batches), seed=cfg.seed)]
-    generate(policy, prompts[:2], SamplingParams(max_new_tokens=4), tokenizer=tok)  # warm-up (packing)
+    loaded = DraftModelDrafter.load(draft_path, policy, policy_tokenizer=tok)  # loaded once, outside the timing
+    vocab = None if loaded.vocab is None else loaded.vocab.tolist()
+    drafters = {"ngram": NgramDrafter, "draft": lambda: DraftModelDrafter(loaded.model, draft_vocab=vocab)}
+    prompts = [encode_prompt(tok, p) for p in rl_style_prompts(max(max(cfg.batches), MIN_PROMPTS), seed=cfg.seed)]
+    for name in drafters:  # warm-up: weight packing, allocator
+        generate(policy, prompts[:2], SamplingParams(max_new_tokens=8), tokenizer=tok, drafter=drafters[name](), num_draft_tokens=2)
     rows = []
     for temp in cfg.temperatures:
         params = SamplingParams(temperature=temp, max_new_tokens=cfg.max_new_tokens)
         for batch in cfg.batches:
-            batch_prompts = prompts[:batch]
+            # At least MIN_PROMPTS prompts, `batch` of them live at once, so small batches measure
+            # more than one short answer.
+            batch_prompts = prompts[: max(batch, MIN_PROMPTS)]
 
             def measure(drafter=None, n=None):
                 times, tokens, stats = [], 0, []
                 for r in range(cfg.repeats):
                     outs: list = []
                     times.append(timed(lambda: outs.extend(generate(
-                        policy, batch_prompts, params, seed=cfg.seed + r, tokenizer=tok,
+                        policy, batch_prompts, params, seed=cfg.seed + r, tokenizer=tok, batch_size=batch,
                         drafter=None if drafter is None else drafters[drafter](), num_draft_tokens=n, instance_stats=stats))))
                     tokens = sum(len(o.token_ids) for o in outs)
                 return tokens / median(times), stats[-1]
@@ -133,8 +139,9 @@ def _markdown(result: dict, cfg: SpecBenchConfig, png: str) -> str:
         "",
         f"Command: `rlhfspec bench spec{' --quick' if cfg.quick else ''}`  ",
         f"Machine: {result['machine']}; policy {result['model']} ({result['dtype']}), draft `{result['draft']}`  ",
-        f"RL-style prompts (arithmetic, short reasoning, code), up to {cfg.max_new_tokens} new tokens, stopping at EOS; "
-        f"speedup = tokens/s over plain decoding of the same engine measured in the same loop.",
+        f"RL-style prompts (arithmetic, short reasoning, code; max(batch, {MIN_PROMPTS}) of them, `batch` live at once), up to "
+        f"{cfg.max_new_tokens} new tokens, stopping at EOS; speedup = tokens/s over plain decoding of the same engine "
+        f"measured in the same loop; acceptance = accepted / proposed draft tokens.",
         "",
         f"![speedup vs n]({png})",
         "",

@@ -22,6 +22,13 @@ def register(sub) -> None:
     s.add_argument("--repeats", type=int, default=1)
     s.add_argument("--threads", type=int, default=None)
     s.set_defaults(run=run_spec)
+    r = names.add_parser("rollout", help="a GRPO-style rollout: plain, static, threshold and adaptive drafting")
+    r.add_argument("--model", default="default")
+    r.add_argument("--draft", default=None)
+    r.add_argument("--quick", action="store_true")
+    r.add_argument("--json", default=None)
+    r.add_argument("--threads", type=int, default=None)
+    r.set_defaults(run=run_rollout)
 
 
 def run_engine(args) -> int:
@@ -47,4 +54,16 @@ def run_spec(args) -> int:
     kw = dict(model=args.model, draft=args.draft, repeats=args.repeats)
     cfg = SpecBenchConfig.make_quick(**kw) if args.quick else SpecBenchConfig(**kw)
     run(cfg, json_path=args.json)
+    return 0
+
+
+def run_rollout(args) -> int:
+    import torch
+
+    from rlhfspec.bench.rollout import RolloutBenchConfig, run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kw = dict(model=args.model, draft=args.draft)
+    run(RolloutBenchConfig.make_quick(**kw) if args.quick else RolloutBenchConfig(**kw), json_path=args.json)
     return 0

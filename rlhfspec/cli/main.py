@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rlhfspec.cli import bench, distill, generate
+from rlhfspec.cli import bench, distill, generate, train
 from rlhfspec.errors import RlhfspecError
 
-COMMANDS = [generate, distill, bench]
+COMMANDS = [generate, train, distill, bench]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,7 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS:
         module.register(sub)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra  # --section.key value overrides (rlhfspec train)
     sys.stdout.reconfigure(line_buffering=True)  # progress lines show up promptly when piped to a log
     try:
         return args.run(args) or 0

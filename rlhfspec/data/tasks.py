@@ -39,17 +39,26 @@ class Problem:
     answer: int
 
 
-def arithmetic_problems(n: int, seed: int, digits: int = 1, ops: str = "+-") -> list[Problem]:
-    """n problems like 'What is 7 + 5? Answer with just the number.' with their integer answers."""
+SHORT = "What is {expr}? Answer with just the number."
+REASONING = "What is {expr}? Think step by step, then give the final answer on the last line as 'Answer: <number>'."
+
+
+def arithmetic_problems(n: int, seed: int, digits: int = 1, ops: str = "+-", terms: int = 2, template: str = SHORT) -> list[Problem]:
+    """n problems like 'What is 7 + 5?' (`terms` numbers of `digits` digits) with their integer answers;
+    subtraction is arranged to stay non-negative."""
     rng = random.Random(seed)
     lo, hi = (0 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1
     out = []
     for _ in range(n):
-        a, b, op = rng.randint(lo, hi), rng.randint(lo, hi), rng.choice(ops)
-        if op == "-" and b > a:
-            a, b = b, a
-        answer = a + b if op == "+" else a - b if op == "-" else a * b
-        out.append(Problem(f"What is {a} {op} {b}? Answer with just the number.", answer))
+        nums = [rng.randint(lo, hi) for _ in range(terms)]
+        expr, value = str(nums[0]), nums[0]
+        for x in nums[1:]:
+            op = rng.choice(ops)
+            if op == "-" and x > value:
+                op = "+"
+            value = value + x if op == "+" else value - x if op == "-" else value * x
+            expr += f" {op} {x}"
+        out.append(Problem(template.format(expr=expr), value))
     return out
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfspec.models.attention import DenseAttention
+from rlhfspec.models.batch import hidden_states, padded_batch
 
 
 @dataclass(slots=True)
@@ -18,22 +18,6 @@ class Example:
     start: int  # index of the first response token
     top_ids: torch.Tensor
     top_logprobs: torch.Tensor
-
-
-def padded_batch(seqs: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and 0/1 mask: [B, T] each."""
-    width = max(map(len, seqs))
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-    return ids, mask
-
-
-def hidden_states(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The model's final hidden states [B, T, H] over a right-padded batch (grad follows the caller's mode)."""
-    b, t = ids.shape
-    model.ensure_positions(t)
-    att = DenseAttention(mask.to(model.device), model.config.num_heads, model.config.num_kv_heads)
-    return model(ids.to(model.device).reshape(-1), att.positions, att).view(b, t, -1)
 
 
 @torch.no_grad()

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfspec.distill.teacher import Example, hidden_states, padded_batch
+from rlhfspec.distill.teacher import Example
+from rlhfspec.models.batch import hidden_states, padded_batch
 from rlhfspec.models.config import ModelConfig
 from rlhfspec.models.llama import Transformer
 

@@ -37,6 +37,8 @@ class DraftModelDrafter(Drafter):
             check_same_vocabulary(policy, model, policy_tokenizer, tokenizer)
         self.vocab = None if draft_vocab is None else torch.tensor(sorted(draft_vocab), device=model.device)
         self.cache: KVCache | None = None
+        self.distiller = None  # set when RL keeps distilling this draft (rl/drafting.py)
+        self.restored: dict | None = None
 
     @classmethod
     def load(cls, path: str | Path, policy, policy_tokenizer=None, **kw) -> DraftModelDrafter:
@@ -46,6 +48,20 @@ class DraftModelDrafter(Drafter):
         vocab_file = Path(path) / DRAFT_VOCAB_FILE
         vocab = json.loads(vocab_file.read_text()) if vocab_file.is_file() else None
         return cls(model, policy, tokenizer=tok, policy_tokenizer=policy_tokenizer, draft_vocab=vocab, **kw)
+
+    def state_dict(self) -> dict:
+        """The draft weights (and the refresh optimizer when RL keeps distilling it), for checkpoints."""
+        state = {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
+        distiller = getattr(self, "distiller", None)
+        if distiller is not None:
+            state["master"] = {k: v.detach().clone() for k, v in distiller.draft.state_dict().items()}
+            state["optimizer"] = distiller.optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.model.load_state_dict(state["model"])
+        self.restored = state  # the refresh optimizer's state is picked up when the distiller is made
 
     def bind(self, instance) -> None:
         self.model.ensure_positions(instance.max_len)

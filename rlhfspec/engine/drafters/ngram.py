@@ -115,3 +115,11 @@ class NgramDrafter(Drafter):
             idx.catch_up(i)
             drafts.append(draft)
         return Proposal(drafts, None)
+
+    def state_dict(self) -> dict:
+        """What later drafts depend on (earlier responses per prompt), for checkpoints."""
+        return {"indexes": list(self.indexes.items())}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.indexes = OrderedDict(state["indexes"])
+        self.doc_of = {}

@@ -1,0 +1,70 @@
+"""`rlhfspec train`, `rlhfspec export` and `rlhfspec plot`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(sub) -> None:
+    t = sub.add_parser("train", help="run RL (GRPO, RLOO, PPO) from a YAML config with --section.key value overrides")
+    t.add_argument("--config", type=Path, default=None, help="YAML config (default: the built-in defaults, i.e. configs/grpo_arith.yaml)")
+    t.add_argument("--resume", action="store_true", help="continue the run in run.output_dir from its last checkpoint")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(run=run_train, overrides=True)
+    e = sub.add_parser("export", help="write a run's policy as a Hugging Face checkpoint")
+    e.add_argument("run_dir", type=Path)
+    e.add_argument("out", type=Path)
+    e.set_defaults(run=run_export)
+    p = sub.add_parser("plot", help="PNG plots of a run's metrics (reward, KL, stage times, acceptance)")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(run=run_plot)
+
+
+def run_train(args) -> int:
+    from rlhfspec.rl.config import load_config
+    from rlhfspec.rl.plots import plot_run
+    from rlhfspec.rl.trainer import Trainer
+
+    config = load_config(args.config, args.extra)
+    trainer = Trainer(config, resume=args.resume, progress=not args.no_progress)
+    records = trainer.train()
+    if records:
+        first, last = records[0], records[-1]
+        print(f"done: reward {first['reward']:.3f} -> {last['reward']:.3f} over {len(records)} iterations "
+              f"({sum(r['iteration_s'] for r in records) / 60:.1f} min); generation {_share(records):.0%} of the time")
+    for png in plot_run(trainer.run_dir):
+        print(f"plot: {png}")
+    print(f"run directory: {trainer.run_dir} (rlhfspec export {trainer.run_dir} OUT writes a Hugging Face checkpoint)")
+    return 0
+
+
+def _share(records) -> float:
+    return sum(r["generation_s"] for r in records) / max(sum(r["iteration_s"] for r in records), 1e-9)
+
+
+def run_export(args) -> int:
+    import yaml
+
+    from rlhfspec.errors import RlhfspecError
+    from rlhfspec.models.checkpoint import save_pretrained
+    from rlhfspec.models.loader import load_model
+    from rlhfspec.rl import checkpoint as ckpt
+
+    path = ckpt.latest(args.run_dir)
+    if path is None:
+        raise RlhfspecError(f"{args.run_dir} has no checkpoint to export.")
+    config = yaml.safe_load((args.run_dir / "config.yaml").read_text())
+    model, tok = load_model(config["model"]["policy"], dtype=config["model"]["dtype"])
+    tensors, _ = ckpt.load(path)
+    model.load_state_dict(tensors["policy"], strict=True)
+    out = save_pretrained(model, args.out, tokenizer=tok)
+    print(f"exported {path.name} to {out}")
+    return 0
+
+
+def run_plot(args) -> int:
+    from rlhfspec.rl.plots import plot_run
+
+    for png in plot_run(args.run_dir):
+        print(png)
+    return 0

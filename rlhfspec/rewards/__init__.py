@@ -1,0 +1,1 @@
+"""Reward functions (TRL's signature) and reward models."""

@@ -1,0 +1,1 @@
+"""The RL loop: experience making, advantages, losses, trainer, checkpoints."""

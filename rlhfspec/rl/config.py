@@ -1,0 +1,214 @@
+"""Run configuration: typed dataclasses, read from YAML with `--section.key value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhfspec.errors import RlhfspecError
+
+
+@dataclass
+class ModelConfig:
+    policy: str = "default"  # "default", a Hugging Face directory or a .gguf file
+    reference: str | None = None  # None: a frozen copy of the initial policy (loaded only when a KL term needs it)
+    critic: str | None = None  # PPO: None initialises the critic from the policy
+    dtype: str = "float32"  # training precision
+
+
+@dataclass
+class DataConfig:
+    task: str = "arithmetic"  # "arithmetic" (built in) or a path: .jsonl, .parquet or a datasets directory
+    prompt_column: str = "prompt"  # or "messages" rows (chat turns)
+    prompts_per_iteration: int = 8
+    shuffle: bool = True
+    # built-in arithmetic task
+    digits: int = 1
+    terms: int = 2
+    ops: str = "+-"
+    curriculum: bool = True  # adapt the number of digits to the running success rate
+
+
+@dataclass
+class RewardConfig:
+    functions: list[str] = field(default_factory=lambda: ["arithmetic_correct", "answer_format"])
+    weights: list[float] | None = None  # one per function; None: all 1.0
+    reward_model: str | None = None  # an HF sequence-classification checkpoint, added as one more reward
+
+
+@dataclass
+class GenerationConfig:
+    num_generations: int = 8  # G samples per prompt
+    max_new_tokens: int = 160
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 64  # live samples per instance
+    dtype: str | None = None  # None: the device's generation default
+    spec: bool = True  # speculative decoding
+    strategy: str = "adaptive"  # "adaptive" or "static"
+    drafters: list[str] = field(default_factory=lambda: ["ngram"])  # "ngram", "draft" (distilled), or draft paths
+    num_draft_tokens: int = 4  # for strategy "static"
+    draft_path: str | None = None  # draft model for "draft"; None: the cached distilled default
+    refresh_draft: bool = True  # keep distilling the draft model on each iteration's rollouts
+    refresh_seconds: float = 20.0
+    realloc: bool = False  # sample reallocation across instances
+    instances: int = 1
+    backend: str = "inproc"
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "grpo"  # "grpo", "rloo" or "ppo"
+    beta: float = 0.0  # KL coefficient (0: no reference model, as TRL's GRPOConfig default)
+    kl_estimator: str = "k3"
+    kl_in_reward: bool = False  # PPO: penalise KL in the per-token reward instead of the loss
+    clip_low: float = 0.2
+    clip_high: float | None = None  # None: same as clip_low (DAPO suggests 0.28)
+    aggregation: str = "token-mean"  # "token-mean", "sequence-mean" or "sequence-sum-mean"
+    scale_rewards: str = "group"  # GRPO: "group", "batch" or "none"
+    gamma: float = 1.0  # PPO
+    lam: float = 0.95  # PPO
+    value_clip: float | None = 0.2  # PPO
+    value_coef: float = 0.5  # PPO
+    tis_cap: float | None = 2.0  # truncated importance sampling cap when generation runs in another precision
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 12
+    learning_rate: float = 2e-5
+    critic_learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = 1.0
+    lr_schedule: str = "constant"  # "constant", "linear" or "cosine"
+    warmup_steps: int = 0
+    mini_batches: int = 1  # optimizer steps per iteration (per epoch)
+    epochs: int = 1  # passes over each iteration's samples (TRL's num_iterations)
+    micro_batch_tokens: int = 4096  # gradient accumulation: at most this many tokens per forward
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/grpo_arith"
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+    wandb: bool = False
+    threads: int | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """A Config from a YAML file (sections named as Config's fields) and `--section.key value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise RlhfspecError(f"config file {p} does not exist.")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise RlhfspecError(f"{p} must hold a mapping of sections (model, data, reward, generation, algorithm, train, run).")
+    config = from_dict(raw, source=str(path or "defaults"))
+    apply_overrides(config, overrides or [])
+    return config
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    config = Config()
+    for section, values in raw.items():
+        if not hasattr(config, section):
+            raise RlhfspecError(f"{source}: unknown section {section!r}; sections are {', '.join(f.name for f in dataclasses.fields(Config))}.")
+        for key, value in (values or {}).items():
+            _set(config, f"{section}.{key}", value, source, parse=False)
+    return config
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> None:
+    """Apply ['--section.key', 'value', ...] (or 'section.key=value') in order."""
+    items = list(overrides)
+    while items:
+        token = items.pop(0)
+        if "=" in token:
+            key, value = token.split("=", 1)
+        else:
+            if not items:
+                raise RlhfspecError(f"override {token} has no value; write --section.key value.")
+            key, value = token, items.pop(0)
+        _set(config, key.lstrip("-"), value, "command line", parse=True)
+
+
+def _set(config: Config, dotted: str, value: Any, source: str, parse: bool) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2 or not hasattr(config, parts[0]):
+        raise RlhfspecError(f"{source}: {dotted!r} is not section.key (sections: {', '.join(f.name for f in dataclasses.fields(Config))}).")
+    section = getattr(config, parts[0])
+    hints = typing.get_type_hints(type(section))
+    if parts[1] not in hints:
+        raise RlhfspecError(f"{source}: {parts[0]} has no setting {parts[1]!r}; it has {', '.join(hints)}.")
+    if parse and isinstance(value, str):
+        value = yaml.safe_load(value)
+    setattr(section, parts[1], _coerce(value, hints[parts[1]], dotted, source))
+
+
+def _coerce(value: Any, hint: Any, dotted: str, source: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise RlhfspecError(f"{source}: {dotted} cannot be null.")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, dotted, source)
+            except RlhfspecError:
+                continue
+        raise RlhfspecError(f"{source}: {dotted} = {value!r} is not a valid {hint}.")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, args[0], dotted, source) for v in value]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise RlhfspecError(f"{source}: {dotted} needs {len(args)} values, got {value!r}.")
+        return tuple(_coerce(v, a, dotted, source) for v, a in zip(value, args))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("on", "off", "true", "false"):
+            return value.lower() in ("on", "true")
+        raise RlhfspecError(f"{source}: {dotted} must be true/false (or on/off), not {value!r}.")
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads "1e-5" (no dot) as a string
+        except ValueError:
+            pass
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise RlhfspecError(f"{source}: {dotted} = {value!r} is not a valid {getattr(hint, '__name__', hint)}.")

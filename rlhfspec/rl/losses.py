@@ -1,0 +1,103 @@
+"""Policy, value and KL losses as small pure functions over per-token tensors [B, T] with a 0/1 mask."""
+
+from __future__ import annotations
+
+import torch
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """Reduce a per-token loss [B, T] to a scalar.
+
+    "token-mean": sum over every response token / number of tokens (DAPO, TRL's "dapo"/"bnpo");
+    "sequence-mean": mean over each sequence's tokens, then over sequences (the original GRPO);
+    "sequence-sum-mean": sum over each sequence, then mean over sequences (Dr. GRPO style, / B).
+    """
+    m = mask.to(per_token.dtype)
+    if how == "token-mean":
+        return (per_token * m).sum() / m.sum().clamp(min=1)
+    if how == "sequence-mean":
+        return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    if how == "sequence-sum-mean":
+        return (per_token * m).sum(-1).mean()
+    raise ValueError(f"aggregation must be token-mean, sequence-mean or sequence-sum-mean, not {how!r}")
+
+
+def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, clip_low: float = 0.2, clip_high: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO loss -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), rho = exp(logp - logp_old),
+    and where the clipped branch was taken. advantages: [B, T] or [B] (broadcast over the sequence)."""
+    if advantages.dim() == 1:
+        advantages = advantages[:, None].expand_as(logprobs)
+    ratio = torch.exp(logprobs - old_logprobs)
+    high = clip_low if clip_high is None else clip_high
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip_low, 1 + high) * advantages
+    return -torch.minimum(unclipped, clipped), clipped < unclipped
+
+
+def clipped_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    clip_low: float = 0.2, clip_high: float | None = None, aggregation: str = "token-mean",
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The clipped surrogate aggregated over a batch; weights: optional per-token importance weights
+    (truncated IS for the rollout/trainer mismatch), applied outside the min. Also the clipped fraction."""
+    per_token, was_clipped = clipped_surrogate(logprobs, old_logprobs, advantages, clip_low, clip_high)
+    if weights is not None:
+        per_token = per_token * weights
+    m = mask.to(per_token.dtype)
+    frac = ((was_clipped.to(m.dtype) * m).sum() / m.sum().clamp(min=1)).item()
+    return aggregate(per_token, mask, aggregation), {"clip_frac": frac}
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1, k2, k3).
+
+    with log r = logp_ref - logp: k1 = -log r; k2 = (log r)^2 / 2; k3 = r - 1 - log r (unbiased, >= 0).
+    """
+    log_r = ref_logprobs - logprobs
+    if kind == "k1":
+        return -log_r
+    if kind == "k2":
+        return 0.5 * log_r**2
+    if kind == "k3":
+        return torch.exp(log_r) - 1 - log_r
+    raise ValueError(f"kl estimator must be k1, k2 or k3, not {kind!r}")
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float | None = 0.2) -> torch.Tensor:
+    """0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2), token-mean over the mask."""
+    loss = (values - returns) ** 2
+    if clip is not None:
+        clipped = old_values + (values - old_values).clamp(-clip, clip)
+        loss = torch.maximum(loss, (clipped - returns) ** 2)
+    return aggregate(0.5 * loss, mask, "token-mean")
+
+
+def truncated_is_weights(trainer_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap: float = 2.0) -> torch.Tensor:
+    """min(pi_trainer / pi_rollout, cap) per token: corrects for sampling with the engine's numbers
+    (lower precision) while training with the trainer's, truncated to bound the variance."""
+    return torch.exp(trainer_logprobs - rollout_logprobs).clamp(max=cap)
+
+
+def kl_penalised_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, beta: float, kind: str = "k1") -> torch.Tensor:
+    """PPO's per-token rewards: -beta * KL_t at every response token, plus the sequence score at its last token.
+
+    scores: [B]; logprobs, ref_logprobs, mask: [B, T] -> [B, T].
+    """
+    m = mask.to(logprobs.dtype)
+    rewards = -beta * kl_estimate(logprobs, ref_logprobs, kind) * m
+    last = (m.cumsum(-1) == m.sum(-1, keepdim=True)) & (m > 0)
+    return rewards + last.to(rewards.dtype) * scores[:, None]
+
+
+def token_weights(mask: torch.Tensor, how: str, total_tokens: float, total_sequences: float) -> torch.Tensor:
+    """Per-token weights w with sum(w * loss) equal to aggregate(loss, mask, how) over a whole mini-batch,
+    for one micro-batch of it (gradient accumulation keeps the mini-batch's normalisation)."""
+    m = mask.to(torch.float32)
+    if how == "token-mean":
+        return m / max(total_tokens, 1.0)
+    if how == "sequence-mean":
+        return m / m.sum(-1, keepdim=True).clamp(min=1) / max(total_sequences, 1.0)
+    if how == "sequence-sum-mean":
+        return m / max(total_sequences, 1.0)
+    raise ValueError(f"aggregation must be token-mean, sequence-mean or sequence-sum-mean, not {how!r}")

@@ -1,0 +1,49 @@
+"""The per-micro-batch training objective: clipped policy loss, KL term, value loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhfspec.rl.config import AlgorithmConfig
+from rlhfspec.rl.losses import clipped_surrogate, clipped_value_loss, kl_estimate, token_weights
+
+
+@dataclass(slots=True)
+class Targets:
+    """Response-aligned [N, T] tensors for one iteration's samples."""
+
+    mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    advantages: torch.Tensor  # [N] (GRPO, RLOO) or [N, T] (PPO)
+    ref_logprobs: torch.Tensor | None = None
+    is_weights: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    old_values: torch.Tensor | None = None
+
+
+def policy_objective(logprobs: torch.Tensor, idx: list[int], t: Targets, algo: AlgorithmConfig, n_tokens: float, n_seqs: float) -> tuple[torch.Tensor, dict]:
+    """This micro-batch's share of the mini-batch loss (clipped surrogate + beta * KL when KL is in the loss)."""
+    width = logprobs.shape[1]
+    mask = t.mask[idx, :width]
+    old = t.old_logprobs[idx, :width]
+    adv = t.advantages[idx] if t.advantages.dim() == 1 else t.advantages[idx, :width]
+    per_token, was_clipped = clipped_surrogate(logprobs, old, adv, algo.clip_low, algo.clip_high)
+    if t.is_weights is not None:
+        per_token = per_token * t.is_weights[idx, :width]
+    stats = {"clipped": (was_clipped.float() * mask).sum().item(), "tokens": mask.sum().item()}
+    if algo.beta > 0 and not algo.kl_in_reward and t.ref_logprobs is not None:
+        kl = kl_estimate(logprobs, t.ref_logprobs[idx, :width], algo.kl_estimator)
+        per_token = per_token + algo.beta * kl
+        stats["kl_sum"] = (kl.detach() * mask).sum().item()
+    w = token_weights(mask, algo.aggregation, n_tokens, n_seqs)
+    return (per_token * w).sum(), stats
+
+
+def value_objective(values: torch.Tensor, idx: list[int], t: Targets, algo: AlgorithmConfig, n_tokens: float) -> torch.Tensor:
+    """This micro-batch's share of the clipped value loss (token-mean over the mini-batch)."""
+    width = values.shape[1]
+    mask = t.mask[idx, :width]
+    loss = clipped_value_loss(values, t.old_values[idx, :width], t.returns[idx, :width], mask, algo.value_clip)
+    return loss * mask.sum() / max(n_tokens, 1.0)

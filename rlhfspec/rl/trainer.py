@@ -1,0 +1,291 @@
+"""The RLHF loop: generation -> inference -> training -> weight sync (+ drafter refresh), checkpointed."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from rlhfspec.data.chat import encode_prompt
+from rlhfspec.data.sources import make_source
+from rlhfspec.engine.sampling import SamplingParams
+from rlhfspec.errors import RlhfspecError
+from rlhfspec.models.loader import load_model
+from rlhfspec.rewards.compose import RewardSet
+from rlhfspec.rl import checkpoint as ckpt
+from rlhfspec.rl.config import Config
+from rlhfspec.rl.drafting import build_drafters, refresh_drafters
+from rlhfspec.rl.experience import make_targets
+from rlhfspec.rl.logprobs import Batch, completion_logprobs, values_at
+from rlhfspec.rl.metrics import MetricsLog
+from rlhfspec.rl.objective import policy_objective, value_objective
+from rlhfspec.rollout import Rollout
+
+SUCCESS_REWARDS = ("arithmetic_correct", "gsm8k_correct")
+
+
+class Trainer:
+    def __init__(self, config: Config, resume: bool = False, log=print, progress: bool = True):
+        self.config, self.log, self.progress = config, log, progress
+        c = config
+        if c.run.threads:
+            torch.set_num_threads(c.run.threads)
+        if c.generation.temperature <= 0:
+            raise RlhfspecError("generation.temperature must be > 0 for RL (greedy rollouts have no exploration).")
+        if c.algorithm.name not in ("grpo", "rloo", "ppo"):
+            raise RlhfspecError(f"algorithm.name {c.algorithm.name!r} is not grpo, rloo or ppo.")
+        if c.algorithm.name in ("grpo", "rloo") and c.generation.num_generations < 2:
+            raise RlhfspecError(f"{c.algorithm.name} compares samples of one prompt; generation.num_generations must be >= 2.")
+        self.run_dir = Path(c.run.output_dir)
+        self.seed = c.train.seed
+        random.seed(self.seed)
+        torch.manual_seed(self.seed)
+        self.policy, self.tokenizer = load_model(c.model.policy, dtype=c.model.dtype)
+        if self.tokenizer is None:
+            raise RlhfspecError(f"{c.model.policy} has no tokenizer; RL needs one to encode prompts and decode completions.")
+        self.policy.train().requires_grad_(True)
+        # The engine runs the trainer's own parameters when it generates in the trainer's precision
+        # (its packed weights are rebuilt whenever the optimizer changes them); otherwise it holds a copy.
+        gen_dtype = c.generation.dtype or c.model.dtype
+        self.shared = gen_dtype in (c.model.dtype, str(self.policy.dtype).removeprefix("torch."))
+        self.engine = self.policy if self.shared else load_model(c.model.policy, dtype=gen_dtype, tokenizer=False)[0]
+        needs_ref = c.algorithm.beta > 0
+        self.reference = load_model(c.model.reference or c.model.policy, dtype=c.model.dtype, tokenizer=False)[0] if needs_ref else None
+        self.critic = None
+        if c.algorithm.name == "ppo":
+            critic_model = load_model(c.model.critic or c.model.policy, dtype=c.model.dtype, tokenizer=False)[0].train().requires_grad_(True)
+            head = torch.nn.Parameter(torch.zeros(critic_model.config.hidden_size, 1))
+            self.critic = (critic_model, head)
+            self.critic_opt = torch.optim.AdamW([*critic_model.parameters(), head], lr=c.train.critic_learning_rate, betas=c.train.adam_betas)
+        self.rewards = RewardSet(list(c.reward.functions) + ([_reward_model(c)] if c.reward.reward_model else []), c.reward.weights)
+        self.source = make_source(c.data.task, c.data.prompt_column, self.seed, c.data.shuffle,
+                                  **({"digits": c.data.digits, "terms": c.data.terms, "ops": c.data.ops, "curriculum": c.data.curriculum} if c.data.task == "arithmetic" else {}))
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=c.train.learning_rate, betas=c.train.adam_betas, weight_decay=c.train.weight_decay)
+        total = c.train.iterations * c.train.epochs * c.train.mini_batches
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(c.train.lr_schedule, c.train.warmup_steps, total))
+        self.drafters = build_drafters(c.generation, self.engine, self.tokenizer, log) if c.generation.spec else []
+        self.rollout = Rollout(self.engine, self.tokenizer, batch_size=c.generation.batch_size, spec=c.generation.spec,
+                               strategy=c.generation.strategy, drafters=self.drafters, num_draft_tokens=c.generation.num_draft_tokens)
+        self.params = SamplingParams(temperature=c.generation.temperature, top_p=c.generation.top_p, top_k=c.generation.top_k,
+                                     max_new_tokens=c.generation.max_new_tokens)
+        self.iteration = 0
+        self.verified_logprobs: bool | None = None
+        if resume:
+            self._resume()
+        elif ckpt.latest(self.run_dir) is not None:
+            raise RlhfspecError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another run.output_dir.")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(c.to_dict(), sort_keys=False))
+        self.metrics = MetricsLog(self.run_dir, c.run.tensorboard, c.run.wandb, c.to_dict())
+        self.metrics.truncate(self.iteration)
+
+    # ---- the loop -------------------------------------------------------------------------
+    def train(self) -> list[dict]:
+        records = []
+        while self.iteration < self.config.train.iterations:
+            record = self.step()
+            records.append(record)
+            self.metrics.write(record)
+            self.log(_summary(record))
+            self.iteration += 1
+            last = self.iteration == self.config.train.iterations
+            if self.iteration % self.config.run.checkpoint_every == 0 or last:
+                self.save()
+        self.metrics.close()
+        return records
+
+    def step(self) -> dict:
+        """One iteration; nothing is committed (optimizer step, checkpoint) unless it all succeeds."""
+        c, it = self.config, self.iteration
+        g = c.generation.num_generations
+        t0 = time.perf_counter()
+        rows = self.source.next(c.data.prompts_per_iteration)
+        prompt_ids = [encode_prompt(self.tokenizer, r["prompt"]) for r in rows]
+        prompts = [p for p in prompt_ids for _ in range(g)]
+        ids = [(it * len(rows) + i) * g + j for i in range(len(rows)) for j in range(g)]
+        rollout = self.rollout.run(prompts, self.params, self.seed, ids, progress=self.progress)
+        t1 = time.perf_counter()
+        outs = rollout.outputs
+        completions = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
+        columns = {k: [r.get(k) for r in rows for _ in range(g)] for k in rows[0] if k != "prompt"}
+        table, totals = self.rewards.score([r["prompt"] for r in rows for _ in range(g)], completions, [o.token_ids for o in outs], columns)
+        batch = Batch(prompts, [o.token_ids or [self.tokenizer.eos_token_id or 0] for o in outs])
+        logprobs = [o.logprobs or [0.0] for o in outs]
+        reuse = self.shared and self._engine_matches_trainer(batch, logprobs)
+        inference = make_targets(batch, totals, g, logprobs, c.algorithm, self.params, self.policy, reuse,
+                                 self.reference, self.critic, c.train.micro_batch_tokens)
+        t2 = time.perf_counter()
+        train_stats = self._optimize(batch, inference.targets)
+        t3 = time.perf_counter()
+        refresh = refresh_drafters(self.drafters, self.policy, batch, c.generation) if self.drafters and c.generation.refresh_draft else {}
+        success = self._success(table)
+        self.source.observe(success if success is not None else 0.0)
+        t4 = time.perf_counter()
+        record = {
+            "iteration": it,
+            "reward": totals.mean().item(), "reward_std": totals.std().item() if len(totals) > 1 else 0.0,
+            **{f"reward/{n}": _nanmean(table[:, j]) for j, n in enumerate(self.rewards.names)},
+            "success": success, "completion_len": sum(len(o.token_ids) for o in outs) / len(outs),
+            "completion_len_max": max(len(o.token_ids) for o in outs),
+            **inference.stats, **train_stats, **refresh,
+            "lr": self.scheduler.get_last_lr()[0],
+            "generation_s": t1 - t0, "inference_s": t2 - t1, "training_s": t3 - t2, "sync_s": t4 - t3, "iteration_s": t4 - t0,
+            "gen_tokens": rollout.tokens, "gen_tok_s": rollout.tokens / max(rollout.seconds, 1e-9),
+            "acceptance": rollout.acceptance, **{f"acceptance/{k}": v for k, v in rollout.acceptance_by_drafter().items()},
+        }
+        if hasattr(self.source, "digits"):
+            record["digits"] = self.source.digits
+        return record
+
+    def _engine_matches_trainer(self, batch: Batch, logprobs: list[list[float]]) -> bool:
+        """Checked once: the engine's logprobs equal the trainer's forward within 1e-3, so the extra forward can be skipped."""
+        if self.verified_logprobs is None:
+            from rlhfspec.rl.experience import padded
+            from rlhfspec.rl.logprobs import all_logprobs
+
+            trainer = all_logprobs(self.policy, batch, self.params, self.config.train.micro_batch_tokens)
+            mask = batch.mask()
+            diff = ((trainer - padded(logprobs, mask.shape[1])).abs() * mask).max().item()
+            self.verified_logprobs = diff < 1e-3
+            self.log(f"engine vs trainer logprobs: max difference {diff:.2e}; "
+                     + ("reusing the engine's" if self.verified_logprobs else "recomputing with the trainer"))
+        return self.verified_logprobs
+
+    def _optimize(self, batch: Batch, targets) -> dict:
+        c = self.config
+        algo, order = c.algorithm, list(range(len(batch)))
+        rng = random.Random(self.seed * 7919 + self.iteration)
+        losses, grad_norms, clipped, tokens, kl_sum = [], [], 0.0, 0.0, 0.0
+        for _ in range(c.train.epochs):
+            rng.shuffle(order)
+            size = math.ceil(len(order) / c.train.mini_batches)
+            for start in range(0, len(order), size):
+                mb = order[start : start + size]
+                n_tokens = targets.mask[mb].sum().item()
+                self.optimizer.zero_grad(set_to_none=True)
+                total = 0.0
+                sub = Batch([batch.prompts[i] for i in mb], [batch.completions[i] for i in mb])
+                for micro in sub.micro_batches(c.train.micro_batch_tokens):
+                    idx = [mb[i] for i in micro]
+                    lp, _ = completion_logprobs(self.policy, sub, micro, self.params)
+                    loss, st = policy_objective(lp, idx, targets, algo, n_tokens, len(mb))
+                    if not torch.isfinite(loss):
+                        raise RlhfspecError(f"the policy loss became {loss.item()} at iteration {self.iteration}; the iteration was not committed (try a lower learning rate).")
+                    loss.backward()
+                    total += loss.item()
+                    clipped += st["clipped"]
+                    tokens += st["tokens"]
+                    kl_sum += st.get("kl_sum", 0.0)
+                    if self.critic is not None:
+                        model, head = self.critic
+                        v = values_at(model, head, sub, micro)
+                        value_objective(v, idx, targets, algo, n_tokens).mul(algo.value_coef).backward()
+                norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.train.max_grad_norm)
+                if not torch.isfinite(norm):
+                    raise RlhfspecError(f"the gradient norm became {norm.item()} at iteration {self.iteration}; the iteration was not committed.")
+                self.optimizer.step()
+                self.scheduler.step()
+                if self.critic is not None:
+                    torch.nn.utils.clip_grad_norm_([*self.critic[0].parameters(), self.critic[1]], c.train.max_grad_norm)
+                    self.critic_opt.step()
+                    self.critic_opt.zero_grad(set_to_none=True)
+                losses.append(total)
+                grad_norms.append(norm.item())
+        if not self.shared:
+            self._sync_engine()
+        out = {"loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms), "clip_frac": clipped / max(tokens, 1)}
+        if algo.beta > 0 and not algo.kl_in_reward:
+            out["kl_loss_term"] = kl_sum / max(tokens, 1)
+        return out
+
+    def _sync_engine(self) -> None:
+        """Copy the trainer's weights into the engine's (lower-precision) copy."""
+        with torch.no_grad():
+            for dst, src in zip(self.engine.parameters(), self.policy.parameters()):
+                dst.copy_(src.to(dst.dtype))
+
+    def _success(self, table: torch.Tensor) -> float | None:
+        for j, name in enumerate(self.rewards.names):
+            if name in SUCCESS_REWARDS:
+                return _nanmean(table[:, j])
+        return None
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def save(self) -> Path:
+        tensors = {"policy": self.policy.state_dict()}
+        objects = {
+            "iteration": self.iteration, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "rng": ckpt.rng_state(), "source": self.source.state_dict(), "verified_logprobs": self.verified_logprobs,
+            "drafters": [d.state_dict() for d in self.drafters if hasattr(d, "state_dict")],
+        }
+        if self.critic is not None:
+            tensors["critic"] = {**self.critic[0].state_dict(), "value_head": self.critic[1].detach()}
+            objects["critic_optimizer"] = self.critic_opt.state_dict()
+        path = ckpt.save(self.run_dir, self.iteration, tensors, objects, keep=self.config.run.keep_checkpoints)
+        self.log(f"checkpoint {path}")
+        return path
+
+    def _resume(self) -> None:
+        path = ckpt.latest(self.run_dir)
+        if path is None:
+            raise RlhfspecError(f"--resume: {self.run_dir} has no checkpoint to resume from.")
+        tensors, objects = ckpt.load(path)
+        with torch.no_grad():
+            self.policy.load_state_dict(tensors["policy"], strict=True)
+        self.optimizer.load_state_dict(objects["optimizer"])
+        self.scheduler.load_state_dict(objects["scheduler"])
+        ckpt.set_rng_state(objects["rng"])
+        self.source.load_state_dict(objects["source"])
+        self.verified_logprobs = objects["verified_logprobs"]
+        for d, state in zip([d for d in self.drafters if hasattr(d, "load_state_dict")], objects["drafters"]):
+            d.load_state_dict(state)
+        if self.critic is not None:
+            head = tensors["critic"].pop("value_head")
+            self.critic[0].load_state_dict(tensors["critic"], strict=True)
+            with torch.no_grad():
+                self.critic[1].copy_(head)
+            self.critic_opt.load_state_dict(objects["critic_optimizer"])
+        if not self.shared:
+            self._sync_engine()
+        self.iteration = objects["iteration"]
+        self.log(f"resumed from {path} at iteration {self.iteration}")
+
+
+def _schedule(kind: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "constant":
+            return 1.0
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        raise RlhfspecError(f"train.lr_schedule {kind!r} is not constant, linear or cosine.")
+
+    f(0)
+    return f
+
+
+def _nanmean(x: torch.Tensor) -> float | None:
+    x = x[~torch.isnan(x)]
+    return x.mean().item() if len(x) else None
+
+
+def _reward_model(c: Config):
+    from rlhfspec.rewards.reward_model import RewardModel
+
+    return RewardModel(c.reward.reward_model)
+
+
+def _summary(r: dict) -> str:
+    acc = "" if r.get("acceptance") is None else f", acceptance {r['acceptance']:.0%}"
+    succ = "" if r.get("success") is None else f", success {r['success']:.0%}"
+    return (f"iteration {r['iteration']}: reward {r['reward']:.3f}{succ}, length {r['completion_len']:.0f}, "
+            f"{r['iteration_s']:.1f} s (generation {r['generation_s']:.1f} s at {r['gen_tok_s']:.0f} tok/s{acc}, "
+            f"training {r['training_s']:.1f} s)")

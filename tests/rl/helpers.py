@@ -1,0 +1,25 @@
+"""A tiny policy with a word-level tokenizer that covers the arithmetic prompts, for RL tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import tiny_hf_model
+
+WORDS = ["What", "is", "?", "Think", "step", "by", ",", "then", "give", "the", "final", "answer", "on", "last", "line",
+         "as", "'", "Answer", ":", "<", "number", ">", ".", "+", "-", "*", "with", "just"] + [str(d) for d in range(10)]
+
+
+def tiny_policy_dir(path: Path, seed: int = 0) -> Path:
+    """A tiny Llama checkpoint plus tokenizer files, as `rlhfspec train` loads them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    model = tiny_hf_model("llama", seed=seed, vocab_size=len(vocab) + 4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
