@@ -74,3 +74,16 @@ def test_stop_strings_end_the_sample(default_model):
     out = generate(model, [prompt], SamplingParams(temperature=0, max_new_tokens=64, stop=("7",)), tokenizer=tok)[0]
     text = tok.decode(out.token_ids)
     assert out.finish_reason == "stop" and text.rstrip().endswith("7") and "8" not in text
+
+
+def test_generate_cli_over_two_instances_gives_the_same_completions(tmp_path):
+    import json
+
+    from rlhfspec.cli.main import main
+
+    base = ["generate", "--prompt", "What is 2+3?", "--prompt", "Name a color.", "--samples", "2", "--max-new-tokens", "16",
+            "--temperature", "1", "--seed", "3"]
+    assert main(base + ["--json", str(tmp_path / "one.jsonl")]) == 0
+    assert main(base + ["--json", str(tmp_path / "two.jsonl"), "--instances", "2", "--realloc", "on"]) == 0
+    rows = [[json.loads(l)["token_ids"] for l in (tmp_path / f).read_text().splitlines()] for f in ("one.jsonl", "two.jsonl")]
+    assert rows[0] == rows[1] and len(rows[0]) == 4

@@ -28,11 +28,45 @@ def speedup_vs_n(rows: list[dict], path: Path) -> Path:
         ax.set_xlabel("draft tokens n")
     axes[0][0].set_ylabel("speedup vs plain decoding")
     axes[0][-1].legend(fontsize=8)
+    return _save(fig, plt, path)
+
+
+def _save(fig, plt, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def acceptance_curves(curves: dict, path: Path) -> Path:
+    """Acceptance per RL iteration, a line per setting."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for label, points in curves.items():
+        pts = [(p["iteration"], p["acceptance"]) for p in points if p["acceptance"] is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("draft acceptance")
+    ax.legend(fontsize=8)
+    return _save(fig, plt, path)
+
+
+def realloc_timeline(timelines: dict, instances: int, path: Path) -> Path:
+    """One panel per setting (realloc off, on): each instance's live samples over time; moves marked."""
+    plt = _plt()
+    fig, axes = plt.subplots(len(timelines), 1, figsize=(8, 2.6 * len(timelines)), sharex=True, squeeze=False)
+    for ax, (label, tl) in zip(axes[:, 0], timelines.items()):
+        for i in range(instances):
+            pts = [(t, live) for t, inst, live in tl.points if inst == i]
+            ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", label=f"instance {i}")
+        for t, move in tl.moves:
+            ax.axvline(t, color="grey", lw=0.5, alpha=0.5)
+        ax.set_title(f"reallocation {label}" + (f" ({len(tl.moves)} moves, grey lines)" if tl.moves else ""))
+        ax.set_ylabel("live samples")
+        ax.legend(fontsize=8)
+    axes[-1, 0].set_xlabel("seconds into the rollout")
+    return _save(fig, plt, path)
 
 
 def rollout_timeline(traces: dict, path: Path) -> Path:
@@ -57,8 +91,4 @@ def rollout_timeline(traces: dict, path: Path) -> Path:
     axes[2].set_xlabel("seconds into the rollout")
     for ax in axes:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, plt, path)

@@ -29,6 +29,10 @@ class RolloutBenchConfig:
     threshold_batch: int = 32
     seed: int = 7
     quick: bool = False
+    instances: int = 1  # above 1 (or backend "ray"): the rollout is spread over instances by the coordinator
+    backend: str = "inproc"
+    realloc: bool = True
+    ray_address: str | None = None
 
     @classmethod
     def make_quick(cls, **kw) -> RolloutBenchConfig:
@@ -48,25 +52,32 @@ def run(cfg: RolloutBenchConfig, json_path: str | None = None, write_results: bo
         return [NgramDrafter(), DraftModelDrafter(loaded.model, draft_vocab=vocab)]
 
     best_static = max(cfg.statics, key=lambda s: s[1])
-    policies = {"plain": lambda ds: None}
+    # label -> (strategy for one in-process instance, the same as an InstanceSpec strategy string)
+    policies = {"plain": (lambda ds: None, None)}
     for name, n in cfg.statics:
-        policies[f"static {name} n={n}"] = lambda ds, name=name, n=n: StaticStrategy(name, n)
-    policies[f"threshold {best_static[0]} n={best_static[1]} (off while B > {cfg.threshold_batch})"] = \
-        lambda ds: ThresholdStrategy(best_static[0], best_static[1], cfg.threshold_batch)
-    policies["adaptive"] = lambda ds: adaptive_strategy(policy, ds)
+        policies[f"static {name} n={n}"] = (lambda ds, name=name, n=n: StaticStrategy(name, n), f"static:{name}:{n}")
+    policies[f"threshold {best_static[0]} n={best_static[1]} (off while B > {cfg.threshold_batch})"] = (
+        lambda ds: ThresholdStrategy(best_static[0], best_static[1], cfg.threshold_batch),
+        f"threshold:{best_static[0]}:{best_static[1]}:{cfg.threshold_batch}")
+    policies["adaptive"] = (lambda ds: adaptive_strategy(policy, ds), "adaptive")
     generate(policy, prompts[:2], SamplingParams(max_new_tokens=8), tokenizer=tok, drafter=drafters(), num_draft_tokens=2)  # warm-up
     rows, traces = [], {}
-    for label, make in policies.items():
-        ds = drafters()
-        strategy = make(ds)
-        stats: list = []
+    multi = cfg.instances > 1 or cfg.backend == "ray"
+    for label, (make, spec_strategy) in policies.items():
         outs: list = []
-        wall = timed(lambda: outs.extend(generate(policy, prompts, params, seed=cfg.seed, tokenizer=tok, batch_size=cfg.batch_size,
-                                                  drafter=ds if strategy is not None else None, strategy=strategy, instance_stats=stats)))
+        if multi:
+            wall, traces[label] = _run_multi(cfg, spec_strategy, policy, tok, prompts, params, draft_path, outs)
+            acceptance = None
+        else:
+            ds = drafters()
+            strategy = make(ds)
+            stats: list = []
+            wall = timed(lambda: outs.extend(generate(policy, prompts, params, seed=cfg.seed, tokenizer=tok, batch_size=cfg.batch_size,
+                                                      drafter=ds if strategy is not None else None, strategy=strategy, instance_stats=stats)))
+            acceptance, traces[label] = stats[0].acceptance, stats[0].records
         tokens = sum(len(o.token_ids) for o in outs)
         rows.append({"policy": label, "wall_s": round(wall, 2), "tokens": tokens, "tok_s": round(tokens / wall, 1),
-                     "acceptance": None if stats[0].acceptance is None else round(stats[0].acceptance, 3)})
-        traces[label] = stats[0].records
+                     "acceptance": None if acceptance is None else round(acceptance, 3)})
         log(f"{label:50} {wall:7.1f} s  {tokens / wall:7.1f} tok/s  ({tokens} tokens)")
     plain = next(r for r in rows if r["policy"] == "plain")
     best_static_row = max((r for r in rows if r["policy"].startswith("static")), key=lambda r: r["tok_s"])
@@ -79,11 +90,31 @@ def run(cfg: RolloutBenchConfig, json_path: str | None = None, write_results: bo
               "rows": rows}
     write_json(json_path, result)
     if write_results:
-        from rlhfspec.bench.plots import rollout_timeline
+        from rlhfspec.bench.plots import realloc_timeline, rollout_timeline
 
-        png = rollout_timeline({k: v for k, v in traces.items() if k in ("plain", "adaptive")}, RESULTS.parent / "rollout_timeline.png")
-        write_section("rollout", _markdown(result, cfg, png.name))
+        shown = {k: v for k, v in traces.items() if k in ("plain", "adaptive")}
+        if multi:
+            png = realloc_timeline(shown, cfg.instances, RESULTS.parent / f"rollout_timeline_k{cfg.instances}.png")
+        else:
+            png = rollout_timeline(shown, RESULTS.parent / "rollout_timeline.png")
+        write_section("rollout" if not multi else f"rollout-k{cfg.instances}", _markdown(result, cfg, png.name))
     return result
+
+
+def _run_multi(cfg: RolloutBenchConfig, strategy: str | None, policy, tok, prompts, params, draft_path, outs: list):
+    """One policy over cfg.instances instances; returns (wall seconds, the coordinator's timeline)."""
+    from rlhfspec.rollout.multi import MultiConfig, generate_multi
+    from rlhfspec.rollout.spec import InstanceSpec
+
+    drafters = [] if strategy is None else ["ngram", str(draft_path)]
+    per_instance = -(-len(prompts) // cfg.instances)
+    spec = InstanceSpec(cfg.model, max_batch=min(cfg.batch_size, per_instance), max_len=max(map(len, prompts)) + cfg.max_new_tokens,
+                        drafters=drafters, strategy=strategy)
+    mcfg = MultiConfig(instances=cfg.instances, backend=cfg.backend, realloc=cfg.realloc, ray_address=cfg.ray_address)
+    result: list = []
+    wall = timed(lambda: result.extend(generate_multi(spec, prompts, params, cfg.seed, mcfg, model=policy, tokenizer=tok)))
+    outs.extend(result[0])
+    return wall, result[1].timeline
 
 
 def _markdown(result: dict, cfg: RolloutBenchConfig, png: str) -> str:
@@ -94,7 +125,9 @@ def _markdown(result: dict, cfg: RolloutBenchConfig, png: str) -> str:
         f"Machine: {result['machine']}; policy {result['model']}, draft `{result['draft']}`  ",
         f"{cfg.prompts} RL-style prompts x {cfg.samples} samples at temperature 1, up to {cfg.max_new_tokens} new tokens "
         f"(response length median {result['response_lengths']['median']}, max {result['response_lengths']['max']}), "
-        f"{cfg.batch_size} live samples at most, one run per policy in one process.",
+        f"{cfg.batch_size} live samples at most, one run per policy"
+        + (f" on {cfg.instances} {cfg.backend} instances, reallocation {'on' if cfg.realloc else 'off'}." if cfg.instances > 1 or cfg.backend == "ray"
+           else " in one process."),
         "",
         "| policy | wall s | tokens | tok/s | speedup vs plain | vs best static | acceptance |",
         "|---|---:|---:|---:|---:|---:|---:|",

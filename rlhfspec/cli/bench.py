@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from rlhfspec.cli.generate import add_instance_args
+
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="run a benchmark and record it in benchmarks/RESULTS.md")
@@ -28,7 +30,27 @@ def register(sub) -> None:
     r.add_argument("--quick", action="store_true")
     r.add_argument("--json", default=None)
     r.add_argument("--threads", type=int, default=None)
+    add_instance_args(r)
     r.set_defaults(run=run_rollout)
+    m = names.add_parser("realloc", help="a long-tailed rollout on several instances: reallocation off vs on vs ideal")
+    m.add_argument("--model", default="default")
+    m.add_argument("--instances", type=int, default=2)
+    m.add_argument("--backend", choices=["inproc", "ray"], default="ray")
+    m.add_argument("--threads", type=int, default=1, help="torch threads per instance")
+    m.add_argument("--repeats", type=int, default=3)
+    m.add_argument("--quick", action="store_true", help="16 samples, 96 new tokens, one run each")
+    m.add_argument("--json", default=None)
+    m.set_defaults(run=run_realloc)
+    x = names.add_parser("e2e", help="RL iterations with every generation feature off vs on (stage times, speedup)")
+    x.add_argument("--config", default=None, help="YAML config (default: the default run, configs/grpo_arith.yaml)")
+    x.add_argument("--iterations", type=int, default=4)
+    x.add_argument("--json", default=None)
+    x.set_defaults(run=run_e2e, overrides=True)
+    f = names.add_parser("refresh", help="draft-model acceptance per RL iteration with and without drafter refresh")
+    f.add_argument("--config", default=None)
+    f.add_argument("--iterations", type=int, default=5)
+    f.add_argument("--json", default=None)
+    f.set_defaults(run=run_refresh, overrides=True)
 
 
 def run_engine(args) -> int:
@@ -64,6 +86,30 @@ def run_rollout(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    kw = dict(model=args.model, draft=args.draft)
+    kw = dict(model=args.model, draft=args.draft, instances=args.instances, backend=args.backend,
+              realloc=args.realloc == "on", ray_address=args.ray_address)
     run(RolloutBenchConfig.make_quick(**kw) if args.quick else RolloutBenchConfig(**kw), json_path=args.json)
+    return 0
+
+
+def run_realloc(args) -> int:
+    from rlhfspec.bench.realloc import ReallocBenchConfig, run
+
+    kw = dict(model=args.model, instances=args.instances, backend=args.backend, threads=args.threads)
+    cfg = ReallocBenchConfig.make_quick(**kw) if args.quick else ReallocBenchConfig(repeats=args.repeats, **kw)
+    run(cfg, json_path=args.json)
+    return 0
+
+
+def run_e2e(args) -> int:
+    from rlhfspec.bench.e2e import run
+
+    run(args.config, args.iterations, args.extra, json_path=args.json)
+    return 0
+
+
+def run_refresh(args) -> int:
+    from rlhfspec.bench.refresh import run
+
+    run(args.config, args.iterations, args.extra, json_path=args.json)
     return 0

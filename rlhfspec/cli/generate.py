@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -29,9 +30,28 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--drafter", default="none", help="none, ngram, or a draft model directory")
-    p.add_argument("--num-draft-tokens", type=int, default=4, help="draft tokens per step when a drafter is set")
+    p.add_argument("--num-draft-tokens", type=draft_tokens, default=4,
+                   help="draft tokens per step when a drafter is set, or 'auto' (the adaptive strategy picks drafter and n)")
     p.add_argument("--json", type=Path, help="also write the completions to this JSONL file")
+    add_instance_args(p)
     p.set_defaults(run=run)
+
+
+def draft_tokens(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither an integer nor 'auto'") from None
+
+
+def add_instance_args(p) -> None:
+    p.add_argument("--instances", type=int, default=1, help="generation instances the samples are spread over")
+    p.add_argument("--backend", choices=["inproc", "ray"], default="inproc",
+                   help="inproc: instances in this process, stepped in turn; ray: one Ray actor each")
+    p.add_argument("--realloc", choices=["off", "on"], default="on", help="migrate in-flight samples between instances")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
 
 
 def read_prompts_file(path: Path) -> list:
@@ -74,8 +94,11 @@ def run(args) -> int:
     drafter = None if args.drafter == "none" else args.drafter
     stats: list = []
     start = time.perf_counter()
-    outs = generate(model, prompts, params, seed=args.seed, batch_size=args.batch_size, tokenizer=tok, progress=True,
-                    drafter=drafter, num_draft_tokens=args.num_draft_tokens, instance_stats=stats)
+    if args.instances > 1 or args.backend == "ray":
+        outs, coord = _generate_multi(args, model, tok, prompts, params, drafter)
+    else:
+        outs = generate(model, prompts, params, seed=args.seed, batch_size=args.batch_size, tokenizer=tok, progress=True,
+                        drafter=drafter, num_draft_tokens=args.num_draft_tokens, instance_stats=stats)
     elapsed = time.perf_counter() - start
     rows = []
     for i, out in enumerate(outs):
@@ -87,7 +110,28 @@ def run(args) -> int:
         args.json.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tokens = sum(len(o.token_ids) for o in outs)
     line = f"{len(outs)} samples, {tokens} tokens in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s"
-    if drafter is not None:
+    if args.instances > 1 or args.backend == "ray":
+        line += f", {args.instances} {args.backend} instances, {len(coord.timeline.moves)} migrations"
+    elif drafter is not None:
         line += f", acceptance {stats[0].acceptance or 0:.1%}, {stats[0].tokens_per_step:.2f} tokens/step per sample"
     print(f"{line} ({model.dtype}, {torch.get_num_threads()} threads)")
     return 0
+
+
+def _generate_multi(args, model, tok, prompts, params, drafter):
+    from rlhfspec.rollout.multi import MultiConfig, generate_multi
+    from rlhfspec.rollout.spec import InstanceSpec
+
+    strategy = None
+    if drafter is not None:
+        strategy = "adaptive" if args.num_draft_tokens == "auto" else f"static:{_drafter_name(drafter)}:{args.num_draft_tokens}"
+    per_instance = -(-len(prompts) // args.instances)
+    spec = InstanceSpec(model=args.model, max_batch=min(args.batch_size or 64, per_instance),
+                        max_len=max(len(p) for p in prompts) + params.max_new_tokens, dtype=args.dtype,
+                        threads=args.threads, drafters=[drafter] if drafter else [], strategy=strategy)
+    cfg = MultiConfig(instances=args.instances, backend=args.backend, realloc=args.realloc == "on", ray_address=args.ray_address)
+    return generate_multi(spec, prompts, params, args.seed, cfg, model=model, tokenizer=tok)
+
+
+def _drafter_name(drafter: str) -> str:
+    return "ngram" if drafter == "ngram" else "draft"

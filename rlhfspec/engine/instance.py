@@ -18,6 +18,23 @@ from rlhfspec.strategy.base import Decision, StepRecord, Strategy, Workload
 
 
 @dataclass(slots=True)
+class Migrant:
+    """A live sample leaving one instance for another: its state, and its KV rows unless the
+    destination is to recompute them (policy rows [layers, n, kv_heads, head_dim] each; draft
+    models' rows by drafter name)."""
+
+    seq: Sequence
+    kv: tuple[torch.Tensor, torch.Tensor] | None = None
+    draft_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    acceptance: dict = field(default_factory=dict)  # the strategy's per-sample statistics
+
+    @property
+    def nbytes(self) -> int:
+        tensors = ([] if self.kv is None else list(self.kv)) + [t for kv in self.draft_kv.values() for t in kv]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(slots=True)
 class InstanceStats:
     steps: int = 0
     prefill_tokens: int = 0
@@ -220,6 +237,51 @@ class GenerationInstance:
                     break
         self.release(finished)
         return finished
+
+    def export(self, sample_id: int, with_kv: bool = True) -> Migrant:
+        """Take a live sample out of this instance, with its KV rows or without (to be recomputed)."""
+        seq = next((s for s in self.live if s.sample_id == sample_id), None)
+        if seq is None:
+            raise RlhfspecError(f"sample {sample_id} is not live on this instance.")
+        migrant = Migrant(seq)
+        if self.strategy is not None:
+            migrant.acceptance = self.strategy.sample_state(sample_id)
+        if with_kv:
+            migrant.kv = self.cache.rows(seq.slot)
+            for name, d in self.drafters.items():
+                rows = d.export_rows(seq.slot) if hasattr(d, "export_rows") else None
+                if rows is not None:
+                    migrant.draft_kv[name] = rows
+        self.release([seq])
+        return migrant
+
+    @torch.inference_mode()
+    def adopt(self, migrants: list[Migrant]) -> None:
+        """Continue samples exported elsewhere: load their KV rows, or recompute them in one packed forward."""
+        if len(migrants) > self.free_slots:
+            raise RlhfspecError(f"{len(migrants)} migrating samples do not fit: this instance has {self.free_slots} free slots.")
+        recompute = []
+        for m in migrants:
+            s = m.seq
+            self.validate(s)
+            s.slot = len(self.live)
+            self.live.append(s)
+            self.cache.lengths[s.slot] = 0
+            for d in self.drafters.values():
+                d.admitted([s])
+            if self.strategy is not None and m.acceptance:
+                self.strategy.restore_sample(s.sample_id, m.acceptance)
+            if m.kv is not None:
+                self.cache.load_rows(s.slot, *m.kv)
+                for name, rows in m.draft_kv.items():
+                    if name in self.drafters and hasattr(self.drafters[name], "import_rows"):
+                        self.drafters[name].import_rows(s.slot, rows)
+            else:
+                recompute.append(s)
+        if recompute:
+            # Everything but the last emitted token, which the next step feeds (the cache invariant).
+            self.forward([s.slot for s in recompute], [(s.prompt + s.tokens)[:-1] for s in recompute], last_only=True)
+            self.stats.prefill_tokens += sum(s.length - 1 for s in recompute)
 
     def release(self, seqs: list[Sequence]) -> None:
         """Free the samples' slots, moving the last live samples into the holes so slots stay dense."""

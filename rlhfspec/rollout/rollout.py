@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from rlhfspec.engine.drafters import DraftModelDrafter, Drafter
+from rlhfspec.engine.drafters import DraftModelDrafter, Drafter, NgramDrafter
 from rlhfspec.engine.generate import adaptive_strategy, generate
 from rlhfspec.engine.instance import InstanceStats
 from rlhfspec.engine.sampling import SamplingParams
@@ -46,21 +46,36 @@ class Rollout:
     (and what they learned) from one iteration to the next."""
 
     def __init__(self, policy, tokenizer, *, batch_size: int = 64, spec: bool = True, strategy: str = "adaptive",
-                 drafters: list[Drafter] | None = None, num_draft_tokens: int = 4):
+                 drafters: list[Drafter] | None = None, num_draft_tokens: int = 4, instances: int = 1, realloc: bool = False,
+                 backend: str = "inproc"):
+        if backend != "inproc":
+            raise RlhfspecError(f"the RL generation stage runs its instances in-process (backend 'inproc'), not {backend!r}: "
+                                "Ray actors would need the policy's weights shipped to them after every update.")
+        if strategy not in ("adaptive", "static"):
+            raise RlhfspecError(f"generation strategy {strategy!r} is not 'adaptive' or 'static'.")
         self.policy, self.tokenizer, self.batch_size = policy, tokenizer, batch_size
+        self.kind, self.num_draft_tokens = strategy, num_draft_tokens
+        self.instances, self.realloc = instances, realloc
         self.drafters = list(drafters or []) if spec else []
-        self.strategy: Strategy | None = None
-        if self.drafters:
-            if strategy == "adaptive":
-                self.strategy = adaptive_strategy(policy, self.drafters)
-            elif strategy == "static":
-                self.strategy = StaticStrategy(self.drafters[0].name, num_draft_tokens)
-            else:
-                raise RlhfspecError(f"generation strategy {strategy!r} is not 'adaptive' or 'static'.")
+        # Instance 0 drafts with the drafters given (they persist across iterations); the others
+        # with their own drafter objects over the same draft weights. Strategies persist too.
+        self.instance_drafters = [self.drafters] + [[_twin(d) for d in self.drafters] for _ in range(instances - 1)]
+        self.strategies = [self._strategy(ds) for ds in self.instance_drafters]
+        self.strategy: Strategy | None = self.strategies[0]
+
+    def _strategy(self, drafters: list[Drafter]) -> Strategy | None:
+        if not drafters:
+            return None
+        if self.kind == "adaptive":
+            return adaptive_strategy(self.policy, drafters)
+        return StaticStrategy(drafters[0].name, self.num_draft_tokens)
 
     def run(self, prompts: list[list[int]], params: SamplingParams, seed: int, sample_ids: list[int], progress: bool = False) -> RolloutResult:
         stats: list[InstanceStats] = []
         start = time.perf_counter()
+        if self.instances > 1:
+            outs = self._run_multi(prompts, params, seed, sample_ids, stats)
+            return RolloutResult(outs, stats, time.perf_counter() - start)
         outs = generate(
             self.policy, prompts, params, seed, batch_size=self.batch_size, tokenizer=self.tokenizer, progress=progress,
             sample_ids=sample_ids, drafter=self.drafters or None, strategy=self.strategy, instance_stats=stats,
@@ -68,5 +83,35 @@ class Rollout:
         # The drafter objects persist, so an n-gram drafter keeps this iteration's responses for the next.
         return RolloutResult(outs, stats, time.perf_counter() - start)
 
+    def _run_multi(self, prompts, params, seed, sample_ids, stats: list) -> list[GenerationOutput]:
+        from rlhfspec.rollout.inproc import InprocBackend
+        from rlhfspec.rollout.local import LocalInstance
+        from rlhfspec.rollout.multi import MultiConfig, generate_multi
+        from rlhfspec.rollout.spec import InstanceSpec
+
+        max_len = max(len(p) for p in prompts) + params.max_new_tokens
+        per_instance = min(self.batch_size, -(-len(prompts) // self.instances))
+
+        def make(i: int) -> LocalInstance:
+            return LocalInstance(i, self.policy, per_instance, max_len, tokenizer=self.tokenizer,
+                                 drafters=self.instance_drafters[i], strategy=self.strategies[i])
+
+        backend = InprocBackend(make, self.instances)
+        cfg = MultiConfig(instances=self.instances, realloc=self.realloc)
+        spec = InstanceSpec(model="(in-process policy)", max_batch=per_instance, max_len=max_len)
+        outs, _ = generate_multi(spec, prompts, params, seed, cfg, sample_ids=list(sample_ids), backend=backend)
+        stats.extend(inst.instance.stats for inst in backend.instances)
+        return outs
+
     def draft_models(self) -> list[DraftModelDrafter]:
         return [d for d in self.drafters if isinstance(d, DraftModelDrafter)]
+
+
+def _twin(d: Drafter) -> Drafter:
+    """A drafter of the same kind for another instance (a draft model's weights are shared, not copied)."""
+    if isinstance(d, DraftModelDrafter):
+        vocab = None if d.vocab is None else d.vocab.tolist()
+        return DraftModelDrafter(d.model, draft_vocab=vocab, name=d.name)
+    if isinstance(d, NgramDrafter):
+        return NgramDrafter()
+    raise RlhfspecError(f"drafter {d.name!r} cannot be replicated across generation instances.")

@@ -109,6 +109,14 @@ class AcceptanceEstimator:
         for key in [k for k in self.samples if k[1] == sample_id]:
             del self.samples[key]
 
+    def sample_state(self, sample_id: int) -> dict[str, tuple[list[float], list[float]]]:
+        """A sample's own counts per drafter, to travel with it to another instance."""
+        return {k[0]: (list(c.reached), list(c.accepted)) for k, c in self.samples.items() if k[1] == sample_id}
+
+    def restore_sample(self, sample_id: int, state: dict[str, tuple[list[float], list[float]]]) -> None:
+        for drafter, (reached, accepted) in state.items():
+            self.samples[(drafter, sample_id)] = _Counts(list(reached), list(accepted))
+
     def prediction_error(self) -> dict[str, float]:
         """Mean squared error of each model's predicted tokens per step, over every update so far."""
         return {k: (v[0] / v[1] if v[1] else float("nan")) for k, v in self.errors.items()}

@@ -61,6 +61,13 @@ class Strategy:
     def observe(self, record: StepRecord) -> None:
         """Learn from a finished step (default: nothing)."""
 
+    def sample_state(self, sample_id: int) -> dict:
+        """What this strategy learned about one sample, for its migration (default: nothing)."""
+        return {}
+
+    def restore_sample(self, sample_id: int, state: dict) -> None:
+        """Take over a migrated sample's learned state."""
+
 
 class StaticStrategy(Strategy):
     """The same drafter and draft length at every step (n = 0 or no drafter: plain decoding)."""

@@ -66,6 +66,12 @@ class AdaptiveStrategy(Strategy):
     def decide(self, workload: Workload) -> Decision:
         return self.selector.choose(workload)
 
+    def sample_state(self, sample_id: int) -> dict:
+        return self.acceptance.sample_state(sample_id)
+
+    def restore_sample(self, sample_id: int, state: dict) -> None:
+        self.acceptance.restore_sample(sample_id, state)
+
     def observe(self, record: StepRecord) -> None:
         if record.drafter is None:
             self.cost.observe("verify", record.batch, 1.0, record.verify_s)

@@ -60,6 +60,22 @@ def test_speculative_rollouts_run_inside_the_loop(tmp_path, policy):
     assert records[-1]["acceptance"] is not None
 
 
+def test_two_instances_with_reallocation_train_exactly_as_one(tmp_path, policy):
+    """Placement independence inside the loop: the same samples, so the same metrics. (With
+    speculation the drafts differ by instance, so only the distribution is the same.)"""
+    runs = []
+    for name, extra in (("one", {}), ("two", {"generation.instances": 2, "generation.realloc": "true"})):
+        cfg = config(tmp_path / name, policy, **{"train.iterations": 2, **extra})
+        runs.append(Trainer(cfg, progress=False, log=lambda m: None).train())
+    for a, b in zip(*runs):
+        assert {k: a[k] for k in DETERMINISTIC} == pytest.approx({k: b[k] for k in DETERMINISTIC}, rel=1e-4, abs=1e-6)
+    spec = config(tmp_path / "spec", policy, **{"generation.spec": "true", "generation.strategy": "static",
+                                                "generation.instances": 2, "train.iterations": 1})
+    assert Trainer(spec, progress=False, log=lambda m: None).train()[-1]["acceptance"] is not None
+    with pytest.raises(RlhfspecError, match="in-process"):
+        Trainer(config(tmp_path / "ray", policy, **{"generation.instances": 2, "generation.backend": "ray"}), progress=False)
+
+
 def test_export_writes_a_checkpoint_transformers_loads(tmp_path, policy):
     from transformers import AutoModelForCausalLM
 

@@ -77,6 +77,12 @@ class DraftModelDrafter(Drafter):
     def finished(self, seq: Sequence, slot: int) -> None:
         self.cache.lengths[slot] = 0
 
+    def export_rows(self, slot: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.cache.rows(slot) if self.cache.lengths[slot] else None
+
+    def import_rows(self, slot: int, rows: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.cache.load_rows(slot, *rows)
+
     def propose(self, seqs: list[Sequence], n: list[int]) -> Proposal:
         drafts: list[list[int]] = [[] for _ in seqs]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]

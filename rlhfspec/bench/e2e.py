@@ -1,0 +1,96 @@
+"""`rlhfspec bench e2e`: the same RL iterations with every generation feature off vs on."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from rlhfspec.bench.common import RESULTS, machine, median, write_json, write_section
+from rlhfspec.rl.config import load_config
+
+STAGES = ("generation_s", "inference_s", "training_s", "sync_s", "iteration_s")
+
+
+def run(config_path: str | None = None, iterations: int = 4, overrides: list[str] | None = None,
+        json_path: str | None = None, write_results: bool = True, log=print) -> dict:
+    """Trains `iterations` iterations twice from the same seed: vanilla (plain decoding, one
+    instance) and full (the config's generation features: speculation, its strategy, its drafters).
+    Stage times are medians over iterations 1.. (iteration 0 pays one-off warm-ups)."""
+    base = load_config(config_path, overrides or [])
+    if not base.generation.spec:
+        log("note: the config has speculation off, so 'full' differs from vanilla only in the other flags")
+    settings = {
+        "vanilla": replace(base.generation, spec=False, instances=1, realloc=False),
+        "full": base.generation,
+    }
+    medians, runs = {}, {}
+    for label, gen in settings.items():
+        records = train_records(base, gen, iterations)
+        kept = records[1:] or records
+        medians[label] = {k: median([r[k] for r in kept]) for k in STAGES}
+        runs[label] = [{k: round(r[k], 2) for k in (*STAGES, "reward", "gen_tokens", "acceptance") if r.get(k) is not None}
+                       for r in records]
+        m = medians[label]
+        log(f"{label:8} iteration {m['iteration_s']:.1f} s (generation {m['generation_s']:.1f}, training {m['training_s']:.1f}, "
+            f"refresh/sync {m['sync_s']:.1f})")
+    v, f = medians["vanilla"], medians["full"]
+    share = v["generation_s"] / v["iteration_s"]
+    result = {
+        "machine": machine(), "iterations": iterations,
+        "generation": {"spec": base.generation.spec, "strategy": base.generation.strategy, "drafters": base.generation.drafters,
+                       "instances": base.generation.instances, "realloc": base.generation.realloc},
+        "vanilla_iter_s": round(v["iteration_s"], 2), "full_iter_s": round(f["iteration_s"], 2),
+        "speedup": round(v["iteration_s"] / f["iteration_s"], 3),
+        "generation_share_vanilla": round(share, 3),
+        "amdahl_bound_2x_generation": round(1 / (1 - share + share / 2), 3),
+        "amdahl_bound_infinite_generation": round(1 / (1 - share), 3),
+        "generation_speedup": round(v["generation_s"] / f["generation_s"], 3),
+        "stages": {k: {s: round(x, 2) for s, x in m.items()} for k, m in medians.items()},
+        "runs": runs,
+    }
+    write_json(json_path, result)
+    log(f"speedup {result['speedup']:.2f}x per iteration (generation {result['generation_speedup']:.2f}x); generation is "
+        f"{share:.0%} of a vanilla iteration, so even infinitely fast generation gives at most {result['amdahl_bound_infinite_generation']:.2f}x")
+    if write_results:
+        write_section("e2e", _markdown(result, config_path, iterations, overrides))
+    return result
+
+
+def _markdown(r: dict, config_path, iterations: int, overrides) -> str:
+    cmd = "rlhfspec bench e2e" + (f" --config {config_path}" if config_path else "") + f" --iterations {iterations}"
+    cmd += "".join(f" {o}" for o in overrides or [])
+    g = r["generation"]
+    lines = [
+        "## End to end: RL iterations with generation features off vs on",
+        "",
+        f"Command: `{cmd}`  ",
+        f"Machine: {r['machine']}  ",
+        f"Same config and seed; vanilla = plain decoding on one instance; full = spec {g['spec']}, strategy {g['strategy']}, "
+        f"drafters {g['drafters']}, instances {g['instances']}, realloc {g['realloc']}. Medians over iterations 1..{iterations - 1} "
+        "(iteration 0 pays warm-ups).",
+        "",
+        "| setting | generation s | inference s | training s | refresh/sync s | iteration s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, m in r["stages"].items():
+        lines.append(f"| {label} | {m['generation_s']} | {m['inference_s']} | {m['training_s']} | {m['sync_s']} | {m['iteration_s']} |")
+    lines += [
+        "",
+        f"Iteration speedup **{r['speedup']:.2f}x** (target 1.5x); generation alone {r['generation_speedup']:.2f}x. "
+        f"Generation is {r['generation_share_vanilla']:.0%} of a vanilla iteration: by Amdahl's law a 2x faster generation "
+        f"stage bounds the iteration speedup at {r['amdahl_bound_2x_generation']:.2f}x, and infinitely fast generation at "
+        f"{r['amdahl_bound_infinite_generation']:.2f}x.",
+    ]
+    return "\n".join(lines)
+
+
+def train_records(base, generation, iterations: int) -> list[dict]:
+    """The metrics of `iterations` iterations of `base` with this generation config, in a scratch run directory."""
+    from rlhfspec.rl.trainer import Trainer
+
+    with tempfile.TemporaryDirectory(prefix="rlhfspec-bench-") as tmp:
+        cfg = replace(base, generation=generation, train=replace(base.train, iterations=iterations),
+                      run=replace(base.run, output_dir=str(Path(tmp) / "run"), tensorboard=False, wandb=False,
+                                  checkpoint_every=iterations))
+        return Trainer(cfg, progress=False, log=lambda m: None).train()
