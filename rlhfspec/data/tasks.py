@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-REASONING = [
+WORD_PROBLEMS = [
     "If a shirt costs $12 and is on sale for 25% off, what is the sale price? Explain briefly.",
     "Tom has 5 more marbles than Anna. Together they have 21. How many does Anna have? Think step by step.",
     "A rectangle is 7 cm long and 4 cm wide. What are its area and perimeter?",
@@ -69,5 +69,5 @@ def rl_style_prompts(n: int, seed: int) -> list[str]:
     out = []
     for i in range(n):
         kind = i % 3
-        out.append(pool[i] if kind == 0 else rng.choice(REASONING) if kind == 1 else rng.choice(CODE))
+        out.append(pool[i] if kind == 0 else rng.choice(WORD_PROBLEMS) if kind == 1 else rng.choice(CODE))
     return out

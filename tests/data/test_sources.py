@@ -75,3 +75,11 @@ def test_arithmetic_answers_are_right_and_the_curriculum_moves():
 @pytest.mark.parametrize("text, value", [("so 7 + 5 = 12.\nAnswer: 12", 12), ("The answer is 3,400.", 3400), ("#### -7", -7), ("no digits", None), ("1 then 2", 2)])
 def test_answer_parsing(text, value):
     assert parse_answer(text) == value
+
+
+def test_rl_style_prompts_are_whole_prompts_of_each_kind():
+    from rlhfspec.data.tasks import CODE, WORD_PROBLEMS, rl_style_prompts
+
+    prompts = rl_style_prompts(9, seed=3)
+    assert all(len(p) > 20 for p in prompts)
+    assert sum(p in WORD_PROBLEMS for p in prompts) == 3 and sum(p in CODE for p in prompts) == 3
