@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The default run: GRPO on arithmetic with SmolLM2-135M-Instruct (configs/grpo_arith.yaml), a fresh
+# run directory each time; it ends with the reward summary and the paths of its plots.
 demo: $(STAMP)
-	$(VENV)/bin/rlhfspec generate --model default --max-new-tokens 96
+	$(VENV)/bin/rlhfspec train --config configs/grpo_arith.yaml --run.output_dir runs/grpo_arith-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -16,7 +16,9 @@ def register(sub) -> None:
     e.add_argument("out", type=Path)
     e.set_defaults(run=run_export)
     p = sub.add_parser("plot", help="PNG plots of a run's metrics (reward, KL, stage times, acceptance)")
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", type=Path, nargs="+")
+    p.add_argument("--compare", type=Path, default=None, help="instead: one PNG of every run's reward per iteration")
+    p.add_argument("--key", default="reward", help="the metric --compare plots")
     p.set_defaults(run=run_plot)
 
 
@@ -63,8 +65,12 @@ def run_export(args) -> int:
 
 
 def run_plot(args) -> int:
-    from rlhfspec.rl.plots import plot_run
+    from rlhfspec.rl.plots import plot_compare, plot_run
 
-    for png in plot_run(args.run_dir):
-        print(png)
+    if args.compare:
+        print(plot_compare(args.run_dir, args.compare, args.key))
+        return 0
+    for run_dir in args.run_dir:
+        for png in plot_run(run_dir):
+            print(png)
     return 0

@@ -31,7 +31,7 @@ class DataConfig:
     digits: int = 1
     terms: int = 2
     ops: str = "+-"
-    curriculum: bool = True  # adapt the number of digits to the running success rate
+    curriculum: bool = False  # adapt the number of digits to the running success rate
 
 
 @dataclass
@@ -44,7 +44,7 @@ class RewardConfig:
 @dataclass
 class GenerationConfig:
     num_generations: int = 8  # G samples per prompt
-    max_new_tokens: int = 160
+    max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -82,7 +82,7 @@ class AlgorithmConfig:
 @dataclass
 class TrainConfig:
     iterations: int = 12
-    learning_rate: float = 2e-5
+    learning_rate: float = 3e-5
     critic_learning_rate: float = 1e-5
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -91,7 +91,7 @@ class TrainConfig:
     warmup_steps: int = 0
     mini_batches: int = 1  # optimizer steps per iteration (per epoch)
     epochs: int = 1  # passes over each iteration's samples (TRL's num_iterations)
-    micro_batch_tokens: int = 4096  # gradient accumulation: at most this many tokens per forward
+    micro_batch_tokens: int = 2048  # gradient accumulation: at most this many tokens per forward
     seed: int = 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rlhfspec.errors import RlhfspecError
 from rlhfspec.rl.metrics import read
 
 
@@ -62,4 +63,27 @@ def plot_run(run_dir: Path) -> list[Path]:
         ax.set_ylabel("draft acceptance")
         ax.legend()
         save(fig, "acceptance.png")
+    return out
+
+
+def plot_compare(run_dirs: list[Path], out: Path, key: str = "reward") -> Path:
+    """One metric per iteration for several runs (e.g. seeds) on one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for run in run_dirs:
+        records = read(run)
+        if not records:
+            raise RlhfspecError(f"{run} has no metrics.jsonl records to plot.")
+        ax.plot([r["iteration"] for r in records], [r.get(key) for r in records], marker="o", label=Path(run).name)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(key)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
     return out

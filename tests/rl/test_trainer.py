@@ -137,3 +137,15 @@ def test_an_existing_run_needs_resume(tmp_path, policy):
     Trainer(config(tmp_path, policy, **{"train.iterations": 1}), progress=False, log=lambda m: None).train()
     with pytest.raises(RlhfspecError, match="--resume"):
         Trainer(config(tmp_path, policy), progress=False, log=lambda m: None)
+
+
+def test_plot_writes_a_runs_pngs_and_compares_runs(tmp_path, policy):
+    from rlhfspec.cli.main import main
+
+    Trainer(config(tmp_path, policy, **{"train.iterations": 2}), progress=False, log=lambda m: None).train()
+    run = tmp_path / "run"
+    assert main(["plot", str(run)]) == 0
+    assert {"reward.png", "stage_times.png"} <= {p.name for p in (run / "plots").iterdir()}
+    assert main(["plot", str(run), str(run), "--compare", str(tmp_path / "seeds.png")]) == 0
+    assert (tmp_path / "seeds.png").stat().st_size > 0
+    assert main(["plot", str(tmp_path), "--compare", str(tmp_path / "x.png")]) == 2  # no metrics there: a clear error
