@@ -78,6 +78,8 @@ def run(args) -> int:
 
     from rlhfspec import SamplingParams, generate, load_model
 
+    if args.instances < 1:
+        raise RlhfspecError(f"--instances must be at least 1, got {args.instances}.")
     if args.threads:
         torch.set_num_threads(args.threads)
     texts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])

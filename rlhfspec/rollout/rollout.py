@@ -48,6 +48,8 @@ class Rollout:
     def __init__(self, policy, tokenizer, *, batch_size: int = 64, spec: bool = True, strategy: str = "adaptive",
                  drafters: list[Drafter] | None = None, num_draft_tokens: int = 4, instances: int = 1, realloc: bool = False,
                  backend: str = "inproc"):
+        if instances < 1:
+            raise RlhfspecError(f"generation.instances must be at least 1, got {instances}.")
         if backend != "inproc":
             raise RlhfspecError(f"the RL generation stage runs its instances in-process (backend 'inproc'), not {backend!r}: "
                                 "Ray actors would need the policy's weights shipped to them after every update.")

@@ -1,0 +1,26 @@
+"""Command-line parsing: flags that take special values, and bad values rejected before any work."""
+
+import argparse
+
+import pytest
+
+from rlhfspec.cli.generate import draft_tokens
+from rlhfspec.cli.main import main
+
+
+def test_num_draft_tokens_takes_an_integer_or_auto():
+    assert draft_tokens("3") == 3 and draft_tokens("auto") == "auto"
+    with pytest.raises(argparse.ArgumentTypeError, match="neither an integer nor 'auto'"):
+        draft_tokens("many")
+
+
+@pytest.mark.parametrize("args", [["--backend", "mpi"], ["--realloc", "maybe"], ["--num-draft-tokens", "many"]])
+def test_bad_generate_flags_exit_with_usage_errors(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", *args])
+    assert e.value.code == 2 and f"error: argument {args[0]}" in capsys.readouterr().err
+
+
+def test_a_bad_instance_count_is_a_clear_error(capsys):
+    assert main(["generate", "--model", "/nonexistent", "--instances", "0"]) == 2
+    assert "--instances must be at least 1" in capsys.readouterr().err
