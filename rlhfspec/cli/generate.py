@@ -132,7 +132,7 @@ def _generate_multi(args, model, tok, prompts, params, drafter):
                         max_len=max(len(p) for p in prompts) + params.max_new_tokens, dtype=args.dtype,
                         threads=args.threads, drafters=[drafter] if drafter else [], strategy=strategy)
     cfg = MultiConfig(instances=args.instances, backend=args.backend, realloc=args.realloc == "on", ray_address=args.ray_address)
-    return generate_multi(spec, prompts, params, args.seed, cfg, model=model, tokenizer=tok)
+    return generate_multi(spec, prompts, params, args.seed, cfg, model=model, tokenizer=tok, progress=True)
 
 
 def _drafter_name(drafter: str) -> str:

@@ -7,6 +7,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from rlhfspec.engine.instance import Migrant
+from rlhfspec.engine.progress import Progress
 from rlhfspec.engine.sequence import Sequence
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.rollout.policy import InstanceLoad, LengthPredictor, Move, ReallocationPolicy, SampleLoad
@@ -41,7 +42,8 @@ class Coordinator:
     """
 
     def __init__(self, backend, policy: ReallocationPolicy | None = None, steps_per_call: int = 4,
-                 mode: str = "auto", hints: CostHints | None = None, max_new_tokens: int = 256, forced_moves=None):
+                 mode: str = "auto", hints: CostHints | None = None, max_new_tokens: int = 256, forced_moves=None,
+                 progress: bool = False):
         if mode not in ("auto", "kv", "recompute"):
             raise RlhfspecError(f"migration mode {mode!r} is not auto, kv or recompute.")
         self.backend, self.policy, self.steps_per_call, self.mode = backend, policy, steps_per_call, mode
@@ -52,9 +54,12 @@ class Coordinator:
         self.predictor = LengthPredictor(max_new_tokens)
         self.forced_moves = forced_moves  # tests: a callable(reports) -> list[Move] used instead of the policy
         self.timeline = Timeline()
+        self.progress = progress
 
     def run(self, seqs: list[Sequence]) -> list[Sequence]:
         start = time.perf_counter()
+        bar = Progress(total=len(seqs), enabled=self.progress, desc=f"generate x{self.backend.size}")
+        shown = 0
         queue = deque(seqs)
         where: dict[int, int] = {}
         done: dict[int, Sequence] = {}
@@ -87,6 +92,11 @@ class Coordinator:
             self._fill(queue, where, reports, done)
             if not queue:
                 self._reallocate(reports, where, start)
+            if self.progress:
+                tokens = sum(len(s.tokens) for s in done.values()) + sum(len(s.tokens) for r in reports.values() for s in r.live)
+                bar.update(len(done) - shown, tokens, time.perf_counter() - start)
+                shown = len(done)
+        bar.close()
         return [done[s.sample_id] for s in seqs]
 
     def _fill(self, queue: deque, where: dict, reports: dict, done: dict) -> None:

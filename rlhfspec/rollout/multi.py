@@ -44,7 +44,7 @@ def make_backend(spec: InstanceSpec, cfg: MultiConfig, model=None, tokenizer=Non
 
 def generate_multi(spec: InstanceSpec, prompts: list[list[int]], params: SamplingParams, seed: int, cfg: MultiConfig,
                    *, model=None, tokenizer=None, sample_ids: list[int] | None = None,
-                   backend=None) -> tuple[list[GenerationOutput], Coordinator]:
+                   backend=None, progress: bool = False) -> tuple[list[GenerationOutput], Coordinator]:
     """Complete the prompts over cfg.instances instances; outputs in prompt order, the same tokens
     as one instance would give (keyed sampling), whatever the placement and migrations.
     Returns the coordinator too, for its timeline. A backend passed in is reused and not shut down."""
@@ -60,7 +60,7 @@ def generate_multi(spec: InstanceSpec, prompts: list[list[int]], params: Samplin
     try:
         policy = ReallocationPolicy() if cfg.realloc else None
         coord = Coordinator(backend, policy, steps_per_call=cfg.steps_per_call, mode=cfg.migration,
-                            max_new_tokens=params.max_new_tokens)
+                            max_new_tokens=params.max_new_tokens, progress=progress)
         seqs = [Sequence(sid, list(p), params, seed) for sid, p in zip(ids, prompts)]
         done = coord.run(seqs)
     finally:

@@ -76,7 +76,7 @@ class Rollout:
         stats: list[InstanceStats] = []
         start = time.perf_counter()
         if self.instances > 1:
-            outs = self._run_multi(prompts, params, seed, sample_ids, stats)
+            outs = self._run_multi(prompts, params, seed, sample_ids, stats, progress)
             return RolloutResult(outs, stats, time.perf_counter() - start)
         outs = generate(
             self.policy, prompts, params, seed, batch_size=self.batch_size, tokenizer=self.tokenizer, progress=progress,
@@ -85,7 +85,7 @@ class Rollout:
         # The drafter objects persist, so an n-gram drafter keeps this iteration's responses for the next.
         return RolloutResult(outs, stats, time.perf_counter() - start)
 
-    def _run_multi(self, prompts, params, seed, sample_ids, stats: list) -> list[GenerationOutput]:
+    def _run_multi(self, prompts, params, seed, sample_ids, stats: list, progress: bool) -> list[GenerationOutput]:
         from rlhfspec.rollout.inproc import InprocBackend
         from rlhfspec.rollout.local import LocalInstance
         from rlhfspec.rollout.multi import MultiConfig, generate_multi
@@ -101,7 +101,7 @@ class Rollout:
         backend = InprocBackend(make, self.instances)
         cfg = MultiConfig(instances=self.instances, realloc=self.realloc)
         spec = InstanceSpec(model="(in-process policy)", max_batch=per_instance, max_len=max_len)
-        outs, _ = generate_multi(spec, prompts, params, seed, cfg, sample_ids=list(sample_ids), backend=backend)
+        outs, _ = generate_multi(spec, prompts, params, seed, cfg, sample_ids=list(sample_ids), backend=backend, progress=progress)
         stats.extend(inst.instance.stats for inst in backend.instances)
         return outs
 
