@@ -103,12 +103,11 @@ def run(cfg: RolloutBenchConfig, json_path: str | None = None, write_results: bo
 
 def _run_multi(cfg: RolloutBenchConfig, strategy: str | None, policy, tok, prompts, params, draft_path, outs: list):
     """One policy over cfg.instances instances; returns (wall seconds, the coordinator's timeline)."""
-    from rlhfspec.rollout.multi import MultiConfig, generate_multi
+    from rlhfspec.rollout.multi import MultiConfig, generate_multi, instance_batch
     from rlhfspec.rollout.spec import InstanceSpec
 
     drafters = [] if strategy is None else ["ngram", str(draft_path)]
-    per_instance = -(-len(prompts) // cfg.instances)
-    spec = InstanceSpec(cfg.model, max_batch=min(cfg.batch_size, per_instance), max_len=max(map(len, prompts)) + cfg.max_new_tokens,
+    spec = InstanceSpec(cfg.model, max_batch=instance_batch(len(prompts), cfg.instances, cfg.batch_size), max_len=max(map(len, prompts)) + cfg.max_new_tokens,
                         drafters=drafters, strategy=strategy)
     mcfg = MultiConfig(instances=cfg.instances, backend=cfg.backend, realloc=cfg.realloc, ray_address=cfg.ray_address)
     result: list = []

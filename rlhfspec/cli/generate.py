@@ -121,14 +121,13 @@ def run(args) -> int:
 
 
 def _generate_multi(args, model, tok, prompts, params, drafter):
-    from rlhfspec.rollout.multi import MultiConfig, generate_multi
+    from rlhfspec.rollout.multi import MultiConfig, generate_multi, instance_batch
     from rlhfspec.rollout.spec import InstanceSpec
 
     strategy = None
     if drafter is not None:
         strategy = "adaptive" if args.num_draft_tokens == "auto" else f"static:{_drafter_name(drafter)}:{args.num_draft_tokens}"
-    per_instance = -(-len(prompts) // args.instances)
-    spec = InstanceSpec(model=args.model, max_batch=min(args.batch_size or 64, per_instance),
+    spec = InstanceSpec(model=args.model, max_batch=instance_batch(len(prompts), args.instances, args.batch_size or 64),
                         max_len=max(len(p) for p in prompts) + params.max_new_tokens, dtype=args.dtype,
                         threads=args.threads, drafters=[drafter] if drafter else [], strategy=strategy)
     cfg = MultiConfig(instances=args.instances, backend=args.backend, realloc=args.realloc == "on", ray_address=args.ray_address)

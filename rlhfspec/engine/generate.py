@@ -19,6 +19,14 @@ DEFAULT_MAX_BATCH = 64
 MAX_DRAFT_TOKENS = 16
 
 
+def checked_sample_ids(sample_ids: Seq[int] | None, n: int) -> list[int]:
+    """The ids keying each prompt's randomness: 0..n-1 by default, else n distinct integers."""
+    ids = list(range(n)) if sample_ids is None else list(sample_ids)
+    if len(set(ids)) != len(ids) or len(ids) != n:
+        raise RlhfspecError(f"sample_ids must be {n} distinct integers, one per prompt.")
+    return ids
+
+
 def generate(
     model,
     prompts_token_ids: Seq[Seq[int]],
@@ -50,9 +58,7 @@ def generate(
     params = params or SamplingParams()
     if not prompts_token_ids:
         return []
-    ids = list(range(len(prompts_token_ids))) if sample_ids is None else list(sample_ids)
-    if len(set(ids)) != len(ids) or len(ids) != len(prompts_token_ids):
-        raise RlhfspecError(f"sample_ids must be {len(prompts_token_ids)} distinct integers, one per prompt.")
+    ids = checked_sample_ids(sample_ids, len(prompts_token_ids))
     seqs = [Sequence(sample_id=ids[i], prompt=[int(t) for t in p], params=params, seed=seed) for i, p in enumerate(prompts_token_ids)]
     longest = max(len(s.prompt) for s in seqs)
     limit = model.config.max_position_embeddings

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rlhfspec.engine.generate import checked_sample_ids
 from rlhfspec.engine.sampling import SamplingParams
 from rlhfspec.engine.sequence import GenerationOutput, Sequence
 from rlhfspec.errors import RlhfspecError
@@ -31,6 +32,11 @@ class MultiConfig:
             raise RlhfspecError(f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}.")
 
 
+def instance_batch(samples: int, instances: int, cap: int) -> int:
+    """Live slots per instance: an even share of the samples, at most `cap`."""
+    return min(cap, -(-samples // instances))
+
+
 def make_backend(spec: InstanceSpec, cfg: MultiConfig, model=None, tokenizer=None):
     """In-process instances share one loaded model; Ray actors each load their own."""
     if cfg.backend == "ray":
@@ -48,9 +54,7 @@ def generate_multi(spec: InstanceSpec, prompts: list[list[int]], params: Samplin
     """Complete the prompts over cfg.instances instances; outputs in prompt order, the same tokens
     as one instance would give (keyed sampling), whatever the placement and migrations.
     Returns the coordinator too, for its timeline. A backend passed in is reused and not shut down."""
-    ids = list(range(len(prompts))) if sample_ids is None else list(sample_ids)
-    if len(set(ids)) != len(prompts):
-        raise RlhfspecError(f"sample_ids must be {len(prompts)} distinct integers, one per prompt.")
+    ids = checked_sample_ids(sample_ids, len(prompts))
     longest = max((len(p) for p in prompts), default=0)
     if longest + params.max_new_tokens > spec.max_len:
         raise RlhfspecError(f"prompt length {longest} + max_new_tokens {params.max_new_tokens} exceeds the instances' "

@@ -63,7 +63,6 @@ class Rollout:
         # with their own drafter objects over the same draft weights. Strategies persist too.
         self.instance_drafters = [self.drafters] + [[_twin(d) for d in self.drafters] for _ in range(instances - 1)]
         self.strategies = [self._strategy(ds) for ds in self.instance_drafters]
-        self.strategy: Strategy | None = self.strategies[0]
 
     def _strategy(self, drafters: list[Drafter]) -> Strategy | None:
         if not drafters:
@@ -80,7 +79,7 @@ class Rollout:
             return RolloutResult(outs, stats, time.perf_counter() - start)
         outs = generate(
             self.policy, prompts, params, seed, batch_size=self.batch_size, tokenizer=self.tokenizer, progress=progress,
-            sample_ids=sample_ids, drafter=self.drafters or None, strategy=self.strategy, instance_stats=stats,
+            sample_ids=sample_ids, drafter=self.drafters or None, strategy=self.strategies[0], instance_stats=stats,
         )
         # The drafter objects persist, so an n-gram drafter keeps this iteration's responses for the next.
         return RolloutResult(outs, stats, time.perf_counter() - start)
@@ -88,11 +87,11 @@ class Rollout:
     def _run_multi(self, prompts, params, seed, sample_ids, stats: list, progress: bool) -> list[GenerationOutput]:
         from rlhfspec.rollout.inproc import InprocBackend
         from rlhfspec.rollout.local import LocalInstance
-        from rlhfspec.rollout.multi import MultiConfig, generate_multi
+        from rlhfspec.rollout.multi import MultiConfig, generate_multi, instance_batch
         from rlhfspec.rollout.spec import InstanceSpec
 
         max_len = max(len(p) for p in prompts) + params.max_new_tokens
-        per_instance = min(self.batch_size, -(-len(prompts) // self.instances))
+        per_instance = instance_batch(len(prompts), self.instances, self.batch_size)
 
         def make(i: int) -> LocalInstance:
             return LocalInstance(i, self.policy, per_instance, max_len, tokenizer=self.tokenizer,
