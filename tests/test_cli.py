@@ -24,3 +24,15 @@ def test_bad_generate_flags_exit_with_usage_errors(args, capsys):
 def test_a_bad_instance_count_is_a_clear_error(capsys):
     assert main(["generate", "--model", "/nonexistent", "--instances", "0"]) == 2
     assert "--instances must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--layers", "0"], "--layers must be at least 1"),
+    (["--hidden", "200"], "--hidden must be even, and a multiple of 64"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--train-prompts", "-3"], "--train-prompts must be positive"),
+    (["--draft-vocab", "1"], "--draft-vocab must be between 2"),
+])
+def test_bad_distill_settings_are_clear_errors_before_any_work(args, message, capsys):
+    assert main(["distill-draft", "--policy", "/nonexistent", "--out", "/nonexistent/out", *args]) == 2
+    assert message in capsys.readouterr().err

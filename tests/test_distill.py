@@ -1,11 +1,14 @@
 """Draft distillation on tiny models: the loss falls and the draft moves toward the policy."""
 
+import pytest
 import torch
 
 from rlhfspec import SamplingParams, generate, load_model
+from rlhfspec.distill.run import DistillJob
 from rlhfspec.distill.teacher import teacher_examples
 from rlhfspec.distill.train import DistillConfig, Distiller, _to_local, frequent_tokens, new_draft
 from rlhfspec.engine.drafters import DraftModelDrafter
+from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.checkpoint import save_pretrained
 from tests.conftest import random_prompts
 
@@ -53,3 +56,9 @@ def test_a_reduced_draft_vocabulary_maps_ids_and_keeps_the_frequent_ones():
 
     e = Example([1, 2, 3], 1, torch.tensor([[7, 8], [7, 9]]), torch.log(torch.tensor([[0.6, 0.3], [0.5, 0.4]])))
     assert frequent_tokens([e], 2, always=(0,)) == [0, 7]
+
+
+def test_a_draft_vocabulary_larger_than_the_policys_is_a_clear_error():
+    DistillJob(draft_vocab=64).check(vocab_size=64)
+    with pytest.raises(RlhfspecError, match=r"between 2 and the policy's vocabulary size \(64\), got 65"):
+        DistillJob(draft_vocab=65).check(vocab_size=64)

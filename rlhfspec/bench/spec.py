@@ -27,7 +27,7 @@ def default_draft_path() -> Path:
 
 
 def ensure_default_draft(policy, tokenizer, log=print) -> Path:
-    """The distilled default draft, distilled first (about 12 minutes) if it is not cached yet."""
+    """The distilled default draft, distilled first (about 13 minutes) if it is not cached yet."""
     path = default_draft_path()
     if not (path / "model.safetensors").is_file():
         from rlhfspec.distill.run import DistillJob, distill_draft

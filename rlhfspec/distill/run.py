@@ -14,6 +14,7 @@ from rlhfspec.distill.train import DistillConfig, Distiller, frequent_tokens, ne
 from rlhfspec.engine.drafters.draft_model import DRAFT_VOCAB_FILE, DraftModelDrafter
 from rlhfspec.engine.generate import generate
 from rlhfspec.engine.sampling import SamplingParams
+from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.checkpoint import save_pretrained
 
 
@@ -22,17 +23,34 @@ class DistillJob:
     layers: int = 2
     hidden: int = 256
     draft_vocab: int | None = None
-    train_prompts: int = 192
+    # More policy text beat more epochs over less (measured: 768 responses instead of 192 raised
+    # held-out acceptance from 0.35 to 0.40 at the same training time); 640 keeps the whole job
+    # within 15 minutes on 2 cores.
+    train_prompts: int = 640
     heldout_prompts: int = 24
     max_new_tokens: int = 128
     train_seconds: float = 420.0
-    max_steps: int = 600
+    max_steps: int = 3000  # the time budget ends training first on 2 cores
+    lr: float = 1e-3
     top_k: int = 32
     seed: int = 0
+
+    def check(self, vocab_size: int | None = None) -> None:
+        """Raise a clear error for a job that cannot run (before any model is loaded or text generated)."""
+        if self.layers < 1:
+            raise RlhfspecError(f"--layers must be at least 1, got {self.layers}.")
+        if self.hidden < 2 or self.hidden % 2 or (self.hidden > 64 and self.hidden % 64):
+            raise RlhfspecError(f"--hidden must be even, and a multiple of 64 above 64 (64-wide heads), got {self.hidden}.")
+        if self.draft_vocab is not None and not 2 <= self.draft_vocab <= (vocab_size or self.draft_vocab):
+            raise RlhfspecError(f"--draft-vocab must be between 2 and the policy's vocabulary size ({vocab_size}), got {self.draft_vocab}.")
+        for name, value in (("train-prompts", self.train_prompts), ("train-seconds", self.train_seconds), ("lr", self.lr)):
+            if value <= 0:
+                raise RlhfspecError(f"--{name} must be positive, got {value}.")
 
 
 def distill_draft(policy, tokenizer, out: str | Path, job: DistillJob, log=print) -> dict:
     """Distill a draft model from the policy and save it (HF format) at `out`; returns a report."""
+    job.check(policy.config.vocab_size)
     t0 = time.perf_counter()
     params = SamplingParams(temperature=1.0, max_new_tokens=job.max_new_tokens)
     texts = rl_style_prompts(job.train_prompts, seed=job.seed)
@@ -49,7 +67,7 @@ def distill_draft(policy, tokenizer, out: str | Path, job: DistillJob, log=print
     vocab = None
     if job.draft_vocab:
         vocab = frequent_tokens(examples, job.draft_vocab, always=tuple(policy.config.eos_token_ids) + tuple(tokenizer.all_special_ids))
-    distiller = Distiller(draft, DistillConfig(seconds=job.train_seconds, max_steps=job.max_steps, seed=job.seed), draft_vocab=vocab)
+    distiller = Distiller(draft, DistillConfig(lr=job.lr, seconds=job.train_seconds, max_steps=job.max_steps, seed=job.seed), draft_vocab=vocab)
     log(f"training a {job.layers}-layer, {job.hidden}-wide draft ({sum(p.numel() for p in draft.parameters()) / 1e6:.1f} M parameters)")
     losses = distiller.fit(examples, log=log)
     t3 = time.perf_counter()
@@ -61,8 +79,8 @@ def distill_draft(policy, tokenizer, out: str | Path, job: DistillJob, log=print
         "generate_s": round(t1 - t0, 1), "teacher_s": round(t2 - t1, 1), "train_s": round(t3 - t2, 1),
         **heldout_acceptance(policy, tokenizer, DraftModelDrafter(draft.to(policy.dtype), policy, draft_vocab=vocab), job),
     }
-    (out / "distill_report.json").write_text(json.dumps(report, indent=2))
     report["total_s"] = round(time.perf_counter() - t0, 1)
+    (out / "distill_report.json").write_text(json.dumps(report, indent=2))
     log(f"saved {out}; held-out acceptance {report['acceptance']:.1%} at n=4, temperature 1 ({report['total_s']:.0f} s in all)")
     return report
 

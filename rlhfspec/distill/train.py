@@ -54,7 +54,9 @@ def new_draft(policy, layers: int, hidden: int, seed: int = 0) -> Transformer:
 
 @dataclass(slots=True)
 class DistillConfig:
-    lr: float = 2e-3
+    # Measured on 768 policy responses, 150 s of training, held-out single-token acceptance at
+    # temperature 1: lr 5e-4 0.46, 1e-3 0.49, 2e-3 0.40, 4e-3 0.31.
+    lr: float = 1e-3
     batch_sequences: int = 16
     weight_decay: float = 0.0
     max_steps: int = 400
