@@ -192,3 +192,30 @@ def test_bad_draft_lengths_are_clear_errors(pair):
         inst.step(Decision("ngram", [-2]))
     with pytest.raises(RlhfspecError, match="drafter 'draft' is not attached"):
         inst.step(Decision("draft", [2]))
+
+
+def test_a_reduced_draft_vocabulary_stays_lossless_and_follows_weight_updates(pair):
+    policy, draft = pair
+    vocab = list(range(0, policy.config.vocab_size, 2))  # q = 0 on every odd id
+    params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
+    prompts = random_prompts(8, policy.config.vocab_size, 2, 12, seed=9)
+    plain = generate(policy, prompts, params)
+    spec = generate(policy, prompts, params, drafter=DraftModelDrafter(draft, policy, draft_vocab=vocab), num_draft_tokens=3)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+
+    def proposal(drafter, temperature=1.0):
+        inst = GenerationInstance(policy, 1, 32, drafters=[drafter])
+        inst.add([Sequence(0, prompts[0], SamplingParams(temperature=temperature, max_new_tokens=8), seed=3)])
+        return drafter.propose(inst.live, [3])
+
+    drafter = DraftModelDrafter(draft, policy, draft_vocab=vocab)
+    before = proposal(drafter)
+    assert all(t % 2 == 0 for t in before.tokens[0]) and before.q[:, 1::2].sum() == 0
+    # An in-place update (as drafter refresh does) must reach the cached output-layer rows.
+    head = draft.embed.weight if draft.lm_head is None else draft.lm_head.weight
+    with torch.no_grad():
+        head.add_(torch.randn(head.shape, generator=torch.Generator().manual_seed(0)))
+    after = proposal(drafter)
+    fresh = proposal(DraftModelDrafter(draft, policy, draft_vocab=vocab))
+    assert not torch.allclose(before.q, after.q)
+    assert after.tokens == fresh.tokens and torch.allclose(after.q, fresh.q)

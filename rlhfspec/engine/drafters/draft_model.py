@@ -37,6 +37,7 @@ class DraftModelDrafter(Drafter):
             check_same_vocabulary(policy, model, policy_tokenizer, tokenizer)
         self.vocab = None if draft_vocab is None else torch.tensor(sorted(draft_vocab), device=model.device)
         self.cache: KVCache | None = None
+        self._head: tuple[tuple, torch.Tensor] | None = None  # (weight version, rows of the draft vocabulary)
         self.distiller = None  # set when RL keeps distilling this draft (rl/drafting.py)
         self.restored: dict | None = None
 
@@ -92,8 +93,9 @@ class DraftModelDrafter(Drafter):
                 # First round feeds everything the draft cache lacks (at least the last token).
                 feeds = [(s.prompt + s.tokens)[self.cache.lengths[s.slot] :] for s in (seqs[b] for b in active)]
                 for j in range(max(n)):
-                    q = self._next(seqs, active, feeds)
-                    tokens = self._draw(seqs, active, q, j)
+                    logq = self._next(seqs, active, feeds)
+                    tokens = self._draw(seqs, active, logq, j)
+                    q = logq.exp()
                     for i, b in enumerate(active):
                         drafts[b].append(tokens[i])
                         probs[b].append(q[i])
@@ -112,7 +114,7 @@ class DraftModelDrafter(Drafter):
                 self.cache.lengths[s.slot] = s.length + min(k, len(d) - 1)
 
     def _next(self, seqs: list[Sequence], active: list[int], feeds: list[list[int]]) -> torch.Tensor:
-        """Processed draft probabilities [len(active), V] after feeding feeds[i] to active sample i."""
+        """Processed draft logprobs [len(active), V] after feeding feeds[i] to active sample i."""
         slots = [seqs[b].slot for b in active]
         q_lens = [len(f) for f in feeds]
         attention = self.cache.attend(slots, q_lens)
@@ -124,7 +126,7 @@ class DraftModelDrafter(Drafter):
         out = torch.empty_like(logits)
         for params, rows in _group_rows([seqs[b].params for b in active]).items():
             idx = torch.tensor(rows, device=logits.device)
-            out[idx] = processed_logprobs(logits[idx], params).exp()
+            out[idx] = processed_logprobs(logits[idx], params)
         return out
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -132,25 +134,34 @@ class DraftModelDrafter(Drafter):
             return self.model.logits(hidden)
         c = self.model.config
         h = rms_norm(hidden, self.model.norm.weight, c.rms_norm_eps)
-        head = self.model.embed.weight if self.model.lm_head is None else self.model.lm_head.weight
         full = torch.full((h.shape[0], c.vocab_size), float("-inf"), device=h.device)
-        full[:, self.vocab] = F.linear(h, head[self.vocab]).float()
+        full[:, self.vocab] = F.linear(h, self._reduced_head()).float()
         return full
 
-    def _draw(self, seqs: list[Sequence], active: list[int], q: torch.Tensor, j: int) -> list[int]:
+    def _reduced_head(self) -> torch.Tensor:
+        """The output layer's rows for the draft vocabulary, gathered once per weight update
+        (gathering them at every draft token cost more than the draft's own layers)."""
+        head = self.model.embed.weight if self.model.lm_head is None else self.model.lm_head.weight
+        key = (head.data_ptr(), head._version)
+        if self._head is None or self._head[0] != key:
+            self._head = (key, head.detach()[self.vocab])
+        return self._head[1]
+
+    def _draw(self, seqs: list[Sequence], active: list[int], logq: torch.Tensor, j: int) -> list[int]:
         # d_j is drawn with the very uniform plain sampling would use at its position: when q equals
         # p the drafts are the plain samples and every one is accepted. The uniform stays unused by
         # anything kept from this step beyond that position, so reusing it later keeps sampling exact.
         group = [seqs[b] for b in active]
-        greedy = torch.tensor([s.params.greedy for s in group], device=q.device)
+        dev = logq.device
+        greedy = torch.tensor([s.params.greedy for s in group], device=dev)
         u = keyed_uniforms(
-            seed_tensor([s.seed for s in group], q.device),
-            torch.tensor([s.sample_id for s in group], device=q.device),
-            torch.tensor([s.length + j for s in group], device=q.device),
+            seed_tensor([s.seed for s in group], dev),
+            torch.tensor([s.sample_id for s in group], device=dev),
+            torch.tensor([s.length + j for s in group], device=dev),
             SAMPLE,
         )
-        drawn = sample(q.log(), u, greedy=False)
-        return torch.where(greedy, q.argmax(-1), drawn).tolist()
+        drawn = sample(logq, u, greedy=False)
+        return torch.where(greedy, logq.argmax(-1), drawn).tolist()
 
 
 def check_same_vocabulary(policy, draft, policy_tokenizer=None, draft_tokenizer=None) -> None:
