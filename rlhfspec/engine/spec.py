@@ -5,7 +5,8 @@ Chen et al. 2023). Greedy: accept while the argmax matches.
 
 p and q are the *processed* distributions (same temperature, top-k, top-p), so the guarantee holds
 for the distribution tokens are actually drawn from. Every random number is keyed by
-(seed, sample_id, position, purpose), so a sample's outcome does not depend on its batch.
+(seed, sample_id, position, purpose), so a sample's outcome does not depend on its batch. One-hot
+drafts (n-gram) are verified with plain sampling's own uniforms, so they change no sampled token at all.
 """
 
 from __future__ import annotations
@@ -84,6 +85,14 @@ def _verify_group(params, seqs, logits, drafts, q) -> Verdict:
     if params.greedy:
         choice = lp.argmax(-1)
         ok = (choice[_index(draft_rows, lp)] == flat).tolist() if draft_rows else []
+    elif q is None:
+        # One-hot drafts: accept d_j iff plain sampling at its position (same uniform) draws d_j, and
+        # emit that plain draw at the first mismatch. P(accept) = p(d_j), and a mismatching draw is
+        # distributed as p without d_j, renormalised: the rule above, coupled so that the emitted
+        # tokens are the very tokens plain decoding draws, whichever steps the selector drafts on.
+        keys = [(s, s.length + j) for s, d in zip(seqs, drafts) for j in range(len(d) + 1)]
+        coupled = sample(lp, _keyed(keys, SAMPLE, dev), greedy=False)
+        ok = (coupled[_index(draft_rows, lp)] == flat).tolist() if draft_rows else []
     else:
         p = lp.exp()
         ok = []
@@ -99,6 +108,8 @@ def _verify_group(params, seqs, logits, drafts, q) -> Verdict:
     rejected = [i for i, (k, d) in enumerate(zip(accepted, drafts)) if k < len(d)]
     if params.greedy:
         final = choice[final_rows]
+    elif q is None:
+        final = coupled[final_rows]
     else:
         dist = p[final_rows]
         if rejected:

@@ -219,3 +219,21 @@ def test_a_reduced_draft_vocabulary_stays_lossless_and_follows_weight_updates(pa
     fresh = proposal(DraftModelDrafter(draft, policy, draft_vocab=vocab))
     assert not torch.allclose(before.q, after.q)
     assert after.tokens == fresh.tokens and torch.allclose(after.q, fresh.q)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_one_hot_drafts_emit_the_very_tokens_plain_sampling_draws(pair, temperature):
+    """The n-gram drafter's accept rule is coupled to plain sampling's own random numbers, so sampled
+    output does not depend on which steps drafted or how far (the RL run repeats exactly)."""
+    policy, _ = pair
+    params = SamplingParams(temperature=temperature, top_k=20, max_new_tokens=24, ignore_eos=True)
+    prompts = random_prompts(12, policy.config.vocab_size, 2, 14, seed=11)
+    prompts = [p + p[: len(p) // 2] for p in prompts]
+    plain = generate(policy, prompts, params, seed=2)
+    stats = []
+    for spec in (generate(policy, prompts, params, seed=2, drafter="ngram", num_draft_tokens=3, instance_stats=stats),
+                 generate(policy, prompts, params, seed=2, drafter=NgramDrafter(), strategy=MixedN("ngram"))):
+        assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+        for a, b in zip(plain, spec):
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+    assert stats[0].accepted > 0
