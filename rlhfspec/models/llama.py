@@ -101,6 +101,11 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.embed.weight.device
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The output layer's weight [V, H]: lm_head's, or the embedding's when they are tied."""
+        return self.lm_head.weight if self.lm_head is not None else self.embed.weight
+
     def ensure_positions(self, max_len: int) -> None:
         """Build the RoPE tables for positions [0, max_len) (once, grown on demand)."""
         if max_len <= self._rope_len:
@@ -134,8 +139,7 @@ class Transformer(nn.Module):
                     projection(b.down.weight, b.down.bias, inference),
                 )
             )
-        head = self.lm_head.weight if self.lm_head is not None else self.embed.weight
-        plan = Plan(key, layers, projection(head, None, inference))
+        plan = Plan(key, layers, projection(self.head_weight, None, inference))
         self._plans[inference] = plan
         return plan
 

@@ -212,7 +212,7 @@ def test_a_reduced_draft_vocabulary_stays_lossless_and_follows_weight_updates(pa
     before = proposal(drafter)
     assert all(t % 2 == 0 for t in before.tokens[0]) and before.q[:, 1::2].sum() == 0
     # An in-place update (as drafter refresh does) must reach the cached output-layer rows.
-    head = draft.embed.weight if draft.lm_head is None else draft.lm_head.weight
+    head = draft.head_weight
     with torch.no_grad():
         head.add_(torch.randn(head.shape, generator=torch.Generator().manual_seed(0)))
     after = proposal(drafter)

@@ -141,7 +141,7 @@ class DraftModelDrafter(Drafter):
     def _reduced_head(self) -> torch.Tensor:
         """The output layer's rows for the draft vocabulary, gathered once per weight update
         (gathering them at every draft token cost more than the draft's own layers)."""
-        head = self.model.embed.weight if self.model.lm_head is None else self.model.lm_head.weight
+        head = self.model.head_weight
         key = (head.data_ptr(), head._version)
         if self._head is None or self._head[0] != key:
             self._head = (key, head.detach()[self.vocab])
