@@ -71,7 +71,7 @@ def verify_cost(model, batches, ks, context: int = 128, repeats: int = 5) -> lis
             for k in ks:
                 def run():
                     a = cache.attend(slots, [k] * b)
-                    model.logits(model(torch.randint(0, 1000, (b * k,)), a.positions, a))
+                    model.logits(model(torch.randint(0, 1000, (b * k,)), a.positions, a), a.invariant)
                 run()
                 t = median([timed(run) for _ in range(repeats)])
                 base = base or t

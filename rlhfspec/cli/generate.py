@@ -33,6 +33,8 @@ def register(sub) -> None:
     p.add_argument("--num-draft-tokens", type=draft_tokens, default=4,
                    help="draft tokens per step when a drafter is set, or 'auto' (the adaptive strategy picks drafter and n)")
     p.add_argument("--json", type=Path, help="also write the completions to this JSONL file")
+    p.add_argument("--batch-invariant", choices=["on", "off"], default="on",
+                   help="on: a sample's tokens never depend on its batch or instance; off: faster kernels (see README)")
     add_instance_args(p)
     p.set_defaults(run=run)
 
@@ -100,7 +102,8 @@ def run(args) -> int:
         outs, coord = _generate_multi(args, model, tok, prompts, params, drafter)
     else:
         outs = generate(model, prompts, params, seed=args.seed, batch_size=args.batch_size, tokenizer=tok, progress=True,
-                        drafter=drafter, num_draft_tokens=args.num_draft_tokens, instance_stats=stats)
+                        drafter=drafter, num_draft_tokens=args.num_draft_tokens, instance_stats=stats,
+                        batch_invariant=args.batch_invariant == "on")
     elapsed = time.perf_counter() - start
     rows = []
     for i, out in enumerate(outs):
@@ -129,7 +132,8 @@ def _generate_multi(args, model, tok, prompts, params, drafter):
         strategy = "adaptive" if args.num_draft_tokens == "auto" else f"static:{_drafter_name(drafter)}:{args.num_draft_tokens}"
     spec = InstanceSpec(model=args.model, max_batch=instance_batch(len(prompts), args.instances, args.batch_size or 64),
                         max_len=max(len(p) for p in prompts) + params.max_new_tokens, dtype=args.dtype,
-                        threads=args.threads, drafters=[drafter] if drafter else [], strategy=strategy)
+                        threads=args.threads, drafters=[drafter] if drafter else [], strategy=strategy,
+                        batch_invariant=args.batch_invariant == "on")
     cfg = MultiConfig(instances=args.instances, backend=args.backend, realloc=args.realloc == "on", ray_address=args.ray_address)
     return generate_multi(spec, prompts, params, args.seed, cfg, model=model, tokenizer=tok, progress=True)
 

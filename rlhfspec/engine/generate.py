@@ -41,6 +41,7 @@ def generate(
     num_draft_tokens: int | str | None = None,
     strategy: Strategy | str | None = None,
     instance_stats: list | None = None,
+    batch_invariant: bool = True,
 ) -> list[GenerationOutput]:
     """Complete each prompt (token ids); outputs in prompt order.
 
@@ -54,6 +55,10 @@ def generate(
     strategy pick the drafter and length at every step (as strategy="adaptive" does). Speculative
     decoding is lossless: the tokens follow the policy's own sampling distribution and `logprobs`
     are the policy's.
+
+    batch_invariant (default): every row's logits are bitwise the same whatever else is in the
+    step, so a sample's tokens do not depend on its batch on any CPU; False takes the faster
+    kernels, under which tokens agree except where a last-bit difference flips a near-tie.
     """
     params = params or SamplingParams()
     if not prompts_token_ids:
@@ -81,7 +86,8 @@ def generate(
         check_draft_length(n)
         strategy = StaticStrategy(drafters[0].name, n)
     batch = min(batch_size or DEFAULT_MAX_BATCH, len(seqs))
-    instance = GenerationInstance(model, batch, longest + params.max_new_tokens, tokenizer=tokenizer, drafters=drafters, strategy=strategy)
+    instance = GenerationInstance(model, batch, longest + params.max_new_tokens, tokenizer=tokenizer, drafters=drafters,
+                                  strategy=strategy, batch_invariant=batch_invariant)
     for s in seqs:
         instance.validate(s)
     run(instance, seqs, progress=progress)

@@ -65,14 +65,14 @@ class GenerationInstance:
 
     def __init__(
         self, model, max_batch: int, max_len: int, *, tokenizer=None, eos_ids: tuple[int, ...] | None = None,
-        drafters: list[Drafter] | None = None, strategy: Strategy | None = None,
+        drafters: list[Drafter] | None = None, strategy: Strategy | None = None, batch_invariant: bool = True,
     ):
         if max_batch < 1:
             raise RlhfspecError(f"max_batch is {max_batch}; it must be >= 1.")
         self.model = model
         self.max_batch, self.max_len = max_batch, max_len
         model.ensure_positions(max_len)
-        self.cache = KVCache(model.config, max_batch, max_len, model.dtype, model.device)
+        self.cache = KVCache(model.config, max_batch, max_len, model.dtype, model.device, invariant=batch_invariant)
         eos = model.config.eos_token_ids if eos_ids is None else eos_ids
         if tokenizer is not None and tokenizer.eos_token_id is not None and eos_ids is None:
             eos = tuple(sorted(set(eos) | {tokenizer.eos_token_id}))
@@ -195,7 +195,7 @@ class GenerationInstance:
         hidden = self.model(flat, attention.positions, attention)
         if last_only and max(q_lens) > 1:
             hidden = hidden[torch.tensor(q_lens, device=hidden.device).cumsum(0) - 1]
-        logits = self.model.logits(hidden)
+        logits = self.model.logits(hidden, attention.invariant)
         self.cache.advance(slots, q_lens)
         self.stats.forward_s += time.perf_counter() - t0
         return logits

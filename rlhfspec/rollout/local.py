@@ -33,15 +33,17 @@ class LocalInstance:
     """A GenerationInstance plus the bookkeeping the coordinator needs (measured step times)."""
 
     def __init__(self, index: int, model, max_batch: int, max_len: int, tokenizer=None,
-                 drafters: list[Drafter] | None = None, strategy: Strategy | None = None, threads: int | None = None):
+                 drafters: list[Drafter] | None = None, strategy: Strategy | None = None, threads: int | None = None,
+                 batch_invariant: bool = True):
         if threads:
             torch.set_num_threads(threads)
         self.index = index
-        self.instance = GenerationInstance(model, max_batch, max_len, tokenizer=tokenizer, drafters=drafters, strategy=strategy)
+        self.instance = GenerationInstance(model, max_batch, max_len, tokenizer=tokenizer, drafters=drafters, strategy=strategy,
+                                           batch_invariant=batch_invariant)
         self.step_times: dict[int, tuple[float, int]] = {}
         self.prefill = [0.0, 0]  # seconds, tokens
         caches = [self.instance.cache] + [getattr(d, "cache", None) for d in self.instance.drafters.values()]
-        self.kv_bytes_per_token = float(sum(c.nbytes / (c.max_slots * c.max_len) for c in caches if c is not None))
+        self.kv_bytes_per_token = float(sum(c.bytes_per_token for c in caches if c is not None))
 
     def free_slots(self) -> int:
         return self.instance.free_slots

@@ -47,7 +47,7 @@ class Rollout:
 
     def __init__(self, policy, tokenizer, *, batch_size: int = 64, spec: bool = True, strategy: str = "adaptive",
                  drafters: list[Drafter] | None = None, num_draft_tokens: int = 4, instances: int = 1, realloc: bool = False,
-                 backend: str = "inproc"):
+                 backend: str = "inproc", batch_invariant: bool = True):
         if instances < 1:
             raise RlhfspecError(f"generation.instances must be at least 1, got {instances}.")
         if backend != "inproc":
@@ -57,7 +57,7 @@ class Rollout:
             raise RlhfspecError(f"generation strategy {strategy!r} is not 'adaptive' or 'static'.")
         self.policy, self.tokenizer, self.batch_size = policy, tokenizer, batch_size
         self.kind, self.num_draft_tokens = strategy, num_draft_tokens
-        self.instances, self.realloc = instances, realloc
+        self.instances, self.realloc, self.batch_invariant = instances, realloc, batch_invariant
         self.drafters = list(drafters or []) if spec else []
         # Instance 0 drafts with the drafters given (they persist across iterations); the others
         # with their own drafter objects over the same draft weights. Strategies persist too.
@@ -80,6 +80,7 @@ class Rollout:
         outs = generate(
             self.policy, prompts, params, seed, batch_size=self.batch_size, tokenizer=self.tokenizer, progress=progress,
             sample_ids=sample_ids, drafter=self.drafters or None, strategy=self.strategies[0], instance_stats=stats,
+            batch_invariant=self.batch_invariant,
         )
         # The drafter objects persist, so an n-gram drafter keeps this iteration's responses for the next.
         return RolloutResult(outs, stats, time.perf_counter() - start)
@@ -95,11 +96,11 @@ class Rollout:
 
         def make(i: int) -> LocalInstance:
             return LocalInstance(i, self.policy, per_instance, max_len, tokenizer=self.tokenizer,
-                                 drafters=self.instance_drafters[i], strategy=self.strategies[i])
+                                 drafters=self.instance_drafters[i], strategy=self.strategies[i], batch_invariant=self.batch_invariant)
 
         backend = InprocBackend(make, self.instances)
         cfg = MultiConfig(instances=self.instances, realloc=self.realloc)
-        spec = InstanceSpec(model="(in-process policy)", max_batch=per_instance, max_len=max_len)
+        spec = InstanceSpec(model="(in-process policy)", max_batch=per_instance, max_len=max_len, batch_invariant=self.batch_invariant)
         outs, _ = generate_multi(spec, prompts, params, seed, cfg, sample_ids=list(sample_ids), backend=backend, progress=progress)
         stats.extend(inst.instance.stats for inst in backend.instances)
         return outs

@@ -16,6 +16,7 @@ class InstanceSpec:
     threads: int | None = None
     drafters: list[str] = field(default_factory=list)  # "ngram" or draft model paths
     strategy: str | None = None  # None (plain), "static:<drafter>:<n>", "threshold:<drafter>:<n>:<max batch>" or "adaptive"
+    batch_invariant: bool = True  # bitwise the same rows whatever the batch (see models/invariance.py)
 
     def build(self, index: int, model=None, tokenizer=None) -> LocalInstance:
         """The instance, loading the model unless one is given (in-process instances share it)."""
@@ -42,4 +43,4 @@ class InstanceSpec:
             _, name, n = self.strategy.split(":")
             strategy = StaticStrategy(name, int(n))
         return LocalInstance(index, model, self.max_batch, self.max_len, tokenizer=tokenizer, drafters=drafters,
-                             strategy=strategy, threads=self.threads)
+                             strategy=strategy, threads=self.threads, batch_invariant=self.batch_invariant)

@@ -25,7 +25,7 @@ def engine_logits(model, prompts: list[list[int]], continuations: list[list[int]
             lens = [len(f) for f in feeds]
             att = cache.attend(list(range(b)), lens)
             flat = torch.tensor([t for f in feeds for t in f], device=model.device)
-            logits = model.logits(model(flat, att.positions, att))
+            logits = model.logits(model(flat, att.positions, att), att.invariant)
             cache.advance(list(range(b)), lens)
             for i, rows in enumerate(logits.split(lens)):
                 out[i].append(rows)

@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from rlhfspec.engine.drafters.base import Drafter, Proposal
 from rlhfspec.engine.sampling import SAMPLE, keyed_uniforms, processed_logprobs, sample, seed_tensor
 from rlhfspec.engine.sequence import Sequence
 from rlhfspec.errors import RlhfspecError
+from rlhfspec.models.invariance import rowwise
 from rlhfspec.models.kv_cache import KVCache
+from rlhfspec.models.linear import projection
 from rlhfspec.models.llama import rms_norm
 
 DRAFT_VOCAB_FILE = "draft_vocab.json"
@@ -66,7 +67,8 @@ class DraftModelDrafter(Drafter):
 
     def bind(self, instance) -> None:
         self.model.ensure_positions(instance.max_len)
-        self.cache = KVCache(self.model.config, instance.max_batch, instance.max_len, self.model.dtype, self.model.device)
+        self.cache = KVCache(self.model.config, instance.max_batch, instance.max_len, self.model.dtype, self.model.device,
+                             invariant=instance.cache.invariant)
 
     def admitted(self, seqs: list[Sequence]) -> None:
         for s in seqs:
@@ -95,7 +97,7 @@ class DraftModelDrafter(Drafter):
                 for j in range(max(n)):
                     logq = self._next(seqs, active, feeds)
                     tokens = self._draw(seqs, active, logq, j)
-                    q = logq.exp()
+                    q = rowwise(torch.exp, logq)
                     for i, b in enumerate(active):
                         drafts[b].append(tokens[i])
                         probs[b].append(q[i])
@@ -131,20 +133,20 @@ class DraftModelDrafter(Drafter):
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.vocab is None:
-            return self.model.logits(hidden)
+            return self.model.logits(hidden, self.cache.invariant)
         c = self.model.config
         h = rms_norm(hidden, self.model.norm.weight, c.rms_norm_eps)
         full = torch.full((h.shape[0], c.vocab_size), float("-inf"), device=h.device)
-        full[:, self.vocab] = F.linear(h, self._reduced_head()).float()
+        full[:, self.vocab] = self._reduced_head()(h).float()
         return full
 
-    def _reduced_head(self) -> torch.Tensor:
-        """The output layer's rows for the draft vocabulary, gathered once per weight update
-        (gathering them at every draft token cost more than the draft's own layers)."""
+    def _reduced_head(self):
+        """The output layer's rows for the draft vocabulary as a projection, gathered (and packed)
+        once per weight update (gathering them at every draft token cost more than the draft's own layers)."""
         head = self.model.head_weight
         key = (head.data_ptr(), head._version)
         if self._head is None or self._head[0] != key:
-            self._head = (key, head.detach()[self.vocab])
+            self._head = (key, projection(head.detach()[self.vocab], None, inference=True, invariant=self.cache.invariant))
         return self._head[1]
 
     def _draw(self, seqs: list[Sequence], active: list[int], logq: torch.Tensor, j: int) -> list[int]:
