@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import statistics
 import time
@@ -13,20 +12,14 @@ from typing import Callable
 
 import torch
 
+from rlhfspec.models.hardware import describe
+
 RESULTS = Path("benchmarks") / "RESULTS.md"
 
 
 def machine() -> str:
-    """One line naming the CPU (or GPU), core count and torch threads."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    desc = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    """One line naming the CPU (its kernel capability and bf16 support), core count and torch threads, and the GPU if any."""
+    desc = f"{describe()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     if torch.cuda.is_available():
         desc += f", GPU {torch.cuda.get_device_name(0)}"
     return desc

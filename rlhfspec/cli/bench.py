@@ -46,6 +46,18 @@ def register(sub) -> None:
     x.add_argument("--iterations", type=int, default=4)
     x.add_argument("--json", default=None)
     x.set_defaults(run=run_e2e, overrides=True)
+    t = names.add_parser("steps", help="the engine's step-time table T(batch, tokens per row) for named architectures (random weights)")
+    t.add_argument("--models", default="smollm2-135m", help="comma-separated names from rlhfspec/models/catalog.py")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--dtype", default=None)
+    t.add_argument("--batches", default="1,2,4,8,16,32,64,128,256")
+    t.add_argument("--qs", default="1,2,3,5,9", help="new tokens per row (1 = plain decoding, 1 + n = verifying n drafts)")
+    t.add_argument("--context", type=int, default=512)
+    t.add_argument("--budget", type=float, default=90.0, help="seconds per model before the batch grid stops growing")
+    t.add_argument("--invariant", action="store_true", help="time the batch-invariant forward")
+    t.add_argument("--placement", action="store_true", help="also check alone-vs-batched logits bitwise on this device")
+    t.add_argument("--json", default=None)
+    t.set_defaults(run=run_steps)
     f = names.add_parser("refresh", help="draft-model acceptance per RL iteration with and without drafter refresh")
     f.add_argument("--config", default=None)
     f.add_argument("--iterations", type=int, default=5)
@@ -112,4 +124,15 @@ def run_refresh(args) -> int:
     from rlhfspec.bench.refresh import run
 
     run(args.config, args.iterations, args.extra, json_path=args.json)
+    return 0
+
+
+def run_steps(args) -> int:
+    from rlhfspec.bench.steps import StepsConfig, run
+
+    cfg = StepsConfig(models=tuple(args.models.split(",")), device=args.device, dtype=args.dtype,
+                      batches=tuple(int(b) for b in args.batches.split(",")), qs=tuple(int(q) for q in args.qs.split(",")),
+                      context=args.context, budget_s=args.budget,
+                      invariant=args.invariant, placement=args.placement)
+    run(cfg, json_path=args.json)
     return 0

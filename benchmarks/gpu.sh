@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The engine on a CUDA GPU, a few minutes end to end: step-time tables T(batch, tokens per row)
+# of named architectures with random weights (timing does not depend on the values), a
+# bitwise alone-vs-batched check on the GPU, and a sampled generate() alone vs batched.
+# Writes gpu_steps.json (and gpu_checks.json) under $OUT (else benchmarks/). Needs only torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-benchmarks}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+rlhfspec() { python3 -m rlhfspec.cli.main "$@"; }
+rlhfspec bench steps --device cuda --models smollm2-135m --placement --qs 1,2,3,5,9,33 --budget 25 --json "$out/gpu_steps_small.json"
+rlhfspec bench steps --device cuda --models qwen2.5-1.5b,llama-3.1-8b,qwen2.5-14b --qs 1,2,3,5,9,33 --budget 30 --json "$out/gpu_steps.json"
+python3 - "$out/gpu_checks.json" <<'PY'
+import json, sys, time, torch
+from rlhfspec import SamplingParams, generate
+from rlhfspec.models.catalog import random_model
+model = random_model("smollm2-135m", torch.bfloat16, "cuda")
+g = torch.Generator().manual_seed(0)
+prompts = [torch.randint(3, 49152, (int(n),), generator=g).tolist() for n in torch.randint(8, 120, (16,), generator=g)]
+params = SamplingParams(temperature=1.0, max_new_tokens=48, ignore_eos=True)
+checks = {}
+for inv in (False, True):
+    t = time.perf_counter()
+    try:
+        batched = generate(model, prompts, params, seed=3, batch_invariant=inv)
+    except Exception as e:  # no verified invariant kernels on this GPU
+        checks[f"invariant={inv}"] = {"error": str(e)}
+        print("generate bf16 on cuda, batch_invariant", inv, "failed:", e)
+        continue
+    torch.cuda.synchronize(); dt = time.perf_counter() - t
+    same = [generate(model, [prompts[i]], params, seed=3, sample_ids=[i], batch_invariant=inv)[0].token_ids == batched[i].token_ids for i in range(16)]
+    checks[f"invariant={inv}"] = {"alone_equals_batched": sum(same), "of": 16, "batched_tok_s": round(16 * 48 / dt, 1)}
+    print("generate bf16 on cuda, batch_invariant", inv, checks[f"invariant={inv}"])
+json.dump(checks, open(sys.argv[1], "w"), indent=2)
+PY
