@@ -49,20 +49,27 @@ def attend_block(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias
     keys, values [E, L, D], bias [E, M, L] or broadcastable (0 where visible, -inf where not;
     every row sees at least one key) -> [E, M, D]. The value product reduces over `block` keys
     at a time, adding the blocks in order. `serial` runs the products on one thread (where the
-    library splits a reduction across threads, as MKL's AVX2 kernels do)."""
-    threads = torch.get_num_threads()
+    library splits a reduction across threads, as MKL's AVX2 kernels do).
+
+    torch's fused kernel (scaled_dot_product_attention) is not used here: in bf16 its rows
+    change bits with the padded length (found with the cancelling probe below), and in float32
+    it was no faster than this on the reference CPU."""
     if serial:
+        threads = torch.get_num_threads()
         torch.set_num_threads(1)
-    try:
-        scores = torch.baddbmm(bias, q, keys.transpose(1, 2))
-        p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = None
-        for j in range(0, keys.shape[1], block):
-            part = torch.bmm(p[:, :, j : j + block], values[:, j : j + block]).float()
-            out = part if out is None else out + part
-    finally:
-        if serial:
+        try:
+            return attend_block(q, keys, values, bias, block)
+        finally:
             torch.set_num_threads(threads)
+    scores = torch.bmm(q, keys.transpose(1, 2)).add_(bias)
+    p = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if keys.shape[1] <= block:
+        return torch.bmm(p.to(q.dtype), values)
+    out = None
+    p = p.to(q.dtype)
+    for j in range(0, keys.shape[1], block):
+        part = torch.bmm(p[:, :, j : j + block], values[:, j : j + block]).float()
+        out = part if out is None else out + part
     return out.to(q.dtype)
 
 
@@ -139,7 +146,7 @@ class CacheAttention:
         n, hq, d = q.shape
         hkv, g = c.num_kv_heads, hq // c.num_kv_heads
         dtype = q.dtype
-        q = q.to(c.dtype) * (1.0 / math.sqrt(d))
+        q = (q if dtype == c.dtype else q.to(c.dtype)) * (1.0 / math.sqrt(d))
         single = len(self.passes) == 1 and self.passes[0].rows is None
         out = None if single else q.new_empty(n, hq * d)
         qz = q if single else torch.cat((q, q.new_zeros(1, hq, d)))  # row n: the padding query
@@ -155,7 +162,7 @@ class CacheAttention:
                              values.reshape(e * hkv, p.length, d), p.bias, p.block, p.serial)
             o = o.view(e, hkv, p.m, d)[:, :, : qp * g].reshape(e, hkv, qp, g, d).transpose(1, 2).reshape(e * qp, hq * d)
             if single:
-                return o.to(dtype)
+                return o if o.dtype == dtype else o.to(dtype)
             out.index_copy_(0, p.out_rows, o[p.valid] if p.valid is not None else o)
         return out.to(dtype)
 
@@ -174,6 +181,8 @@ def _passes(cache, slots, starts, q_lens, contiguous) -> list[_Pass]:
     per_pass = plan.tile // g
     if per_pass < 1:
         raise RlhfspecError(f"{g} query heads per KV head exceed the {plan.tile} query rows verified batch-invariant on this machine; use batch_invariant=False.")
+    if contiguous and max(q_lens) == 1 and plan.padded(g) == g:
+        return [_decode_pass(cache, slots, starts, step, block, serial)]
     offsets = [0]
     for q in q_lens:
         offsets.append(offsets[-1] + q)
@@ -209,6 +218,22 @@ def _passes(cache, slots, starts, q_lens, contiguous) -> list[_Pass]:
         p.out_rows = flat if p.valid is None else flat[p.valid]
         out.append(p)
     return out
+
+
+def _decode_pass(cache, slots, starts, step: int, block: int, serial: bool) -> _Pass:
+    """The one pass of a decode step (one query per sample, slots in order): what the general
+    loop of `_passes` builds for it, without its per-row Python."""
+    dev = cache.device
+    hkv, g = cache.num_kv_heads, cache.num_heads // cache.num_kv_heads
+    p = _Pass()
+    p.entries, p.queries, p.m = len(slots), 1, g
+    p.length, p.block, p.serial = -(-(max(starts) + 1) // step) * step, block, serial
+    check_length(cache.dtype, dev, cache.head_dim, p.length)
+    p.slots = slice(slots[0], slots[0] + len(slots))
+    p.rows, p.valid, p.out_rows = None, None, None
+    seen = torch.arange(p.length, device=dev)[None, :] <= torch.tensor(starts, device=dev)[:, None]  # [E, L]
+    p.bias = visible_bias(seen, cache.dtype)[:, None, None, :].expand(-1, hkv, g, -1).reshape(len(slots) * hkv, g, p.length)
+    return p
 
 
 def attention_layout(dtype: torch.dtype, device, head_dim: int) -> tuple[RowPlan, int, int, bool]:
@@ -257,12 +282,22 @@ def check_length(dtype, device, head_dim: int, length: int) -> None:
 
 
 def _probe(dtype, device, head_dim: int, length: int, rows: int, seed: int):
-    """Random queries (with each row's visible key count in its last column), keys and values."""
+    """Random queries (with each row's visible key count in its last column), keys and values.
+
+    Keys come in equal pairs and values in pairs of large opposite parts (+-2^10 u plus noise):
+    each pair's large parts cancel exactly, but how much of the rest a large partial sum
+    absorbs depends on the order of the reduction, so two orders that differ in the last
+    float32 bits still round to different bf16 outputs."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(rows, head_dim, generator=gen) / math.sqrt(head_dim)
     seen = torch.randint(1, length + 1, (rows, 1), generator=gen).float()
-    kv = torch.randn(2, 1, length, head_dim, generator=gen)
-    return torch.cat((q, seen), dim=1).to(device), kv[0].to(dtype=dtype, device=device), kv[1].to(dtype=dtype, device=device)
+    keys = torch.randn(1, length, head_dim, generator=gen)
+    keys[:, 1::2] = keys[:, 0::2][:, : keys[:, 1::2].shape[1]]
+    big = 2.0**10 * torch.randn(1, (length + 1) // 2, head_dim, generator=gen).to(dtype).float()
+    values = torch.randn(1, length, head_dim, generator=gen)
+    values[:, 0::2] += big
+    values[:, 1::2] -= big[:, : values[:, 1::2].shape[1]]
+    return torch.cat((q, seen), dim=1).to(device), keys.to(dtype=dtype, device=device), values.to(dtype=dtype, device=device)
 
 
 def _bias(x: torch.Tensor, length: int, dtype) -> torch.Tensor:

@@ -23,8 +23,8 @@ class KVCache:
         self.invariant = invariant
         if invariant and dtype == torch.bfloat16:
             # Attention in float32 over bf16-valued keys and values (exact in float32): library
-            # bf16 batched products copy every strided operand, which cost more than reading
-            # float32 rows in place, and float32 scores are what fused kernels keep anyway.
+            # bf16 batched products copy every strided operand, which costs more than reading
+            # float32 rows in place, and torch's fused bf16 kernel is not batch-invariant.
             dtype = torch.float32
         step = attention_layout(dtype, torch.device(device), config.head_dim)[1] if invariant else 1
         self.alloc_len = -(-max_len // step) * step
@@ -83,3 +83,4 @@ class KVCache:
         self.k[:, slot, :, :n] = k.transpose(1, 2).to(self.k.device, self.k.dtype)
         self.v[:, slot, :, :n] = v.transpose(1, 2).to(self.v.device, self.v.dtype)
         self.lengths[slot] = n
+

@@ -152,9 +152,14 @@ def projection(weight: torch.Tensor, bias: torch.Tensor | None, inference: bool,
     packed = k.pack(w)
     if choice.plan is None:
         return lambda x: k.apply(x, packed, w, b)
-    plan = choice.plan
+    plan, direct = choice.plan, frozenset(choice.plan.sizes)
 
     def rows(x: torch.Tensor) -> torch.Tensor:
         return k.apply(x, packed, w, b)
 
-    return lambda x: apply_rows(rows, plan, x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+    def invariant_projection(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] in direct:  # the hot path: one verified call
+            return k.apply(x, packed, w, b)
+        return apply_rows(rows, plan, x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+
+    return invariant_projection

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlhfspec.models.config import ModelConfig
-from rlhfspec.models.invariance import rowwise
+from rlhfspec.models.invariance import rowwise, rowwise_
 from rlhfspec.models.linear import Linear, Projection, projection
 from rlhfspec.models.rope import apply_rope, inv_freq_and_scale, rope_tables
 
@@ -87,7 +87,11 @@ class Plan:
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up for gate_up [N, 2I]; in row blocks that run on one thread when invariant."""
         gate, up = gate_up.chunk(2, dim=-1)
-        return (rowwise(F.silu, gate) if self.invariant else F.silu(gate)) * up
+        if not self.invariant:
+            return F.silu(gate) * up
+        if torch.is_grad_enabled() and gate_up.requires_grad:
+            return rowwise(F.silu, gate) * up
+        return rowwise_(lambda rows: F.silu(rows, inplace=True), gate) * up
 
 
 class Transformer(nn.Module):
