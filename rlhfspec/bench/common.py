@@ -6,6 +6,7 @@ import json
 import os
 import re
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -47,8 +48,15 @@ def memory_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return x.numel() * 4 / median([timed(x.sum) for _ in range(repeats)])
 
 
-def write_section(name: str, body: str, path: Path = RESULTS) -> Path:
-    """Replace (or append) the section between <!-- bench:NAME --> markers in RESULTS.md."""
+def results_file(record: bool) -> Path:
+    """benchmarks/RESULTS.md when recording (--record), else a scratch RESULTS.md in a new
+    temporary directory, so a quick run on another machine never replaces the committed tables."""
+    return RESULTS if record else Path(tempfile.mkdtemp(prefix="rlhfspec-bench-")) / "RESULTS.md"
+
+
+def write_section(name: str, body: str, path: Path = RESULTS) -> str:
+    """Replace (or append) the section between <!-- bench:NAME --> markers in the results file at
+    `path`; returns the body with a line saying where it went."""
     path.parent.mkdir(parents=True, exist_ok=True)
     text = path.read_text() if path.exists() else "# Benchmark results\n\nEvery table below was written by the command shown above it.\n"
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
@@ -56,7 +64,8 @@ def write_section(name: str, body: str, path: Path = RESULTS) -> Path:
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
-    return path
+    where = f"recorded in {path}" if path == RESULTS else f"not recorded (pass --record to write it into {RESULTS}); plots in {path.parent}"
+    return f"{body.rstrip()}\n\n({where})"
 
 
 def write_json(path: str | os.PathLike | None, payload: dict) -> None:

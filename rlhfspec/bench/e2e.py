@@ -6,14 +6,14 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from rlhfspec.bench.common import RESULTS, machine, median, write_json, write_section
+from rlhfspec.bench.common import machine, median, results_file, write_json, write_section
 from rlhfspec.rl.config import load_config
 
 STAGES = ("generation_s", "inference_s", "training_s", "sync_s", "iteration_s")
 
 
 def run(config_path: str | None = None, iterations: int = 4, overrides: list[str] | None = None,
-        json_path: str | None = None, write_results: bool = True, log=print) -> dict:
+        json_path: str | None = None, record: bool = False, log=print) -> dict:
     """Trains `iterations` iterations twice from the same seed: vanilla (plain decoding, one
     instance) and full (the config's generation features: speculation, its strategy, its drafters).
     Stage times are medians over iterations 1.. (iteration 0 pays one-off warm-ups)."""
@@ -52,8 +52,9 @@ def run(config_path: str | None = None, iterations: int = 4, overrides: list[str
     write_json(json_path, result)
     log(f"speedup {result['speedup']:.2f}x per iteration (generation {result['generation_speedup']:.2f}x); generation is "
         f"{share:.0%} of a vanilla iteration, so even infinitely fast generation gives at most {result['amdahl_bound_infinite_generation']:.2f}x")
-    if write_results:
-        write_section("e2e", _markdown(result, config_path, iterations, overrides))
+    # The table is printed always; it goes into benchmarks/RESULTS.md only with record.
+    results = results_file(record)
+    log(write_section("e2e", _markdown(result, config_path, iterations, overrides), path=results))
     return result
 
 

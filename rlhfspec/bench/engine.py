@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfspec.bench.common import machine, median, memory_read_bandwidth, timed, write_json, write_section
+from rlhfspec.bench.common import machine, median, memory_read_bandwidth, timed, results_file, write_json, write_section
 from rlhfspec.data.chat import encode_prompt
 from rlhfspec.data.prompts import BENCH_PROMPTS
 from rlhfspec.engine.generate import generate
@@ -66,7 +66,7 @@ def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, eos: bool,
     return useful
 
 
-def run(cfg: EngineBenchConfig, json_path: str | None = None, write_results: bool = True, log=print) -> dict:
+def run(cfg: EngineBenchConfig, json_path: str | None = None, record: bool = False, log=print) -> dict:
     rows, kernels = [], {}
     bandwidth = memory_read_bandwidth() if cfg.device == "cpu" else None
     for dtype_name in cfg.dtypes:
@@ -120,8 +120,9 @@ def run(cfg: EngineBenchConfig, json_path: str | None = None, write_results: boo
         "rows": rows,
     }
     write_json(json_path, result)
-    if write_results:
-        write_section(f"engine-{cfg.device}", _markdown(result, cfg))
+    # The table is printed always; it goes into benchmarks/RESULTS.md only with record.
+    results = results_file(record)
+    log(write_section(f"engine-{cfg.device}", _markdown(result, cfg), path=results))
     return result
 
 

@@ -6,7 +6,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from rlhfspec.bench.common import RESULTS, machine, median, write_json, write_section
+from rlhfspec.bench.common import machine, median, results_file, write_json, write_section
 from rlhfspec.data.chat import encode_prompt
 from rlhfspec.data.tasks import CODE, SHORT, WORD_PROBLEMS, arithmetic_problems
 from rlhfspec.engine.sampling import SamplingParams
@@ -43,7 +43,7 @@ def skewed_prompts(n: int, seed: int) -> list[str]:
     return short + [rng.choice(WORD_PROBLEMS + CODE) for _ in range(n - n // 2)]
 
 
-def run(cfg: ReallocBenchConfig, json_path: str | None = None, write_results: bool = True, log=print) -> dict:
+def run(cfg: ReallocBenchConfig, json_path: str | None = None, record: bool = False, log=print) -> dict:
     _, tok = load_model(cfg.model)
     texts = skewed_prompts(cfg.prompts, cfg.seed)
     prompts = [encode_prompt(tok, t) for t in texts for _ in range(cfg.samples)]
@@ -92,11 +92,12 @@ def run(cfg: ReallocBenchConfig, json_path: str | None = None, write_results: bo
     write_json(json_path, result)
     log(f"off {off:.1f} s, on {on:.1f} s, ideal {ideal:.1f} s: speedup {off / on:.2f}x, gap closed {result['gap_closed']}, "
         f"on/ideal {on / ideal:.2f} (target <= 1.15)")
-    if write_results:
-        from rlhfspec.bench.plots import realloc_timeline
+    # The table is printed always; it goes into benchmarks/RESULTS.md only with record.
+    results = results_file(record)
+    from rlhfspec.bench.plots import realloc_timeline
 
-        png = realloc_timeline(timelines, cfg.instances, RESULTS.parent / "realloc_timeline.png")
-        write_section("realloc", _markdown(result, cfg, png.name))
+    png = realloc_timeline(timelines, cfg.instances, results.parent / "realloc_timeline.png")
+    log(write_section("realloc", _markdown(result, cfg, png.name), path=results))
     return result
 
 

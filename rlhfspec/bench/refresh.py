@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from rlhfspec.bench.common import RESULTS, machine, write_json, write_section
+from rlhfspec.bench.common import machine, results_file, write_json, write_section
 from rlhfspec.bench.e2e import train_records
 from rlhfspec.rl.config import load_config
 
 
 def run(config_path: str | None = None, iterations: int = 5, overrides: list[str] | None = None,
-        json_path: str | None = None, write_results: bool = True, log=print) -> dict:
+        json_path: str | None = None, record: bool = False, log=print) -> dict:
     """Same seed and config, drafting with the distilled draft model at a fixed n = 2 (so every step
     measures acceptance), with and without refreshing the draft on each iteration's rollouts."""
     base = load_config(config_path, overrides or [])
@@ -23,11 +23,12 @@ def run(config_path: str | None = None, iterations: int = 5, overrides: list[str
         log(f"{label}: acceptance per iteration " + ", ".join(f"{c['acceptance']:.3f}" for c in curves[label]))
     result = {"machine": machine(), "iterations": iterations, "curves": curves}
     write_json(json_path, result)
-    if write_results:
-        from rlhfspec.bench.plots import acceptance_curves
+    # The table is printed always; it goes into benchmarks/RESULTS.md only with record.
+    results = results_file(record)
+    from rlhfspec.bench.plots import acceptance_curves
 
-        png = acceptance_curves(curves, RESULTS.parent / "refresh_acceptance.png")
-        write_section("refresh", _markdown(result, config_path, iterations, overrides, png.name))
+    png = acceptance_curves(curves, results.parent / "refresh_acceptance.png")
+    log(write_section("refresh", _markdown(result, config_path, iterations, overrides, png.name), path=results))
     return result
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhfspec.bench.common import RESULTS, machine, timed, write_json, write_section
+from rlhfspec.bench.common import machine, timed, results_file, write_json, write_section
 from rlhfspec.bench.spec import default_draft_path
 from rlhfspec.data.chat import encode_prompt
 from rlhfspec.data.tasks import rl_style_prompts
@@ -39,7 +39,7 @@ class RolloutBenchConfig:
         return cls(prompts=4, samples=4, max_new_tokens=96, statics=(("ngram", 2), ("draft", 2)), quick=True, **kw)
 
 
-def run(cfg: RolloutBenchConfig, json_path: str | None = None, write_results: bool = True, log=print) -> dict:
+def run(cfg: RolloutBenchConfig, json_path: str | None = None, record: bool = False, log=print) -> dict:
     policy, tok = load_model(cfg.model)
     draft_path = Path(cfg.draft) if cfg.draft else default_draft_path()
     loaded = DraftModelDrafter.load(draft_path, policy, policy_tokenizer=tok)
@@ -89,15 +89,16 @@ def run(cfg: RolloutBenchConfig, json_path: str | None = None, write_results: bo
               "max_new_tokens": cfg.max_new_tokens, "response_lengths": {"median": lengths[len(lengths) // 2], "max": lengths[-1]},
               "rows": rows}
     write_json(json_path, result)
-    if write_results:
-        from rlhfspec.bench.plots import realloc_timeline, rollout_timeline
+    # The table is printed always; it goes into benchmarks/RESULTS.md only with record.
+    results = results_file(record)
+    from rlhfspec.bench.plots import realloc_timeline, rollout_timeline
 
-        shown = {k: v for k, v in traces.items() if k in ("plain", "adaptive")}
-        if multi:
-            png = realloc_timeline(shown, cfg.instances, RESULTS.parent / f"rollout_timeline_k{cfg.instances}.png")
-        else:
-            png = rollout_timeline(shown, RESULTS.parent / "rollout_timeline.png")
-        write_section("rollout" if not multi else f"rollout-k{cfg.instances}", _markdown(result, cfg, png.name))
+    shown = {k: v for k, v in traces.items() if k in ("plain", "adaptive")}
+    if multi:
+        png = realloc_timeline(shown, cfg.instances, results.parent / f"rollout_timeline_k{cfg.instances}.png")
+    else:
+        png = rollout_timeline(shown, results.parent / "rollout_timeline.png")
+    log(write_section("rollout" if not multi else f"rollout-k{cfg.instances}", _markdown(result, cfg, png.name), path=results))
     return result
 
 

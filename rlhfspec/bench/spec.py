@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfspec.bench.common import RESULTS, machine, median, timed, write_json, write_section
+from rlhfspec.bench.common import machine, median, timed, results_file, write_json, write_section
 from rlhfspec.bench.plots import speedup_vs_n
 from rlhfspec.data.chat import encode_prompt
 from rlhfspec.data.tasks import rl_style_prompts
@@ -79,7 +79,7 @@ def verify_cost(model, batches, ks, context: int = 128, repeats: int = 5) -> lis
     return rows
 
 
-def run(cfg: SpecBenchConfig, json_path: str | None = None, write_results: bool = True, log=print) -> dict:
+def run(cfg: SpecBenchConfig, json_path: str | None = None, record: bool = False, log=print) -> dict:
     policy, tok = load_model(cfg.model)
     draft_path = Path(cfg.draft) if cfg.draft else ensure_default_draft(policy, tok, log)
     loaded = DraftModelDrafter.load(draft_path, policy, policy_tokenizer=tok)  # loaded once, outside the timing
@@ -120,9 +120,10 @@ def run(cfg: SpecBenchConfig, json_path: str | None = None, write_results: bool 
     result = {"machine": machine(), "model": cfg.model, "draft": str(draft_path), "dtype": str(policy.dtype).removeprefix("torch."),
               "rows": rows, "verify_cost": verify_cost(policy, cfg.verify_batches, cfg.verify_ks)}
     write_json(json_path, result)
-    if write_results:
-        png = speedup_vs_n(rows, RESULTS.parent / "spec_speedup.png")
-        write_section("spec", _markdown(result, cfg, png.name))
+    # The table is printed always; it goes into benchmarks/RESULTS.md only with record.
+    results = results_file(record)
+    png = speedup_vs_n(rows, results.parent / "spec_speedup.png")
+    log(write_section("spec", _markdown(result, cfg, png.name), path=results))
     return result
 
 

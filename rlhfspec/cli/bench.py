@@ -5,13 +5,17 @@ from __future__ import annotations
 from rlhfspec.cli.generate import add_instance_args
 
 
+RECORD = "write the table (and plots) into benchmarks/RESULTS.md; without it they are printed and kept in a temporary directory"
+
+
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="run a benchmark and record it in benchmarks/RESULTS.md")
+    p = sub.add_parser("bench", help="run a benchmark (--record writes its table into benchmarks/RESULTS.md)")
     names = p.add_subparsers(dest="bench", required=True)
     e = names.add_parser("engine", help="our engine vs transformers' generate on the same model")
     e.add_argument("--model", default="default")
     e.add_argument("--quick", action="store_true", help="batches 1 and 16, 16 new tokens")
     e.add_argument("--json", default=None, help="write the rows to this JSON file")
+    e.add_argument("--record", action="store_true", help=RECORD)
     e.add_argument("--device", default="cpu")
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--repeats", type=int, default=3)
@@ -21,6 +25,7 @@ def register(sub) -> None:
     s.add_argument("--draft", default=None, help="draft model directory (default: the distilled default draft)")
     s.add_argument("--quick", action="store_true", help="batches 1 and 16, n in 1, 2, 4, 8, 32 new tokens")
     s.add_argument("--json", default=None)
+    s.add_argument("--record", action="store_true", help=RECORD)
     s.add_argument("--repeats", type=int, default=1)
     s.add_argument("--threads", type=int, default=None)
     s.set_defaults(run=run_spec)
@@ -29,6 +34,7 @@ def register(sub) -> None:
     r.add_argument("--draft", default=None)
     r.add_argument("--quick", action="store_true")
     r.add_argument("--json", default=None)
+    r.add_argument("--record", action="store_true", help=RECORD)
     r.add_argument("--threads", type=int, default=None)
     add_instance_args(r)
     r.set_defaults(run=run_rollout)
@@ -40,11 +46,13 @@ def register(sub) -> None:
     m.add_argument("--repeats", type=int, default=3)
     m.add_argument("--quick", action="store_true", help="16 samples, 96 new tokens, one run each")
     m.add_argument("--json", default=None)
+    m.add_argument("--record", action="store_true", help=RECORD)
     m.set_defaults(run=run_realloc)
     x = names.add_parser("e2e", help="RL iterations with every generation feature off vs on (stage times, speedup)")
     x.add_argument("--config", default=None, help="YAML config (default: the default run, configs/grpo_arith.yaml)")
     x.add_argument("--iterations", type=int, default=4)
     x.add_argument("--json", default=None)
+    x.add_argument("--record", action="store_true", help=RECORD)
     x.set_defaults(run=run_e2e, overrides=True)
     t = names.add_parser("steps", help="the engine's step-time table T(batch, tokens per row) for named architectures (random weights)")
     t.add_argument("--models", default="smollm2-135m", help="comma-separated names from rlhfspec/models/catalog.py")
@@ -62,6 +70,7 @@ def register(sub) -> None:
     f.add_argument("--config", default=None)
     f.add_argument("--iterations", type=int, default=5)
     f.add_argument("--json", default=None)
+    f.add_argument("--record", action="store_true", help=RECORD)
     f.set_defaults(run=run_refresh, overrides=True)
 
 
@@ -74,7 +83,7 @@ def run_engine(args) -> int:
         torch.set_num_threads(args.threads)
     kw = dict(model=args.model, device=args.device, repeats=args.repeats)
     cfg = EngineBenchConfig.quick(**kw) if args.quick else EngineBenchConfig(**kw)
-    run(cfg, json_path=args.json)
+    run(cfg, json_path=args.json, record=args.record)
     return 0
 
 
@@ -87,7 +96,7 @@ def run_spec(args) -> int:
         torch.set_num_threads(args.threads)
     kw = dict(model=args.model, draft=args.draft, repeats=args.repeats)
     cfg = SpecBenchConfig.make_quick(**kw) if args.quick else SpecBenchConfig(**kw)
-    run(cfg, json_path=args.json)
+    run(cfg, json_path=args.json, record=args.record)
     return 0
 
 
@@ -100,7 +109,7 @@ def run_rollout(args) -> int:
         torch.set_num_threads(args.threads)
     kw = dict(model=args.model, draft=args.draft, instances=args.instances, backend=args.backend,
               realloc=args.realloc == "on", ray_address=args.ray_address)
-    run(RolloutBenchConfig.make_quick(**kw) if args.quick else RolloutBenchConfig(**kw), json_path=args.json)
+    run(RolloutBenchConfig.make_quick(**kw) if args.quick else RolloutBenchConfig(**kw), json_path=args.json, record=args.record)
     return 0
 
 
@@ -109,21 +118,21 @@ def run_realloc(args) -> int:
 
     kw = dict(model=args.model, instances=args.instances, backend=args.backend, threads=args.threads)
     cfg = ReallocBenchConfig.make_quick(**kw) if args.quick else ReallocBenchConfig(repeats=args.repeats, **kw)
-    run(cfg, json_path=args.json)
+    run(cfg, json_path=args.json, record=args.record)
     return 0
 
 
 def run_e2e(args) -> int:
     from rlhfspec.bench.e2e import run
 
-    run(args.config, args.iterations, args.extra, json_path=args.json)
+    run(args.config, args.iterations, args.extra, json_path=args.json, record=args.record)
     return 0
 
 
 def run_refresh(args) -> int:
     from rlhfspec.bench.refresh import run
 
-    run(args.config, args.iterations, args.extra, json_path=args.json)
+    run(args.config, args.iterations, args.extra, json_path=args.json, record=args.record)
     return 0
 
 
