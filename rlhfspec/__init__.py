@@ -6,5 +6,7 @@ from rlhfspec.engine.sequence import GenerationOutput
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.checkpoint import save_pretrained
 from rlhfspec.models.loader import load_model
+from rlhfspec.rl.config import Config, load_config
+from rlhfspec.rl.trainer import Trainer
 
-__all__ = ["GenerationOutput", "RlhfspecError", "SamplingParams", "generate", "load_model", "save_pretrained"]
+__all__ = ["Config", "GenerationOutput", "RlhfspecError", "SamplingParams", "Trainer", "generate", "load_config", "load_model", "save_pretrained"]

@@ -36,3 +36,39 @@ def test_a_bad_instance_count_is_a_clear_error(capsys):
 def test_bad_distill_settings_are_clear_errors_before_any_work(args, message, capsys):
     assert main(["distill-draft", "--policy", "/nonexistent", "--out", "/nonexistent/out", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--samples", "0"], "--samples is 0; it must be at least 1"),
+    (["--max-new-tokens", "0"], "max_new_tokens is 0"),
+    (["--top-p", "2"], "top_p is 2.0"),
+    (["--prompt", "  "], "prompt 0 is empty"),
+    (["--json", "/nonexistent/dir/out.jsonl"], "directory /nonexistent/dir does not exist"),
+])
+def test_bad_generate_settings_are_clear_errors_before_the_model_loads(args, message, capsys):
+    # The model path does not exist: reaching load_model would be a different error.
+    assert main(["generate", "--model", "/nonexistent", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_empty_prompts_file_is_an_error_not_the_demo_prompts(tmp_path, capsys):
+    empty = tmp_path / "prompts.jsonl"
+    empty.write_text("\n")
+    assert main(["generate", "--model", "/nonexistent", "--prompts-file", str(empty)]) == 2
+    assert "holds no prompts" in capsys.readouterr().err
+
+
+def test_plot_of_a_missing_run_directory_is_an_error(tmp_path, capsys):
+    assert main(["plot", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_a_bench_table_goes_to_results_md_only_when_recorded(tmp_path):
+    from rlhfspec.bench.common import RESULTS, results_file, write_section
+
+    scratch = results_file(record=False)
+    assert scratch != RESULTS and results_file(record=True) == RESULTS
+    note = write_section("x", "| a |", path=scratch)
+    assert "not recorded" in note and "<!-- bench:x -->" in scratch.read_text()

@@ -80,21 +80,35 @@ def run(args) -> int:
 
     from rlhfspec import SamplingParams, generate, load_model
 
+    # Every setting is checked before the model loads.
     if args.instances < 1:
         raise RlhfspecError(f"--instances must be at least 1, got {args.instances}.")
+    if args.samples < 1:
+        raise RlhfspecError(f"--samples is {args.samples}; it must be at least 1.")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise RlhfspecError(f"--batch-size is {args.batch_size}; it must be at least 1.")
+    if args.threads is not None and args.threads < 1:
+        raise RlhfspecError(f"--threads is {args.threads}; it must be at least 1.")
+    if args.json and not args.json.parent.is_dir():
+        raise RlhfspecError(f"--json {args.json}: directory {args.json.parent} does not exist.")
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens, stop=tuple(args.stop),
+    )
+    texts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    if not texts and (args.prompt or args.prompts_file):
+        raise RlhfspecError(f"prompts file {args.prompts_file} holds no prompts.")
+    texts = texts or DEMO_PROMPTS  # no prompts asked for: the demo prompts
+    for i, t in enumerate(texts):
+        if isinstance(t, str) and not t.strip():
+            raise RlhfspecError(f"prompt {i} is empty; every prompt needs some text.")
     if args.threads:
         torch.set_num_threads(args.threads)
-    texts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
-    texts = texts or DEMO_PROMPTS
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     if tok is None:
         raise RlhfspecError(f"{args.model} has no tokenizer files; rlhfspec generate needs one to encode prompts.")
     encoded = [encode_prompt(tok, t, chat=not args.raw) for t in texts]
     prompts = [p for p in encoded for _ in range(args.samples)]
-    params = SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        max_new_tokens=args.max_new_tokens, stop=tuple(args.stop),
-    )
     drafter = None if args.drafter == "none" else args.drafter
     stats: list = []
     start = time.perf_counter()

@@ -27,9 +27,12 @@ def run_train(args) -> int:
     from rlhfspec.rl.plots import plot_run
     from rlhfspec.rl.trainer import Trainer
 
+    from rlhfspec.rl.metrics import read
+
     config = load_config(args.config, args.extra)
     trainer = Trainer(config, resume=args.resume, progress=not args.no_progress)
-    records = trainer.train()
+    trainer.train()
+    records = read(trainer.run_dir)  # the whole run, the iterations before a resume included
     if records:
         first, last = records[0], records[-1]
         print(f"done: reward {first['reward']:.3f} -> {last['reward']:.3f} over {len(records)} iterations "
@@ -70,7 +73,14 @@ def run_plot(args) -> int:
     if args.compare:
         print(plot_compare(args.run_dir, args.compare, args.key))
         return 0
+    from rlhfspec.errors import RlhfspecError
+    from rlhfspec.rl.metrics import read
+
     for run_dir in args.run_dir:
+        if not run_dir.is_dir():
+            raise RlhfspecError(f"run directory {run_dir} does not exist.")
+        if not read(run_dir):
+            raise RlhfspecError(f"{run_dir} has no metrics.jsonl records to plot; is it a run directory (run.output_dir)?")
         for png in plot_run(run_dir):
             print(png)
     return 0

@@ -54,7 +54,6 @@ def read_rows(path: str | Path, column: str = "prompt") -> list[dict]:
                 raw.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise RlhfspecError(f"{path} row {n} is not valid JSON ({e.msg}).") from None
-        return [_check_row(r, f"{path} row {i}", column) for i, r in enumerate(raw, start=1)]
     else:
         raise RlhfspecError(f"dataset {path} is not .jsonl, .parquet or a datasets directory.")
     rows = [_check_row(r, f"{path} row {i}", column) for i, r in enumerate(raw, start=1)]
@@ -126,8 +125,24 @@ class ArithmeticSource:
         self.batches, self.digits = state["batches"], state["digits"]
 
 
-def make_source(task: str, column: str = "prompt", seed: int = 0, shuffle: bool = True, **arith):
-    """"arithmetic" or a dataset path."""
-    if task == "arithmetic":
+def make_source(task, column: str = "prompt", seed: int = 0, shuffle: bool = True, **arith):
+    """"arithmetic", a dataset path, a `datasets.Dataset`, or a list of row dicts."""
+    if isinstance(task, str) and task == "arithmetic":
         return ArithmeticSource(seed=seed, **arith)
-    return FileSource(read_rows(task, column), seed=seed, shuffle=shuffle)
+    if isinstance(task, (str, Path)):
+        return FileSource(read_rows(task, column), seed=seed, shuffle=shuffle)
+    rows = task if isinstance(task, list) else _dataset_rows(task)
+    checked = [_check_row(r, f"dataset row {i}", column) for i, r in enumerate(rows, start=1)]
+    if not checked:
+        raise RlhfspecError("the dataset has no rows.")
+    return FileSource(checked, seed=seed, shuffle=shuffle)
+
+
+def _dataset_rows(dataset) -> list:
+    """Rows of a `datasets.Dataset` (or DatasetDict: its train split)."""
+    if hasattr(dataset, "keys") and callable(dataset.keys) and not isinstance(dataset, dict):
+        dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
+    try:
+        return list(dataset)
+    except TypeError:
+        raise RlhfspecError(f"the dataset is a {type(dataset).__name__}; pass a datasets.Dataset, a list of row dicts or a path.") from None

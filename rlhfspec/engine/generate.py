@@ -63,6 +63,10 @@ def generate(
     params = params or SamplingParams()
     if not prompts_token_ids:
         return []
+    for i, p in enumerate(prompts_token_ids):
+        if isinstance(p, str) or not all(isinstance(t, int) or (hasattr(t, "__index__") and not isinstance(t, float)) for t in p):
+            raise RlhfspecError(f"prompt {i} is {type(p).__name__} {str(p)[:40]!r}, not a list of token ids; "
+                                "encode text first (rlhfspec.data.chat.encode_prompt(tokenizer, text)).")
     ids = checked_sample_ids(sample_ids, len(prompts_token_ids))
     seqs = [Sequence(sample_id=ids[i], prompt=[int(t) for t in p], params=params, seed=seed) for i, p in enumerate(prompts_token_ids)]
     longest = max(len(s.prompt) for s in seqs)
@@ -121,7 +125,10 @@ def make_drafter(spec, policy, tokenizer=None) -> Drafter:
     if spec == "ngram":
         return NgramDrafter()
     if isinstance(spec, (str, Path)):
-        return DraftModelDrafter.load(spec, policy, policy_tokenizer=tokenizer)
+        try:
+            return DraftModelDrafter.load(spec, policy, policy_tokenizer=tokenizer)
+        except RlhfspecError as e:
+            raise RlhfspecError(f"drafter {spec}: {e}") from None
     if hasattr(spec, "config") and hasattr(spec, "plan"):
         return DraftModelDrafter(spec, policy)
     raise RlhfspecError(f"drafter {spec!r} is not 'ngram', a draft model path, a model from load_model, or a Drafter.")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Callable
 
 import torch
@@ -21,10 +23,14 @@ def resolve(spec: str | RewardFn) -> RewardFn:
         return BUILTIN[spec]
     if ":" in spec:
         module, _, name = spec.partition(":")
+        # Like a script's own modules: importable from the current directory.
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
         try:
             return getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as e:
-            raise RlhfspecError(f"reward function {spec!r} could not be imported ({e}).") from None
+            raise RlhfspecError(f"reward function {spec!r} could not be imported ({e}); it is looked up in the current directory "
+                                f"({os.getcwd()}) and on PYTHONPATH.") from None
     raise RlhfspecError(f"reward function {spec!r} is not built in ({', '.join(BUILTIN)}) and not 'module:function'.")
 
 
@@ -48,7 +54,7 @@ class RewardSet:
             raise RlhfspecError(f"{len(self.weights)} reward weights for {len(self.functions)} reward functions.")
         self.names = [_name(f) for f in self.functions]
 
-    def score(self, prompts: list, completions: list[str], completion_ids: list[list[int]], columns: dict[str, list]) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(self, prompts: list, completions: list, completion_ids: list[list[int]], columns: dict[str, list]) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-function rewards [N, F] with NaN for None, weighted totals [N])."""
         n = len(completions)
         table = torch.full((n, len(self.functions)), float("nan"), dtype=torch.float64)

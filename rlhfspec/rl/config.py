@@ -119,6 +119,54 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def validate(self) -> None:
+        """Every setting checked before anything expensive (model loading) runs: one sentence
+        naming the first bad one."""
+        from rlhfspec.engine.sampling import SamplingParams
+
+        g, a, t, r, d = self.generation, self.algorithm, self.train, self.run, self.data
+        checks = [
+            (t.learning_rate > 0, f"train.learning_rate is {t.learning_rate}; it must be > 0."),
+            (t.critic_learning_rate > 0, f"train.critic_learning_rate is {t.critic_learning_rate}; it must be > 0."),
+            (t.weight_decay >= 0, f"train.weight_decay is {t.weight_decay}; it must be >= 0."),
+            (t.max_grad_norm > 0, f"train.max_grad_norm is {t.max_grad_norm}; it must be > 0."),
+            (all(0 <= b < 1 for b in t.adam_betas), f"train.adam_betas are {list(t.adam_betas)}; each must be in [0, 1)."),
+            (t.iterations >= 1, f"train.iterations is {t.iterations}; it must be >= 1."),
+            (t.epochs >= 1, f"train.epochs is {t.epochs}; it must be >= 1."),
+            (t.mini_batches >= 1, f"train.mini_batches is {t.mini_batches}; it must be >= 1."),
+            (t.micro_batch_tokens >= 1, f"train.micro_batch_tokens is {t.micro_batch_tokens}; it must be >= 1."),
+            (t.warmup_steps >= 0, f"train.warmup_steps is {t.warmup_steps}; it must be >= 0."),
+            (t.lr_schedule in ("constant", "linear", "cosine"), f"train.lr_schedule {t.lr_schedule!r} is not constant, linear or cosine."),
+            (g.temperature > 0, "generation.temperature must be > 0 for RL (greedy rollouts have no exploration)."),
+            (g.num_generations >= 1, f"generation.num_generations is {g.num_generations}; it must be >= 1."),
+            (a.name in ("grpo", "rloo", "ppo"), f"algorithm.name {a.name!r} is not grpo, rloo or ppo."),
+            (a.name == "ppo" or g.num_generations >= 2,
+             f"{a.name} compares samples of one prompt; generation.num_generations must be >= 2."),
+            (g.batch_size >= 1, f"generation.batch_size is {g.batch_size}; it must be >= 1."),
+            (g.instances >= 1, f"generation.instances must be at least 1, got {g.instances}."),
+            (g.strategy in ("adaptive", "static"), f"generation strategy {g.strategy!r} is not 'adaptive' or 'static'."),
+            (a.beta >= 0, f"algorithm.beta is {a.beta}; it must be >= 0."),
+            (a.kl_estimator in ("k1", "k2", "k3"), f"algorithm.kl_estimator {a.kl_estimator!r} is not k1, k2 or k3."),
+            (a.aggregation in ("token-mean", "sequence-mean", "sequence-sum-mean"),
+             f"algorithm.aggregation {a.aggregation!r} is not token-mean, sequence-mean or sequence-sum-mean."),
+            (a.scale_rewards in ("group", "batch", "none"), f"algorithm.scale_rewards {a.scale_rewards!r} is not group, batch or none."),
+            (a.clip_low > 0, f"algorithm.clip_low is {a.clip_low}; it must be > 0."),
+            (d.prompts_per_iteration >= 1, f"data.prompts_per_iteration is {d.prompts_per_iteration}; it must be >= 1."),
+            (d.task == "arithmetic" or Path(d.task).exists(), f"data.task {d.task} is neither 'arithmetic' nor an existing file or directory."),
+            (r.checkpoint_every >= 1, f"run.checkpoint_every is {r.checkpoint_every}; it must be >= 1."),
+            (r.keep_checkpoints >= 1, f"run.keep_checkpoints is {r.keep_checkpoints}; it must be >= 1."),
+            (r.threads is None or r.threads >= 1, f"run.threads is {r.threads}; it must be >= 1 (or null for torch's default)."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RlhfspecError(message)
+        SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, max_new_tokens=g.max_new_tokens)
+        if r.wandb:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise RlhfspecError("run.wandb is true but wandb is not installed; pip install 'rlhfspec[wandb]' (or set run.wandb false).")
+
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """A Config from a YAML file (sections named as Config's fields) and `--section.key value` overrides."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rlhfspec.errors import RlhfspecError
+
 
 class MetricsLog:
     def __init__(self, run_dir: Path, tensorboard: bool = True, wandb: bool = False, config: dict | None = None):
@@ -14,18 +16,16 @@ class MetricsLog:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
             except ImportError:
-                self.tb = None
+                raise RlhfspecError("run.tensorboard is true but tensorboard is not installed; pip install tensorboard (or set run.tensorboard false).") from None
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         self.wandb = None
         if wandb:
             try:
                 import wandb as wb
-
-                self.wandb = wb.init(project="rlhfspec", dir=str(run_dir), config=config or {})
             except ImportError:
-                self.wandb = None
+                raise RlhfspecError("run.wandb is true but wandb is not installed; pip install 'rlhfspec[wandb]' (or set run.wandb false).") from None
+            self.wandb = wb.init(project="rlhfspec", name=Path(run_dir).name, dir=str(run_dir), config=config or {})
 
     def truncate(self, before_iteration: int) -> None:
         """Drop records of iterations a resumed run will redo."""

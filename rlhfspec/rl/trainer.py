@@ -29,21 +29,33 @@ SUCCESS_REWARDS = ("arithmetic_correct", "gsm8k_correct")
 
 
 class Trainer:
-    def __init__(self, config: Config, resume: bool = False, log=print, progress: bool = True):
+    """The RL loop over a Config. `reward_funcs` (callables with TRL's signature, built-in names or
+    'module:function') and `train_dataset` (a `datasets.Dataset`, a list of row dicts, or a path)
+    take the place of reward.functions and data.task when given."""
+
+    def __init__(self, config: Config, resume: bool = False, log=print, progress: bool = True, *,
+                 reward_funcs: list | None = None, train_dataset=None):
         self.config, self.log, self.progress = config, log, progress
         c = config
+        c.validate()
         if c.run.threads:
             torch.set_num_threads(c.run.threads)
-        if c.generation.temperature <= 0:
-            raise RlhfspecError("generation.temperature must be > 0 for RL (greedy rollouts have no exploration).")
-        if c.algorithm.name not in ("grpo", "rloo", "ppo"):
-            raise RlhfspecError(f"algorithm.name {c.algorithm.name!r} is not grpo, rloo or ppo.")
-        if c.algorithm.name in ("grpo", "rloo") and c.generation.num_generations < 2:
-            raise RlhfspecError(f"{c.algorithm.name} compares samples of one prompt; generation.num_generations must be >= 2.")
         self.run_dir = Path(c.run.output_dir)
+        if resume:
+            ckpt.check_loadable(self.run_dir)
+        elif ckpt.latest(self.run_dir) is not None:
+            raise RlhfspecError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another run.output_dir.")
         self.seed = c.train.seed
         random.seed(self.seed)
         torch.manual_seed(self.seed)
+        self.params = SamplingParams(temperature=c.generation.temperature, top_p=c.generation.top_p, top_k=c.generation.top_k,
+                                     max_new_tokens=c.generation.max_new_tokens)
+        # Cheap things first, so a bad reward or dataset fails before any model loads.
+        functions = list(reward_funcs if reward_funcs is not None else c.reward.functions)
+        self.rewards = RewardSet(functions, None if c.reward.reward_model else c.reward.weights)
+        self.source = make_source(train_dataset if train_dataset is not None else c.data.task, c.data.prompt_column, self.seed,
+                                  c.data.shuffle, **({"digits": c.data.digits, "terms": c.data.terms, "ops": c.data.ops,
+                                                      "curriculum": c.data.curriculum} if c.data.task == "arithmetic" and train_dataset is None else {}))
         self.policy, self.tokenizer = load_model(c.model.policy, dtype=c.model.dtype)
         if self.tokenizer is None:
             raise RlhfspecError(f"{c.model.policy} has no tokenizer; RL needs one to encode prompts and decode completions.")
@@ -61,9 +73,8 @@ class Trainer:
             head = torch.nn.Parameter(torch.zeros(critic_model.config.hidden_size, 1))
             self.critic = (critic_model, head)
             self.critic_opt = torch.optim.AdamW([*critic_model.parameters(), head], lr=c.train.critic_learning_rate, betas=c.train.adam_betas)
-        self.rewards = RewardSet(list(c.reward.functions) + ([_reward_model(c)] if c.reward.reward_model else []), c.reward.weights)
-        self.source = make_source(c.data.task, c.data.prompt_column, self.seed, c.data.shuffle,
-                                  **({"digits": c.data.digits, "terms": c.data.terms, "ops": c.data.ops, "curriculum": c.data.curriculum} if c.data.task == "arithmetic" else {}))
+        if c.reward.reward_model:
+            self.rewards = RewardSet(self.rewards.functions + [_reward_model(c)], c.reward.weights)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=c.train.learning_rate, betas=c.train.adam_betas, weight_decay=c.train.weight_decay)
         total = c.train.iterations * c.train.epochs * c.train.mini_batches
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(c.train.lr_schedule, c.train.warmup_steps, total))
@@ -72,14 +83,10 @@ class Trainer:
                                strategy=c.generation.strategy, drafters=self.drafters, num_draft_tokens=c.generation.num_draft_tokens,
                                instances=c.generation.instances, realloc=c.generation.realloc, backend=c.generation.backend,
                                batch_invariant=c.generation.batch_invariant)
-        self.params = SamplingParams(temperature=c.generation.temperature, top_p=c.generation.top_p, top_k=c.generation.top_k,
-                                     max_new_tokens=c.generation.max_new_tokens)
         self.iteration = 0
         self.verified_logprobs: bool | None = None
         if resume:
             self._resume()
-        elif ckpt.latest(self.run_dir) is not None:
-            raise RlhfspecError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another run.output_dir.")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(c.to_dict(), sort_keys=False))
         self.metrics = MetricsLog(self.run_dir, c.run.tensorboard, c.run.wandb, c.to_dict())
@@ -112,11 +119,15 @@ class Trainer:
         rollout = self.rollout.run(prompts, self.params, self.seed, ids, progress=self.progress)
         t1 = time.perf_counter()
         outs = rollout.outputs
-        completions = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
+        texts = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
+        row_prompts = [r["prompt"] for r in rows for _ in range(g)]
+        # As TRL does: a conversational prompt (chat messages) gets its completion as messages too.
+        completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(row_prompts, texts)]
         columns = {k: [r.get(k) for r in rows for _ in range(g)] for k in rows[0] if k != "prompt"}
-        table, totals = self.rewards.score([r["prompt"] for r in rows for _ in range(g)], completions, [o.token_ids for o in outs], columns)
+        table, totals = self.rewards.score(row_prompts, completions, [o.token_ids for o in outs], columns)
         batch = Batch(prompts, [o.token_ids or [self.tokenizer.eos_token_id or 0] for o in outs])
         logprobs = [o.logprobs or [0.0] for o in outs]
+        self.logprob_gap: dict = {}
         reuse = self.shared and self._engine_matches_trainer(batch, logprobs)
         inference = make_targets(batch, totals, g, logprobs, c.algorithm, self.params, self.policy, reuse,
                                  self.reference, self.critic, c.train.micro_batch_tokens)
@@ -133,7 +144,7 @@ class Trainer:
             **{f"reward/{n}": _nanmean(table[:, j]) for j, n in enumerate(self.rewards.names)},
             "success": success, "completion_len": sum(len(o.token_ids) for o in outs) / len(outs),
             "completion_len_max": max(len(o.token_ids) for o in outs),
-            **inference.stats, **train_stats, **refresh,
+            **inference.stats, **self.logprob_gap, **train_stats, **refresh,
             "lr": self.scheduler.get_last_lr()[0],
             "generation_s": t1 - t0, "inference_s": t2 - t1, "training_s": t3 - t2, "sync_s": t4 - t3, "iteration_s": t4 - t0,
             "gen_tokens": rollout.tokens, "gen_tok_s": rollout.tokens / max(rollout.seconds, 1e-9),
@@ -151,9 +162,11 @@ class Trainer:
 
             trainer = all_logprobs(self.policy, batch, self.params, self.config.train.micro_batch_tokens)
             mask = batch.mask()
-            diff = ((trainer - padded(logprobs, mask.shape[1])).abs() * mask).max().item()
+            gap = (trainer - padded(logprobs, mask.shape[1])).abs() * mask
+            diff = gap.max().item()
+            self.logprob_gap = {"rollout_trainer_logprob_gap_max": diff, "rollout_trainer_logprob_gap_mean": (gap.sum() / mask.sum()).item()}
             self.verified_logprobs = diff < 1e-3
-            self.log(f"engine vs trainer logprobs: max difference {diff:.2e}; "
+            self.log(f"engine vs trainer logprobs: max difference {diff:.2e}, mean {self.logprob_gap['rollout_trainer_logprob_gap_mean']:.2e}; "
                      + ("reusing the engine's" if self.verified_logprobs else "recomputing with the trainer"))
         return self.verified_logprobs
 

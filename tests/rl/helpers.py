@@ -10,6 +10,10 @@ WORDS = ["What", "is", "?", "Think", "step", "by", ",", "then", "give", "the", "
          "as", "'", "Answer", ":", "<", "number", ">", ".", "+", "-", "*", "with", "just"] + [str(d) for d in range(10)]
 
 
+# Turns in order, then an open assistant turn: enough for chat-messages datasets.
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} . {% endfor %}{% if add_generation_prompt %}Answer :{% endif %}"
+
+
 def tiny_policy_dir(path: Path, seed: int = 0) -> Path:
     """A tiny Llama checkpoint plus tokenizer files, as `rlhfspec train` loads them."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -19,6 +23,7 @@ def tiny_policy_dir(path: Path, seed: int = 0) -> Path:
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tok.chat_template = CHAT_TEMPLATE
     model = tiny_hf_model("llama", seed=seed, vocab_size=len(vocab) + 4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     model.save_pretrained(path)
     tok.save_pretrained(path)

@@ -2,8 +2,10 @@
 
 
 def digit_count(prompts, completions, **_):
-    """Rewards completions for the digits they hold: a dense signal a tiny random model can learn."""
-    return [sum(ch.isdigit() for ch in c) / 10 for c in completions]
+    """Rewards completions for the digits they hold: a dense signal a tiny random model can learn.
+    Chat completions arrive as [{"role": "assistant", "content": ...}], as TRL passes them."""
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [sum(ch.isdigit() for ch in t) / 10 for t in texts]
 
 
 def explode(prompts, completions, **_):

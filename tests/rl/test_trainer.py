@@ -87,30 +87,74 @@ def test_export_writes_a_checkpoint_transformers_loads(tmp_path, policy):
     assert torch.equal(model.model.embed_tokens.weight, tensors["policy"]["embed.weight"])
 
 
-def test_a_run_killed_mid_iteration_resumes_to_the_same_metrics(tmp_path, policy):
-    base = ["--model.policy", str(policy), "--data.prompts_per_iteration", "4", "--generation.num_generations", "8",
-            "--generation.max_new_tokens", "48", "--reward.functions", "[tests.rl.rewards:digit_count]",
-            "--train.iterations", "6", "--train.learning_rate", "1e-3", "--run.tensorboard", "false",
-            "--generation.spec", "true", "--generation.strategy", "static", "--generation.drafters", "[ngram]", "--no-progress"]
+def _chat_task(path: Path) -> Path:
+    """A chat-messages JSONL task of the tiny vocabulary."""
+    rows = [{"messages": [{"role": "user", "content": f"What is {a} + {b} ? give the answer as just a number"}], "answer": str(a + b)}
+            for a, b in [(1, 2), (3, 4), (5, 1), (2, 2), (6, 3), (7, 0), (4, 4), (8, 1)]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("task", ["arithmetic", "chat-jsonl"])
+def test_a_run_killed_after_a_checkpoint_resumes_bitwise_as_the_uninterrupted_run(tmp_path, policy, task):
+    """SIGKILL (a real subprocess) after checkpoint 1 of a seeded run with real gradient updates;
+    the resumed run's metrics and final weights equal the uninterrupted run's bit for bit (the
+    engine is batch-invariant and training runs the same kernels in the same order)."""
+    base = ["--model.policy", str(policy), "--data.prompts_per_iteration", "2", "--generation.num_generations", "4",
+            "--generation.max_new_tokens", "24", "--reward.functions", "[tests.rl.rewards:digit_count]",
+            "--train.iterations", "4", "--train.learning_rate", "1e-3", "--run.tensorboard", "false",
+            "--generation.spec", "true", "--generation.strategy", "static", "--generation.drafters", "[ngram]",
+            "--run.threads", "2", "--no-progress"]
+    if task == "chat-jsonl":
+        base += ["--data.task", str(_chat_task(tmp_path / "task.jsonl"))]
     cmd = [sys.executable, "-m", "rlhfspec.cli.main", "train"]
     env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
     subprocess.run(cmd + base + ["--run.output_dir", str(tmp_path / "whole")], check=True, env=env, capture_output=True)
     run = tmp_path / "killed"
     proc = subprocess.Popen(cmd + base + ["--run.output_dir", str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while time.time() < deadline and not (run / "checkpoints" / "iter-000002").exists():
-        time.sleep(0.01)
+        time.sleep(0.005)
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)  # during iteration 2 (0-based), after its predecessor's checkpoint
     proc.wait()
-    assert not (run / "checkpoints" / "iter-000006").exists()
+    assert not (run / "checkpoints" / "iter-000004").exists()
     done = subprocess.run(cmd + base + ["--run.output_dir", str(run), "--resume"], check=True, env=env, capture_output=True, text=True)
     assert "resumed from" in done.stdout and "at iteration 2" in done.stdout
+    assert "over 4 iterations" in done.stdout  # the summary counts the whole run, not just the resumed part
     whole, resumed = read(tmp_path / "whole"), read(run)
-    assert [r["iteration"] for r in resumed] == list(range(6))
+    assert [r["iteration"] for r in resumed] == list(range(4))
+    assert any(r["grad_norm"] > 0 for r in whole), "no gradient: the comparison would prove nothing"
     for a, b in zip(whole, resumed):
-        for key in DETERMINISTIC:
-            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["iteration"], key)
+        assert {k: a[k] for k in DETERMINISTIC} == {k: b[k] for k in DETERMINISTIC}, a["iteration"]
+    w = ckpt.load(ckpt.latest(tmp_path / "whole"))[0]["policy"]
+    r = ckpt.load(ckpt.latest(run))[0]["policy"]
+    assert all(torch.equal(w[k], r[k]) for k in w)
+
+
+def test_a_checkpoint_holding_a_pickle_is_refused(tmp_path, policy):
+    Trainer(config(tmp_path, policy, **{"train.iterations": 1}), progress=False, log=lambda m: None).train()
+    path = ckpt.latest(tmp_path / "run")
+    assert not list(path.glob("*.pkl")) and (path / "state.json").is_file()
+    (path / "state.pkl").write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(RlhfspecError, match="never unpickles"):
+        ckpt.load(path)
+    with pytest.raises(RlhfspecError, match="never unpickles"):
+        Trainer(config(tmp_path, policy, **{"train.iterations": 2}), resume=True, progress=False, log=lambda m: None)
+
+
+def test_checkpoint_state_round_trips_through_json_and_safetensors():
+    objects = {"optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4)}},
+                             "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.99), "params": [0]}]},
+               "rng": ckpt.rng_state(), "none": None, "nested": [[1, 2], {"a": (1, "x")}]}
+    tensors: dict = {}
+    back = ckpt.from_json(json.loads(json.dumps(ckpt.to_json(objects, tensors))), tensors)
+    assert back["optimizer"]["param_groups"] == objects["optimizer"]["param_groups"]
+    assert torch.equal(back["optimizer"]["state"][0]["exp_avg"], objects["optimizer"]["state"][0]["exp_avg"])
+    assert back["nested"] == objects["nested"] and back["none"] is None
+    assert torch.equal(back["rng"]["torch"], objects["rng"]["torch"]) and back["rng"]["python"] == objects["rng"]["python"]
+    with pytest.raises(RlhfspecError, match="no safe"):
+        ckpt.to_json({"f": object()}, {})
 
 
 def test_a_reward_function_that_raises_names_itself_and_commits_nothing(tmp_path, policy):

@@ -117,9 +117,14 @@ class NgramDrafter(Drafter):
         return Proposal(drafts, None)
 
     def state_dict(self) -> dict:
-        """What later drafts depend on (earlier responses per prompt), for checkpoints."""
-        return {"indexes": list(self.indexes.items())}
+        """What later drafts depend on (earlier responses per prompt), as plain lists for checkpoints."""
+        return {"indexes": [[list(key), idx.docs, idx.done] for key, idx in self.indexes.items()]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.indexes = OrderedDict(state["indexes"])
-        self.doc_of = {}
+        """Rebuild the indexes (their n-gram tables are re-entered document by document)."""
+        self.indexes, self.doc_of = OrderedDict(), {}
+        for key, docs, done in state["indexes"]:
+            idx = self.indexes[tuple(key)] = _PromptIndex(self.max_ngram, self.min_ngram)
+            for doc in docs:
+                idx.catch_up(idx.add(list(doc)))
+            idx.done = list(done)

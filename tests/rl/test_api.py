@@ -1,0 +1,83 @@
+"""The Python entry point TRL users expect: a config, reward callables, a dataset object; and
+settings rejected with one sentence before any model loads."""
+
+import pytest
+
+from rlhfspec import Config, RlhfspecError, Trainer
+from rlhfspec.rl.config import load_config
+from tests.rl.helpers import tiny_policy_dir
+
+
+def _config(tmp_path, policy, **overrides):
+    args = ["--model.policy", str(policy), "--run.output_dir", str(tmp_path / "run"), "--data.prompts_per_iteration", "2",
+            "--generation.num_generations", "2", "--generation.max_new_tokens", "6", "--train.iterations", "1",
+            "--run.tensorboard", "false", "--generation.spec", "false"]
+    for k, v in overrides.items():
+        args += [f"--{k}", str(v)]
+    return load_config(None, args)
+
+
+@pytest.fixture
+def policy(tmp_path):
+    return tiny_policy_dir(tmp_path / "policy")
+
+
+ROWS = [{"messages": [{"role": "user", "content": f"What is {a} + {b} ?"}], "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (2, 2)]]
+
+
+@pytest.mark.parametrize("as_dataset", [False, True])
+def test_trainer_takes_reward_callables_and_a_dataset_object(tmp_path, policy, as_dataset):
+    seen = {}
+
+    def conversational(prompts, completions, completion_ids, answer, **_):
+        seen["prompt"], seen["completion"], seen["answer"] = prompts[0], completions[0], answer[0]
+        return [float(len(c[0]["content"])) for c in completions]
+
+    dataset = ROWS
+    if as_dataset:
+        import datasets
+
+        dataset = datasets.Dataset.from_list(ROWS)
+    records = Trainer(_config(tmp_path, policy), reward_funcs=[conversational, "answer_format"], train_dataset=dataset,
+                      progress=False, log=lambda m: None).train()
+    assert len(records) == 1 and "reward/conversational" in records[0]
+    # Chat prompts reach rewards as messages and completions as [{"role": "assistant", "content": ...}], as in TRL.
+    assert isinstance(seen["prompt"], list) and seen["completion"][0]["role"] == "assistant"
+    assert seen["answer"] in {"3", "7", "4"}
+
+
+def test_a_module_function_reward_imports_from_the_current_directory(tmp_path, monkeypatch):
+    from rlhfspec.rewards.compose import resolve
+
+    (tmp_path / "my_rewards_for_test.py").write_text("def short(prompts, completions, **_):\n    return [1.0] * len(completions)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    assert resolve("my_rewards_for_test:short")([], ["a"]) == [1.0]
+    with pytest.raises(RlhfspecError, match="looked up in the current directory"):
+        resolve("no_such_module_here:f")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.learning_rate": -1e-5}, "train.learning_rate is -1e-05; it must be > 0"),
+    ({"generation.top_p": 1.5}, "top_p is 1.5"),
+    ({"generation.max_new_tokens": 0}, "max_new_tokens is 0"),
+    ({"run.wandb": "true"}, "wandb is not installed"),
+    ({"data.task": "/nonexistent.jsonl"}, "neither 'arithmetic' nor an existing file"),
+    ({"reward.functions": "[no_such_reward]"}, "is not built in"),
+])
+def test_bad_settings_fail_before_the_model_loads(tmp_path, overrides, message):
+    # The policy path does not exist: reaching load_model would raise a different error.
+    with pytest.raises(RlhfspecError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
+        Trainer(_config(tmp_path, tmp_path / "no-such-policy", **overrides), progress=False, log=lambda m: None)
+
+
+def test_public_api_exports_the_trainer_and_its_config():
+    assert Config().generation.batch_invariant is True and callable(Trainer)
+
+
+def test_generate_rejects_text_where_token_ids_belong(tiny_checkpoint):
+    from rlhfspec import generate, load_model
+
+    model, _ = load_model(tiny_checkpoint("llama"), tokenizer=False)
+    with pytest.raises(RlhfspecError, match="prompt 0 is str 'text', not a list of token ids"):
+        generate(model, ["text"])
