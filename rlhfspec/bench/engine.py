@@ -122,7 +122,7 @@ def run(cfg: EngineBenchConfig, json_path: str | None = None, record: bool = Fal
     write_json(json_path, result)
     # The table is printed always; it goes into benchmarks/RESULTS.md only with record.
     results = results_file(record)
-    log(write_section(f"engine-{cfg.device}", _markdown(result, cfg), path=results))
+    log(write_section(f"engine-{cfg.device}", _markdown(result, cfg, json_path, record), path=results))
     return result
 
 
@@ -161,12 +161,13 @@ def _fmt(r: dict) -> str:
             f"transformers {r['hf_tok_s']:7.1f} tok/s  ratio {r['ratio']:.2f}  invariant costs {r['invariant_cost']:.2f}x{roof}")
 
 
-def _markdown(result: dict, cfg: EngineBenchConfig) -> str:
+def _markdown(result: dict, cfg: EngineBenchConfig, json_path: str | None = None, record: bool = False) -> str:
     lines = [
         f"## Engine vs transformers `generate` ({result['device']})",
         "",
         f"Command: `rlhfspec bench engine{' --device cuda' if cfg.device == 'cuda' else ''}"
-        f"{' --quick' if cfg.max_new_tokens == EngineBenchConfig.quick().max_new_tokens else ''}`  ",
+        f"{' --quick' if cfg.max_new_tokens == EngineBenchConfig.quick().max_new_tokens else ''}"
+        f"{f' --json {json_path}' if json_path else ''}{' --record' if record else ''}`  ",
         f"Machine: {result['machine']}; memory read bandwidth {result['memory_read_gb_s']} GB/s  ",
         f"Greedy, {cfg.max_new_tokens} new tokens per sample (EOS ignored) for the fixed rows; the ragged rows run "
         f"{cfg.ragged_prompts} prompts to EOS (cap {cfg.ragged_max_new_tokens}), counting tokens up to each EOS. "

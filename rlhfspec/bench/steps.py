@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfspec.bench.common import machine, write_json
+from rlhfspec.bench.common import machine, results_file, write_json, write_section
 from rlhfspec.engine.profile import forward_times
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.catalog import random_model
@@ -61,6 +61,39 @@ def run(cfg: StepsConfig, json_path: str | None = None, log=print) -> dict:
             torch.cuda.empty_cache()
     write_json(json_path, result)
     return result
+
+
+def render(paths: list[str], record: bool = False, log=print) -> None:
+    """The markdown section of step-time tables already measured (e.g. by benchmarks/gpu.sh on a GPU)."""
+    import json
+    from pathlib import Path
+
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    first = results[0]
+    lines = [
+        f"## Engine step times on {first['device']} (random weights of catalogued architectures)", "",
+        f"Measured by `bash benchmarks/gpu.sh` ({', '.join(paths)}); rendered by `rlhfspec bench steps --from-json "
+        f"{' '.join(paths)}{' --record' if record else ''}`  ",
+        f"Machine: {first['machine']}; {first['dtype']}, batch-invariant forward: {'on' if first['invariant'] else 'off'}; "
+        f"context {first['context']} tokens per row; median of 5 forwards after a warm-up.", "",
+        "Decode step (one new token per row), ms, and what reading the weights once would take at the device's bandwidth:", "",
+    ]
+    batches = sorted({b for r in results for e in r["models"].values() for b, _, _ in e["table"]})
+    lines += ["| model | params | " + " | ".join(f"B={b}" for b in batches) + " | weights / 3.35 TB/s |",
+              "|---|---:|" + "---:|" * len(batches) + "---:|"]
+    for r in results:
+        for name, e in r["models"].items():
+            t = {(b, q): x for b, q, x in e["table"]}
+            cells = [f"{t[(b, 1)] * 1e3:.1f}" if (b, 1) in t else "" for b in batches]
+            lines.append(f"| {name} | {e['params'] / 1e9:.2f}B | " + " | ".join(cells) + f" | {e['weight_bytes'] / 3.35e12 * 1e3:.1f} |")
+    lines += ["", "Verifying n drafts (1 + n new tokens per row) relative to a decode step, batch 64:", "",
+              "| model | n=1 | n=2 | n=4 | n=8 | n=32 |", "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        for name, e in r["models"].items():
+            t = {(b, q): x for b, q, x in e["table"]}
+            if (64, 1) in t:
+                lines.append(f"| {name} | " + " | ".join(f"{t[(64, q)] / t[(64, 1)]:.2f}x" if (64, q) in t else "" for q in (2, 3, 5, 9, 33)) + " |")
+    log(write_section(f"steps-{first['device']}", "\n".join(lines), path=results_file(record)))
 
 
 def placement_check(model, invariant: bool, companions: int = 15, steps: int = 8) -> dict:

@@ -65,6 +65,9 @@ def register(sub) -> None:
     t.add_argument("--invariant", action="store_true", help="time the batch-invariant forward")
     t.add_argument("--placement", action="store_true", help="also check alone-vs-batched logits bitwise on this device")
     t.add_argument("--json", default=None)
+    t.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
+                   help="instead of measuring: render tables already measured (e.g. by benchmarks/gpu.sh)")
+    t.add_argument("--record", action="store_true", help=RECORD)
     t.set_defaults(run=run_steps)
     f = names.add_parser("refresh", help="draft-model acceptance per RL iteration with and without drafter refresh")
     f.add_argument("--config", default=None)
@@ -137,7 +140,11 @@ def run_refresh(args) -> int:
 
 
 def run_steps(args) -> int:
-    from rlhfspec.bench.steps import StepsConfig, run
+    from rlhfspec.bench.steps import StepsConfig, render, run
+
+    if args.from_json:
+        render(args.from_json, record=args.record)
+        return 0
 
     cfg = StepsConfig(models=tuple(args.models.split(",")), device=args.device, dtype=args.dtype,
                       batches=tuple(int(b) for b in args.batches.split(",")), qs=tuple(int(q) for q in args.qs.split(",")),
