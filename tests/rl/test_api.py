@@ -81,3 +81,23 @@ def test_generate_rejects_text_where_token_ids_belong(tiny_checkpoint):
     model, _ = load_model(tiny_checkpoint("llama"), tokenizer=False)
     with pytest.raises(RlhfspecError, match="prompt 0 is str 'text', not a list of token ids"):
         generate(model, ["text"])
+
+
+def test_an_empty_prompt_is_refused_before_the_chat_template_hides_it(tmp_path):
+    from rlhfspec.data.chat import encode_prompt
+    from tests.rl.helpers import tiny_policy_dir
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_policy_dir(tmp_path / "p")))
+    with pytest.raises(RlhfspecError, match="the prompt is empty"):
+        encode_prompt(tok, "   ")
+    with pytest.raises(RlhfspecError, match="no message with any content"):
+        encode_prompt(tok, [{"role": "user", "content": ""}])
+
+
+def test_a_bad_drafter_path_says_it_is_the_drafter(tiny_checkpoint):
+    from rlhfspec import SamplingParams, generate, load_model
+
+    model, _ = load_model(tiny_checkpoint("llama"), tokenizer=False)
+    with pytest.raises(RlhfspecError, match=r"^drafter /nonexistent/draft: "):
+        generate(model, [[5, 6, 7]], SamplingParams(max_new_tokens=2), drafter="/nonexistent/draft")
