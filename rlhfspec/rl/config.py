@@ -67,8 +67,12 @@ class GenerationConfig:
 class AlgorithmConfig:
     name: str = "grpo"  # "grpo", "rloo" or "ppo"
     beta: float = 0.0  # KL coefficient (0: no reference model, as TRL's GRPOConfig default)
-    kl_estimator: str = "k3"
-    kl_in_reward: bool = False  # PPO: penalise KL in the per-token reward instead of the loss
+    # Where the KL term goes, by each algorithm's reference: PPO (TRL, OpenRLHF) and RLOO (TRL)
+    # subtract beta * KL from the rewards (per token for PPO, summed over the sequence for RLOO),
+    # GRPO adds beta * KL to the loss (TRL). null: that convention.
+    kl_in_reward: bool | None = None
+    kl_estimator: str | None = None  # k1, k2 or k3; null: k1 in the reward, k3 in the loss
+    entropy_coef: float = 0.0  # entropy bonus: the loss subtracts entropy_coef * the policy's per-token entropy
     clip_low: float = 0.2
     clip_high: float | None = None  # None: same as clip_low (DAPO suggests 0.28)
     aggregation: str = "token-mean"  # "token-mean", "sequence-mean" or "sequence-sum-mean"
@@ -94,6 +98,7 @@ class TrainConfig:
     epochs: int = 1  # passes over each iteration's samples (TRL's num_iterations)
     micro_batch_tokens: int = 2048  # gradient accumulation: at most this many tokens per forward
     seed: int = 0
+    logprob_check_every: int = 10  # iterations between checks that the engine's logprobs still match the trainer's
 
 
 @dataclass
@@ -121,10 +126,15 @@ class Config:
 
     def validate(self) -> None:
         """Every setting checked before anything expensive (model loading) runs: one sentence
-        naming the first bad one."""
+        naming the first bad one. Also fills the per-algorithm KL defaults (kl_in_reward,
+        kl_estimator) left null."""
         from rlhfspec.engine.sampling import SamplingParams
 
         g, a, t, r, d = self.generation, self.algorithm, self.train, self.run, self.data
+        if a.kl_in_reward is None:
+            a.kl_in_reward = a.name in ("ppo", "rloo")
+        if a.kl_estimator is None:
+            a.kl_estimator = "k1" if a.kl_in_reward else "k3"
         checks = [
             (t.learning_rate > 0, f"train.learning_rate is {t.learning_rate}; it must be > 0."),
             (t.critic_learning_rate > 0, f"train.critic_learning_rate is {t.critic_learning_rate}; it must be > 0."),
@@ -147,6 +157,11 @@ class Config:
             (g.strategy in ("adaptive", "static"), f"generation strategy {g.strategy!r} is not 'adaptive' or 'static'."),
             (a.beta >= 0, f"algorithm.beta is {a.beta}; it must be >= 0."),
             (a.kl_estimator in ("k1", "k2", "k3"), f"algorithm.kl_estimator {a.kl_estimator!r} is not k1, k2 or k3."),
+            (a.beta == 0 or a.kl_in_reward or a.kl_estimator != "k1",
+             "algorithm.kl_estimator k1 in the loss has zero expected gradient (E[grad log pi] = 0), so it would not pull "
+             "towards the reference; use k3 or k2 in the loss, or k1 with algorithm.kl_in_reward true."),
+            (a.entropy_coef >= 0, f"algorithm.entropy_coef is {a.entropy_coef}; it must be >= 0."),
+            (t.logprob_check_every >= 1, f"train.logprob_check_every is {t.logprob_check_every}; it must be >= 1."),
             (a.aggregation in ("token-mean", "sequence-mean", "sequence-sum-mean"),
              f"algorithm.aggregation {a.aggregation!r} is not token-mean, sequence-mean or sequence-sum-mean."),
             (a.scale_rewards in ("group", "batch", "none"), f"algorithm.scale_rewards {a.scale_rewards!r} is not group, batch or none."),

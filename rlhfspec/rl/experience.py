@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhfspec.engine.sampling import SamplingParams
+from rlhfspec.errors import RlhfspecError
 from rlhfspec.rl.advantages import gae, group_advantages, rloo_advantages, whiten
 from rlhfspec.rl.config import AlgorithmConfig
 from rlhfspec.rl.logprobs import Batch, all_logprobs, values_at
@@ -30,12 +31,19 @@ class Inference:
 def make_targets(
     batch: Batch, rewards: torch.Tensor, group_size: int, rollout_logprobs: list[list[float]], algo: AlgorithmConfig,
     params: SamplingParams, policy, reuse_rollout_logprobs: bool, reference=None, critic=None, max_tokens: int = 4096,
+    rollout_comparable: bool = True,
 ) -> Inference:
     """Everything the training step needs, response-aligned.
 
-    Old-policy logprobs are the engine's when it runs the trainer's weights in the trainer's
-    precision (`reuse_rollout_logprobs`); otherwise the trainer recomputes them and, with
-    algo.tis_cap, weights each token by min(pi_trainer / pi_engine, cap).
+    `params` is the distribution the trainer scores tokens under: the sampling temperature only
+    (top-k / top-p filter what the engine samples from, not what is trained, as in TRL and verl;
+    so no sampled token can have logprob -inf). Old-policy logprobs are the engine's when they
+    are that very distribution in the trainer's numbers (`reuse_rollout_logprobs`); otherwise
+    the trainer recomputes them and, with algo.tis_cap and `rollout_comparable` (the engine
+    sampled from that same distribution, unfiltered), weights each token by
+    min(pi_trainer / pi_engine, cap). KL (when beta > 0) goes where algo.kl_in_reward
+    puts it: PPO's per-token rewards, GRPO's and RLOO's sequence rewards before the group
+    baseline (TRL's RLOO), or the loss (objective.policy_objective).
     """
     mask = batch.mask()
     width = mask.shape[1]
@@ -47,21 +55,26 @@ def make_targets(
     else:
         old = all_logprobs(policy, batch, params, max_tokens)
         stats["rollout_trainer_logprob_diff"] = ((old - rollout).abs() * mask).max().item()
-        is_weights = truncated_is_weights(old, rollout, algo.tis_cap) * mask if algo.tis_cap else None
+        is_weights = truncated_is_weights(old, rollout, algo.tis_cap) * mask if algo.tis_cap and rollout_comparable else None
     ref = None
     if reference is not None:
         ref = all_logprobs(reference, batch, params, max_tokens)
         stats["kl"] = ((kl_estimate(old, ref, algo.kl_estimator) * mask).sum() / mask.sum()).item()
+    _check_finite(old, mask, "the old-policy logprobs")
+    if ref is not None:
+        _check_finite(ref, mask, "the reference model's logprobs")
     targets = Targets(mask=mask, old_logprobs=old, advantages=torch.zeros(len(batch)), ref_logprobs=ref, is_weights=is_weights)
     r = rewards.float()
+    beta = algo.beta if algo.kl_in_reward and ref is not None else 0.0
     if algo.name in ("grpo", "rloo"):
+        if beta:
+            r = r - beta * (kl_estimate(old, ref, algo.kl_estimator) * mask).sum(-1)
         grouped = r.view(-1, group_size)
         adv = group_advantages(grouped, algo.scale_rewards) if algo.name == "grpo" else rloo_advantages(grouped)
         targets.advantages = adv.reshape(-1)
         stats["groups_with_signal"] = (grouped.std(dim=1) > 0).float().mean().item()
     elif algo.name == "ppo":
         values = _values(critic, batch, width, max_tokens)
-        beta = algo.beta if algo.kl_in_reward else 0.0
         per_token = kl_penalised_rewards(r, old, ref if ref is not None else old, mask, beta, algo.kl_estimator)
         adv, returns = gae(per_token, values, mask, algo.gamma, algo.lam)
         targets.advantages = whiten(adv, mask)
@@ -70,6 +83,14 @@ def make_targets(
     else:
         raise ValueError(f"algorithm must be grpo, rloo or ppo, not {algo.name!r}")
     return Inference(targets, stats)
+
+
+def _check_finite(logprobs: torch.Tensor, mask: torch.Tensor, what: str) -> None:
+    bad = ~torch.isfinite(logprobs) & mask.bool()
+    if bad.any():
+        i, t = (int(v) for v in bad.nonzero()[0])
+        raise RlhfspecError(f"{what} of sample {i}, token {t} is {logprobs[i, t].item()}; nothing non-finite may reach the loss "
+                            "(the trainer scores tokens under the temperature alone, so this points at the model's weights).")
 
 
 @torch.no_grad()

@@ -57,8 +57,9 @@ def response_hidden(model, batch: Batch, idx: list[int]) -> tuple[torch.Tensor, 
     return picked, mask
 
 
-def completion_logprobs(model, batch: Batch, idx: list[int], params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(token) of each completion token under the processed distribution: [b, T] (0 where masked), mask."""
+def completion_logprobs(model, batch: Batch, idx: list[int], params: SamplingParams, entropy: bool = False):
+    """log p(token) of each completion token under the processed distribution: [b, T] (0 where
+    masked) and the mask; with entropy=True also each row's entropy H(p) = -sum p log p [b, T]."""
     hidden, mask = response_hidden(model, batch, idx)
     b, t, _ = hidden.shape
     flat = hidden.reshape(b * t, -1)
@@ -69,7 +70,11 @@ def completion_logprobs(model, batch: Batch, idx: list[int], params: SamplingPar
     out = torch.zeros(b * t, dtype=torch.float32, device=hidden.device)
     lp = processed_logprobs(model.logits(flat[keep]), params)
     out = out.masked_scatter(keep.to(out.device), lp.gather(-1, targets.reshape(-1)[keep][:, None].to(lp.device)).squeeze(-1))
-    return out.view(b, t), mask
+    if not entropy:
+        return out.view(b, t), mask
+    h = -(lp.exp() * lp.masked_fill(torch.isinf(lp), 0.0)).sum(-1)
+    ent = torch.zeros(b * t, dtype=torch.float32, device=hidden.device).masked_scatter(keep.to(hidden.device), h)
+    return out.view(b, t), mask, ent.view(b, t)
 
 
 @torch.no_grad()

@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str, max_len: int | None = None) -> torch.Tensor:
     """Reduce a per-token loss [B, T] to a scalar.
 
     "token-mean": sum over every response token / number of tokens (DAPO, TRL's "dapo"/"bnpo");
     "sequence-mean": mean over each sequence's tokens, then over sequences (the original GRPO);
-    "sequence-sum-mean": sum over each sequence, then mean over sequences (Dr. GRPO style, / B).
+    "sequence-sum-mean": sum over every response token / (B * max_len), a constant (Dr. GRPO,
+    TRL's "dr_grpo", with max_len the maximum completion length; default the mask's width).
     """
     m = mask.to(per_token.dtype)
     if how == "token-mean":
@@ -18,7 +19,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Te
     if how == "sequence-mean":
         return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
     if how == "sequence-sum-mean":
-        return (per_token * m).sum(-1).mean()
+        return (per_token * m).sum() / (m.shape[0] * (max_len or m.shape[1]))
     raise ValueError(f"aggregation must be token-mean, sequence-mean or sequence-sum-mean, not {how!r}")
 
 
@@ -90,14 +91,15 @@ def kl_penalised_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
     return rewards + last.to(rewards.dtype) * scores[:, None]
 
 
-def token_weights(mask: torch.Tensor, how: str, total_tokens: float, total_sequences: float) -> torch.Tensor:
-    """Per-token weights w with sum(w * loss) equal to aggregate(loss, mask, how) over a whole mini-batch,
-    for one micro-batch of it (gradient accumulation keeps the mini-batch's normalisation)."""
+def token_weights(mask: torch.Tensor, how: str, total_tokens: float, total_sequences: float, max_len: int) -> torch.Tensor:
+    """Per-token weights w with sum(w * loss) equal to aggregate(loss, mask, how, max_len) over a
+    whole mini-batch, for one micro-batch of it (gradient accumulation keeps the mini-batch's
+    normalisation)."""
     m = mask.to(torch.float32)
     if how == "token-mean":
         return m / max(total_tokens, 1.0)
     if how == "sequence-mean":
         return m / m.sum(-1, keepdim=True).clamp(min=1) / max(total_sequences, 1.0)
     if how == "sequence-sum-mean":
-        return m / max(total_sequences, 1.0)
+        return m / (max(total_sequences, 1.0) * max_len)
     raise ValueError(f"aggregation must be token-mean, sequence-mean or sequence-sum-mean, not {how!r}")

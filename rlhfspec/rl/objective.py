@@ -23,8 +23,15 @@ class Targets:
     old_values: torch.Tensor | None = None
 
 
-def policy_objective(logprobs: torch.Tensor, idx: list[int], t: Targets, algo: AlgorithmConfig, n_tokens: float, n_seqs: float) -> tuple[torch.Tensor, dict]:
-    """This micro-batch's share of the mini-batch loss (clipped surrogate + beta * KL when KL is in the loss)."""
+def policy_objective(logprobs: torch.Tensor, idx: list[int], t: Targets, algo: AlgorithmConfig, n_tokens: float, n_seqs: float,
+                     max_len: int, entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """This micro-batch's share of the mini-batch loss: the clipped surrogate (times truncated IS
+    weights), + beta * KL when KL is in the loss, - entropy_coef * entropy; aggregated with the
+    weights `token_weights` gives (so micro-batch shares add up to the mini-batch's aggregate).
+
+    logprobs, entropy: [b, T'] for samples idx of the iteration; n_tokens, n_seqs: the mini-batch's
+    response tokens and sequences; max_len: the maximum completion length (Dr. GRPO's constant).
+    """
     width = logprobs.shape[1]
     mask = t.mask[idx, :width]
     old = t.old_logprobs[idx, :width]
@@ -37,7 +44,11 @@ def policy_objective(logprobs: torch.Tensor, idx: list[int], t: Targets, algo: A
         kl = kl_estimate(logprobs, t.ref_logprobs[idx, :width], algo.kl_estimator)
         per_token = per_token + algo.beta * kl
         stats["kl_sum"] = (kl.detach() * mask).sum().item()
-    w = token_weights(mask, algo.aggregation, n_tokens, n_seqs)
+    if entropy is not None:
+        stats["entropy_sum"] = (entropy.detach() * mask).sum().item()
+        if algo.entropy_coef:
+            per_token = per_token - algo.entropy_coef * entropy
+    w = token_weights(mask, algo.aggregation, n_tokens, n_seqs, max_len)
     return (per_token * w).sum(), stats
 
 

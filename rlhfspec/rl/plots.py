@@ -43,6 +43,13 @@ def plot_run(run_dir: Path) -> list[Path]:
         ax.set_ylabel("KL(policy || reference)")
         save(fig, "kl.png")
 
+    if any("entropy" in r for r in records):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(its, [r.get("entropy") for r in records], marker="o")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("policy entropy (nats per token)")
+        save(fig, "entropy.png")
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bottom = [0.0] * len(records)
     for key in ("generation_s", "inference_s", "training_s", "sync_s"):

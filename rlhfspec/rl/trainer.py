@@ -50,6 +50,10 @@ class Trainer:
         torch.manual_seed(self.seed)
         self.params = SamplingParams(temperature=c.generation.temperature, top_p=c.generation.top_p, top_k=c.generation.top_k,
                                      max_new_tokens=c.generation.max_new_tokens)
+        # What the trainer scores tokens under: the temperature alone (top-k / top-p shape what is
+        # sampled, not what is trained, as in TRL and verl), so no sampled token has logprob -inf.
+        self.score_params = SamplingParams(temperature=c.generation.temperature, max_new_tokens=c.generation.max_new_tokens)
+        self.filtered = c.generation.top_p < 1.0 or c.generation.top_k > 0
         # Cheap things first, so a bad reward or dataset fails before any model loads.
         functions = list(reward_funcs if reward_funcs is not None else c.reward.functions)
         self.rewards = RewardSet(functions, None if c.reward.reward_model else c.reward.weights)
@@ -72,11 +76,12 @@ class Trainer:
             critic_model = load_model(c.model.critic or c.model.policy, dtype=c.model.dtype, tokenizer=False)[0].train().requires_grad_(True)
             head = torch.nn.Parameter(torch.zeros(critic_model.config.hidden_size, 1))
             self.critic = (critic_model, head)
-            self.critic_opt = torch.optim.AdamW([*critic_model.parameters(), head], lr=c.train.critic_learning_rate, betas=c.train.adam_betas)
+            self.critic_opt = torch.optim.AdamW([*critic_model.parameters(), head], lr=c.train.critic_learning_rate, betas=c.train.adam_betas,
+                                                weight_decay=c.train.weight_decay)
         if c.reward.reward_model:
             self.rewards = RewardSet(self.rewards.functions + [_reward_model(c)], c.reward.weights)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=c.train.learning_rate, betas=c.train.adam_betas, weight_decay=c.train.weight_decay)
-        total = c.train.iterations * c.train.epochs * c.train.mini_batches
+        total = c.train.iterations * c.train.epochs * self._steps_per_epoch()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(c.train.lr_schedule, c.train.warmup_steps, total))
         self.drafters = build_drafters(c.generation, self.engine, self.tokenizer, log) if c.generation.spec else []
         self.rollout = Rollout(self.engine, self.tokenizer, batch_size=c.generation.batch_size, spec=c.generation.spec,
@@ -128,9 +133,11 @@ class Trainer:
         batch = Batch(prompts, [o.token_ids or [self.tokenizer.eos_token_id or 0] for o in outs])
         logprobs = [o.logprobs or [0.0] for o in outs]
         self.logprob_gap: dict = {}
-        reuse = self.shared and self._engine_matches_trainer(batch, logprobs)
-        inference = make_targets(batch, totals, g, logprobs, c.algorithm, self.params, self.policy, reuse,
-                                 self.reference, self.critic, c.train.micro_batch_tokens)
+        if it % c.train.logprob_check_every == 0:
+            self.verified_logprobs = None  # checked again every so often: the policy moves
+        reuse = self.shared and not self.filtered and self._engine_matches_trainer(batch, logprobs)
+        inference = make_targets(batch, totals, g, logprobs, c.algorithm, self.score_params, self.policy, reuse,
+                                 self.reference, self.critic, c.train.micro_batch_tokens, rollout_comparable=not self.filtered)
         t2 = time.perf_counter()
         train_stats = self._optimize(batch, inference.targets)
         t3 = time.perf_counter()
@@ -145,7 +152,6 @@ class Trainer:
             "success": success, "completion_len": sum(len(o.token_ids) for o in outs) / len(outs),
             "completion_len_max": max(len(o.token_ids) for o in outs),
             **inference.stats, **self.logprob_gap, **train_stats, **refresh,
-            "lr": self.scheduler.get_last_lr()[0],
             "generation_s": t1 - t0, "inference_s": t2 - t1, "training_s": t3 - t2, "sync_s": t4 - t3, "iteration_s": t4 - t0,
             "gen_tokens": rollout.tokens, "gen_tok_s": rollout.tokens / max(rollout.seconds, 1e-9),
             "acceptance": rollout.acceptance, **{f"acceptance/{k}": v for k, v in rollout.acceptance_by_drafter().items()},
@@ -160,7 +166,7 @@ class Trainer:
             from rlhfspec.rl.experience import padded
             from rlhfspec.rl.logprobs import all_logprobs
 
-            trainer = all_logprobs(self.policy, batch, self.params, self.config.train.micro_batch_tokens)
+            trainer = all_logprobs(self.policy, batch, self.score_params, self.config.train.micro_batch_tokens)
             mask = batch.mask()
             gap = (trainer - padded(logprobs, mask.shape[1])).abs() * mask
             diff = gap.max().item()
@@ -170,24 +176,33 @@ class Trainer:
                      + ("reusing the engine's" if self.verified_logprobs else "recomputing with the trainer"))
         return self.verified_logprobs
 
+    def _steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch: mini_batches, or fewer when an iteration has fewer samples."""
+        c = self.config
+        return min(c.train.mini_batches, c.data.prompts_per_iteration * c.generation.num_generations)
+
     def _optimize(self, batch: Batch, targets) -> dict:
         c = self.config
         algo, order = c.algorithm, list(range(len(batch)))
         rng = random.Random(self.seed * 7919 + self.iteration)
         losses, grad_norms, clipped, tokens, kl_sum = [], [], 0.0, 0.0, 0.0
-        for _ in range(c.train.epochs):
+        entropy_sum, entropy_tokens, lr = 0.0, 0.0, None
+        for epoch in range(c.train.epochs):
             rng.shuffle(order)
-            size = math.ceil(len(order) / c.train.mini_batches)
-            for start in range(0, len(order), size):
-                mb = order[start : start + size]
+            # Mini-batches of near-equal size (they differ by at most one sample), so no step runs
+            # on a small remainder at full weight, and the schedule counts exactly these steps.
+            for mb in (m.tolist() for m in torch.tensor_split(torch.tensor(order), min(c.train.mini_batches, len(order)))):
                 n_tokens = targets.mask[mb].sum().item()
                 self.optimizer.zero_grad(set_to_none=True)
                 total = 0.0
                 sub = Batch([batch.prompts[i] for i in mb], [batch.completions[i] for i in mb])
                 for micro in sub.micro_batches(c.train.micro_batch_tokens):
                     idx = [mb[i] for i in micro]
-                    lp, _ = completion_logprobs(self.policy, sub, micro, self.params)
-                    loss, st = policy_objective(lp, idx, targets, algo, n_tokens, len(mb))
+                    lp, _, ent = completion_logprobs(self.policy, sub, micro, self.score_params, entropy=True)
+                    loss, st = policy_objective(lp, idx, targets, algo, n_tokens, len(mb), c.generation.max_new_tokens, ent)
+                    if epoch == 0:  # the policy's entropy on its own rollout tokens
+                        entropy_sum += st["entropy_sum"]
+                        entropy_tokens += st["tokens"]
                     if not torch.isfinite(loss):
                         raise RlhfspecError(f"the policy loss became {loss.item()} at iteration {self.iteration}; the iteration was not committed (try a lower learning rate).")
                     loss.backward()
@@ -202,6 +217,7 @@ class Trainer:
                 norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.train.max_grad_norm)
                 if not torch.isfinite(norm):
                     raise RlhfspecError(f"the gradient norm became {norm.item()} at iteration {self.iteration}; the iteration was not committed.")
+                lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
                 self.optimizer.step()
                 self.scheduler.step()
                 if self.critic is not None:
@@ -212,7 +228,8 @@ class Trainer:
                 grad_norms.append(norm.item())
         if not self.shared:
             self._sync_engine()
-        out = {"loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms), "clip_frac": clipped / max(tokens, 1)}
+        out = {"loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms), "clip_frac": clipped / max(tokens, 1),
+               "entropy": entropy_sum / max(entropy_tokens, 1), "lr": lr}
         if algo.beta > 0 and not algo.kl_in_reward:
             out["kl_loss_term"] = kl_sum / max(tokens, 1)
         return out
@@ -255,7 +272,7 @@ class Trainer:
         self.scheduler.load_state_dict(objects["scheduler"])
         ckpt.set_rng_state(objects["rng"])
         self.source.load_state_dict(objects["source"])
-        self.verified_logprobs = objects["verified_logprobs"]
+        self.verified_logprobs = None  # checked again on the first iteration after a resume
         for d, state in zip([d for d in self.drafters if hasattr(d, "load_state_dict")], objects["drafters"]):
             d.load_state_dict(state)
         if self.critic is not None:

@@ -94,7 +94,7 @@ def _reference_policy_loss(lp, old, adv, mask, lo, hi, how):
         return total / count
     if how == "sequence-mean":
         return sum(s / n for s, n in per_seq) / len(per_seq)
-    return sum(s for s, _ in per_seq) / len(per_seq)
+    return sum(s for s, _ in per_seq) / (len(per_seq) * len(lp[0]))  # Dr. GRPO: / (B * max length)
 
 
 @pytest.mark.parametrize("how", ["token-mean", "sequence-mean", "sequence-sum-mean"])

@@ -2,6 +2,7 @@
 SIGKILL, and clear errors that leave nothing committed."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -193,3 +194,46 @@ def test_plot_writes_a_runs_pngs_and_compares_runs(tmp_path, policy):
     assert main(["plot", str(run), str(run), "--compare", str(tmp_path / "seeds.png")]) == 0
     assert (tmp_path / "seeds.png").stat().st_size > 0
     assert main(["plot", str(tmp_path), "--compare", str(tmp_path / "x.png")]) == 2  # no metrics there: a clear error
+
+
+def test_filtered_sampling_with_a_kl_term_trains_on_the_temperature_only_distribution(tmp_path, policy):
+    """top-p 0.8 and beta > 0: the reference may exclude a sampled token from its own filtered
+    set, so the trainer scores under the temperature alone (as TRL and verl do) and nothing
+    non-finite reaches the loss."""
+    cfg = config(tmp_path, policy, **{"generation.top_p": 0.8, "algorithm.beta": 0.1, "train.iterations": 2})
+    records = Trainer(cfg, progress=False, log=lambda m: None).train()
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in records)
+    assert all("rollout_trainer_logprob_diff" in r for r in records)  # old logprobs recomputed, not the filtered engine's
+
+
+def test_the_schedule_counts_the_steps_taken_and_logs_the_rate_each_used(tmp_path, policy):
+    # 5 prompts x 2 samples = 10 per iteration in 6 mini-batches: 6 steps of 2, 2, 2, 2, 1, 1 samples.
+    cfg = config(tmp_path, policy, **{"data.prompts_per_iteration": 5, "generation.num_generations": 2, "train.mini_batches": 6,
+                                      "train.lr_schedule": "linear", "train.iterations": 2})
+    trainer = Trainer(cfg, progress=False, log=lambda m: None)
+    records = trainer.train()
+    total = 2 * 6
+    assert trainer.scheduler.last_epoch == total
+    assert records[0]["lr"] == pytest.approx(1e-3 * (1 - 5 / total)) and records[1]["lr"] == pytest.approx(1e-3 * (1 - 11 / total))
+
+
+def test_entropy_is_logged_and_plotted_and_its_bonus_enters_the_loss(tmp_path, policy):
+    from rlhfspec.rl.plots import plot_run
+
+    runs = {}
+    for coef in (0.0, 0.5):
+        cfg = config(tmp_path / str(coef), policy, **{"algorithm.entropy_coef": coef, "train.iterations": 1})
+        runs[coef] = Trainer(cfg, progress=False, log=lambda m: None).train()[0]
+    assert runs[0.0]["entropy"] > 0 and runs[0.0]["entropy"] == pytest.approx(runs[0.5]["entropy"])
+    # Same samples, so the loss moves by exactly -coef x the mean entropy (token-mean aggregation, one mini-batch).
+    assert runs[0.5]["loss"] == pytest.approx(runs[0.0]["loss"] - 0.5 * runs[0.0]["entropy"], rel=1e-4, abs=1e-6)
+    assert "entropy.png" in {p.name for p in plot_run(tmp_path / "0.0" / "run")}
+
+
+def test_ppo_critic_uses_the_configured_weight_decay_and_logprobs_are_rechecked(tmp_path, policy):
+    cfg = config(tmp_path, policy, **{"algorithm.name": "ppo", "train.weight_decay": 0.03, "train.iterations": 2,
+                                      "train.logprob_check_every": 1})
+    trainer = Trainer(cfg, progress=False, log=lambda m: None)
+    assert trainer.critic_opt.param_groups[0]["weight_decay"] == 0.03
+    records = trainer.train()
+    assert all("rollout_trainer_logprob_gap_max" in r for r in records)
