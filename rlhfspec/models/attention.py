@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.invariance import VERDICTS, RowPlan, plan_rows
 
-BLOCKS = (512, 256, 128)  # candidate numbers of keys one value-product call reduces over, fewest calls first
+BLOCKS = (512, 256, 128, 64)  # candidate keys per product call, fewest calls first (64 with step 64: every call one shape)
 STEPS = (64, 128, 256)  # candidate key paddings, finest first (see attention_layout)
 
 
@@ -61,13 +61,15 @@ def attend_block(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias
             return attend_block(q, keys, values, bias, block)
         finally:
             torch.set_num_threads(threads)
-    scores = torch.bmm(q, keys.transpose(1, 2)).add_(bias)
-    p = torch.softmax(scores, dim=-1, dtype=torch.float32)
-    if keys.shape[1] <= block:
+    length = keys.shape[1]
+    if length <= block:
+        p = torch.softmax(torch.bmm(q, keys.transpose(1, 2)).add_(bias), dim=-1, dtype=torch.float32)
         return torch.bmm(p.to(q.dtype), values)
+    # Scores and the value product per block of keys, so each product's shape is the block's.
+    scores = torch.cat([torch.bmm(q, keys[:, j : j + block].transpose(1, 2)) for j in range(0, length, block)], dim=-1)
+    p = torch.softmax(scores.add_(bias), dim=-1, dtype=torch.float32).to(q.dtype)
     out = None
-    p = p.to(q.dtype)
-    for j in range(0, keys.shape[1], block):
+    for j in range(0, length, block):
         part = torch.bmm(p[:, :, j : j + block], values[:, j : j + block]).float()
         out = part if out is None else out + part
     return out.to(q.dtype)
@@ -251,6 +253,7 @@ def attention_layout(dtype: torch.dtype, device, head_dim: int) -> tuple[RowPlan
 
 
 GOOD_TILE = 16
+SPAN = 1024  # padded lengths verified up front (longer ones as they come, by check_length)
 
 
 def _layout(dtype, device, head_dim: int) -> dict | None:
@@ -262,7 +265,7 @@ def _layout(dtype, device, head_dim: int) -> dict | None:
                 plan = plan_rows(_row_fn(keys, values, dtype, block, serial), x)
                 if plan is None or (best is not None and plan.tile <= best["sizes"][-1]):
                     continue
-                if all(_length_ok(dtype, device, head_dim, n, step, block, serial, plan) for n in range(step, 2 * block + 1, step)):
+                if all(_length_ok(dtype, device, head_dim, n, step, block, serial, plan) for n in range(step, max(2 * block, SPAN) + 1, step)):
                     best = {"sizes": list(plan.sizes), "step": step, "block": block, "serial": serial}
                     if plan.tile >= GOOD_TILE:
                         return best
@@ -320,7 +323,10 @@ def _length_ok(dtype, device, head_dim: int, length: int, step: int, block: int,
     shortest = (x[:, -1].long() + step - 1) // step * step
     for cut in shortest.unique().tolist():
         sel = shortest == cut
-        short = _row_fn(keys[:, :cut].contiguous(), values[:, :cut].contiguous(), dtype, block, serial)(x[sel])
+        rows = x[sel]
+        padded = plan.padded(len(rows))  # a verified call size, filled with copies of the first row
+        call = torch.cat((rows, rows[:1].expand(padded - len(rows), -1))) if padded > len(rows) else rows
+        short = _row_fn(keys[:, :cut].contiguous(), values[:, :cut].contiguous(), dtype, block, serial)(call)[: len(rows)]
         if not torch.equal(short, full[sel]):
             return False
     fn = _row_fn(keys, values, dtype, block, serial)
