@@ -12,7 +12,7 @@ from rlhfspec.data.chat import encode_prompt
 from rlhfspec.data.prompts import BENCH_PROMPTS
 from rlhfspec.engine.generate import generate
 from rlhfspec.engine.sampling import SamplingParams
-from rlhfspec.models.attention import attention_layout
+from rlhfspec.models.invariant_attention import attention_layout
 from rlhfspec.models.linear import choose
 from rlhfspec.models.loader import _cached_default, default_cache_dir, load_model
 

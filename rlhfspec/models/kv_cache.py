@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from rlhfspec.errors import RlhfspecError
-from rlhfspec.models.attention import CacheAttention, attention_layout
+from rlhfspec.models.attention import CacheAttention
+from rlhfspec.models.invariant_attention import attention_layout
 from rlhfspec.models.config import ModelConfig
 
 
