@@ -93,13 +93,6 @@ class NgramDrafter(Drafter):
         while len(idx.done) > self.history_per_prompt:
             idx.docs[idx.done.pop(0)] = []
 
-    def remember(self, prompt: list[int], response: list[int]) -> None:
-        """Add a response from elsewhere (an earlier iteration, another instance) to the prompt's history."""
-        idx = self._index(prompt)
-        i = idx.add(list(prompt) + list(response))
-        idx.catch_up(i)
-        self._retire(idx, i)
-
     def propose(self, seqs: list[Sequence], n: list[int]) -> Proposal:
         drafts = []
         for s, k in zip(seqs, n):
