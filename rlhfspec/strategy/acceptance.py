@@ -15,6 +15,14 @@ def expected_tokens(alpha: float, n: int) -> float:
     return (1.0 - alpha ** (n + 1)) / (1.0 - alpha)
 
 
+def expected_tokens_upto(alpha: float, n: int) -> list[float]:
+    """[expected_tokens(alpha, k) for k in 0..n], bit for bit, without a call per k."""
+    if alpha >= 1.0:
+        return [float(k + 1) for k in range(n + 1)]
+    rest = 1.0 - alpha
+    return [1.0] + [(1.0 - alpha**k) / rest for k in range(2, n + 2)]
+
+
 @dataclass(slots=True)
 class _Counts:
     """Draft positions j = 1, 2, ...: how often a draft reached j (was proposed with all before it accepted)
@@ -42,53 +50,49 @@ class _Counts:
         self.reached = [x * factor for x in self.reached]
         self.accepted = [x * factor for x in self.accepted]
 
+    def to_json(self) -> dict[str, list[float]]:
+        return {"reached": list(self.reached), "accepted": list(self.accepted)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> _Counts:
+        return cls([float(x) for x in data["reached"]], [float(x) for x in data["accepted"]])
+
 
 class AcceptanceEstimator:
     """Per-drafter and per-sample acceptance rates, updated from every step's accept counts.
 
     A sample's rate is shrunk toward its drafter's rate (a Beta prior worth `prior_strength`
     draft tokens), so a new sample starts at the drafter's rate and moves to its own as evidence
-    accrues. Old evidence decays (`decay` per update) so estimates follow a drifting policy.
-    `expected(drafter, sample, n)` uses the geometric model, or the drafter's empirical
-    per-position survival when `empirical` is set (both are scored by `prediction_error`).
+    accrues. Old drafter-level evidence decays (`decay` per update) so estimates follow a drifting
+    policy. Tokens per step follow the geometric model, `expected_tokens(rate, n)`.
     """
 
-    def __init__(self, prior: float = 0.5, prior_strength: float = 8.0, decay: float = 0.995, empirical: bool = False):
-        self.prior, self.strength, self.decay_factor, self.empirical = prior, prior_strength, decay, empirical
+    def __init__(self, prior: float = 0.5, prior_strength: float = 8.0, decay: float = 0.995):
+        self.prior, self.strength, self.decay_factor = prior, prior_strength, decay
         self.drafters: dict[str, _Counts] = {}
-        self.samples: dict[tuple[str, int], _Counts] = {}
-        self.errors = {"geometric": [0.0, 0], "empirical": [0.0, 0]}
+        self.samples: dict[int, dict[str, _Counts]] = {}  # sample id -> drafter -> counts
 
     def rate(self, drafter: str, sample: int | None = None) -> float:
         d = self.drafters.get(drafter)
         base = self.prior if d is None else d.rate(self.prior, self.strength)
         if sample is None:
             return base
-        s = self.samples.get((drafter, sample))
+        s = self.samples.get(sample, {}).get(drafter)
         return base if s is None else s.rate(base, self.strength)
+
+    def rates(self, drafter: str, samples: list[int]) -> list[float]:
+        """rate(drafter, s) for every s, with the drafter's own rate computed once."""
+        base = self.rate(drafter)
+        out = []
+        for sid in samples:
+            s = self.samples.get(sid)
+            c = None if s is None else s.get(drafter)
+            out.append(base if c is None else c.rate(base, self.strength))
+        return out
 
     def expected(self, drafter: str, sample: int | None, n: int) -> float:
         """Expected tokens emitted by one step that drafts n tokens for this sample."""
-        return self._predict(drafter, sample, n, self.empirical)
-
-    def _predict(self, drafter: str, sample: int | None, n: int, empirical: bool) -> float:
-        if n <= 0:
-            return 1.0
-        if empirical and drafter in self.drafters:
-            return self._empirical(drafter, sample, n)
-        return expected_tokens(self.rate(drafter, sample), n)
-
-    def _empirical(self, drafter: str, sample: int | None, n: int) -> float:
-        d = self.drafters[drafter]
-        scale = self.rate(drafter, sample) / max(self.rate(drafter), 1e-9)
-        total, survive = 1.0, 1.0
-        for j in range(n):
-            reached = d.reached[j] if j < len(d.reached) else 0.0
-            acc = d.accepted[j] if j < len(d.accepted) else 0.0
-            p = (acc + self.prior * self.strength) / (reached + self.strength)
-            survive *= min(1.0, p * scale)
-            total += survive
-        return total
+        return 1.0 if n <= 0 else expected_tokens(self.rate(drafter, sample), n)
 
     def update(self, drafter: str, sample_ids: list[int], proposed: list[int], accepted: list[int]) -> None:
         """Record one step: sample_ids[b] proposed `proposed[b]` drafts and kept `accepted[b]`."""
@@ -96,27 +100,26 @@ class AcceptanceEstimator:
         for sid, n, a in zip(sample_ids, proposed, accepted):
             if n <= 0:
                 continue
-            for name, empirical in (("geometric", False), ("empirical", True)):
-                err = self._predict(drafter, sid, n, empirical) - (a + 1)
-                self.errors[name][0] += err * err
-                self.errors[name][1] += 1
             d.add(n, a)
-            self.samples.setdefault((drafter, sid), _Counts()).add(n, a)
+            self.samples.setdefault(sid, {}).setdefault(drafter, _Counts()).add(n, a)
         d.decay(self.decay_factor)
 
     def forget(self, sample_id: int) -> None:
-        """Drop a finished sample's statistics."""
-        for key in [k for k in self.samples if k[1] == sample_id]:
-            del self.samples[key]
+        """Drop a sample's statistics (it finished or left this instance)."""
+        self.samples.pop(sample_id, None)
 
-    def sample_state(self, sample_id: int) -> dict[str, tuple[list[float], list[float]]]:
-        """A sample's own counts per drafter, to travel with it to another instance."""
-        return {k[0]: (list(c.reached), list(c.accepted)) for k, c in self.samples.items() if k[1] == sample_id}
+    def export(self, sample_id: int) -> dict[str, dict[str, list[float]]]:
+        """A sample's own counts per drafter, as plain JSON, to travel with it to another instance."""
+        return {name: c.to_json() for name, c in self.samples.get(sample_id, {}).items()}
 
-    def restore_sample(self, sample_id: int, state: dict[str, tuple[list[float], list[float]]]) -> None:
-        for drafter, (reached, accepted) in state.items():
-            self.samples[(drafter, sample_id)] = _Counts(list(reached), list(accepted))
+    def adopt(self, sample_id: int, state: dict[str, dict[str, list[float]]]) -> None:
+        """Take over counts exported elsewhere (they replace any this estimator held for the sample)."""
+        if state:
+            self.samples[sample_id] = {name: _Counts.from_json(c) for name, c in state.items()}
 
-    def prediction_error(self) -> dict[str, float]:
-        """Mean squared error of each model's predicted tokens per step, over every update so far."""
-        return {k: (v[0] / v[1] if v[1] else float("nan")) for k, v in self.errors.items()}
+    def state_dict(self) -> dict:
+        """Drafter-level counts (per-sample counts end with their samples and are not kept)."""
+        return {"drafters": {name: c.to_json() for name, c in self.drafters.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.drafters = {name: _Counts.from_json(c) for name, c in state.get("drafters", {}).items()}

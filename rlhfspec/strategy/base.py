@@ -33,7 +33,8 @@ class StepRecord:
     """What one step did and cost; strategies learn from it and plots are drawn from it.
 
     n: draft lengths asked for; drafted: what the drafter proposed (an n-gram drafter may find
-    fewer); accepted: drafts kept per sample."""
+    fewer); accepted: drafts kept per sample; decide_s: the strategy's own time choosing this step
+    (part of the step's cost, not of any forward)."""
 
     batch: int
     drafter: str | None
@@ -46,14 +47,20 @@ class StepRecord:
     context_len: float
     sample_ids: list[int] = field(default_factory=list)
     start_s: float = 0.0  # seconds since the run began
+    decide_s: float = 0.0
 
     @property
     def seconds(self) -> float:
-        return self.draft_s + self.verify_s
+        return self.decide_s + self.draft_s + self.verify_s
 
 
 class Strategy:
-    """Chooses a Decision for each step and observes what it did."""
+    """Chooses a Decision for each step and observes what it did.
+
+    Per-sample contract, driven by the instance: `export` when a live sample migrates away (then
+    `forget`), `adopt` on the instance it arrives at, `forget` when it finishes. `state_dict` is
+    what persists across RL iterations (checkpoints); it is plain JSON.
+    """
 
     def decide(self, workload: Workload) -> Decision:
         raise NotImplementedError
@@ -61,12 +68,22 @@ class Strategy:
     def observe(self, record: StepRecord) -> None:
         """Learn from a finished step (default: nothing)."""
 
-    def sample_state(self, sample_id: int) -> dict:
-        """What this strategy learned about one sample, for its migration (default: nothing)."""
+    def export(self, sample_id: int) -> dict:
+        """What this strategy learned about one live sample, to travel with it (default: nothing)."""
         return {}
 
-    def restore_sample(self, sample_id: int, state: dict) -> None:
-        """Take over a migrated sample's learned state."""
+    def adopt(self, sample_id: int, state: dict) -> None:
+        """Take over a migrated sample's exported state (default: ignore it)."""
+
+    def forget(self, sample_id: int) -> None:
+        """The sample finished or left this instance: drop what is kept for it (default: nothing kept)."""
+
+    def state_dict(self) -> dict:
+        """What this strategy learned that outlives samples, as plain JSON (default: nothing)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from a state_dict (default: nothing to load)."""
 
 
 class StaticStrategy(Strategy):

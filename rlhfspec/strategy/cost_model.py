@@ -10,8 +10,8 @@ from pathlib import Path
 Table = dict[tuple[int, int], float]  # (batch, tokens per row or draft length) -> seconds
 
 
-def _interp(xs: list[float], ys: list[float], x: float) -> float:
-    """Piecewise-linear through (xs, ys), extrapolating the end segments."""
+def interpolate(xs, ys, x: float) -> float:
+    """Piecewise-linear through (xs[i], ys[i]) (xs ascending), extrapolating the end segments."""
     if len(xs) == 1:
         return ys[0]
     i = min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1)
@@ -19,14 +19,55 @@ def _interp(xs: list[float], ys: list[float], x: float) -> float:
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
-def lookup(table: Table, batch: float, k: float) -> float:
-    """Interpolate a (batch, k) grid: linear in k, linear in log2(batch)."""
-    batches = sorted({b for b, _ in table})
-    per_batch = []
-    for b in batches:
-        ks = sorted(kk for bb, kk in table if bb == b)
-        per_batch.append(_interp([float(x) for x in ks], [table[(b, x)] for x in ks], k))
-    return max(_interp([math.log2(b) for b in batches], per_batch, math.log2(max(batch, 1))), 1e-6)
+def step_table(measured: dict[int, float], capacity: int) -> list[float]:
+    """Seconds per step for batch 0..capacity from measured means per batch size: linear between
+    measured sizes, flat beyond them; [0.0] + [1.0] * capacity when nothing is measured."""
+    capacity = max(capacity, 1)
+    if not measured:
+        return [0.0] + [1.0] * capacity
+    xs, ys = zip(*sorted(measured.items()))
+    out = [0.0]
+    for b in range(1, capacity + 1):
+        if b in measured:
+            out.append(measured[b])
+        elif b < xs[0] or b > xs[-1]:
+            out.append(ys[0] if b < xs[0] else ys[-1])
+        else:
+            out.append(interpolate(xs, ys, b))
+    return out
+
+
+class _Grid:
+    """A (batch, k) table with its axes sorted once: linear in k, linear in log2(batch).
+    Values are memoised: the selector asks for the same few (batch, k) at every step."""
+
+    __slots__ = ("log_batches", "rows", "memo")
+
+    def __init__(self, table: Table):
+        batches = sorted({b for b, _ in table})
+        self.log_batches = [math.log2(b) for b in batches]
+        self.rows = []
+        for b in batches:
+            ks = sorted(kk for bb, kk in table if bb == b)
+            self.rows.append(([float(x) for x in ks], [table[(b, x)] for x in ks]))
+        self.memo: dict[tuple[float, float], float] = {}
+
+    def __call__(self, batch: float, k: float) -> float:
+        y = self.memo.get((batch, k))
+        if y is None:
+            if len(self.memo) >= 1 << 16:
+                self.memo.clear()
+            y = self.memo[(batch, k)] = self._interpolate(batch, k)
+        return y
+
+    def _interpolate(self, batch: float, k: float) -> float:
+        xs, x = self.log_batches, math.log2(max(batch, 1))
+        if len(xs) == 1:
+            return max(interpolate(*self.rows[0], k), 1e-6)
+        # The two rows around log2(batch) are all the outer interpolation reads.
+        i = min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1)
+        y0, y1 = interpolate(*self.rows[i - 1], k), interpolate(*self.rows[i], k)
+        return max(y0 + (y1 - y0) * (x - xs[i - 1]) / (xs[i] - xs[i - 1]), 1e-6)
 
 
 class CostModel:
@@ -35,6 +76,8 @@ class CostModel:
     Starts from profiled tables and multiplies each prediction by a correction learned online per
     (drafter or "verify", batch bucket): an exponential moving average of measured / predicted,
     so changes in context length, machine load or weights are followed within a few steps.
+    The tables are fixed once given (their sorted grids are cached); a drafter without a profile
+    gets a per-row-token table learned from its first measured step.
     """
 
     def __init__(self, verify: Table, drafts: dict[str, Table] | None = None, smoothing: float = 0.2):
@@ -42,6 +85,8 @@ class CostModel:
         self.draft_tables = {k: dict(v) for k, v in (drafts or {}).items()}
         self.smoothing = smoothing
         self.correction: dict[tuple[str, int], float] = {}
+        self.learned: set[str] = set()  # drafters whose table was learned online, not profiled
+        self._grids = {"verify": _Grid(self.verify_table)} | {k: _Grid(v) for k, v in self.draft_tables.items() if v}
 
     @staticmethod
     def _bucket(batch: int) -> int:
@@ -52,38 +97,55 @@ class CostModel:
 
     def verify(self, batch: int, q: float) -> float:
         """Seconds for a forward of q (mean) new tokens per row over `batch` rows."""
-        return lookup(self.verify_table, batch, q) * self._fix("verify", batch)
+        return self._grids["verify"](batch, q) * self._fix("verify", batch)
 
     def draft(self, drafter: str, batch: int, n: int) -> float:
         """Seconds for `drafter` to propose n tokens for `batch` rows (0 if n is 0)."""
         if n <= 0 or batch <= 0:
             return 0.0
-        table = self.draft_tables.get(drafter)
-        base = lookup(table, batch, n) if table else 2e-5 * batch * n
+        grid = self._grids.get(drafter)
+        base = grid(batch, n) if grid else 2e-5 * batch * n
         return base * self._fix(drafter, batch)
 
     def observe(self, kind: str, batch: int, k: float, seconds: float) -> None:
         """A measured time for `kind` ("verify" or a drafter name) at (batch, k)."""
         if seconds <= 0 or batch <= 0:
             return
-        table = self.verify_table if kind == "verify" else self.draft_tables.get(kind)
-        if kind != "verify" and not table:
+        grid = self._grids.get(kind)
+        if grid is None:
             # No profile for this drafter: learn its per-row-token cost directly.
-            self.draft_tables[kind] = {(1, 1): seconds / (batch * max(k, 1)), (64, 1): 64 * seconds / (batch * max(k, 1))}
+            rows = batch * max(k, 1)
+            self._set_draft_table(kind, {(1, 1): seconds / rows, (64, 1): 64 * seconds / rows})
+            self.learned.add(kind)
             return
-        ratio = seconds / lookup(table, batch, k)
+        ratio = seconds / grid(batch, k)
         for key in ((kind, self._bucket(batch)), (kind, 0)):
             old = self.correction.get(key, ratio)
             self.correction[key] = old + self.smoothing * (ratio - old)
 
+    def _set_draft_table(self, drafter: str, table: Table) -> None:
+        self.draft_tables[drafter] = table
+        self._grids[drafter] = _Grid(table)
+
+    def state_dict(self) -> dict:
+        """What was learned online (corrections, tables of unprofiled drafters), as plain JSON."""
+        return {
+            "correction": [[kind, bucket, v] for (kind, bucket), v in sorted(self.correction.items())],
+            "learned": {k: _encode(self.draft_tables[k]) for k in sorted(self.learned)},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.correction = {(str(kind), int(bucket)): float(v) for kind, bucket, v in state.get("correction", [])}
+        for name, rows in state.get("learned", {}).items():
+            self._set_draft_table(name, _decode(rows))
+            self.learned.add(name)
+
     def to_json(self) -> dict:
-        enc = lambda t: [[b, k, s] for (b, k), s in sorted(t.items())]  # noqa: E731
-        return {"verify": enc(self.verify_table), "drafts": {k: enc(v) for k, v in self.draft_tables.items()}}
+        return {"verify": _encode(self.verify_table), "drafts": {k: _encode(v) for k, v in self.draft_tables.items()}}
 
     @classmethod
     def from_json(cls, data: dict) -> CostModel:
-        dec = lambda rows: {(int(b), int(k)): float(s) for b, k, s in rows}  # noqa: E731
-        return cls(dec(data["verify"]), {k: dec(v) for k, v in data.get("drafts", {}).items()})
+        return cls(_decode(data["verify"]), {k: _decode(v) for k, v in data.get("drafts", {}).items()})
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,3 +154,11 @@ class CostModel:
     @classmethod
     def load(cls, path: Path) -> CostModel:
         return cls.from_json(json.loads(path.read_text()))
+
+
+def _encode(table: Table) -> list[list]:
+    return [[b, k, s] for (b, k), s in sorted(table.items())]
+
+
+def _decode(rows: list[list]) -> Table:
+    return {(int(b), int(k)): float(s) for b, k, s in rows}

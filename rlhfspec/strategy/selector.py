@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rlhfspec.strategy.acceptance import AcceptanceEstimator
+from rlhfspec.strategy.acceptance import AcceptanceEstimator, expected_tokens_upto
 from rlhfspec.strategy.base import Decision, StepRecord, Strategy, Workload
 from rlhfspec.strategy.cost_model import CostModel
 
@@ -34,25 +34,75 @@ class Selector:
         return tokens, drafting + self.cost.verify(b, sum(n + 1 for n in ns) / b)
 
     def choose(self, workload: Workload) -> Decision:
+        """The best candidate, visited drafter-major, then n ascending, then threshold; a later
+        candidate wins only if strictly better. Each candidate's score is computed exactly as
+        `evaluate` would (same sums in the same order), from per-sample values computed once."""
         b = workload.batch
-        best, best_score = Decision(None, [0] * b), goodput(*self.evaluate(workload, None, [0] * b))
-        caps = [max(0, r - 1) for r in workload.remaining]
+        best, best_score = Decision(None, [0] * b), goodput(float(b), self.cost.verify(b, 1.0))
+        caps = [min(max(0, r - 1), self.max_n) for r in workload.remaining]
+        verify: dict[int, float] = {}  # total tokens in the forward -> seconds
         for drafter in workload.drafters:
-            rates = [self.acceptance.rate(drafter, sid) for sid in workload.sample_ids]
-            thresholds = [0.0]
-            if self.per_sample and b > 1:
-                distinct = sorted(set(rates))
-                step = max(1, len(distinct) // self.max_thresholds)
-                thresholds += distinct[1::step][: self.max_thresholds]
+            rates = self.acceptance.rates(drafter, workload.sample_ids)
+            # values[s][k]: expected tokens of sample s drafting k <= its cap.
+            values = [expected_tokens_upto(r, cap) for r, cap in zip(rates, caps)]
+            draft: dict[tuple[int, int], float] = {}
+            groups = [_Group(rates, caps, tau, self.max_n) for tau in self._thresholds(rates)]
             for n in range(1, self.max_n + 1):
-                for tau in thresholds:
-                    ns = [min(n, cap) if rate >= tau else 0 for rate, cap in zip(rates, caps)]
-                    if not any(ns):
+                tokens_n = [v[n] if n < len(v) else v[-1] for v in values]
+                everyone = sum(tokens_n)
+                for g in groups:
+                    if not g.active:
                         continue
-                    score = goodput(*self.evaluate(workload, drafter, ns))
+                    key = (g.active, min(n, g.top))
+                    if key not in draft:
+                        draft[key] = self.cost.draft(drafter, *key)
+                    total = b + g.drafted[n]
+                    if total not in verify:
+                        verify[total] = self.cost.verify(b, total / b)
+                    seconds = draft[key] + verify[total]
+                    if g.everyone:
+                        tokens = everyone
+                    elif goodput(everyone, seconds) <= best_score:
+                        # Rounding is monotone and a left-out sample's 1.0 is no more than its
+                        # value, so the masked sum cannot exceed `everyone`: not better, skip it.
+                        continue
+                    else:
+                        tokens = sum([t if m else 1.0 for t, m in zip(tokens_n, g.mask)])
+                    score = goodput(tokens, seconds)
                     if score > best_score:
-                        best, best_score = Decision(drafter, ns), score
+                        best, best_score = Decision(drafter, [min(n, c) if m else 0 for c, m in zip(caps, g.mask)]), score
         return best
+
+    def _thresholds(self, rates: list[float]) -> list[float]:
+        """0 (everyone drafts), then up to max_thresholds of the distinct rates above the lowest."""
+        thresholds = [0.0]
+        if self.per_sample and len(rates) > 1:
+            distinct = sorted(set(rates))
+            step = max(1, len(distinct) // self.max_thresholds)
+            thresholds += distinct[1::step][: self.max_thresholds]
+        return thresholds
+
+
+class _Group:
+    """The samples a threshold lets draft: mask, how many can draft at all (active), the largest
+    cap among them (top), and drafted[n] = sum over them of min(n, cap), for n = 0..max_n."""
+
+    __slots__ = ("mask", "everyone", "active", "top", "drafted")
+
+    def __init__(self, rates: list[float], caps: list[int], tau: float, max_n: int):
+        self.mask = [r >= tau for r in rates]
+        self.everyone = all(self.mask)
+        reaching = [0] * (max_n + 2)  # reaching[j]: members whose cap is exactly j
+        for cap, m in zip(caps, self.mask):
+            if m:
+                reaching[cap] += 1
+        self.active = sum(reaching[1:])
+        self.top = max((j for j in range(max_n + 1) if reaching[j]), default=0)
+        self.drafted = [0] * (max_n + 1)
+        at_least = self.active  # members with cap >= n
+        for n in range(1, max_n + 1):
+            self.drafted[n] = self.drafted[n - 1] + at_least
+            at_least -= reaching[n]
 
 
 class AdaptiveStrategy(Strategy):
@@ -66,11 +116,23 @@ class AdaptiveStrategy(Strategy):
     def decide(self, workload: Workload) -> Decision:
         return self.selector.choose(workload)
 
-    def sample_state(self, sample_id: int) -> dict:
-        return self.acceptance.sample_state(sample_id)
+    def export(self, sample_id: int) -> dict:
+        """The sample's own acceptance counts per drafter."""
+        return self.acceptance.export(sample_id)
 
-    def restore_sample(self, sample_id: int, state: dict) -> None:
-        self.acceptance.restore_sample(sample_id, state)
+    def adopt(self, sample_id: int, state: dict) -> None:
+        self.acceptance.adopt(sample_id, state)
+
+    def forget(self, sample_id: int) -> None:
+        self.acceptance.forget(sample_id)
+
+    def state_dict(self) -> dict:
+        """Drafter-level acceptance counts and the cost model's online corrections."""
+        return {"acceptance": self.acceptance.state_dict(), "cost": self.cost.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.acceptance.load_state_dict(state.get("acceptance", {}))
+        self.cost.load_state_dict(state.get("cost", {}))
 
     def observe(self, record: StepRecord) -> None:
         if record.drafter is None:

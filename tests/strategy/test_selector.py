@@ -1,43 +1,100 @@
-"""The strategy layer alone, on hand-written workloads (no tensors)."""
+"""The selector and the strategies, on hand-written workloads (no tensors)."""
 
+import json
 import random
 
-import pytest
-
-from rlhfspec.strategy.acceptance import AcceptanceEstimator, expected_tokens
-from rlhfspec.strategy.base import StepRecord, Workload
+from rlhfspec.strategy.acceptance import AcceptanceEstimator
+from rlhfspec.strategy.base import Decision, StepRecord, Workload
 from rlhfspec.strategy.cost_model import CostModel
-from rlhfspec.strategy.selector import AdaptiveStrategy, Selector, ThresholdStrategy
+from rlhfspec.strategy.selector import AdaptiveStrategy, Selector, ThresholdStrategy, goodput
+from tests.strategy.helpers import estimator, table, workload
 
 
-def table(f):
-    return {(b, q): f(b, q) for b in (1, 2, 4, 8, 16, 32, 64) for q in (1, 3, 5, 9)}
+def reference_choose(sel: Selector, workload: Workload) -> Decision:
+    """Selector.choose as first written: every candidate scored from scratch by evaluate()."""
+    b = workload.batch
+    best, best_score = Decision(None, [0] * b), goodput(*sel.evaluate(workload, None, [0] * b))
+    caps = [max(0, r - 1) for r in workload.remaining]
+    for drafter in workload.drafters:
+        rates = [sel.acceptance.rate(drafter, sid) for sid in workload.sample_ids]
+        thresholds = [0.0]
+        if sel.per_sample and b > 1:
+            distinct = sorted(set(rates))
+            step = max(1, len(distinct) // sel.max_thresholds)
+            thresholds += distinct[1::step][: sel.max_thresholds]
+        for n in range(1, sel.max_n + 1):
+            for tau in thresholds:
+                ns = [min(n, cap) if rate >= tau else 0 for rate, cap in zip(rates, caps)]
+                if not any(ns):
+                    continue
+                score = goodput(*sel.evaluate(workload, drafter, ns))
+                if score > best_score:
+                    best, best_score = Decision(drafter, ns), score
+    return best
 
 
-def workload(b, remaining=100, drafters=("draft",)):
-    return Workload(list(range(b)), [50] * b, [remaining] * b, list(drafters))
+def random_case(rng: random.Random, permuted_twins: bool = False) -> tuple[Selector, Workload]:
+    """A random cost model, estimator state and workload, some built for exact ties, where only the
+    order candidates are visited in decides: `flat` costs with near-zero rates (a longer draft or
+    one more sample adds exactly nothing), and `twins`, drafters with equal costs that saw the same
+    steps, possibly dealt to the samples in another order (equal sums of the same terms, so only
+    summing in the reference's order reproduces which one it picks)."""
+    drafters = rng.sample(["draft", "ngram", "eagle"], rng.randint(2 if permuted_twins else 1, 3))
+    batches = sorted(rng.sample([1, 2, 4, 8, 16, 32, 64], rng.randint(1, 5)))
+    flat, twins = rng.random() < 0.3, permuted_twins or rng.random() < 0.4
+    if flat:
+        verify = {(b, q): 0.03 for b in batches for q in (1, 9)}
+        drafts = {d: {(b, n): 0.0 for b in batches for n in (1, 8)} for d in drafters}
+    else:
+        base, slope = rng.uniform(0.005, 0.05), rng.uniform(0.0, 0.004)
+        verify = {(b, q): base + slope * b * q * rng.uniform(0.9, 1.1) for b in batches for q in rng.sample([1, 3, 5, 9], rng.randint(1, 4))}
+        drafts = {d: {(b, n): rng.uniform(0.0, 0.002) * n * (1 + b / 16) for b in batches for n in (1, 4, 8)} for d in drafters}
+        drafts = {d: t for d, t in drafts.items() if rng.random() < 0.7}
+        if twins:
+            drafts = {d: drafts[drafters[0]] for d in drafters} if drafters[0] in drafts else {}
+    cost = CostModel(verify, drafts)
+    for _ in range(0 if flat else rng.randint(0, 4)):
+        kind = "verify" if twins else rng.choice(["verify", *drafters])
+        cost.observe(kind, rng.randint(1, 64), rng.randint(1, 8), rng.uniform(0.001, 0.1))
+    if flat:
+        prior, strength = rng.choice([0.0, 1e-9, 0.3]), rng.choice([1e-18, 1e-18, 1.0, 8.0])
+    else:
+        prior, strength = rng.uniform(0.1, 0.9), rng.choice([1.0, 4.0, 8.0])
+    est = AcceptanceEstimator(prior=prior, prior_strength=strength, decay=1.0 if twins else rng.choice([1.0, 0.99]))
+    b = rng.choice([3, 5, 8, 16, 33, 64] if permuted_twins else [1, 1, 2, 3, 5, 8, 16, 33, 64])
+    sample_ids = rng.sample(range(200), b)
+    remaining = [rng.choice([1, 2, 3, 5, 9, 100]) for _ in range(b)]
+    dealt = {s: s for s in sample_ids}
+    if permuted_twins or (twins and rng.random() < 0.5):
+        dealt = dict(zip(sample_ids, rng.sample(sample_ids, b)))
+        remaining = [remaining[0]] * b  # so that the twins' terms are the same ones, permuted
+    for _ in range(rng.randint(0, 30)):
+        seen = [s for s in sample_ids if rng.random() < 0.6]
+        quality = {s: 0.0 if flat and s % 2 else (s * 7919 % 100) / 100 for s in seen}
+        proposed = [rng.randint(0, 6) for _ in seen]
+        accepted = [sum(1 for _ in range(p) if rng.random() < quality[s]) for s, p in zip(seen, proposed)]
+        if twins:
+            est.update(drafters[0], seen, proposed, accepted)
+            for drafter in drafters[1:]:
+                est.update(drafter, [dealt[s] for s in seen], proposed, accepted)
+        else:
+            est.update(rng.choice(drafters), seen, proposed, accepted)
+    sel = Selector(cost, est, max_n=rng.randint(1, 8), per_sample=permuted_twins or rng.random() < 0.8, max_thresholds=rng.randint(1, 4))
+    return sel, Workload(sample_ids, [50] * b, remaining, drafters)
 
 
-def estimator(rate, drafter="draft", samples=64, steps=200):
-    """An estimator that has seen `steps` steps of i.i.d. acceptance at `rate`."""
-    est = AcceptanceEstimator(decay=1.0)
+def test_choose_equals_the_reference_selector_exactly():
     rng = random.Random(0)
-    for _ in range(steps):
-        accepted = []
-        for _ in range(samples):
-            k = 0
-            while k < 4 and rng.random() < rate:
-                k += 1
-            accepted.append(k)
-        est.update(drafter, list(range(samples)), [4] * samples, accepted)
-    return est
-
-
-def test_expected_tokens_equals_the_direct_sum():
-    for alpha in (0.0, 0.3, 0.75, 0.99, 1.0):
-        for n in range(0, 9):
-            direct = sum(alpha**j for j in range(n + 1))
-            assert expected_tokens(alpha, n) == pytest.approx(direct)
+    drafted = 0
+    for _ in range(600):
+        sel, work = random_case(rng)
+        decision = sel.choose(work)
+        assert decision == reference_choose(sel, work)
+        drafted += decision.drafter is not None
+    assert 60 < drafted < 540  # the cases exercise both outcomes
+    for _ in range(300):
+        sel, work = random_case(rng, permuted_twins=True)
+        assert sel.choose(work) == reference_choose(sel, work)
 
 
 def test_plain_decoding_when_verification_is_steep_and_acceptance_low():
@@ -77,43 +134,18 @@ def test_low_acceptance_samples_are_left_out_per_sample():
     assert min(decision.n[:8]) > 0 and max(decision.n[8:]) == 0
 
 
-def test_the_cost_model_refits_when_timings_change():
-    cost = CostModel(table(lambda b, q: 0.01 * q))
-    assert cost.verify(4, 3) == pytest.approx(0.03)
-    for _ in range(30):
-        cost.observe("verify", 4, 3, 0.06)
-    assert cost.verify(4, 3) == pytest.approx(0.06, rel=0.02)
-    assert cost.verify(4, 5) == pytest.approx(0.10, rel=0.05)  # the correction carries to other lengths
+def test_the_better_drafter_is_chosen():
+    cost = CostModel(table(lambda b, q: 0.04 + 0.0005 * b * q), {"draft": table(lambda b, n: 0.001 * n)})
+    est = AcceptanceEstimator(decay=1.0)
+    for _ in range(50):
+        est.update("draft", [0, 1], [4, 4], [4, 4])
+        est.update("ngram", [0, 1], [4, 4], [0, 1])
+    assert Selector(cost, est).choose(workload(2, drafters=("ngram", "draft"))).drafter == "draft"
 
 
-def test_cost_model_round_trips_through_json(tmp_path):
-    cost = CostModel(table(lambda b, q: 0.001 * b + q * 0.01), {"draft": table(lambda b, n: 0.003 * n)})
-    cost.save(tmp_path / "p.json")
-    again = CostModel.load(tmp_path / "p.json")
-    assert again.verify(7, 2.5) == pytest.approx(cost.verify(7, 2.5))
-    assert again.draft("draft", 3, 4) == pytest.approx(cost.draft("draft", 3, 4))
-
-
-def test_acceptance_estimates_per_sample_shrink_toward_the_drafter():
-    est = AcceptanceEstimator(prior=0.5, prior_strength=4, decay=1.0)
-    est.update("ngram", [1, 2], [4, 4], [4, 0])
-    assert est.rate("ngram", 1) > est.rate("ngram") > est.rate("ngram", 2)
-    assert est.rate("ngram", 99) == est.rate("ngram")  # an unseen sample starts at the drafter's rate
-    est.forget(1)
-    assert est.rate("ngram", 1) == est.rate("ngram")
-
-
-def test_the_geometric_model_predicts_iid_acceptance():
-    est = estimator(0.7)
-    assert est.rate("draft") == pytest.approx(0.7, abs=0.03)
-    assert est.expected("draft", None, 4) == pytest.approx(expected_tokens(0.7, 4), abs=0.1)
-    # Both models' squared error approaches the irreducible variance of tokens per step.
-    probs = [0.7**k * 0.3 for k in range(4)] + [0.7**4]
-    mean = sum(p * (k + 1) for k, p in enumerate(probs))
-    variance = sum(p * (k + 1 - mean) ** 2 for k, p in enumerate(probs))
-    errors = est.prediction_error()
-    assert errors["geometric"] == pytest.approx(variance, rel=0.15)
-    assert errors["empirical"] == pytest.approx(variance, rel=0.15)
+def test_an_empty_workload_decodes_plainly():
+    cost = CostModel(table(lambda b, q: 0.01))
+    assert Selector(cost, AcceptanceEstimator()).choose(Workload([], [], [], ["draft"])) == Decision(None, [])
 
 
 def test_adaptive_strategy_learns_from_step_records():
@@ -123,6 +155,54 @@ def test_adaptive_strategy_learns_from_step_records():
         strat.observe(StepRecord(2, "draft", [4, 4], [4, 4], [0, 0], 2, 0.004, 0.05, 30, [0, 1]))
     assert strat.acceptance.rate("draft") < 0.1
     assert strat.decide(workload(2)).drafter is None
+
+
+def test_decision_time_counts_in_the_step_but_not_in_the_cost_model():
+    record = StepRecord(2, "draft", [4, 4], [4, 4], [1, 2], 5, 0.004, 0.05, 30, [0, 1], 1.5)
+    assert record.decide_s == 0.0 and record.start_s == 1.5
+    slow = StepRecord(2, "draft", [4, 4], [4, 4], [1, 2], 5, 0.004, 0.05, 30, [0, 1], 1.5, decide_s=0.5)
+    assert slow.seconds == 0.5 + 0.004 + 0.05
+    learned = []
+    for r in (record, slow):
+        strat = AdaptiveStrategy(CostModel(table(lambda b, q: 0.01 * q), {"draft": table(lambda b, n: 0.001 * n)}))
+        strat.observe(r)
+        learned.append((strat.cost.verify(2, 3), strat.cost.draft("draft", 2, 4)))
+    assert learned[0] == learned[1]
+
+
+def test_a_migrated_sample_keeps_its_estimate_and_finished_ones_are_dropped():
+    def strategy():
+        return AdaptiveStrategy(CostModel(table(lambda b, q: 0.02 + 0.001 * b * q), {"draft": table(lambda b, n: 0.001 * n)}))
+
+    src, dst = strategy(), strategy()
+    for _ in range(20):  # sample 5 is always right, sample 6 never
+        src.observe(StepRecord(2, "draft", [4, 4], [4, 4], [4, 0], 6, 0.004, 0.03, 30, [5, 6]))
+    state = json.loads(json.dumps(src.export(5)))
+    src.forget(5)
+    assert src.export(5) == {} and src.acceptance.rate("draft", 5) == src.acceptance.rate("draft")
+    dst.adopt(5, state)
+    assert dst.acceptance.rate("draft", 5) > dst.acceptance.rate("draft")
+    assert dst.decide(Workload([5, 9], [30, 30], [100, 100], ["draft"])).n[0] > 0
+    dst.forget(5)
+    assert dst.acceptance.rate("draft", 5) == dst.acceptance.rate("draft")
+
+
+def test_state_dict_resumes_the_same_decisions_without_per_sample_state():
+    def strategy():
+        return AdaptiveStrategy(CostModel(table(lambda b, q: 0.02 + 0.001 * b * q), {"draft": table(lambda b, n: 0.001 * n)}))
+
+    old = strategy()
+    for _ in range(30):
+        old.observe(StepRecord(4, "draft", [3] * 4, [3] * 4, [3, 2, 0, 1], 10, 0.003, 0.045, 30, [0, 1, 2, 3]))
+        old.observe(StepRecord(4, None, [0] * 4, [0] * 4, [0] * 4, 4, 0.0, 0.05, 30, [0, 1, 2, 3]))
+    new = strategy()
+    new.load_state_dict(json.loads(json.dumps(old.state_dict())))
+    for sid in (0, 1, 2, 3):
+        old.forget(sid)
+    for b in (1, 4, 16):
+        assert new.decide(workload(b)) == old.decide(workload(b))
+    assert new.acceptance.samples == {}
+    assert strategy().decide(workload(4)) != old.decide(workload(4))  # the state did change decisions
 
 
 def test_threshold_rule_switches_off_speculation_for_large_batches():
