@@ -1,6 +1,6 @@
 """rlhfspec: RLHF whose generation stage runs on a batched engine with lossless speculative decoding."""
 
-from rlhfspec.engine.generate import generate
+from rlhfspec.rollout.generate import generate
 from rlhfspec.engine.sampling import SamplingParams
 from rlhfspec.engine.sequence import GenerationOutput
 from rlhfspec.errors import RlhfspecError

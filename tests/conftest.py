@@ -75,3 +75,11 @@ def default_hf_model():
 
     path = default_gguf_path()
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def drive(instance, seqs):
+    """Run samples through one given instance with the one driver (a Coordinator over it, refilling every step)."""
+    from rlhfspec.rollout.backend import InprocBackend
+    from rlhfspec.rollout.coordinator import Coordinator
+
+    return Coordinator(InprocBackend(lambda i: instance, 1), steps_per_call=1).run(seqs)

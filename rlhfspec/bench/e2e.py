@@ -18,10 +18,10 @@ def run(config_path: str | None = None, iterations: int = 4, overrides: list[str
     instance) and full (the config's generation features: speculation, its strategy, its drafters).
     Stage times are medians over iterations 1.. (iteration 0 pays one-off warm-ups)."""
     base = load_config(config_path, overrides or [])
-    if not base.generation.spec:
+    if not base.generation.speculative:
         log("note: the config has speculation off, so 'full' differs from vanilla only in the other flags")
     settings = {
-        "vanilla": replace(base.generation, spec=False, instances=1, realloc=False),
+        "vanilla": replace(base.generation, speculative=False, instances=1, realloc=False),
         "full": base.generation,
     }
     medians, runs = {}, {}
@@ -38,7 +38,7 @@ def run(config_path: str | None = None, iterations: int = 4, overrides: list[str
     share = v["generation_s"] / v["iteration_s"]
     result = {
         "machine": machine(), "iterations": iterations,
-        "generation": {"spec": base.generation.spec, "strategy": base.generation.strategy, "drafters": base.generation.drafters,
+        "generation": {"speculative": base.generation.speculative, "strategy": base.generation.strategy, "drafters": base.generation.drafters,
                        "instances": base.generation.instances, "realloc": base.generation.realloc},
         "vanilla_iter_s": round(v["iteration_s"], 2), "full_iter_s": round(f["iteration_s"], 2),
         "speedup": round(v["iteration_s"] / f["iteration_s"], 3),

@@ -10,7 +10,7 @@ import torch
 from rlhfspec.bench.common import machine, median, memory_read_bandwidth, timed, results_file, write_json, write_section
 from rlhfspec.data.chat import encode_prompt
 from rlhfspec.data.prompts import BENCH_PROMPTS
-from rlhfspec.engine.generate import generate
+from rlhfspec.rollout.generate import generate
 from rlhfspec.engine.sampling import SamplingParams
 from rlhfspec.models.invariant_attention import attention_layout
 from rlhfspec.models.linear import choose

@@ -11,8 +11,8 @@ from rlhfspec.data.chat import encode_prompt
 from rlhfspec.data.tasks import CODE, SHORT, WORD_PROBLEMS, arithmetic_problems
 from rlhfspec.engine.sampling import SamplingParams
 from rlhfspec.models.loader import load_model
-from rlhfspec.rollout.multi import MultiConfig, generate_multi, make_backend
-from rlhfspec.rollout.spec import InstanceSpec
+from rlhfspec.engine.spec import EngineSpec
+from rlhfspec.rollout.generate import Placement, make_backend, run_generation
 
 
 @dataclass
@@ -48,27 +48,26 @@ def run(cfg: ReallocBenchConfig, json_path: str | None = None, record: bool = Fa
     texts = skewed_prompts(cfg.prompts, cfg.seed)
     prompts = [encode_prompt(tok, t) for t in texts for _ in range(cfg.samples)]
     params = SamplingParams(temperature=1.0, max_new_tokens=cfg.max_new_tokens)
-    spec = InstanceSpec(model=cfg.model, max_batch=cfg.max_batch, max_len=max(map(len, prompts)) + cfg.max_new_tokens,
-                        threads=cfg.threads)
+    spec = EngineSpec(max_batch=cfg.max_batch, max_len=max(map(len, prompts)) + cfg.max_new_tokens, threads=cfg.threads, model=cfg.model)
     runs: dict[str, list[dict]] = {"off": [], "on": []}
     timelines = {}
     outputs = {}
     for realloc in ("off", "on"):
-        mcfg = MultiConfig(instances=cfg.instances, backend=cfg.backend, realloc=realloc == "on")
-        backend = make_backend(spec, mcfg)
+        placement = Placement(instances=cfg.instances, backend=cfg.backend, realloc=realloc == "on")
+        backend = make_backend(spec, placement)
         try:
             # Warm-up: the actors load the model and run a few steps before anything is timed.
-            generate_multi(spec, prompts[: cfg.instances], SamplingParams(max_new_tokens=4), 0, mcfg, backend=backend,
+            run_generation(spec, prompts[: cfg.instances], SamplingParams(max_new_tokens=4), 0, placement=placement, backend=backend,
                            sample_ids=list(range(10**6, 10**6 + cfg.instances)))
             for r in range(cfg.repeats):
                 t = time.perf_counter()
-                outs, coord = generate_multi(spec, prompts, params, cfg.seed, mcfg, backend=backend)
+                result = run_generation(spec, prompts, params, cfg.seed, placement=placement, backend=backend)
                 wall = time.perf_counter() - t
-                busy = coord.timeline.busy_s
+                busy = result.timeline.busy_s
                 runs[realloc].append({"wall_s": wall, "busy_s": [busy.get(i, 0.0) for i in range(cfg.instances)],
-                                      "moves": len(coord.timeline.moves)})
-                timelines[realloc] = coord.timeline
-                outputs[realloc] = [o.token_ids for o in outs]
+                                      "moves": len(result.timeline.moves)})
+                timelines[realloc] = result.timeline
+                outputs[realloc] = [o.token_ids for o in result.outputs]
                 log(f"realloc {realloc} run {r}: {wall:.1f} s, busy per instance "
                     f"{', '.join(f'{b:.1f}' for b in runs[realloc][-1]['busy_s'])} s, {runs[realloc][-1]['moves']} moves")
         finally:

@@ -5,16 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhfspec.bench.common import machine, timed, results_file, write_json, write_section
-from rlhfspec.bench.spec import default_draft_path
+from rlhfspec.bench.common import machine, results_file, write_json, write_section
 from rlhfspec.data.chat import encode_prompt
 from rlhfspec.data.tasks import rl_style_prompts
-from rlhfspec.engine.drafters import DraftModelDrafter, NgramDrafter
-from rlhfspec.engine.generate import adaptive_strategy, generate
+from rlhfspec.engine.drafters import NgramDrafter
 from rlhfspec.engine.sampling import SamplingParams
+from rlhfspec.engine.spec import Adaptive, DraftModel, EngineSpec, Ngram, Static, Threshold
 from rlhfspec.models.loader import load_model
-from rlhfspec.strategy.base import StaticStrategy
-from rlhfspec.strategy.selector import ThresholdStrategy
+from rlhfspec.paths import default_draft_path
+from rlhfspec.rollout.generate import Placement, run_generation
 
 
 @dataclass
@@ -42,42 +41,45 @@ class RolloutBenchConfig:
 def run(cfg: RolloutBenchConfig, json_path: str | None = None, record: bool = False, log=print) -> dict:
     policy, tok = load_model(cfg.model)
     draft_path = Path(cfg.draft) if cfg.draft else default_draft_path()
-    loaded = DraftModelDrafter.load(draft_path, policy, policy_tokenizer=tok)
-    vocab = None if loaded.vocab is None else loaded.vocab.tolist()
+    loaded = DraftModel(str(draft_path)).build(policy, tok)
     texts = rl_style_prompts(cfg.prompts, seed=cfg.seed)
     prompts = [encode_prompt(tok, t) for t in texts for _ in range(cfg.samples)]
     params = SamplingParams(temperature=1.0, max_new_tokens=cfg.max_new_tokens)
+    drafters = (Ngram(), DraftModel(str(draft_path)))
+    placement = Placement(cfg.instances, cfg.backend, realloc=cfg.realloc, ray_address=cfg.ray_address)
 
-    def drafters():
-        return [NgramDrafter(), DraftModelDrafter(loaded.model, draft_vocab=vocab)]
+    def live(strategy) -> list | None:
+        """In-process instances share the loaded draft model (replicas), so no policy reloads it."""
+        if placement.backend == "ray":
+            return None
+        out = []
+        for _ in range(placement.instances):
+            ds = [NgramDrafter(), loaded.replica()] if strategy is not None else []
+            out.append((ds, strategy.build(policy, ds) if strategy is not None else None))
+        return out
 
     best_static = max(cfg.statics, key=lambda s: s[1])
-    # label -> (strategy for one in-process instance, the same as an InstanceSpec strategy string)
-    policies = {"plain": (lambda ds: None, None)}
+    policies: dict = {"plain": None}
     for name, n in cfg.statics:
-        policies[f"static {name} n={n}"] = (lambda ds, name=name, n=n: StaticStrategy(name, n), f"static:{name}:{n}")
-    policies[f"threshold {best_static[0]} n={best_static[1]} (off while B > {cfg.threshold_batch})"] = (
-        lambda ds: ThresholdStrategy(best_static[0], best_static[1], cfg.threshold_batch),
-        f"threshold:{best_static[0]}:{best_static[1]}:{cfg.threshold_batch}")
-    policies["adaptive"] = (lambda ds: adaptive_strategy(policy, ds), "adaptive")
-    generate(policy, prompts[:2], SamplingParams(max_new_tokens=8), tokenizer=tok, drafter=drafters(), num_draft_tokens=2)  # warm-up
+        policies[f"static {name} n={n}"] = Static(name, n)
+    policies[f"threshold {best_static[0]} n={best_static[1]} (off while B > {cfg.threshold_batch})"] = Threshold(*best_static, cfg.threshold_batch)
+    policies["adaptive"] = Adaptive()
+    warm = EngineSpec(drafters, Static("draft", 2), model=cfg.model)
+    run_generation(warm, prompts[:2], SamplingParams(max_new_tokens=8), model=policy, tokenizer=tok, live=live(Static("draft", 2))[:1])
     rows, traces = [], {}
     multi = cfg.instances > 1 or cfg.backend == "ray"
-    for label, (make, spec_strategy) in policies.items():
-        outs: list = []
-        if multi:
-            wall, traces[label] = _run_multi(cfg, spec_strategy, policy, tok, prompts, params, draft_path, outs)
-            acceptance = None
-        else:
-            ds = drafters()
-            strategy = make(ds)
-            stats: list = []
-            wall = timed(lambda: outs.extend(generate(policy, prompts, params, seed=cfg.seed, tokenizer=tok, batch_size=cfg.batch_size,
-                                                      drafter=ds if strategy is not None else None, strategy=strategy, instance_stats=stats)))
-            acceptance, traces[label] = stats[0].acceptance, stats[0].records
-        tokens = sum(len(o.token_ids) for o in outs)
+    for label, strategy in policies.items():
+        spec = EngineSpec(drafters if strategy is not None else (), strategy, cfg.batch_size, model=cfg.model)
+        result = run_generation(spec, prompts, params, cfg.seed, placement=placement, model=policy, tokenizer=tok, live=live(strategy))
+        outs, wall = result.outputs, result.seconds
+        traces[label] = result.timeline if multi else result.stats[0].records
+        records = [r for st in result.stats for r in st.records]
+        decide = sorted(r.decide_s for r in records)
+        tokens = result.tokens
         rows.append({"policy": label, "wall_s": round(wall, 2), "tokens": tokens, "tok_s": round(tokens / wall, 1),
-                     "acceptance": None if acceptance is None else round(acceptance, 3)})
+                     "acceptance": None if result.acceptance is None else round(result.acceptance, 3),
+                     "decide_ms": round(1e3 * decide[len(decide) // 2], 3) if decide else None,
+                     "decide_share": round(sum(decide) / sum(r.seconds for r in records), 4) if decide else None})
         log(f"{label:50} {wall:7.1f} s  {tokens / wall:7.1f} tok/s  ({tokens} tokens)")
     plain = next(r for r in rows if r["policy"] == "plain")
     best_static_row = max((r for r in rows if r["policy"].startswith("static")), key=lambda r: r["tok_s"])
@@ -102,21 +104,6 @@ def run(cfg: RolloutBenchConfig, json_path: str | None = None, record: bool = Fa
     return result
 
 
-def _run_multi(cfg: RolloutBenchConfig, strategy: str | None, policy, tok, prompts, params, draft_path, outs: list):
-    """One policy over cfg.instances instances; returns (wall seconds, the coordinator's timeline)."""
-    from rlhfspec.rollout.multi import MultiConfig, generate_multi, instance_batch
-    from rlhfspec.rollout.spec import InstanceSpec
-
-    drafters = [] if strategy is None else ["ngram", str(draft_path)]
-    spec = InstanceSpec(cfg.model, max_batch=instance_batch(len(prompts), cfg.instances, cfg.batch_size), max_len=max(map(len, prompts)) + cfg.max_new_tokens,
-                        drafters=drafters, strategy=strategy)
-    mcfg = MultiConfig(instances=cfg.instances, backend=cfg.backend, realloc=cfg.realloc, ray_address=cfg.ray_address)
-    result: list = []
-    wall = timed(lambda: result.extend(generate_multi(spec, prompts, params, cfg.seed, mcfg, model=policy, tokenizer=tok)))
-    outs.extend(result[0])
-    return wall, result[1].timeline
-
-
 def _markdown(result: dict, cfg: RolloutBenchConfig, png: str) -> str:
     lines = [
         "## GRPO-style rollout: drafting policies",
@@ -129,11 +116,13 @@ def _markdown(result: dict, cfg: RolloutBenchConfig, png: str) -> str:
         + (f" on {cfg.instances} {cfg.backend} instances, reallocation {'on' if cfg.realloc else 'off'}." if cfg.instances > 1 or cfg.backend == "ray"
            else " in one process."),
         "",
-        "| policy | wall s | tokens | tok/s | speedup vs plain | vs best static | acceptance |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| policy | wall s | tokens | tok/s | speedup vs plain | vs best static | acceptance | selector ms/step (median) | selector share of step time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.0%}"
-        lines.append(f"| {r['policy']} | {r['wall_s']} | {r['tokens']} | {r['tok_s']} | {r['speedup_vs_plain']:.2f} | {r['vs_best_static']:.2f} | {acc} |")
+        decide = "-" if r.get("decide_ms") is None else f"{r['decide_ms']:.3f}"
+        share = "-" if r.get("decide_share") is None else f"{r['decide_share']:.2%}"
+        lines.append(f"| {r['policy']} | {r['wall_s']} | {r['tokens']} | {r['tok_s']} | {r['speedup_vs_plain']:.2f} | {r['vs_best_static']:.2f} | {acc} | {decide} | {share} |")
     lines += ["", f"![rollout timeline]({png})"]
     return "\n".join(lines)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,18 +12,13 @@ from rlhfspec.bench.plots import speedup_vs_n
 from rlhfspec.data.chat import encode_prompt
 from rlhfspec.data.tasks import rl_style_prompts
 from rlhfspec.engine.drafters import DraftModelDrafter, NgramDrafter
-from rlhfspec.engine.generate import generate
+from rlhfspec.rollout.generate import generate
 from rlhfspec.engine.sampling import SamplingParams
 from rlhfspec.models.kv_cache import KVCache
-from rlhfspec.models.loader import default_cache_dir, load_model
+from rlhfspec.models.loader import load_model
+from rlhfspec.paths import default_draft_path
 
-DEFAULT_DRAFT = "drafts/smollm2-135m-l2-h256-v8192"
 MIN_PROMPTS = 8
-
-
-def default_draft_path() -> Path:
-    return default_cache_dir() / DEFAULT_DRAFT
-
 
 def ensure_default_draft(policy, tokenizer, log=print) -> Path:
     """The distilled default draft, distilled first (about 13 minutes) if it is not cached yet."""
@@ -64,14 +58,11 @@ def verify_cost(model, batches, ks, context: int = 128, repeats: int = 5) -> lis
         model.ensure_positions(context + max(ks) + 1)
         slots = list(range(b))
         with torch.inference_mode():
-            att = cache.attend(slots, [context] * b)
-            model(torch.randint(0, 1000, (b * context,)), att.positions, att)
-            cache.advance(slots, [context] * b)
+            cache.forward(model, slots, torch.randint(0, 1000, (b, context)).tolist())
             base = None
             for k in ks:
                 def run():
-                    a = cache.attend(slots, [k] * b)
-                    model.logits(model(torch.randint(0, 1000, (b * k,)), a.positions, a), a.invariant)
+                    model.logits(cache.forward(model, slots, torch.randint(0, 1000, (b, k)).tolist(), last_only=False, advance=False), cache.invariant)
                 run()
                 t = median([timed(run) for _ in range(repeats)])
                 base = base or t

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 from rlhfspec.data.chat import encode_prompt
 from rlhfspec.data.prompts import DEMO_PROMPTS
+from rlhfspec.engine.spec import DEFAULT_MAX_BATCH, EngineSpec, drafter_spec, strategy_spec
 from rlhfspec.errors import RlhfspecError
+from rlhfspec.rollout.generate import Placement
 
 
 def register(sub) -> None:
@@ -32,6 +33,10 @@ def register(sub) -> None:
     p.add_argument("--drafter", default="none", help="none, ngram, or a draft model directory")
     p.add_argument("--num-draft-tokens", type=draft_tokens, default=4,
                    help="draft tokens per step when a drafter is set, or 'auto' (the adaptive strategy picks drafter and n)")
+    p.add_argument("--strategy", choices=["static", "threshold", "adaptive"], default=None,
+                   help="static: n drafts every step (default); threshold: only while the live batch <= --threshold-batch; "
+                        "adaptive: the selector picks drafter and n per step")
+    p.add_argument("--threshold-batch", type=int, default=32)
     p.add_argument("--json", type=Path, help="also write the completions to this JSONL file")
     p.add_argument("--batch-invariant", choices=["on", "off"], default="on",
                    help="on: a sample's tokens never depend on its batch or instance; off: faster kernels (see README)")
@@ -78,7 +83,8 @@ def read_prompts_file(path: Path) -> list:
 def run(args) -> int:
     import torch
 
-    from rlhfspec import SamplingParams, generate, load_model
+    from rlhfspec import SamplingParams, load_model
+    from rlhfspec.rollout.generate import run_generation
 
     # Every setting is checked before the model loads.
     if args.instances < 1:
@@ -91,6 +97,7 @@ def run(args) -> int:
         raise RlhfspecError(f"--threads is {args.threads}; it must be at least 1.")
     if args.json and not args.json.parent.is_dir():
         raise RlhfspecError(f"--json {args.json}: directory {args.json.parent} does not exist.")
+    spec, placement = engine_args(args)
     params = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         max_new_tokens=args.max_new_tokens, stop=tuple(args.stop),
@@ -109,16 +116,10 @@ def run(args) -> int:
         raise RlhfspecError(f"{args.model} has no tokenizer files; rlhfspec generate needs one to encode prompts.")
     encoded = [encode_prompt(tok, t, chat=not args.raw) for t in texts]
     prompts = [p for p in encoded for _ in range(args.samples)]
-    drafter = None if args.drafter == "none" else args.drafter
-    stats: list = []
-    start = time.perf_counter()
-    if args.instances > 1 or args.backend == "ray":
-        outs, coord = _generate_multi(args, model, tok, prompts, params, drafter)
-    else:
-        outs = generate(model, prompts, params, seed=args.seed, batch_size=args.batch_size, tokenizer=tok, progress=True,
-                        drafter=drafter, num_draft_tokens=args.num_draft_tokens, instance_stats=stats,
-                        batch_invariant=args.batch_invariant == "on")
-    elapsed = time.perf_counter() - start
+    result = run_generation(spec, prompts, params, args.seed, placement=placement, model=model, tokenizer=tok,
+                            progress=True)
+    outs, stats = result.outputs, result.stats
+    elapsed = result.seconds
     rows = []
     for i, out in enumerate(outs):
         text = tok.decode(out.token_ids, skip_special_tokens=True)
@@ -130,27 +131,21 @@ def run(args) -> int:
     tokens = sum(len(o.token_ids) for o in outs)
     line = f"{len(outs)} samples, {tokens} tokens in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s"
     if args.instances > 1 or args.backend == "ray":
-        line += f", {args.instances} {args.backend} instances, {len(coord.timeline.moves)} migrations"
-    elif drafter is not None:
+        line += f", {args.instances} {args.backend} instances, {len(result.timeline.moves)} migrations"
+    elif spec.drafters:
         line += f", acceptance {stats[0].acceptance or 0:.1%}, {stats[0].tokens_per_step:.2f} tokens/step per sample"
     print(f"{line} ({model.dtype}, {torch.get_num_threads()} threads)")
     return 0
 
 
-def _generate_multi(args, model, tok, prompts, params, drafter):
-    from rlhfspec.rollout.multi import MultiConfig, generate_multi, instance_batch
-    from rlhfspec.rollout.spec import InstanceSpec
-
-    strategy = None
-    if drafter is not None:
-        strategy = "adaptive" if args.num_draft_tokens == "auto" else f"static:{_drafter_name(drafter)}:{args.num_draft_tokens}"
-    spec = InstanceSpec(model=args.model, max_batch=instance_batch(len(prompts), args.instances, args.batch_size or 64),
-                        max_len=max(len(p) for p in prompts) + params.max_new_tokens, dtype=args.dtype,
-                        threads=args.threads, drafters=[drafter] if drafter else [], strategy=strategy,
-                        batch_invariant=args.batch_invariant == "on")
-    cfg = MultiConfig(instances=args.instances, backend=args.backend, realloc=args.realloc == "on", ray_address=args.ray_address)
-    return generate_multi(spec, prompts, params, args.seed, cfg, model=model, tokenizer=tok, progress=True)
-
-
-def _drafter_name(drafter: str) -> str:
-    return "ngram" if drafter == "ngram" else "draft"
+def engine_args(args) -> tuple[EngineSpec, Placement]:
+    """The engine spec and placement the command line describes (checked before the model loads)."""
+    drafters = () if args.drafter == "none" else (drafter_spec(args.drafter),)
+    kind = "adaptive" if args.num_draft_tokens == "auto" else args.strategy or "static"
+    n = 4 if args.num_draft_tokens == "auto" else args.num_draft_tokens
+    if kind == "adaptive" and not drafters:
+        raise RlhfspecError("the adaptive strategy needs a drafter (--drafter ngram or a draft model directory).")
+    strategy = strategy_spec(kind, drafters, n, args.threshold_batch)
+    spec = EngineSpec(drafters, strategy, args.batch_size or DEFAULT_MAX_BATCH, dtype=args.dtype, threads=args.threads,
+                      batch_invariant=args.batch_invariant == "on", model=args.model)
+    return spec, Placement(args.instances, args.backend, realloc=args.realloc == "on", ray_address=args.ray_address)

@@ -12,7 +12,7 @@ from rlhfspec.data.tasks import rl_style_prompts
 from rlhfspec.distill.teacher import teacher_examples
 from rlhfspec.distill.train import DistillConfig, Distiller, frequent_tokens, new_draft
 from rlhfspec.engine.drafters.draft_model import DRAFT_VOCAB_FILE, DraftModelDrafter
-from rlhfspec.engine.generate import generate
+from rlhfspec.rollout.generate import generate
 from rlhfspec.engine.sampling import SamplingParams
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.checkpoint import save_pretrained

@@ -97,10 +97,8 @@ class Distiller:
         d = self.draft
         if self.vocab is None:
             return torch.log_softmax(d.logits(h), dim=-1)
-        from rlhfspec.models.llama import rms_norm
-
         head = d.embed.weight[self.vocab]
-        return torch.log_softmax(rms_norm(h, d.norm.weight, d.config.rms_norm_eps) @ head.T, dim=-1)
+        return torch.log_softmax(d.normed(h) @ head.T, dim=-1)
 
     def fit(self, examples: list[Example], log=None) -> list[float]:
         """Train until max_steps or the time budget; returns the loss per step (cosine LR decay)."""

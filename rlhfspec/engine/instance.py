@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhfspec.engine.drafters.base import Drafter
-from rlhfspec.engine.sampling import SAMPLE, SamplingParams, keyed_uniforms, processed_logprobs, sample, seed_tensor
-from rlhfspec.engine.sequence import Sequence
-from rlhfspec.engine.spec import verify
+from rlhfspec.engine.sampling import SAMPLE, group_rows, processed_logprobs, sample
+from rlhfspec.engine.sequence import Sequence, uniforms
+from rlhfspec.engine.verify import verify
 from rlhfspec.engine.stopping import StopChecker
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.kv_cache import KVCache
@@ -20,18 +20,35 @@ from rlhfspec.strategy.base import Decision, StepRecord, Strategy, Workload
 @dataclass(slots=True)
 class Migrant:
     """A live sample leaving one instance for another: its state, and its KV rows unless the
-    destination is to recompute them (policy rows [layers, n, kv_heads, head_dim] each; draft
-    models' rows by drafter name)."""
+    destination is to recompute them (policy rows [layers, n, kv_heads, head_dim] each), what each
+    drafter exported for it (by name) and what the strategy learned about it."""
 
     seq: Sequence
     kv: tuple[torch.Tensor, torch.Tensor] | None = None
-    draft_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    acceptance: dict = field(default_factory=dict)  # the strategy's per-sample statistics
+    drafters: dict[str, object] = field(default_factory=dict)
+    strategy: dict = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        tensors = ([] if self.kv is None else list(self.kv)) + [t for kv in self.draft_kv.values() for t in kv]
+        parts = [self.kv, *self.drafters.values()]
+        tensors = [t for p in parts if isinstance(p, tuple) for t in p if isinstance(t, torch.Tensor)]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(slots=True)
+class InstanceReport:
+    """What an instance tells whoever drives it after running some steps: the samples that
+    finished, the live ones (enough to recompute them elsewhere), and its measured costs."""
+
+    finished: list[Sequence]
+    live: list[Sequence]
+    free_slots: int
+    busy_s: float  # seconds spent stepping in this call
+    steps: int
+    step_seconds: dict[int, float]  # mean seconds per step (selector included) by live batch size
+    tokens_per_step: float
+    prefill_seconds_per_token: float | None  # measured over this instance's prefills so far
+    kv_bytes_per_token: float  # policy and draft-model KV rows one token occupies
 
 
 @dataclass(slots=True)
@@ -42,7 +59,25 @@ class InstanceStats:
     proposed: int = 0
     accepted: int = 0
     forward_s: float = 0.0
+    prefill_s: float = 0.0  # prefills and recomputed migrants, timed whole
     records: list[StepRecord] = field(default_factory=list)
+    by_batch: dict[int, list[float]] = field(default_factory=dict)  # live batch -> [seconds, steps]
+    slots: int = 0  # sample-steps: live samples summed over steps
+    step_emitted: int = 0  # tokens emitted by decode steps (prefill draws not counted)
+
+    def record(self, r: StepRecord) -> None:
+        self.steps += 1
+        self.records.append(r)
+        self.slots += r.batch
+        self.step_emitted += r.emitted
+        total = self.by_batch.setdefault(r.batch, [0.0, 0])
+        total[0] += r.seconds
+        total[1] += 1
+
+    @property
+    def step_seconds(self) -> dict[int, float]:
+        """Mean seconds of a step (decision, drafting and verification) by live batch size."""
+        return {b: t / c for b, (t, c) in self.by_batch.items()}
 
     @property
     def acceptance(self) -> float | None:
@@ -51,8 +86,7 @@ class InstanceStats:
     @property
     def tokens_per_step(self) -> float:
         """Tokens a sample gains per decode step (1 for plain decoding)."""
-        slots = sum(r.batch for r in self.records)
-        return sum(r.emitted for r in self.records) / slots if slots else 0.0
+        return self.step_emitted / self.slots if self.slots else 0.0
 
 
 class GenerationInstance:
@@ -84,6 +118,7 @@ class GenerationInstance:
             d.bind(self)
             self.drafters[d.name] = d
         self.strategy = strategy
+        self.kv_bytes_per_token = float(self.cache.bytes_per_token + sum(d.kv_bytes_per_token for d in self.drafters.values()))
         self.started = time.perf_counter()
 
     @property
@@ -106,6 +141,10 @@ class GenerationInstance:
             raise RlhfspecError(f"prompt {seq.sample_id} holds token id {bad}, outside the vocabulary [0, {vocab}).")
         self.stopper.check_params(seq)
 
+    def check(self, seqs: list[Sequence]) -> None:
+        for s in seqs:
+            self.validate(s)
+
     @torch.inference_mode()
     def add(self, seqs: list[Sequence]) -> list[Sequence]:
         """Prefill new samples into free slots and draw their first token; returns those already finished."""
@@ -117,6 +156,7 @@ class GenerationInstance:
             self.validate(s)
         if not seqs:
             return []
+        t0 = time.perf_counter()
         first = len(self.live)
         for i, s in enumerate(seqs):
             s.slot = first + i
@@ -127,6 +167,7 @@ class GenerationInstance:
         logits = self.forward([s.slot for s in seqs], [s.prompt for s in seqs], last_only=True)
         self.stats.prefill_tokens += sum(len(s.prompt) for s in seqs)
         tokens, logprobs = self.draw(seqs, logits, [s.length for s in seqs])
+        self.stats.prefill_s += time.perf_counter() - t0
         return self._emit(seqs, [[t] for t in tokens], [[lp] for lp in logprobs])
 
     def workload(self) -> Workload:
@@ -138,30 +179,33 @@ class GenerationInstance:
     @torch.inference_mode()
     def step(self, decision: Decision | None = None) -> list[Sequence]:
         """One decode step for every live sample (speculative if the decision, or else the strategy,
-        names a drafter); returns the samples that finished."""
+        names a drafter); returns the samples that finished. The strategy's decision time is part
+        of the step's record."""
         if not self.live:
             return []
         seqs = list(self.live)
+        t0 = time.perf_counter()
         if decision is None and self.strategy is not None:
             decision = self.strategy.decide(self.workload())
+        decide_s = time.perf_counter() - t0
         if decision is not None and decision.drafter is not None and any(decision.n):
             if decision.drafter not in self.drafters:
                 raise RlhfspecError(f"drafter {decision.drafter!r} is not attached; this instance has {sorted(self.drafters) or 'none'}.")
-            return self._speculate(seqs, self.drafters[decision.drafter], decision.n)
-        t0 = time.perf_counter()
+            return self._speculate(seqs, self.drafters[decision.drafter], decision.n, t0, decide_s)
+        t1 = time.perf_counter()
         logits = self.forward(list(range(len(seqs))), [[s.tokens[-1]] for s in seqs], last_only=True)
         tokens, logprobs = self.draw(seqs, logits, [s.length for s in seqs])
         zeros = [0] * len(seqs)
-        record = StepRecord(len(seqs), None, zeros, zeros, zeros, len(seqs), 0.0, time.perf_counter() - t0,
-                            sum(s.length for s in seqs) / len(seqs), [s.sample_id for s in seqs], t0 - self.started)
+        record = StepRecord(len(seqs), None, zeros, zeros, zeros, len(seqs), 0.0, time.perf_counter() - t1,
+                            sum(s.length for s in seqs) / len(seqs), [s.sample_id for s in seqs], t0 - self.started, decide_s=decide_s)
         return self._finish_step(record, seqs, [[t] for t in tokens], [[lp] for lp in logprobs])
 
-    def _speculate(self, seqs: list[Sequence], drafter: Drafter, n: list[int]) -> list[Sequence]:
+    def _speculate(self, seqs: list[Sequence], drafter: Drafter, n: list[int], t0: float, decide_s: float) -> list[Sequence]:
         """Draft, verify every sample's [last, d_1..d_n] in one forward, keep the accepted prefix."""
         if any(k < 0 for k in n):
             raise RlhfspecError(f"draft lengths must be >= 0; got {min(n)}.")
         n = [max(0, min(k, s.remaining - 1)) for s, k in zip(seqs, n)]
-        t0 = time.perf_counter()
+        t_draft = time.perf_counter()
         proposal = drafter.propose(seqs, n)
         t1 = time.perf_counter()
         before = self.cache.lengths[: len(seqs)]
@@ -174,13 +218,12 @@ class GenerationInstance:
         self.stats.proposed += sum(drafted)
         self.stats.accepted += sum(verdict.accepted)
         record = StepRecord(len(seqs), drafter.name, n, drafted, verdict.accepted, sum(len(t) for t in verdict.tokens),
-                            t1 - t0, time.perf_counter() - t1, sum(s.length for s in seqs) / len(seqs),
-                            [s.sample_id for s in seqs], t0 - self.started)
+                            t1 - t_draft, time.perf_counter() - t1, sum(s.length for s in seqs) / len(seqs),
+                            [s.sample_id for s in seqs], t0 - self.started, decide_s=decide_s)
         return self._finish_step(record, seqs, verdict.tokens, verdict.logprobs)
 
     def _finish_step(self, record: StepRecord, seqs, tokens, logprobs) -> list[Sequence]:
-        self.stats.steps += 1
-        self.stats.records.append(record)
+        self.stats.record(record)
         if self.strategy is not None:
             self.strategy.observe(record)
         return self._emit(seqs, tokens, logprobs)
@@ -189,14 +232,8 @@ class GenerationInstance:
         """Append new_tokens[b] to slots[b] in one packed forward; float32 logits of each sample's
         last row ([B, V]) or of every new row ([sum q, V])."""
         t0 = time.perf_counter()
-        q_lens = [len(t) for t in new_tokens]
-        attention = self.cache.attend(slots, q_lens)
-        flat = torch.tensor([t for ts in new_tokens for t in ts], device=self.cache.device)
-        hidden = self.model(flat, attention.positions, attention)
-        if last_only and max(q_lens) > 1:
-            hidden = hidden[torch.tensor(q_lens, device=hidden.device).cumsum(0) - 1]
-        logits = self.model.logits(hidden, attention.invariant)
-        self.cache.advance(slots, q_lens)
+        hidden = self.cache.forward(self.model, slots, new_tokens, last_only)
+        logits = self.model.logits(hidden, self.cache.invariant)
         self.stats.forward_s += time.perf_counter() - t0
         return logits
 
@@ -205,16 +242,10 @@ class GenerationInstance:
         dev = logits.device
         tokens = torch.empty(len(seqs), dtype=torch.long, device=dev)
         logprobs = torch.empty(len(seqs), dtype=torch.float32, device=dev)
-        for params, rows in _group_by_params(seqs).items():
+        for params, rows in group_rows([s.params for s in seqs]).items():
             idx = torch.tensor(rows, device=dev) if len(rows) < len(seqs) else None
             lp = processed_logprobs(logits if idx is None else logits[idx], params)
-            group = [seqs[r] for r in rows]
-            u = keyed_uniforms(
-                seed_tensor([s.seed for s in group], dev),
-                torch.tensor([s.sample_id for s in group], device=dev),
-                torch.tensor([positions[r] for r in rows], device=dev),
-                purpose,
-            )
+            u = uniforms([seqs[r] for r in rows], [positions[r] for r in rows], purpose, dev)
             tok = sample(lp, u, params.greedy)
             chosen = lp.gather(-1, tok[:, None]).squeeze(-1)
             if idx is None:
@@ -238,28 +269,46 @@ class GenerationInstance:
         self.release(finished)
         return finished
 
-    def export(self, sample_id: int, with_kv: bool = True) -> Migrant:
-        """Take a live sample out of this instance, with its KV rows or without (to be recomputed)."""
-        seq = next((s for s in self.live if s.sample_id == sample_id), None)
-        if seq is None:
-            raise RlhfspecError(f"sample {sample_id} is not live on this instance.")
-        migrant = Migrant(seq)
-        if self.strategy is not None:
-            migrant.acceptance = self.strategy.sample_state(sample_id)
-        if with_kv:
-            migrant.kv = self.cache.rows(seq.slot)
+    def run(self, steps: int) -> InstanceReport:
+        """Up to `steps` decode steps (fewer if the instance empties), then a report."""
+        finished: list[Sequence] = []
+        start, done = time.perf_counter(), 0
+        while done < steps and self.live:
+            finished.extend(self.step())
+            done += 1
+        return self.report(finished, time.perf_counter() - start, done)
+
+    def report(self, finished: list[Sequence] | None = None, busy_s: float = 0.0, steps: int = 0) -> InstanceReport:
+        """The live samples are this instance's own objects; a remote backend ships copies."""
+        st = self.stats
+        per_token = st.prefill_s / st.prefill_tokens if st.prefill_tokens else None
+        return InstanceReport(finished or [], list(self.live), self.free_slots, busy_s, steps, st.step_seconds,
+                              st.tokens_per_step or 1.0, per_token, self.kv_bytes_per_token)
+
+    def export(self, sample_ids: list[int], with_kv: bool = True) -> list[Migrant]:
+        """Take live samples out of this instance, with their KV rows or without (to be recomputed)."""
+        out = []
+        for sample_id in sample_ids:
+            seq = next((s for s in self.live if s.sample_id == sample_id), None)
+            if seq is None:
+                raise RlhfspecError(f"sample {sample_id} is not live on this instance.")
+            migrant = Migrant(seq, self.cache.rows(seq.slot) if with_kv else None)
             for name, d in self.drafters.items():
-                rows = d.export_rows(seq.slot) if hasattr(d, "export_rows") else None
-                if rows is not None:
-                    migrant.draft_kv[name] = rows
-        self.release([seq])
-        return migrant
+                state = d.export(seq, with_kv)
+                if state is not None:
+                    migrant.drafters[name] = state
+            if self.strategy is not None:
+                migrant.strategy = self.strategy.export(sample_id)
+            self.release([seq])
+            out.append(migrant)
+        return out
 
     @torch.inference_mode()
     def adopt(self, migrants: list[Migrant]) -> None:
         """Continue samples exported elsewhere: load their KV rows, or recompute them in one packed forward."""
         if len(migrants) > self.free_slots:
             raise RlhfspecError(f"{len(migrants)} migrating samples do not fit: this instance has {self.free_slots} free slots.")
+        t0 = time.perf_counter()
         recompute = []
         for m in migrants:
             s = m.seq
@@ -267,28 +316,29 @@ class GenerationInstance:
             s.slot = len(self.live)
             self.live.append(s)
             self.cache.lengths[s.slot] = 0
-            for d in self.drafters.values():
-                d.admitted([s])
-            if self.strategy is not None and m.acceptance:
-                self.strategy.restore_sample(s.sample_id, m.acceptance)
             if m.kv is not None:
                 self.cache.load_rows(s.slot, *m.kv)
-                for name, rows in m.draft_kv.items():
-                    if name in self.drafters and hasattr(self.drafters[name], "import_rows"):
-                        self.drafters[name].import_rows(s.slot, rows)
             else:
                 recompute.append(s)
+            for name, d in self.drafters.items():
+                d.adopt(s, m.drafters.get(name))
+            if self.strategy is not None and m.strategy:
+                self.strategy.adopt(s.sample_id, m.strategy)
         if recompute:
             # Everything but the last emitted token, which the next step feeds (the cache invariant).
             self.forward([s.slot for s in recompute], [(s.prompt + s.tokens)[:-1] for s in recompute], last_only=True)
             self.stats.prefill_tokens += sum(s.length - 1 for s in recompute)
+            self.stats.prefill_s += time.perf_counter() - t0
 
     def release(self, seqs: list[Sequence]) -> None:
-        """Free the samples' slots, moving the last live samples into the holes so slots stay dense."""
+        """Free the samples' slots, moving the last live samples into the holes so slots stay dense;
+        drafters and the strategy forget them."""
         for s in sorted(seqs, key=lambda s: s.slot, reverse=True):
             hole, last = s.slot, len(self.live) - 1
             for d in self.drafters.values():
-                d.finished(s, hole)
+                d.forget(s, hole)
+            if self.strategy is not None:
+                self.strategy.forget(s.sample_id)
             if hole != last:
                 moved = self.live[last]
                 self.cache.move(last, hole)
@@ -300,10 +350,3 @@ class GenerationInstance:
                 self.cache.lengths[hole] = 0
             self.live.pop()
             s.slot = -1
-
-
-def _group_by_params(seqs: list[Sequence]) -> dict[SamplingParams, list[int]]:
-    groups: dict[SamplingParams, list[int]] = {}
-    for r, s in enumerate(seqs):
-        groups.setdefault(s.params, []).append(r)
-    return groups

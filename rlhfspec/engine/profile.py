@@ -33,8 +33,7 @@ def forward_times(model, batches=BATCHES, qs=TOKENS_PER_ROW, context: int = 128,
         for q in qs:
             def run():
                 cache.lengths[:b] = [context] * b
-                att = cache.attend(slots, [q] * b)
-                model.logits(model(torch.zeros(b * q, dtype=torch.long, device=model.device), att.positions, att), att.invariant)
+                model.logits(cache.forward(model, slots, [[0] * q] * b, last_only=False, advance=False), invariant)
 
             with torch.inference_mode():
                 run()

@@ -41,6 +41,14 @@ class SamplingParams:
         return self.temperature == 0
 
 
+def group_rows(params: list[SamplingParams]) -> dict[SamplingParams, list[int]]:
+    """Row indices by sampling settings (each group is processed and sampled in one call)."""
+    groups: dict[SamplingParams, list[int]] = {}
+    for r, p in enumerate(params):
+        groups.setdefault(p, []).append(r)
+    return groups
+
+
 def processed_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """log of the distribution tokens are drawn from: logits [R, V] -> logprobs [R, V] (-inf where filtered).
 

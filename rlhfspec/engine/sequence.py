@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rlhfspec.engine.sampling import SamplingParams
+import torch
+
+from rlhfspec.engine.sampling import SamplingParams, keyed_uniforms, seed_tensor
 
 
 @dataclass(slots=True)
@@ -19,7 +21,6 @@ class Sequence:
     prompt: list[int]
     params: SamplingParams
     seed: int = 0
-    group: int | None = None  # samples of one prompt share a group (RL sampling groups)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
@@ -34,6 +35,16 @@ class Sequence:
     def remaining(self) -> int:
         """Tokens it may still emit."""
         return self.params.max_new_tokens - len(self.tokens)
+
+
+def uniforms(seqs: list[Sequence], positions: list[int], purpose: int, device) -> torch.Tensor:
+    """The keyed uniform of each sample at its position: (seed, sample_id, position, purpose) alone."""
+    return keyed_uniforms(
+        seed_tensor([s.seed for s in seqs], device),
+        torch.tensor([s.sample_id for s in seqs], device=device),
+        torch.tensor(positions, device=device),
+        purpose,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,154 +1,208 @@
-"""Lossless speculative verification: accept d_j with probability min(1, p_j(d_j) / q_j(d_j)); at the
-first rejection draw from norm(max(0, p_j - q_j)); if every draft is accepted draw a bonus token from
-p_{n+1}. The emitted tokens are distributed exactly as plain sampling from p (Leviathan et al. 2023;
-Chen et al. 2023). Greedy: accept while the argmax matches.
+"""EngineSpec: the typed, picklable description of one generation instance, and its one builder.
 
-p and q are the *processed* distributions (same temperature, top-k, top-p), so the guarantee holds
-for the distribution tokens are actually drawn from. Every random number is keyed by
-(seed, sample_id, position, purpose), so a sample's outcome does not depend on its batch. One-hot
-drafts (n-gram) are verified with plain sampling's own uniforms, so they change no sampled token at all.
+The Python API (`generate`), the CLI, the RL config and the Ray backend all describe an instance
+with an EngineSpec, so an instance is built in one place whatever asks for it. A new drafter or
+strategy is one description class here (with its `build`) plus one line in DRAFTERS or STRATEGIES.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
-import torch
+from rlhfspec.engine.drafters import DraftModelDrafter, Drafter, NgramDrafter
+from rlhfspec.errors import RlhfspecError
+from rlhfspec.paths import default_cache_dir, default_draft_path
+from rlhfspec.strategy.base import StaticStrategy, Strategy
 
-from rlhfspec.engine.sampling import ACCEPT, RESIDUAL, SAMPLE, keyed_uniforms, processed_logprobs, sample, seed_tensor
-from rlhfspec.engine.sequence import Sequence
-from rlhfspec.models.invariance import rowwise
-
-
-def acceptance_probability(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor) -> torch.Tensor:
-    """min(1, p(d)/q(d)) per row: p, q [R, V] probabilities (q None = one-hot drafts), drafts [R]."""
-    pd = p.gather(-1, drafts[:, None]).squeeze(-1)
-    if q is None:
-        return pd.clamp(max=1.0)
-    qd = q.gather(-1, drafts[:, None]).squeeze(-1)
-    return torch.where(qd > 0, (pd / qd.clamp(min=torch.finfo(qd.dtype).tiny)).clamp(max=1.0), torch.ones_like(pd))
+DEFAULT_MAX_BATCH = 64
+MAX_DRAFT_TOKENS = 16
 
 
-def residual_distribution(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor) -> torch.Tensor:
-    """norm(max(0, p - q)) per row [R, V]; with one-hot q this is p with the draft removed, renormalised.
+# --- drafters ---------------------------------------------------------------------------------
 
-    A rejection implies p(d) < q(d), so the residual has positive mass; rows where rounding leaves
-    none fall back to p (their rejection probability is zero up to rounding).
-    """
-    if q is None:
-        r = p.scatter(-1, drafts[:, None], 0.0)
-    else:
-        r = (p - q).clamp(min=0.0)
-    total = r.sum(-1, keepdim=True)
-    return torch.where(total > 0, r / total.clamp(min=torch.finfo(r.dtype).tiny), p)
+@dataclass(frozen=True)
+class Ngram:
+    """Model-free suffix matching over the prompt, the sample's output and earlier responses."""
 
+    max_ngram: int = 4
+    min_ngram: int = 1
+    name: str = "ngram"
 
-@dataclass(slots=True)
-class Verdict:
-    """Per sample: emitted tokens (accepted drafts, then one corrected or bonus token), their
-    policy logprobs, and how many drafts were accepted."""
-
-    tokens: list[list[int]]
-    logprobs: list[list[float]]
-    accepted: list[int]
+    def build(self, policy, tokenizer=None) -> Drafter:
+        return NgramDrafter(self.max_ngram, self.min_ngram)
 
 
-def verify(seqs: list[Sequence], logits: torch.Tensor, drafts: list[list[int]], q: torch.Tensor | None) -> Verdict:
-    """Accept or reject every sample's drafts in one pass.
+@dataclass(frozen=True)
+class DraftModel:
+    """A smaller LM sharing the policy's vocabulary, loaded from a directory (or .gguf file)."""
 
-    logits: [sum(n_b + 1), V] policy logits of the rows fed for each sample, [last, d_1..d_n], in
-    sample order; drafts[b]: sample b's n_b draft tokens; q: [sum n_b, V] the drafts' processed
-    probabilities, or None for one-hot (deterministic) drafts.
-    """
-    verdict = Verdict([[] for _ in seqs], [[] for _ in seqs], [0] * len(seqs))
-    row0 = _starts([len(d) + 1 for d in drafts])
-    q0 = _starts([len(d) for d in drafts])
-    groups: dict = {}
-    for b, s in enumerate(seqs):
-        groups.setdefault(s.params, []).append(b)
-    for params, members in groups.items():
-        rows = [r for b in members for r in range(row0[b], row0[b] + len(drafts[b]) + 1)]
-        qrows = [r for b in members for r in range(q0[b], q0[b] + len(drafts[b]))]
-        group_q = None if q is None or not qrows else q[_index(qrows, q)]
-        part = _verify_group(params, [seqs[b] for b in members], logits[_index(rows, logits)], [drafts[b] for b in members], group_q)
-        for i, b in enumerate(members):
-            verdict.tokens[b], verdict.logprobs[b], verdict.accepted[b] = part.tokens[i], part.logprobs[i], part.accepted[i]
-    return verdict
+    path: str
+    name: str = "draft"
+
+    def build(self, policy, tokenizer=None) -> Drafter:
+        if not Path(self.path).exists():
+            raise RlhfspecError(f"drafter {self.path}: the draft model does not exist; create it with: "
+                                f"rlhfspec distill-draft --draft-vocab 8192 --out {self.path}")
+        try:
+            return DraftModelDrafter.load(self.path, policy, policy_tokenizer=tokenizer, name=self.name)
+        except RlhfspecError as e:
+            raise RlhfspecError(f"drafter {self.path}: {e}") from None
 
 
-def _verify_group(params, seqs, logits, drafts, q) -> Verdict:
-    """verify() for samples sharing one SamplingParams; the rows of logits and q are theirs alone."""
-    dev = logits.device
-    lp = processed_logprobs(logits, params)
-    local = _starts([len(d) + 1 for d in drafts])
-    draft_rows = [local[i] + j for i, d in enumerate(drafts) for j in range(len(d))]
-    flat = torch.tensor([t for d in drafts for t in d], dtype=torch.long, device=dev)
-    if params.greedy:
-        choice = lp.argmax(-1)
-        ok = (choice[_index(draft_rows, lp)] == flat).tolist() if draft_rows else []
-    elif q is None:
-        # One-hot drafts: accept d_j iff plain sampling at its position (same uniform) draws d_j, and
-        # emit that plain draw at the first mismatch. P(accept) = p(d_j), and a mismatching draw is
-        # distributed as p without d_j, renormalised: the rule above, coupled so that the emitted
-        # tokens are the very tokens plain decoding draws, whichever steps the selector drafts on.
-        keys = [(s, s.length + j) for s, d in zip(seqs, drafts) for j in range(len(d) + 1)]
-        coupled = sample(lp, _keyed(keys, SAMPLE, dev), greedy=False)
-        ok = (coupled[_index(draft_rows, lp)] == flat).tolist() if draft_rows else []
-    else:
-        p = rowwise(torch.exp, lp)
-        ok = []
-        if draft_rows:
-            keys = [(s, s.length + j) for s, d in zip(seqs, drafts) for j in range(len(d))]
-            ok = (_keyed(keys, ACCEPT, dev) < acceptance_probability(p[_index(draft_rows, p)], q, flat)).tolist()
-    accepted, cursor = [], 0
-    for d in drafts:  # the first rejection ends a sample's run of accepted drafts
-        flags = ok[cursor : cursor + len(d)]
-        cursor += len(d)
-        accepted.append(next((j for j, f in enumerate(flags) if not f), len(d)))
-    final_rows = _index([local[i] + k for i, k in enumerate(accepted)], lp)
-    rejected = [i for i, (k, d) in enumerate(zip(accepted, drafts)) if k < len(d)]
-    if params.greedy:
-        final = choice[final_rows]
-    elif q is None:
-        final = coupled[final_rows]
-    else:
-        dist = p[final_rows]
-        if rejected:
-            at = _index(rejected, dist)
-            qr = None if q is None else q[_index([_starts([len(d) for d in drafts])[i] + accepted[i] for i in rejected], q)]
-            dr = torch.tensor([drafts[i][accepted[i]] for i in rejected], dtype=torch.long, device=dev)
-            dist[at] = residual_distribution(dist[at], qr, dr)
-        u = torch.empty(len(seqs), dtype=torch.float64, device=dev)
-        for purpose, idx in ((RESIDUAL, rejected), (SAMPLE, [i for i in range(len(seqs)) if i not in set(rejected)])):
-            if idx:
-                u[_index(idx, u)] = _keyed([(seqs[i], seqs[i].length + accepted[i]) for i in idx], purpose, dev)
-        final = sample(rowwise(torch.log, dist), u, greedy=False)
-    final = final.tolist()
-    tokens = [d[:k] + [f] for d, k, f in zip(drafts, accepted, final)]
-    emit_rows = [r for i, k in enumerate(accepted) for r in range(local[i], local[i] + k + 1)]
-    chosen = lp[_index(emit_rows, lp), torch.tensor([t for ts in tokens for t in ts], device=dev)].tolist()
-    starts = _starts([len(t) for t in tokens])
-    logprobs = [chosen[a : a + len(t)] for a, t in zip(starts, tokens)]
-    return Verdict(tokens, logprobs, accepted)
+DrafterSpec = Ngram | DraftModel
+DRAFTERS: dict[str, type] = {"ngram": Ngram, "draft_model": DraftModel}
 
 
-def _starts(sizes: list[int]) -> list[int]:
-    out, acc = [], 0
-    for k in sizes:
-        out.append(acc)
-        acc += k
-    return out
+def drafter_spec(text: str, taken: tuple[str, ...] = ()) -> DrafterSpec:
+    """"ngram", "draft" (the distilled default draft) or a draft model path. The first draft model
+    is named "draft", later ones "draft:<directory name>" (names key the statistics and logs)."""
+    if text == "ngram":
+        return Ngram()
+    path = default_draft_path() if text == "draft" else Path(text)
+    name = "draft" if "draft" not in taken else f"draft:{path.name}"
+    return DraftModel(str(path), name)
 
 
-def _index(rows: list[int], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.long, device=like.device)
+# --- strategies -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Static:
+    """The same drafter and draft length at every step."""
+
+    drafter: str
+    n: int = 4
+
+    def build(self, policy, drafters: list[Drafter]) -> Strategy:
+        return StaticStrategy(self.drafter, self.n)
 
 
-def _keyed(keys: list[tuple[Sequence, int]], purpose: int, dev) -> torch.Tensor:
-    """Keyed uniforms for (sample, position) pairs."""
-    return keyed_uniforms(
-        seed_tensor([s.seed for s, _ in keys], dev),
-        torch.tensor([s.sample_id for s, _ in keys], device=dev),
-        torch.tensor([pos for _, pos in keys], device=dev),
-        purpose,
-    )
+@dataclass(frozen=True)
+class Threshold:
+    """A fixed drafter and draft length while the live batch is at most max_batch; plain above it."""
+
+    drafter: str
+    n: int = 4
+    max_batch: int = 32
+
+    def build(self, policy, drafters: list[Drafter]) -> Strategy:
+        from rlhfspec.strategy.selector import ThresholdStrategy
+
+        return ThresholdStrategy(self.drafter, self.n, self.max_batch)
+
+
+@dataclass(frozen=True)
+class Adaptive:
+    """The workload-aware selector: drafter and per-sample n (0..max_n) at every step, from a cost
+    profile of this policy and these drafters (cached on disk; about 10 s the first time)."""
+
+    max_n: int = 8
+
+    def build(self, policy, drafters: list[Drafter]) -> Strategy:
+        from rlhfspec.engine.profile import cost_model
+        from rlhfspec.strategy.selector import AdaptiveStrategy
+
+        return AdaptiveStrategy(cost_model(policy, {d.name: d for d in drafters}, default_cache_dir()), max_n=self.max_n)
+
+
+StrategySpec = Static | Threshold | Adaptive
+STRATEGIES: dict[str, type] = {"static": Static, "threshold": Threshold, "adaptive": Adaptive}
+
+
+def strategy_spec(kind: str, drafters: tuple[DrafterSpec, ...], n: int = 4, max_batch: int = 32, max_n: int = 8) -> StrategySpec | None:
+    """The strategy named `kind` over these drafters (static and threshold use the first); None without drafters."""
+    if kind not in STRATEGIES:
+        raise RlhfspecError(f"strategy {kind!r} is not one of {', '.join(STRATEGIES)}.")
+    if not drafters:
+        return None
+    if kind == "adaptive":
+        return Adaptive(max_n)
+    if kind == "threshold":
+        return Threshold(drafters[0].name, n, max_batch)
+    return Static(drafters[0].name, n)
+
+
+# --- the instance -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One generation instance: its drafters and strategy (None: plain decoding), how many samples
+    run at once and how long they may grow, the precision and whether rows are batch-invariant.
+
+    model: what `load_model` reads ("default", a Hugging Face directory or a .gguf file) where an
+    instance loads its own (a Ray actor); in-process instances are handed the loaded policy and
+    leave it None. max_len None: fitted to the prompts of the call."""
+
+    drafters: tuple[DrafterSpec, ...] = ()
+    strategy: StrategySpec | None = None
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_len: int | None = None
+    dtype: str | None = None
+    batch_invariant: bool = True
+    threads: int | None = None
+    model: str | None = None
+    eos_ids: tuple[int, ...] | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """One sentence for a spec no instance could run."""
+        if self.max_batch < 1:
+            raise RlhfspecError(f"max_batch is {self.max_batch}; it must be at least 1.")
+        if self.threads is not None and self.threads < 1:
+            raise RlhfspecError(f"threads is {self.threads}; it must be at least 1.")
+        names = [d.name for d in self.drafters]
+        if len(set(names)) != len(names):
+            raise RlhfspecError(f"drafters need distinct names; got {names}.")
+        s = self.strategy
+        if isinstance(s, (Static, Threshold)):
+            check_draft_length(s.n)
+            if s.drafter not in names:
+                raise RlhfspecError(f"the {type(s).__name__.lower()} strategy drafts with {s.drafter!r}, which is not among the drafters {names or '(none)'}.")
+        if isinstance(s, Adaptive):
+            if not names:
+                raise RlhfspecError("the adaptive strategy needs at least one drafter (drafter='ngram', a draft model, or a list).")
+            if not 1 <= s.max_n <= MAX_DRAFT_TOKENS:
+                raise RlhfspecError(f"the adaptive strategy's max_n is {s.max_n}; it must be between 1 and {MAX_DRAFT_TOKENS}.")
+
+    def fitted(self, max_len: int, samples: int | None = None) -> EngineSpec:
+        """This spec with max_len set (if unset) and max_batch capped at `samples`."""
+        batch = self.max_batch if samples is None else max(1, min(self.max_batch, samples))
+        return replace(self, max_len=self.max_len or max_len, max_batch=batch)
+
+    def build(self, model=None, tokenizer=None, *, drafters: list[Drafter] | None = None, strategy: Strategy | None = None):
+        """The GenerationInstance. The model is loaded from `self.model` unless given; drafters and
+        strategy are built from the spec unless live ones are handed in (an RL rollout keeps its
+        drafters and what its strategy learned from one iteration to the next)."""
+        from rlhfspec.engine.instance import GenerationInstance
+
+        return GenerationInstance(**self.parts(model, tokenizer, drafters=drafters, strategy=strategy))
+
+    def parts(self, model=None, tokenizer=None, *, drafters: list[Drafter] | None = None, strategy: Strategy | None = None) -> dict:
+        """GenerationInstance's constructor arguments (the Ray actor, a GenerationInstance itself, is built from them)."""
+        if self.max_len is None:
+            raise RlhfspecError("the engine spec has no max_len; fit it to the prompts first (EngineSpec.fitted).")
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        if model is None:
+            if self.model is None:
+                raise RlhfspecError("the engine spec names no model to load, and none was handed to it.")
+            from rlhfspec.models.loader import load_model
+
+            model, tokenizer = load_model(self.model, dtype=self.dtype)
+        if drafters is None:
+            drafters = [d.build(model, tokenizer) for d in self.drafters]
+        if strategy is None and self.strategy is not None:
+            strategy = self.strategy.build(model, drafters)
+        return dict(model=model, max_batch=self.max_batch, max_len=self.max_len, tokenizer=tokenizer, eos_ids=self.eos_ids,
+                    drafters=drafters, strategy=strategy, batch_invariant=self.batch_invariant)
+
+
+def check_draft_length(n: int) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise RlhfspecError(f"num_draft_tokens is {n!r}; it must be an integer >= 0.")
+    if n > MAX_DRAFT_TOKENS:
+        raise RlhfspecError(f"num_draft_tokens is {n}; the maximum is {MAX_DRAFT_TOKENS}.")

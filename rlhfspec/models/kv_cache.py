@@ -63,6 +63,20 @@ class KVCache:
         for slot, q in zip(slots, q_lens):
             self.lengths[slot] += q
 
+    def forward(self, model, slots: list[int], new_tokens: list[list[int]], last_only: bool = True, advance: bool = True) -> torch.Tensor:
+        """Append new_tokens[b] to slots[b] in one packed forward of `model`; the final hidden
+        states of each slot's last new row ([B, H]) or of every new row ([sum q, H]). advance False
+        leaves the lengths as they were (a timing probe)."""
+        q_lens = [len(t) for t in new_tokens]
+        attention = self.attend(slots, q_lens)
+        flat = torch.tensor([t for ts in new_tokens for t in ts], device=self.device)
+        hidden = model(flat, attention.positions, attention)
+        if last_only and max(q_lens) > 1:
+            hidden = hidden[torch.tensor(q_lens, device=hidden.device).cumsum(0) - 1]
+        if advance:
+            self.advance(slots, q_lens)
+        return hidden
+
     def move(self, src: int, dst: int) -> None:
         """Copy slot src's valid rows into slot dst (used to keep live slots packed)."""
         n = self.lengths[src]

@@ -192,6 +192,10 @@ class Transformer(nn.Module):
             x = x + layer.down(plan.silu_mul(layer.gate_up(rms_norm(x, layer.post_norm, eps))))
         return x
 
+    def normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm: what the output layer (or a value, score or draft-vocabulary head) reads."""
+        return rms_norm(hidden, self.norm.weight, self.config.rms_norm_eps)
+
     def logits(self, hidden: torch.Tensor, invariant: bool = False) -> torch.Tensor:
         """hidden: [..., H] -> float32 logits [..., V] (batch-invariant rows when `invariant`)."""
-        return self.plan(invariant).head(rms_norm(hidden, self.norm.weight, self.config.rms_norm_eps)).float()
+        return self.plan(invariant).head(self.normed(hidden)).float()

@@ -9,7 +9,7 @@ import torch
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.checkpoint import from_hf, read_hf_config, read_hf_tensors
 from rlhfspec.models.config import ModelConfig
-from rlhfspec.models.llama import Transformer, rms_norm
+from rlhfspec.models.llama import Transformer
 from rlhfspec.models.batch import hidden_states, padded_batch
 
 
@@ -46,7 +46,7 @@ class RewardModel:
     def scores(self, token_ids: list[list[int]]) -> list[float]:
         hidden = hidden_states(self.model, *padded_batch(token_ids))
         last = torch.tensor([len(t) - 1 for t in token_ids])
-        h = rms_norm(hidden[torch.arange(len(token_ids)), last], self.model.norm.weight, self.model.config.rms_norm_eps)
+        h = self.model.normed(hidden[torch.arange(len(token_ids)), last])
         return (h @ self.score_weight.T).squeeze(-1).float().tolist()
 
     def encode(self, prompt, completion: str) -> list[int]:

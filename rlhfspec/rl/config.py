@@ -10,11 +10,16 @@ from typing import Any
 
 import yaml
 
+from rlhfspec.engine.spec import STRATEGIES, DraftModel, EngineSpec, drafter_spec, strategy_spec
 from rlhfspec.errors import RlhfspecError
+from rlhfspec.rl.losses import AGGREGATIONS
 
 
 @dataclass
-class ModelConfig:
+class ModelsConfig:
+    """The `model` section: which checkpoints play policy, reference and critic (an architecture
+    is models.config.ModelConfig)."""
+
     policy: str = "default"  # "default", a Hugging Face directory or a .gguf file
     reference: str | None = None  # None: a frozen copy of the initial policy (loaded only when a KL term needs it)
     critic: str | None = None  # PPO: None initialises the critic from the policy
@@ -50,10 +55,12 @@ class GenerationConfig:
     top_k: int = 0
     batch_size: int = 64  # live samples per instance
     dtype: str | None = None  # None: the device's generation default
-    spec: bool = True  # speculative decoding
-    strategy: str = "adaptive"  # "adaptive" or "static"
+    speculative: bool = True  # speculative decoding
+    strategy: str = "adaptive"  # "adaptive", "static" or "threshold" (static while the live batch <= threshold_batch)
     drafters: list[str] = field(default_factory=lambda: ["ngram"])  # "ngram", "draft" (distilled), or draft paths
-    num_draft_tokens: int = 4  # for strategy "static"
+    num_draft_tokens: int = 4  # for strategies "static" and "threshold"
+    threshold_batch: int = 32  # for strategy "threshold"
+    max_draft_tokens: int = 8  # for strategy "adaptive": it picks n in 0..max_draft_tokens per sample and step
     draft_path: str | None = None  # draft model for "draft"; None: the cached distilled default
     refresh_draft: bool = True  # keep distilling the draft model on each iteration's rollouts
     refresh_seconds: float = 20.0
@@ -61,6 +68,17 @@ class GenerationConfig:
     instances: int = 1
     backend: str = "inproc"
     batch_invariant: bool = True  # a sample's tokens never depend on its batch or instance (see README)
+
+    def engine_spec(self) -> EngineSpec:
+        """The generation instance this section describes (one per generation.instances)."""
+        drafters: list = []
+        for text in (self.drafters if self.speculative else []):
+            d = drafter_spec(text, tuple(x.name for x in drafters))
+            if text == "draft" and self.draft_path:
+                d = DraftModel(self.draft_path, d.name)
+            drafters.append(d)
+        strategy = strategy_spec(self.strategy, tuple(drafters), self.num_draft_tokens, self.threshold_batch, self.max_draft_tokens)
+        return EngineSpec(tuple(drafters), strategy, self.batch_size, dtype=self.dtype, batch_invariant=self.batch_invariant)
 
 
 @dataclass
@@ -113,7 +131,7 @@ class RunConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelsConfig = field(default_factory=ModelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -154,7 +172,7 @@ class Config:
              f"{a.name} compares samples of one prompt; generation.num_generations must be >= 2."),
             (g.batch_size >= 1, f"generation.batch_size is {g.batch_size}; it must be >= 1."),
             (g.instances >= 1, f"generation.instances must be at least 1, got {g.instances}."),
-            (g.strategy in ("adaptive", "static"), f"generation strategy {g.strategy!r} is not 'adaptive' or 'static'."),
+            (g.strategy in STRATEGIES, f"generation.strategy {g.strategy!r} is not one of {', '.join(STRATEGIES)}."),
             (a.beta >= 0, f"algorithm.beta is {a.beta}; it must be >= 0."),
             (a.kl_estimator in ("k1", "k2", "k3"), f"algorithm.kl_estimator {a.kl_estimator!r} is not k1, k2 or k3."),
             (a.beta == 0 or a.kl_in_reward or a.kl_estimator != "k1",
@@ -162,8 +180,7 @@ class Config:
              "towards the reference; use k3 or k2 in the loss, or k1 with algorithm.kl_in_reward true."),
             (a.entropy_coef >= 0, f"algorithm.entropy_coef is {a.entropy_coef}; it must be >= 0."),
             (t.logprob_check_every >= 1, f"train.logprob_check_every is {t.logprob_check_every}; it must be >= 1."),
-            (a.aggregation in ("token-mean", "sequence-mean", "sequence-sum-mean"),
-             f"algorithm.aggregation {a.aggregation!r} is not token-mean, sequence-mean or sequence-sum-mean."),
+            (a.aggregation in AGGREGATIONS, f"algorithm.aggregation {a.aggregation!r} is not one of {', '.join(AGGREGATIONS)}."),
             (a.scale_rewards in ("group", "batch", "none"), f"algorithm.scale_rewards {a.scale_rewards!r} is not group, batch or none."),
             (a.clip_low > 0, f"algorithm.clip_low is {a.clip_low}; it must be > 0."),
             (d.prompts_per_iteration >= 1, f"data.prompts_per_iteration is {d.prompts_per_iteration}; it must be >= 1."),
@@ -176,6 +193,10 @@ class Config:
             if not ok:
                 raise RlhfspecError(message)
         SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, max_new_tokens=g.max_new_tokens)
+        if g.backend != "inproc":
+            raise RlhfspecError(f"the RL generation stage runs its instances in-process (generation.backend 'inproc'), not {g.backend!r}: "
+                                "Ray actors would need the policy's weights shipped to them after every update.")
+        g.engine_spec()  # one sentence for a drafter or strategy setting no instance could run
         if r.wandb:
             import importlib.util
 

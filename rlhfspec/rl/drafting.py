@@ -1,67 +1,65 @@
-"""Drafters for the RL generation stage, and refreshing the draft model as the policy drifts."""
+"""Keeping the draft models aligned as the policy drifts: distil them on each iteration's rollouts."""
 
 from __future__ import annotations
 
 import copy
 import time
-from pathlib import Path
 
 import torch
 
 from rlhfspec.distill.teacher import teacher_examples
 from rlhfspec.distill.train import DistillConfig, Distiller
-from rlhfspec.engine.drafters import DraftModelDrafter, Drafter, NgramDrafter
-from rlhfspec.errors import RlhfspecError
-from rlhfspec.rl.config import GenerationConfig
+from rlhfspec.engine.drafters import DraftModelDrafter, Drafter
 
 
-def build_drafters(gen: GenerationConfig, engine, tokenizer, log=print) -> list[Drafter]:
-    """'ngram', 'draft' (the distilled default draft, or generation.draft_path) or a draft checkpoint path."""
-    from rlhfspec.bench.spec import default_draft_path
+class DraftRefresher:
+    """One distiller per draft model, made on first use; each trains a float32 master copy of its
+    draft (the engine's copy may be bf16) and writes it back after every refresh. Its state (master
+    weights and optimizer) goes into the RL checkpoint."""
 
-    drafters: list[Drafter] = []
-    for spec in gen.drafters:
-        if spec == "ngram":
-            drafters.append(NgramDrafter())
-            continue
-        path = Path(gen.draft_path or default_draft_path()) if spec == "draft" else Path(spec)
-        if not (path / "model.safetensors").is_file():
-            raise RlhfspecError(f"draft model {path} does not exist; create it with: rlhfspec distill-draft --draft-vocab 8192 --out {path}")
-        name = "draft" if spec == "draft" else f"draft:{path.name}"
-        drafters.append(DraftModelDrafter.load(path, engine, policy_tokenizer=tokenizer, name=name))
-        log(f"drafting with {path}")
-    return drafters
+    def __init__(self, drafters: list[Drafter], seconds: float):
+        self.drafts = [d for d in drafters if isinstance(d, DraftModelDrafter)]
+        self.seconds = seconds
+        self.distillers: dict[str, Distiller] = {}
+        self.restored: dict[str, dict] = {}
 
+    def _distiller(self, d: DraftModelDrafter) -> Distiller:
+        if d.name not in self.distillers:
+            master = copy.deepcopy(d.model).float() if d.model.dtype != torch.float32 else d.model
+            vocab = None if d.vocab is None else d.vocab.tolist()
+            config = DistillConfig(lr=5e-4, seconds=self.seconds, max_steps=200, batch_sequences=8)
+            distiller = self.distillers[d.name] = Distiller(master, config, draft_vocab=vocab)
+            saved = self.restored.pop(d.name, None)
+            if saved is not None:
+                with torch.no_grad():
+                    master.load_state_dict(saved["master"])
+                distiller.optimizer.load_state_dict(saved["optimizer"])
+        return self.distillers[d.name]
 
-def _distiller(drafter: DraftModelDrafter, gen: GenerationConfig) -> Distiller:
-    """The drafter's distiller, made on first use; it trains a float32 master copy of the draft."""
-    if drafter.distiller is None:
-        master = copy.deepcopy(drafter.model).float() if drafter.model.dtype != torch.float32 else drafter.model
-        vocab = None if drafter.vocab is None else drafter.vocab.tolist()
-        drafter.distiller = Distiller(master, DistillConfig(lr=5e-4, seconds=gen.refresh_seconds, max_steps=200, batch_sequences=8), draft_vocab=vocab)
-        saved = drafter.restored or {}
-        if "master" in saved:
-            with torch.no_grad():
-                master.load_state_dict(saved["master"])
-            drafter.distiller.optimizer.load_state_dict(saved["optimizer"])
-    return drafter.distiller
+    def refresh(self, policy, batch) -> dict:
+        """Distil each draft model on this iteration's rollouts against the updated policy."""
+        out = {}
+        for d in self.drafts:
+            start = time.perf_counter()
+            seqs = [p + c for p, c in zip(batch.prompts, batch.completions)]
+            examples = teacher_examples(policy, seqs, [len(p) for p in batch.prompts], k=32)
+            distiller = self._distiller(d)
+            losses = distiller.fit(examples)
+            if distiller.draft is not d.model:
+                with torch.no_grad():
+                    for dst, src in zip(d.model.parameters(), distiller.draft.parameters()):
+                        dst.copy_(src.to(dst.dtype))
+            out[f"refresh/{d.name}_loss"] = sum(losses) / max(len(losses), 1)
+            out[f"refresh/{d.name}_s"] = time.perf_counter() - start
+        return out
 
+    def state_dict(self) -> dict:
+        state = dict(self.restored)
+        for name, distiller in self.distillers.items():
+            state[name] = {"master": {k: v.detach().clone() for k, v in distiller.draft.state_dict().items()},
+                           "optimizer": distiller.optimizer.state_dict()}
+        return state
 
-def refresh_drafters(drafters: list[Drafter], policy, batch, gen: GenerationConfig) -> dict:
-    """Distill each draft model on this iteration's rollouts against the updated policy."""
-    out = {}
-    for d in drafters:
-        if not isinstance(d, DraftModelDrafter):
-            continue
-        start = time.perf_counter()
-        seqs = [p + c for p, c in zip(batch.prompts, batch.completions)]
-        examples = teacher_examples(policy, seqs, [len(p) for p in batch.prompts], k=32)
-        distiller = _distiller(d, gen)
-        losses = distiller.fit(examples)
-        if distiller.draft is not d.model:
-            with torch.no_grad():
-                for dst, src in zip(d.model.parameters(), distiller.draft.parameters()):
-                    dst.copy_(src.to(dst.dtype))
-        out[f"refresh/{d.name}_loss"] = sum(losses) / max(len(losses), 1)
-        out[f"refresh/{d.name}_s"] = time.perf_counter() - start
-    return out
+    def load_state_dict(self, state: dict) -> None:
+        """Picked up when each distiller is made."""
+        self.restored = dict(state)

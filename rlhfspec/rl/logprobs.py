@@ -9,7 +9,6 @@ import torch
 
 from rlhfspec.engine.sampling import SamplingParams, processed_logprobs
 from rlhfspec.models.batch import hidden_states, padded_batch
-from rlhfspec.models.llama import rms_norm
 
 
 @dataclass(slots=True)
@@ -91,5 +90,5 @@ def all_logprobs(model, batch: Batch, params: SamplingParams, max_tokens: int) -
 def values_at(critic, head: torch.Tensor, batch: Batch, idx: list[int]) -> torch.Tensor:
     """The critic's value estimate at each completion row: [b, T]."""
     hidden, mask = response_hidden(critic, batch, idx)
-    h = rms_norm(hidden, critic.norm.weight, critic.config.rms_norm_eps)
+    h = critic.normed(hidden)
     return (h @ head.to(h.dtype)).squeeze(-1).float() * mask.to(h.device)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 
 
+AGGREGATIONS = ("token-mean", "sequence-mean", "sequence-sum-mean")
+
+
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str, max_len: int | None = None) -> torch.Tensor:
     """Reduce a per-token loss [B, T] to a scalar.
 
@@ -13,14 +16,8 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str, max_len: in
     "sequence-sum-mean": sum over every response token / (B * max_len), a constant (Dr. GRPO,
     TRL's "dr_grpo", with max_len the maximum completion length; default the mask's width).
     """
-    m = mask.to(per_token.dtype)
-    if how == "token-mean":
-        return (per_token * m).sum() / m.sum().clamp(min=1)
-    if how == "sequence-mean":
-        return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
-    if how == "sequence-sum-mean":
-        return (per_token * m).sum() / (m.shape[0] * (max_len or m.shape[1]))
-    raise ValueError(f"aggregation must be token-mean, sequence-mean or sequence-sum-mean, not {how!r}")
+    w = token_weights(mask, how, mask.sum().item(), mask.shape[0], max_len or mask.shape[1])
+    return (per_token * w.to(per_token.dtype)).sum()
 
 
 def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, clip_low: float = 0.2, clip_high: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,21 +30,6 @@ def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_low, 1 + high) * advantages
     return -torch.minimum(unclipped, clipped), clipped < unclipped
-
-
-def clipped_policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-    clip_low: float = 0.2, clip_high: float | None = None, aggregation: str = "token-mean",
-    weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The clipped surrogate aggregated over a batch; weights: optional per-token importance weights
-    (truncated IS for the rollout/trainer mismatch), applied outside the min. Also the clipped fraction."""
-    per_token, was_clipped = clipped_surrogate(logprobs, old_logprobs, advantages, clip_low, clip_high)
-    if weights is not None:
-        per_token = per_token * weights
-    m = mask.to(per_token.dtype)
-    frac = ((was_clipped.to(m.dtype) * m).sum() / m.sum().clamp(min=1)).item()
-    return aggregate(per_token, mask, aggregation), {"clip_frac": frac}
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k3") -> torch.Tensor:
@@ -102,4 +84,4 @@ def token_weights(mask: torch.Tensor, how: str, total_tokens: float, total_seque
         return m / m.sum(-1, keepdim=True).clamp(min=1) / max(total_sequences, 1.0)
     if how == "sequence-sum-mean":
         return m / (max(total_sequences, 1.0) * max_len)
-    raise ValueError(f"aggregation must be token-mean, sequence-mean or sequence-sum-mean, not {how!r}")
+    raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, not {how!r}")

@@ -18,12 +18,13 @@ from rlhfspec.models.loader import load_model
 from rlhfspec.rewards.compose import RewardSet
 from rlhfspec.rl import checkpoint as ckpt
 from rlhfspec.rl.config import Config
-from rlhfspec.rl.drafting import build_drafters, refresh_drafters
+from rlhfspec.engine.spec import DraftModel
+from rlhfspec.rl.drafting import DraftRefresher
 from rlhfspec.rl.experience import make_targets
 from rlhfspec.rl.logprobs import Batch, completion_logprobs, values_at
 from rlhfspec.rl.metrics import MetricsLog
 from rlhfspec.rl.objective import policy_objective, value_objective
-from rlhfspec.rollout import Rollout
+from rlhfspec.rollout import Placement, Rollout
 
 SUCCESS_REWARDS = ("arithmetic_correct", "gsm8k_correct")
 
@@ -83,11 +84,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=c.train.learning_rate, betas=c.train.adam_betas, weight_decay=c.train.weight_decay)
         total = c.train.iterations * c.train.epochs * self._steps_per_epoch()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(c.train.lr_schedule, c.train.warmup_steps, total))
-        self.drafters = build_drafters(c.generation, self.engine, self.tokenizer, log) if c.generation.spec else []
-        self.rollout = Rollout(self.engine, self.tokenizer, batch_size=c.generation.batch_size, spec=c.generation.spec,
-                               strategy=c.generation.strategy, drafters=self.drafters, num_draft_tokens=c.generation.num_draft_tokens,
-                               instances=c.generation.instances, realloc=c.generation.realloc, backend=c.generation.backend,
-                               batch_invariant=c.generation.batch_invariant)
+        spec = c.generation.engine_spec()
+        self.rollout = Rollout(self.engine, self.tokenizer, spec, Placement(c.generation.instances, realloc=c.generation.realloc))
+        for d in spec.drafters:
+            log(f"drafting with {d.name}" + (f" ({d.path})" if isinstance(d, DraftModel) else ""))
+        self.refresher = DraftRefresher(self.rollout.drafters, c.generation.refresh_seconds) if c.generation.refresh_draft else None
         self.iteration = 0
         self.verified_logprobs: bool | None = None
         if resume:
@@ -141,7 +142,7 @@ class Trainer:
         t2 = time.perf_counter()
         train_stats = self._optimize(batch, inference.targets)
         t3 = time.perf_counter()
-        refresh = refresh_drafters(self.drafters, self.policy, batch, c.generation) if self.drafters and c.generation.refresh_draft else {}
+        refresh = self.refresher.refresh(self.policy, batch) if self.refresher is not None else {}
         success = self._success(table)
         self.source.observe(success if success is not None else 0.0)
         t4 = time.perf_counter()
@@ -252,7 +253,7 @@ class Trainer:
         objects = {
             "iteration": self.iteration, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "rng": ckpt.rng_state(), "source": self.source.state_dict(), "verified_logprobs": self.verified_logprobs,
-            "drafters": [d.state_dict() for d in self.drafters if hasattr(d, "state_dict")],
+            "rollout": self.rollout.state_dict(), "refresh": self.refresher.state_dict() if self.refresher is not None else {},
         }
         if self.critic is not None:
             tensors["critic"] = {**self.critic[0].state_dict(), "value_head": self.critic[1].detach()}
@@ -273,8 +274,9 @@ class Trainer:
         ckpt.set_rng_state(objects["rng"])
         self.source.load_state_dict(objects["source"])
         self.verified_logprobs = None  # checked again on the first iteration after a resume
-        for d, state in zip([d for d in self.drafters if hasattr(d, "load_state_dict")], objects["drafters"]):
-            d.load_state_dict(state)
+        self.rollout.load_state_dict(objects["rollout"])
+        if self.refresher is not None:
+            self.refresher.load_state_dict(objects["refresh"])
         if self.critic is not None:
             head = tensors["critic"].pop("value_head")
             self.critic[0].load_state_dict(tensors["critic"], strict=True)

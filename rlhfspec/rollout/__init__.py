@@ -1,5 +1,7 @@
-"""The generation stage of an RL iteration: prompts x samples over one or more generation instances."""
+"""Generation over K >= 1 instances: the one driver (Coordinator), its backends, the rebalancer,
+`generate` and the RL generation stage."""
 
-from rlhfspec.rollout.rollout import Rollout, RolloutResult
+from rlhfspec.rollout.generate import Generation, Placement, generate, run_generation
+from rlhfspec.rollout.rollout import Rollout
 
-__all__ = ["Rollout", "RolloutResult"]
+__all__ = ["Generation", "Placement", "Rollout", "generate", "run_generation"]

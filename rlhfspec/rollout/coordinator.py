@@ -10,7 +10,9 @@ from rlhfspec.engine.instance import Migrant
 from rlhfspec.engine.progress import Progress
 from rlhfspec.engine.sequence import Sequence
 from rlhfspec.errors import RlhfspecError
-from rlhfspec.rollout.policy import InstanceLoad, LengthPredictor, Move, ReallocationPolicy, SampleLoad
+from rlhfspec.rollout.backend import Backend
+from rlhfspec.rollout.rebalance import InstanceLoad, LengthPredictor, Move, Rebalancer, SampleLoad
+from rlhfspec.strategy.cost_model import step_table
 
 
 @dataclass
@@ -22,35 +24,22 @@ class Timeline:
     busy_s: dict[int, float] = field(default_factory=dict)
 
 
-@dataclass
-class CostHints:
-    """Migration costs until the instances have measured their own prefill (link: the backend's
-    measured transfer speed and per-call latency)."""
-
-    prefill_seconds_per_token: float = 1e-3
-    kv_bytes_per_token: float = 0.0
-    link_bytes_per_second: float = 1e9
-    link_latency: float = 1e-3
-
-
 class Coordinator:
-    """Drives K instances (any backend exposing add/run/export/adopt/report) through a rollout.
+    """The one driver of generation: K >= 1 instances behind a Backend, fed from one queue,
+    with samples moved between them by the rebalancer (K = 1 is the ordinary `generate`).
 
     Every sample comes back exactly once: the coordinator owns the queue and the record of
     where each sample lives, and samples of an instance that fails are resubmitted from their
     last reported state (recomputed elsewhere; the keyed sampling makes them continue as before).
     """
 
-    def __init__(self, backend, policy: ReallocationPolicy | None = None, steps_per_call: int = 4,
-                 mode: str = "auto", hints: CostHints | None = None, max_new_tokens: int = 256, forced_moves=None,
-                 progress: bool = False):
+    def __init__(self, backend: Backend, rebalancer: Rebalancer | None = None, steps_per_call: int = 4,
+                 mode: str = "auto", max_new_tokens: int = 256, forced_moves=None, progress: bool = False):
         if mode not in ("auto", "kv", "recompute"):
             raise RlhfspecError(f"migration mode {mode!r} is not auto, kv or recompute.")
-        self.backend, self.policy, self.steps_per_call, self.mode = backend, policy, steps_per_call, mode
-        if hints is None:
-            link = backend.link() if hasattr(backend, "link") else (1e9, 1e-3)
-            hints = CostHints(link_bytes_per_second=link[0], link_latency=link[1])
-        self.hints = hints
+        self.backend, self.rebalancer, self.steps_per_call, self.mode = backend, rebalancer, steps_per_call, mode
+        # Measured once: only moves need it, and one instance never moves anything.
+        self.link = backend.link() if backend.size > 1 and (rebalancer is not None or forced_moves is not None) else (1e9, 1e-3)
         self.predictor = LengthPredictor(max_new_tokens)
         self.forced_moves = forced_moves  # tests: a callable(reports) -> list[Move] used instead of the policy
         self.timeline = Timeline()
@@ -103,7 +92,7 @@ class Coordinator:
         """Hand queued samples to instances with free slots, emptiest first. Samples that already
         generated tokens (recovered from a failed instance) are adopted and their KV recomputed."""
         for i in sorted(reports, key=lambda i: -reports[i].free_slots):
-            if not self.backend.idle(i):
+            if self.backend.busy(i):
                 continue  # a report is in flight: its free slots are not known yet
             free = reports[i].free_slots
             batch = [queue.popleft() for _ in range(min(free, len(queue)))]
@@ -131,24 +120,23 @@ class Coordinator:
                 pooled.setdefault(b, []).append(t)
         pooled_means = {b: sum(ts) / len(ts) for b, ts in pooled.items()}
         for i, r in reports.items():
-            steps = _step_table(r.step_seconds or pooled_means, len(r.live) + r.free_slots)
+            steps = step_table(r.step_seconds or pooled_means, len(r.live) + r.free_slots)
             samples = [SampleLoad(s.sample_id, s.length, self.predictor.remaining(len(s.tokens))) for s in r.live]
-            h = self.hints
-            prefill = r.prefill_seconds_per_token or h.prefill_seconds_per_token
-            kv_bytes = r.kv_bytes_per_token or h.kv_bytes_per_token
-            loads.append(InstanceLoad(i, samples, r.free_slots, steps, r.tokens_per_step, prefill, kv_bytes,
-                                      h.link_bytes_per_second, h.link_latency))
+            measured = {"prefill_seconds_per_token": r.prefill_seconds_per_token, "kv_bytes_per_token": r.kv_bytes_per_token or None}
+            loads.append(InstanceLoad(i, samples, r.free_slots, steps, r.tokens_per_step,
+                                      link_bytes_per_second=self.link[0], link_latency=self.link[1],
+                                      **{k: v for k, v in measured.items() if v}))
         return loads
 
     def _reallocate(self, reports: dict, where: dict, start: float) -> None:
         if self.forced_moves is not None:
             moves = self.forced_moves(reports)
-        elif self.policy is not None:
-            moves = self.policy.decide(self._loads(reports))
+        elif self.rebalancer is not None and len(reports) > 1:
+            moves = self.rebalancer.plan(self._loads(reports))
         else:
             return
         for m in moves:
-            if not (self.backend.idle(m.source) and self.backend.idle(m.destination)):
+            if self.backend.busy(m.source) or self.backend.busy(m.destination):
                 continue  # a report is in flight; decide again when it is back
             ship = m.ship_kv if self.mode == "auto" else self.mode == "kv"
             migrants = self.backend.export(m.source, [m.sample_id], ship)
@@ -168,20 +156,3 @@ class Coordinator:
         # Back of the line with what they had generated by the last report; the rest is recomputed.
         queue.extend(lost)
 
-
-def _step_table(measured: dict[int, float], capacity: int) -> list[float]:
-    """Seconds per step for batch 0..capacity from the measured means (interpolated, flat at the ends)."""
-    capacity = max(capacity, 1)
-    if not measured:
-        return [0.0] + [1.0] * capacity
-    known = sorted(measured.items())
-    out = [0.0]
-    for b in range(1, capacity + 1):
-        lower = [x for x in known if x[0] <= b]
-        upper = [x for x in known if x[0] >= b]
-        if lower and upper:
-            (b0, t0), (b1, t1) = lower[-1], upper[0]
-            out.append(t0 if b1 == b0 else t0 + (t1 - t0) * (b - b0) / (b1 - b0))
-        else:
-            out.append((lower or upper)[-1 if lower else 0][1])
-    return out

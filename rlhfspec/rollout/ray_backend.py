@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from rlhfspec.engine.instance import Migrant
+from rlhfspec.engine.instance import GenerationInstance, InstanceReport, Migrant
 from rlhfspec.engine.sequence import Sequence
+from rlhfspec.engine.spec import EngineSpec
 from rlhfspec.errors import RlhfspecError
-from rlhfspec.rollout.local import Report
-from rlhfspec.rollout.spec import InstanceSpec
 
 
 def _ray():
@@ -19,26 +18,11 @@ def _ray():
     return ray
 
 
-class _Host:
-    """Runs inside the actor process: builds the instance there and forwards calls to it."""
+class _Host(GenerationInstance):
+    """The instance inside its actor process, built there from the spec (it loads its own model)."""
 
-    def __init__(self, index: int, spec: InstanceSpec):
-        self.local = spec.build(index)
-
-    def report(self) -> Report:
-        return self.local.report()
-
-    def add(self, seqs: list[Sequence]) -> list[Sequence]:
-        return self.local.add(seqs)
-
-    def run(self, steps: int) -> Report:
-        return self.local.run(steps)
-
-    def export(self, ids: list[int], with_kv: bool) -> list[Migrant]:
-        return self.local.export(ids, with_kv)
-
-    def adopt(self, migrants: list[Migrant]) -> None:
-        self.local.adopt(migrants)
+    def __init__(self, spec: EngineSpec):
+        super().__init__(**spec.parts())
 
     def receive(self, payload) -> int:
         """For measuring the link: take a payload, return its size."""
@@ -49,7 +33,9 @@ class RayBackend:
     """K actors on a local Ray cluster started here (or the one at `address`); one CPU per
     `spec.threads` for each, one GPU each when `gpus_per_actor` is set."""
 
-    def __init__(self, spec: InstanceSpec, size: int, address: str | None = None, gpus_per_actor: float = 0.0):
+    def __init__(self, spec: EngineSpec, size: int, address: str | None = None, gpus_per_actor: float = 0.0):
+        if spec.model is None:
+            raise RlhfspecError("the ray backend's actors load their own model; the engine spec must name it (model='default', a directory or a .gguf file).")
         ray = _ray()
         self.ray, self.spec, self.size = ray, spec, size
         self.owns_cluster = not ray.is_initialized()
@@ -60,7 +46,7 @@ class RayBackend:
             else:
                 ray.init(num_cpus=max(size * (spec.threads or 1), 1), **kwargs)
         self.remote = ray.remote(num_cpus=spec.threads or 1, num_gpus=gpus_per_actor)(_Host)
-        self.actors = [self.remote.remote(i, spec) for i in range(size)]
+        self.actors = [self.remote.remote(spec) for _ in range(size)]
         self.inflight: dict[int, object] = {}
         self.live = [0] * size
 
@@ -86,7 +72,14 @@ class RayBackend:
     def _get(self, ref):
         return self.ray.get(ref)
 
-    def report(self, i: int) -> Report:
+    def validate(self, seqs: list[Sequence]) -> None:
+        self._get(self.actors[0].check.remote(seqs))
+
+    def stats(self) -> list:
+        """The actors keep their step records to themselves."""
+        return []
+
+    def report(self, i: int) -> InstanceReport:
         r = self._get(self.actors[i].report.remote())
         self.live[i] = len(r.live)
         return r
@@ -96,7 +89,7 @@ class RayBackend:
         self.live[i] += len(seqs) - len(out)
         return out
 
-    def run_round(self, steps: int) -> Iterator[tuple[int, Report | None]]:
+    def run_round(self, steps: int) -> Iterator[tuple[int, InstanceReport | None]]:
         """Start `steps` steps on every idle actor with live samples; yield the first to return."""
         for i, n in enumerate(self.live):
             if n and i not in self.inflight:
@@ -116,8 +109,8 @@ class RayBackend:
             self.live[i] = len(report.live)
             yield i, report
 
-    def idle(self, i: int) -> bool:
-        return i not in self.inflight
+    def busy(self, i: int) -> bool:
+        return i in self.inflight
 
     def export(self, i: int, sample_ids: list[int], with_kv: bool) -> list[Migrant]:
         out = self._get(self.actors[i].export.remote(sample_ids, with_kv))
@@ -132,7 +125,7 @@ class RayBackend:
         """Replace a dead actor with a fresh one (its samples are resubmitted by the coordinator)."""
         self.ray.kill(self.actors[i], no_restart=True)
         self.inflight.pop(i, None)
-        self.actors[i] = self.remote.remote(i, self.spec)
+        self.actors[i] = self.remote.remote(self.spec)
         self.live[i] = 0
 
     def shutdown(self) -> None:

@@ -7,7 +7,7 @@ from rlhfspec import RlhfspecError, SamplingParams, generate, load_model
 from rlhfspec.engine.instance import GenerationInstance
 from rlhfspec.engine.sampling import processed_logprobs
 from rlhfspec.engine.sequence import Sequence
-from tests.conftest import random_prompts, tiny_hf_model
+from tests.conftest import random_prompts, tiny_hf_model, drive
 
 
 @pytest.fixture
@@ -65,9 +65,7 @@ def test_stops_at_eos_and_at_max_new_tokens(tiny):
     eos = free.token_ids[4]
     inst = GenerationInstance(tiny, 2, 64, eos_ids=(eos,))
     seq = Sequence(0, prompt, SamplingParams(temperature=0, max_new_tokens=12))
-    from rlhfspec.engine.generate import run
-
-    run(inst, [seq])
+    drive(inst, [seq])
     cut = free.token_ids.index(eos) + 1
     assert seq.tokens == free.token_ids[:cut] and seq.finish_reason == "stop"
     assert inst.free_slots == 2

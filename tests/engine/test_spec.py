@@ -6,10 +6,9 @@ import torch
 
 from rlhfspec import RlhfspecError, SamplingParams, generate, load_model
 from rlhfspec.engine.drafters import DraftModelDrafter, NgramDrafter
-from rlhfspec.engine.generate import run
 from rlhfspec.engine.instance import GenerationInstance
 from rlhfspec.engine.sequence import Sequence
-from rlhfspec.engine.spec import acceptance_probability, residual_distribution
+from rlhfspec.engine.verify import acceptance_probability, residual_distribution
 from rlhfspec.models.kv_cache import KVCache
 from rlhfspec.strategy.base import Decision, StaticStrategy, Strategy
 from tests.conftest import random_prompts

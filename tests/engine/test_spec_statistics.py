@@ -5,7 +5,7 @@ acceptance rule fails the same test."""
 import pytest
 import torch
 
-import rlhfspec.engine.spec as spec
+import rlhfspec.engine.verify as spec
 from rlhfspec import SamplingParams, generate, load_model
 from rlhfspec.engine.sampling import processed_logprobs
 from tests.conftest import tiny_hf_model

@@ -11,7 +11,7 @@ from tests.rl.helpers import tiny_policy_dir
 def _config(tmp_path, policy, **overrides):
     args = ["--model.policy", str(policy), "--run.output_dir", str(tmp_path / "run"), "--data.prompts_per_iteration", "2",
             "--generation.num_generations", "2", "--generation.max_new_tokens", "6", "--train.iterations", "1",
-            "--run.tensorboard", "false", "--generation.spec", "false"]
+            "--run.tensorboard", "false", "--generation.speculative", "false"]
     for k, v in overrides.items():
         args += [f"--{k}", str(v)]
     return load_config(None, args)

@@ -11,9 +11,9 @@ def test_the_default_config_file_equals_the_built_in_defaults():
 
 
 def test_overrides_are_typed(tmp_path):
-    c = load_config(None, ["--train.learning_rate", "3e-6", "--generation.spec", "off", "algorithm.clip_high=0.28",
+    c = load_config(None, ["--train.learning_rate", "3e-6", "--generation.speculative", "off", "algorithm.clip_high=0.28",
                            "--generation.drafters", "[ngram, draft]", "--train.adam_betas", "[0.9, 0.95]"])
-    assert (c.train.learning_rate, c.generation.spec, c.algorithm.clip_high) == (3e-6, False, 0.28)
+    assert (c.train.learning_rate, c.generation.speculative, c.algorithm.clip_high) == (3e-6, False, 0.28)
     assert c.generation.drafters == ["ngram", "draft"] and c.train.adam_betas == (0.9, 0.95)
 
 

@@ -9,9 +9,9 @@ from rlhfspec.engine.drafters import DraftModelDrafter, NgramDrafter
 from rlhfspec.engine.sequence import Sequence
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.rollout.coordinator import Coordinator
-from rlhfspec.rollout.inproc import InprocBackend
-from rlhfspec.rollout.local import LocalInstance
-from rlhfspec.rollout.policy import Move, ReallocationPolicy
+from rlhfspec.engine.instance import GenerationInstance
+from rlhfspec.rollout.backend import InprocBackend
+from rlhfspec.rollout.rebalance import Move, Rebalancer
 from rlhfspec.strategy.base import StaticStrategy
 from tests.conftest import random_prompts
 
@@ -27,7 +27,7 @@ def backend(policy, draft=None, k=3, batch=4, max_len=64, spec=False):
     def make(i):
         drafters = [NgramDrafter()] + ([DraftModelDrafter(draft, policy)] if draft is not None else []) if spec else []
         strategy = StaticStrategy(drafters[-1].name, 2) if spec else None
-        return LocalInstance(i, policy, batch, max_len, drafters=drafters, strategy=strategy)
+        return GenerationInstance(policy, batch, max_len, drafters=drafters, strategy=strategy)
 
     return InprocBackend(make, k)
 
@@ -74,7 +74,7 @@ def test_reallocation_off_and_on_give_identical_outputs(models):
     policy, _ = models
     params = SamplingParams(temperature=1.0, max_new_tokens=40)
     off = Coordinator(backend(policy, k=2, batch=8), steps_per_call=2).run(seqs(policy, params, n=12))
-    coord = Coordinator(backend(policy, k=2, batch=8), ReallocationPolicy(min_gain=0.0), steps_per_call=2, max_new_tokens=40)
+    coord = Coordinator(backend(policy, k=2, batch=8), Rebalancer(min_gain=0.0), steps_per_call=2, max_new_tokens=40)
     on = coord.run(seqs(policy, params, n=12))
     assert [s.tokens for s in on] == [s.tokens for s in off]
 
@@ -97,28 +97,32 @@ def test_a_failed_instance_is_recovered_without_loss_or_duplicates(models):
     assert [s.tokens for s in out] == [o.token_ids for o in reference]
 
 
-def test_generate_multi_equals_generate_and_measures_its_costs(tiny_checkpoint):
-    from rlhfspec.rollout.multi import MultiConfig, generate_multi
-    from rlhfspec.rollout.spec import InstanceSpec
+def test_several_instances_equal_one_and_measure_their_costs(tiny_checkpoint):
+    from rlhfspec.engine.spec import EngineSpec
+    from rlhfspec.rollout.generate import Placement, make_backend, run_generation
 
     path = str(tiny_checkpoint("llama"))
     policy, _ = load_model(path, dtype="float32")
     params = SamplingParams(temperature=1.0, max_new_tokens=30)
     prompts = random_prompts(14, policy.config.vocab_size, 2, 14, seed=8)
-    spec = InstanceSpec(model=path, max_batch=7, max_len=64, dtype="float32")
-    outs, coord = generate_multi(spec, prompts, params, 4, MultiConfig(instances=2), sample_ids=list(range(100, 114)))
+    spec = EngineSpec(max_batch=7, max_len=64, dtype="float32", model=path)
+    placement = Placement(instances=2)
+    backend = make_backend(spec, placement)
+    result = run_generation(spec, prompts, params, 4, placement=placement, sample_ids=list(range(100, 114)), backend=backend)
     plain = generate(policy, prompts, params, seed=4, sample_ids=list(range(100, 114)))
     # Bitwise: the batch-invariant forward gives a sample the same logits in any batch.
-    assert [(o.sample_id, o.token_ids, o.finish_reason, o.logprobs) for o in outs] == [(o.sample_id, o.token_ids, o.finish_reason, o.logprobs) for o in plain]
-    report = coord.backend.report(0)
+    assert [(o.sample_id, o.token_ids, o.finish_reason, o.logprobs) for o in result.outputs] == [(o.sample_id, o.token_ids, o.finish_reason, o.logprobs) for o in plain]
+    assert len(result.stats) == 2 and all(st.steps > 0 for st in result.stats)
+    report = backend.report(0)
     assert report.prefill_seconds_per_token > 0
+    assert set(report.step_seconds) == {r.batch for r in result.stats[0].records}
     # k and v rows of every layer, fp32
     cfg = policy.config
     assert report.kv_bytes_per_token == 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
     with pytest.raises(RlhfspecError, match="exceeds the instances' max_len"):
-        generate_multi(spec, prompts, SamplingParams(max_new_tokens=60), 4, MultiConfig(instances=2))
+        run_generation(spec, prompts, SamplingParams(max_new_tokens=60), 4, placement=placement)
     with pytest.raises(RlhfspecError, match="backend"):
-        MultiConfig(backend="mpi")
+        Placement(backend="mpi")
 
 
 def test_a_migrant_carries_its_acceptance_statistics(models):
@@ -130,13 +134,14 @@ def test_a_migrant_carries_its_acceptance_statistics(models):
 
     def instance(i):
         cost = CostModel({(b, q): 0.01 for b in (1, 8) for q in (1, 5)}, {"ngram": {(b, n): 0.0 for b in (1, 8) for n in (1, 4)}})
-        return LocalInstance(i, policy, 4, 64, drafters=[NgramDrafter()], strategy=AdaptiveStrategy(cost, AcceptanceEstimator()))
+        return GenerationInstance(policy, 4, 64, drafters=[NgramDrafter()], strategy=AdaptiveStrategy(cost, AcceptanceEstimator()))
 
     a, b = instance(0), instance(1)
     a.add(seqs(policy, SamplingParams(max_new_tokens=30), n=2))
-    a.instance.strategy.acceptance.update("ngram", [0, 1], [4, 4], [3, 0])
-    state = a.instance.strategy.acceptance.sample_state(0)
+    a.strategy.acceptance.update("ngram", [0, 1], [4, 4], [3, 0])
+    state = a.strategy.export(0)
     assert state
     b.adopt(a.export([0], with_kv=False))
-    assert b.instance.strategy.acceptance.sample_state(0) == state
-    assert b.instance.strategy.acceptance.rate("ngram", 0) > b.instance.strategy.acceptance.rate("ngram", 1)
+    assert b.strategy.export(0) == state
+    assert b.strategy.acceptance.rate("ngram", 0) > b.strategy.acceptance.rate("ngram", 1)
+    assert a.strategy.export(0) == {}  # the source forgot it

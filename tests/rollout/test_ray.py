@@ -6,9 +6,9 @@ import pytest
 from rlhfspec import SamplingParams, generate, load_model
 from rlhfspec.engine.sequence import Sequence
 from rlhfspec.rollout.coordinator import Coordinator
-from rlhfspec.rollout.inproc import InprocBackend
-from rlhfspec.rollout.policy import ReallocationPolicy
-from rlhfspec.rollout.spec import InstanceSpec
+from rlhfspec.engine.spec import EngineSpec
+from rlhfspec.rollout.backend import InprocBackend
+from rlhfspec.rollout.rebalance import Rebalancer
 from tests.conftest import random_prompts
 from tests.rollout.test_coordinator import RandomMoves
 
@@ -24,7 +24,7 @@ def cluster():
 
 @pytest.fixture
 def spec(tiny_checkpoint):
-    return InstanceSpec(model=str(tiny_checkpoint("llama")), max_batch=4, max_len=64, dtype="float32", threads=1)
+    return EngineSpec(max_batch=4, max_len=64, dtype="float32", threads=1, model=str(tiny_checkpoint("llama")))
 
 
 def seqs(n, params, vocab=96):
@@ -36,10 +36,10 @@ def test_ray_equals_inproc_with_reallocation_and_forced_moves(cluster, spec, tem
     from rlhfspec.rollout.ray_backend import RayBackend
 
     params = SamplingParams(temperature=temperature, max_new_tokens=24, ignore_eos=True)
-    inproc = Coordinator(InprocBackend(spec.build, 2), steps_per_call=3).run(seqs(12, params))
+    inproc = Coordinator(InprocBackend(lambda i: spec.build(), 2), steps_per_call=3).run(seqs(12, params))
     backend = RayBackend(spec, 2)
     try:
-        coord = Coordinator(backend, ReallocationPolicy(min_gain=0.0), steps_per_call=3, forced_moves=RandomMoves(2, True))
+        coord = Coordinator(backend, Rebalancer(min_gain=0.0), steps_per_call=3, forced_moves=RandomMoves(2, True))
         remote = coord.run(seqs(12, params))
     finally:
         backend.shutdown()

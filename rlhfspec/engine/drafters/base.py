@@ -1,4 +1,5 @@
-"""The drafter protocol: propose n tokens per live sample, learn what was accepted, follow slot moves."""
+"""The drafter protocol: propose n tokens per live sample, learn what was accepted, follow the
+instance's slots, and hand a sample's own state over when it migrates."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ class Proposal:
 
 
 class Drafter:
-    """Base drafter. Slots are the instance's: live sample b sits in slot b."""
+    """Base drafter. Slots are the instance's: live sample b sits in slot b. The instance calls
+    every method below; a drafter overrides what it needs."""
 
     name = "drafter"
 
@@ -39,5 +41,31 @@ class Drafter:
     def moved(self, src: int, dst: int) -> None:
         """The sample in slot src now lives in slot dst (src becomes free)."""
 
-    def finished(self, seq: Sequence, slot: int) -> None:
-        """A sample left the instance from slot `slot`."""
+    def forget(self, seq: Sequence, slot: int) -> None:
+        """The sample left slot `slot` (finished, or exported to another instance): drop its own
+        state (what it taught the drafter about its prompt may stay)."""
+
+    def export(self, seq: Sequence, with_kv: bool):
+        """The sample's own state to travel with it to another instance (None: nothing worth
+        shipping; the destination rebuilds it). Called before `forget`."""
+        return None
+
+    def adopt(self, seq: Sequence, state) -> None:
+        """A migrated sample took slot seq.slot, with what `export` gave (or None)."""
+        self.admitted([seq])
+
+    def replica(self) -> Drafter:
+        """A drafter of the same kind for another instance in this process (weights shared, no per-sample state)."""
+        raise NotImplementedError(f"drafter {self.name!r} cannot be replicated across generation instances.")
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """Bytes of its own KV cache one token of a sample occupies (what a migration ships)."""
+        return 0.0
+
+    def state_dict(self) -> dict:
+        """What later drafts depend on beyond the weights' initial state, for checkpoints (plain data or tensors)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict gave."""

@@ -8,13 +8,12 @@ from pathlib import Path
 import torch
 
 from rlhfspec.engine.drafters.base import Drafter, Proposal
-from rlhfspec.engine.sampling import SAMPLE, keyed_uniforms, processed_logprobs, sample, seed_tensor
-from rlhfspec.engine.sequence import Sequence
+from rlhfspec.engine.sampling import SAMPLE, group_rows, processed_logprobs, sample
+from rlhfspec.engine.sequence import Sequence, uniforms
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.invariance import rowwise
 from rlhfspec.models.kv_cache import KVCache
 from rlhfspec.models.linear import projection
-from rlhfspec.models.llama import rms_norm
 
 DRAFT_VOCAB_FILE = "draft_vocab.json"
 
@@ -39,8 +38,6 @@ class DraftModelDrafter(Drafter):
         self.vocab = None if draft_vocab is None else torch.tensor(sorted(draft_vocab), device=model.device)
         self.cache: KVCache | None = None
         self._head: tuple[tuple, torch.Tensor] | None = None  # (weight version, rows of the draft vocabulary)
-        self.distiller = None  # set when RL keeps distilling this draft (rl/drafting.py)
-        self.restored: dict | None = None
 
     @classmethod
     def load(cls, path: str | Path, policy, policy_tokenizer=None, **kw) -> DraftModelDrafter:
@@ -52,18 +49,20 @@ class DraftModelDrafter(Drafter):
         return cls(model, policy, tokenizer=tok, policy_tokenizer=policy_tokenizer, draft_vocab=vocab, **kw)
 
     def state_dict(self) -> dict:
-        """The draft weights (and the refresh optimizer when RL keeps distilling it), for checkpoints."""
-        state = {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
-        distiller = getattr(self, "distiller", None)
-        if distiller is not None:
-            state["master"] = {k: v.detach().clone() for k, v in distiller.draft.state_dict().items()}
-            state["optimizer"] = distiller.optimizer.state_dict()
-        return state
+        """The draft weights (RL refreshes them as the policy drifts), for checkpoints."""
+        return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
             self.model.load_state_dict(state["model"])
-        self.restored = state  # the refresh optimizer's state is picked up when the distiller is made
+
+    def replica(self) -> DraftModelDrafter:
+        vocab = None if self.vocab is None else self.vocab.tolist()
+        return DraftModelDrafter(self.model, draft_vocab=vocab, name=self.name)
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        return float(self.cache.bytes_per_token)
 
     def bind(self, instance) -> None:
         self.model.ensure_positions(instance.max_len)
@@ -77,14 +76,17 @@ class DraftModelDrafter(Drafter):
     def moved(self, src: int, dst: int) -> None:
         self.cache.move(src, dst)
 
-    def finished(self, seq: Sequence, slot: int) -> None:
+    def forget(self, seq: Sequence, slot: int) -> None:
         self.cache.lengths[slot] = 0
 
-    def export_rows(self, slot: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return self.cache.rows(slot) if self.cache.lengths[slot] else None
+    def export(self, seq: Sequence, with_kv: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Its cached rows (a prefix of the sample's tokens), unless the destination is to recompute."""
+        return self.cache.rows(seq.slot) if with_kv and self.cache.lengths[seq.slot] else None
 
-    def import_rows(self, slot: int, rows: tuple[torch.Tensor, torch.Tensor]) -> None:
-        self.cache.load_rows(slot, *rows)
+    def adopt(self, seq: Sequence, state) -> None:
+        self.cache.lengths[seq.slot] = 0
+        if state is not None:
+            self.cache.load_rows(seq.slot, *state)
 
     def propose(self, seqs: list[Sequence], n: list[int]) -> Proposal:
         drafts: list[list[int]] = [[] for _ in seqs]
@@ -117,16 +119,10 @@ class DraftModelDrafter(Drafter):
 
     def _next(self, seqs: list[Sequence], active: list[int], feeds: list[list[int]]) -> torch.Tensor:
         """Processed draft logprobs [len(active), V] after feeding feeds[i] to active sample i."""
-        slots = [seqs[b].slot for b in active]
-        q_lens = [len(f) for f in feeds]
-        attention = self.cache.attend(slots, q_lens)
-        flat = torch.tensor([t for f in feeds for t in f], device=self.cache.device)
-        hidden = self.model(flat, attention.positions, attention)
-        self.cache.advance(slots, q_lens)
-        hidden = hidden[torch.tensor(q_lens, device=hidden.device).cumsum(0) - 1]
+        hidden = self.cache.forward(self.model, [seqs[b].slot for b in active], feeds, last_only=True)
         logits = self._logits(hidden)
         out = torch.empty_like(logits)
-        for params, rows in _group_rows([seqs[b].params for b in active]).items():
+        for params, rows in group_rows([seqs[b].params for b in active]).items():
             idx = torch.tensor(rows, device=logits.device)
             out[idx] = processed_logprobs(logits[idx], params)
         return out
@@ -135,7 +131,7 @@ class DraftModelDrafter(Drafter):
         if self.vocab is None:
             return self.model.logits(hidden, self.cache.invariant)
         c = self.model.config
-        h = rms_norm(hidden, self.model.norm.weight, c.rms_norm_eps)
+        h = self.model.normed(hidden)
         full = torch.full((h.shape[0], c.vocab_size), float("-inf"), device=h.device)
         full[:, self.vocab] = self._reduced_head()(h).float()
         return full
@@ -156,12 +152,7 @@ class DraftModelDrafter(Drafter):
         group = [seqs[b] for b in active]
         dev = logq.device
         greedy = torch.tensor([s.params.greedy for s in group], device=dev)
-        u = keyed_uniforms(
-            seed_tensor([s.seed for s in group], dev),
-            torch.tensor([s.sample_id for s in group], device=dev),
-            torch.tensor([s.length + j for s in group], device=dev),
-            SAMPLE,
-        )
+        u = uniforms(group, [s.length + j for s in group], SAMPLE, dev)
         drawn = sample(logq, u, greedy=False)
         return torch.where(greedy, logq.argmax(-1), drawn).tolist()
 
@@ -179,10 +170,3 @@ def check_same_vocabulary(policy, draft, policy_tokenizer=None, draft_tokenizer=
                 raise RlhfspecError(f"the drafter's token {i} is {y!r} but the policy's is {x!r}; a drafter must share the policy's tokenizer.")
         if len(a) != len(b):
             raise RlhfspecError(f"the drafter's tokenizer has {len(b)} tokens but the policy's has {len(a)}.")
-
-
-def _group_rows(params_list) -> dict:
-    groups: dict = {}
-    for r, p in enumerate(params_list):
-        groups.setdefault(p, []).append(r)
-    return groups

@@ -29,14 +29,15 @@ class _PromptIndex:
         self.indexed.append(0)
         return len(self.docs) - 1
 
-    def catch_up(self, i: int) -> None:
-        """Enter the n-grams of docs[i] that end at positions not yet indexed."""
+    def catch_up(self, i: int, upto: int | None = None) -> None:
+        """Enter the n-grams of docs[i] that end at positions not yet indexed, up to `upto` (default: its end)."""
         doc, start = self.docs[i], self.indexed[i]
-        for end in range(max(start, 1), len(doc) + 1):
+        stop = len(doc) if upto is None else min(upto, len(doc))
+        for end in range(start + 1, stop + 1):
             for k in self.ngrams:
                 if end - k >= 0:
                     self.last[tuple(doc[end - k : end])] = (i, end)
-        self.indexed[i] = len(doc)
+        self.indexed[i] = max(start, stop)
 
     def continuation(self, own: int, n: int) -> list[int]:
         """Up to n tokens that followed the longest earlier occurrence of docs[own]'s suffix."""
@@ -79,7 +80,8 @@ class NgramDrafter(Drafter):
             idx = self._index(s.prompt)
             self.doc_of[s.sample_id] = (idx, idx.add(list(s.prompt)))
 
-    def finished(self, seq: Sequence, slot: int) -> None:
+    def forget(self, seq: Sequence, slot: int) -> None:
+        """Its response (so far) joins the prompt's history."""
         entry = self.doc_of.pop(seq.sample_id, None)
         if entry is not None:
             idx, i = entry
@@ -93,6 +95,9 @@ class NgramDrafter(Drafter):
         while len(idx.done) > self.history_per_prompt:
             idx.docs[idx.done.pop(0)] = []
 
+    def replica(self) -> NgramDrafter:
+        return NgramDrafter(self.max_ngram, self.min_ngram, self.history_prompts, self.history_per_prompt)
+
     def propose(self, seqs: list[Sequence], n: list[int]) -> Proposal:
         drafts = []
         for s, k in zip(seqs, n):
@@ -103,7 +108,8 @@ class NgramDrafter(Drafter):
             idx, i = entry
             doc = idx.docs[i]
             doc.extend(s.tokens[len(doc) - len(s.prompt) :])
-            # Look up before indexing the newest n-grams, so the suffix does not match itself.
+            # Index all but the n-grams ending at the last token, so the suffix does not match itself.
+            idx.catch_up(i, len(doc) - 1)
             draft = idx.continuation(i, k) if k > 0 else []
             idx.catch_up(i)
             drafts.append(draft)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(slots=True)
@@ -66,7 +66,7 @@ def migration_cost(sample: SampleLoad, src: InstanceLoad, dst: InstanceLoad) -> 
     return (transfer, True) if transfer <= recompute else (recompute, False)
 
 
-class ReallocationPolicy:
+class Rebalancer:
     """Move long-running samples from the instance predicted to finish last to the one predicted to
     finish first, while each move shortens the predicted makespan by more than `min_gain` seconds
     after paying its migration cost. A sample moves at most once per `cooldown` decisions and
@@ -78,7 +78,7 @@ class ReallocationPolicy:
         self.last_moved: dict[int, int] = {}
         self.left: dict[int, set[int]] = {}
 
-    def decide(self, loads: list[InstanceLoad]) -> list[Move]:
+    def plan(self, loads: list[InstanceLoad]) -> list[Move]:
         self.decisions += 1
         if len(loads) < 2:
             return []
@@ -95,26 +95,22 @@ class ReallocationPolicy:
         while len(moves) < self.max_moves:
             times = {i: finish(i) for i in state}
             src = max(times, key=times.get)
-            dsts = sorted((i for i in state if i != src and free[i] > 0), key=times.get)
+            dst = min((i for i in state if i != src and free[i] > 0), key=times.get, default=None)
+            # The longest movable sample of the slowest instance is the candidate that matters.
+            s = None if dst is None else next((x for x in sorted(state[src], key=lambda x: -x.remaining) if self._movable(x, dst)), None)
             best = None
-            for dst in dsts[:1]:
-                candidates = sorted(state[src], key=lambda s: -s.remaining)
-                for s in candidates:
-                    if self.decisions - self.last_moved.get(s.sample_id, -10**9) < self.cooldown or dst in self.left.get(s.sample_id, ()):
-                        continue
-                    cost, ship = migration_cost(s, by_id[src], by_id[dst])
-                    before = max(times.values())
-                    state[src].remove(s)
-                    state[dst].append(s)
-                    extra[dst] += cost
-                    after = max(finish(i) for i in state)
-                    state[dst].remove(s)
-                    state[src].append(s)
-                    extra[dst] -= cost
-                    gain = before - after
-                    if gain > self.min_gain and (best is None or gain > best.gain_s):
-                        best = Move(s.sample_id, src, dst, ship, gain)
-                    break  # the longest movable sample of the slowest instance is the candidate that matters
+            if s is not None:
+                cost, ship = migration_cost(s, by_id[src], by_id[dst])
+                before = max(times.values())
+                state[src].remove(s)
+                state[dst].append(s)
+                extra[dst] += cost
+                after = max(finish(i) for i in state)
+                state[dst].remove(s)
+                state[src].append(s)
+                extra[dst] -= cost
+                if before - after > self.min_gain:
+                    best = Move(s.sample_id, src, dst, ship, before - after)
             if best is None:
                 break
             s = next(x for x in state[src] if x.sample_id == best.sample_id)
@@ -127,6 +123,10 @@ class ReallocationPolicy:
             self.left.setdefault(s.sample_id, set()).add(src)
             moves.append(best)
         return moves
+
+    def _movable(self, s: SampleLoad, dst: int) -> bool:
+        """Not moved within the cooldown, and never back to an instance it left."""
+        return self.decisions - self.last_moved.get(s.sample_id, -10**9) >= self.cooldown and dst not in self.left.get(s.sample_id, ())
 
 
 class LengthPredictor:

@@ -1,8 +1,8 @@
-"""The reallocation policy alone, on hand-written loads."""
+"""The rebalancer alone, on hand-written loads."""
 
 import pytest
 
-from rlhfspec.rollout.policy import InstanceLoad, LengthPredictor, ReallocationPolicy, SampleLoad, finish_time, migration_cost
+from rlhfspec.rollout.rebalance import InstanceLoad, LengthPredictor, Rebalancer, SampleLoad, finish_time, migration_cost
 
 
 def flat(seconds=0.1, capacity=8):
@@ -17,7 +17,7 @@ def load(i, remaining, free=4, **kw):
 def test_nothing_to_gain_when_steps_cost_the_same_at_any_batch():
     constant = [0.0] + [0.1] * 8
     loads = [InstanceLoad(0, [SampleLoad(0, 50, 200), SampleLoad(1, 50, 180)], 4, constant), InstanceLoad(1, [], 4, constant)]
-    assert ReallocationPolicy().decide(loads) == []  # the longest sample sets the makespan wherever it runs
+    assert Rebalancer().plan(loads) == []  # the longest sample sets the makespan wherever it runs
 
 
 def test_finish_time_sums_steps_as_the_batch_shrinks():
@@ -27,31 +27,31 @@ def test_finish_time_sums_steps_as_the_batch_shrinks():
 
 
 def test_moves_a_long_sample_from_the_busy_to_the_idle_instance():
-    moves = ReallocationPolicy().decide([load(0, [200, 180, 5]), load(1, [])])
+    moves = Rebalancer().plan([load(0, [200, 180, 5]), load(1, [])])
     assert moves and moves[0].source == 0 and moves[0].destination == 1
     assert moves[0].sample_id in (0, 1) and moves[0].gain_s > 0
 
 
 def test_no_move_when_the_gain_does_not_pay_for_the_migration():
     costly = dict(prefill_seconds_per_token=1.0, kv_bytes_per_token=1e9, link_bytes_per_second=1.0)
-    assert ReallocationPolicy().decide([load(0, [30, 28], **costly), load(1, [], **costly)]) == []
+    assert Rebalancer().plan([load(0, [30, 28], **costly), load(1, [], **costly)]) == []
 
 
 def test_no_move_between_balanced_instances():
-    assert ReallocationPolicy().decide([load(0, [100, 90]), load(1, [95, 100])]) == []
+    assert Rebalancer().plan([load(0, [100, 90]), load(1, [95, 100])]) == []
 
 
 def test_respects_destination_capacity():
-    moves = ReallocationPolicy(max_moves=8).decide([load(0, [300, 290, 280, 270]), load(1, [], free=1)])
+    moves = Rebalancer(max_moves=8).plan([load(0, [300, 290, 280, 270]), load(1, [], free=1)])
     assert len(moves) == 1
 
 
 def test_no_ping_pong():
-    policy = ReallocationPolicy()
-    first = policy.decide([load(0, [200, 190]), load(1, [])])
+    rebalancer = Rebalancer()
+    first = rebalancer.plan([load(0, [200, 190]), load(1, [])])
     moved = first[0].sample_id
     # The same sample now makes instance 1 the laggard: it must not go back.
-    back = policy.decide([InstanceLoad(0, [SampleLoad(1, 50, 10)], 4, flat()), InstanceLoad(1, [SampleLoad(moved, 50, 400)], 4, flat())])
+    back = rebalancer.plan([InstanceLoad(0, [SampleLoad(1, 50, 10)], 4, flat()), InstanceLoad(1, [SampleLoad(moved, 50, 400)], 4, flat())])
     assert all(m.sample_id != moved for m in back)
 
 
