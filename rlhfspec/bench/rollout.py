@@ -100,15 +100,15 @@ def run(cfg: RolloutBenchConfig, json_path: str | None = None, record: bool = Fa
         png = realloc_timeline(shown, cfg.instances, results.parent / f"rollout_timeline_k{cfg.instances}.png")
     else:
         png = rollout_timeline(shown, results.parent / "rollout_timeline.png")
-    log(write_section("rollout" if not multi else f"rollout-k{cfg.instances}", _markdown(result, cfg, png.name), path=results))
+    log(write_section("rollout" if not multi else f"rollout-k{cfg.instances}", _markdown(result, cfg, png.name, json_path), path=results))
     return result
 
 
-def _markdown(result: dict, cfg: RolloutBenchConfig, png: str) -> str:
+def _markdown(result: dict, cfg: RolloutBenchConfig, png: str, json_path: str | None = None) -> str:
     lines = [
         "## GRPO-style rollout: drafting policies",
         "",
-        f"Command: `rlhfspec bench rollout{' --quick' if cfg.quick else ''}`  ",
+        f"Command: `rlhfspec bench rollout{' --quick' if cfg.quick else ''} --record{f' --json {json_path}' if json_path else ''}`  ",
         f"Machine: {result['machine']}; policy {result['model']}, draft `{result['draft']}`  ",
         f"{cfg.prompts} RL-style prompts x {cfg.samples} samples at temperature 1, up to {cfg.max_new_tokens} new tokens "
         f"(response length median {result['response_lengths']['median']}, max {result['response_lengths']['max']}), "
