@@ -141,7 +141,9 @@ class Transformer(nn.Module):
     def plan(self, invariant: bool = False) -> Plan:
         """The forward's view of the parameters, rebuilt (and repacked) whenever any of them changes;
         `invariant` makes every inference projection batch-invariant (see invariance.py)."""
-        inference = not (torch.is_grad_enabled() and self.embed.weight.requires_grad)
+        # Under autocast every projection is a plain F.linear, which autocast casts (a packed
+        # inference kernel would bypass it).
+        inference = not (torch.is_grad_enabled() and self.embed.weight.requires_grad) and not torch.is_autocast_enabled(self.device.type)
         if self._param_list is None:
             self._param_list = list(self.parameters())
         key = tuple((p.data_ptr(), p._version) for p in self._param_list)

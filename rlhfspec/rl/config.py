@@ -117,6 +117,19 @@ class TrainConfig:
     micro_batch_tokens: int = 2048  # gradient accumulation: at most this many tokens per forward
     seed: int = 0
     logprob_check_every: int = 10  # iterations between checks that the engine's logprobs still match the trainer's
+    # The trainer's compute precision: "bfloat16" runs its forwards under autocast over float32
+    # master weights (optimizer state, gradients and losses stay float32), "float32" runs them in
+    # float32. null: bfloat16 where the hardware computes it natively (a CPU with AVX512-BF16 or
+    # AMX, a GPU), float32 elsewhere.
+    dtype: str | None = None
+
+    def compute_dtype(self, device: str = "cpu") -> str:
+        """The precision `dtype` resolves to on this machine."""
+        if self.dtype is not None:
+            return self.dtype
+        from rlhfspec.models.hardware import native_bf16
+
+        return "bfloat16" if device.startswith("cuda") or native_bf16() else "float32"
 
 
 @dataclass
@@ -180,6 +193,7 @@ class Config:
              "towards the reference; use k3 or k2 in the loss, or k1 with algorithm.kl_in_reward true."),
             (a.entropy_coef >= 0, f"algorithm.entropy_coef is {a.entropy_coef}; it must be >= 0."),
             (t.logprob_check_every >= 1, f"train.logprob_check_every is {t.logprob_check_every}; it must be >= 1."),
+            (t.dtype in (None, "float32", "bfloat16"), f"train.dtype {t.dtype!r} is not float32 or bfloat16 (or null: chosen by the hardware)."),
             (a.aggregation in AGGREGATIONS, f"algorithm.aggregation {a.aggregation!r} is not one of {', '.join(AGGREGATIONS)}."),
             (a.scale_rewards in ("group", "batch", "none"), f"algorithm.scale_rewards {a.scale_rewards!r} is not group, batch or none."),
             (a.clip_low > 0, f"algorithm.clip_low is {a.clip_low}; it must be > 0."),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -65,6 +66,8 @@ class Trainer:
         if self.tokenizer is None:
             raise RlhfspecError(f"{c.model.policy} has no tokenizer; RL needs one to encode prompts and decode completions.")
         self.policy.train().requires_grad_(True)
+        self.compute_dtype = c.train.compute_dtype(str(self.policy.device))
+        log(f"training in {self.compute_dtype}" + (" (autocast over float32 weights)" if self.compute_dtype == "bfloat16" else ""))
         # The engine runs the trainer's own parameters when it generates in the trainer's precision
         # (its packed weights are rebuilt whenever the optimizer changes them); otherwise it holds a copy.
         gen_dtype = c.generation.dtype or c.model.dtype
@@ -136,9 +139,10 @@ class Trainer:
         self.logprob_gap: dict = {}
         if it % c.train.logprob_check_every == 0:
             self.verified_logprobs = None  # checked again every so often: the policy moves
-        reuse = self.shared and not self.filtered and self._engine_matches_trainer(batch, logprobs)
-        inference = make_targets(batch, totals, g, logprobs, c.algorithm, self.score_params, self.policy, reuse,
-                                 self.reference, self.critic, c.train.micro_batch_tokens, rollout_comparable=not self.filtered)
+        with self._compute():
+            reuse = self.shared and not self.filtered and self._engine_matches_trainer(batch, logprobs)
+            inference = make_targets(batch, totals, g, logprobs, c.algorithm, self.score_params, self.policy, reuse,
+                                     self.reference, self.critic, c.train.micro_batch_tokens, rollout_comparable=not self.filtered)
         t2 = time.perf_counter()
         train_stats = self._optimize(batch, inference.targets)
         t3 = time.perf_counter()
@@ -160,6 +164,12 @@ class Trainer:
         if hasattr(self.source, "digits"):
             record["digits"] = self.source.digits
         return record
+
+    def _compute(self):
+        """The trainer's forwards: under bfloat16 autocast over the float32 weights, or plain."""
+        if self.compute_dtype == "bfloat16":
+            return torch.autocast(self.policy.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _engine_matches_trainer(self, batch: Batch, logprobs: list[list[float]]) -> bool:
         """Checked once: the engine's logprobs equal the trainer's forward within 1e-3, so the extra forward can be skipped."""
@@ -199,7 +209,8 @@ class Trainer:
                 sub = Batch([batch.prompts[i] for i in mb], [batch.completions[i] for i in mb])
                 for micro in sub.micro_batches(c.train.micro_batch_tokens):
                     idx = [mb[i] for i in micro]
-                    lp, _, ent = completion_logprobs(self.policy, sub, micro, self.score_params, entropy=True)
+                    with self._compute():
+                        lp, _, ent = completion_logprobs(self.policy, sub, micro, self.score_params, entropy=True)
                     loss, st = policy_objective(lp, idx, targets, algo, n_tokens, len(mb), c.generation.max_new_tokens, ent)
                     if epoch == 0:  # the policy's entropy on its own rollout tokens
                         entropy_sum += st["entropy_sum"]
@@ -213,7 +224,8 @@ class Trainer:
                     kl_sum += st.get("kl_sum", 0.0)
                     if self.critic is not None:
                         model, head = self.critic
-                        v = values_at(model, head, sub, micro)
+                        with self._compute():
+                            v = values_at(model, head, sub, micro)
                         value_objective(v, idx, targets, algo, n_tokens).mul(algo.value_coef).backward()
                 norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.train.max_grad_norm)
                 if not torch.isfinite(norm):
