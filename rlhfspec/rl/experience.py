@@ -31,7 +31,7 @@ class Inference:
 def make_targets(
     batch: Batch, rewards: torch.Tensor, group_size: int, rollout_logprobs: list[list[float]], algo: AlgorithmConfig,
     params: SamplingParams, policy, reuse_rollout_logprobs: bool, reference=None, critic=None, max_tokens: int = 4096,
-    rollout_comparable: bool = True,
+    rollout_comparable: bool = True, trainer_logprobs: torch.Tensor | None = None,
 ) -> Inference:
     """Everything the training step needs, response-aligned.
 
@@ -43,7 +43,8 @@ def make_targets(
     sampled from that same distribution, unfiltered), weights each token by
     min(pi_trainer / pi_engine, cap). KL (when beta > 0) goes where algo.kl_in_reward
     puts it: PPO's per-token rewards, GRPO's and RLOO's sequence rewards before the group
-    baseline (TRL's RLOO), or the loss (objective.policy_objective).
+    baseline (TRL's RLOO), or the loss (objective.policy_objective). `trainer_logprobs`: the
+    trainer's logprobs of this batch when already computed (the rollout/trainer check), not recomputed.
     """
     mask = batch.mask()
     width = mask.shape[1]
@@ -53,7 +54,7 @@ def make_targets(
         old = rollout
         is_weights = None
     else:
-        old = all_logprobs(policy, batch, params, max_tokens)
+        old = trainer_logprobs if trainer_logprobs is not None else all_logprobs(policy, batch, params, max_tokens)
         stats["rollout_trainer_logprob_diff"] = ((old - rollout).abs() * mask).max().item()
         is_weights = truncated_is_weights(old, rollout, algo.tis_cap) * mask if algo.tis_cap and rollout_comparable else None
     ref = None

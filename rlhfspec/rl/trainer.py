@@ -137,12 +137,14 @@ class Trainer:
         batch = Batch(prompts, [o.token_ids or [self.tokenizer.eos_token_id or 0] for o in outs])
         logprobs = [o.logprobs or [0.0] for o in outs]
         self.logprob_gap: dict = {}
+        self.checked_logprobs = None  # the trainer's logprobs of this batch, if the check computed them
         if it % c.train.logprob_check_every == 0:
             self.verified_logprobs = None  # checked again every so often: the policy moves
         with self._compute():
             reuse = self.shared and not self.filtered and self._engine_matches_trainer(batch, logprobs)
             inference = make_targets(batch, totals, g, logprobs, c.algorithm, self.score_params, self.policy, reuse,
-                                     self.reference, self.critic, c.train.micro_batch_tokens, rollout_comparable=not self.filtered)
+                                     self.reference, self.critic, c.train.micro_batch_tokens, rollout_comparable=not self.filtered,
+                                     trainer_logprobs=self.checked_logprobs)
         t2 = time.perf_counter()
         train_stats = self._optimize(batch, inference.targets)
         t3 = time.perf_counter()
@@ -177,7 +179,7 @@ class Trainer:
             from rlhfspec.rl.experience import padded
             from rlhfspec.rl.logprobs import all_logprobs
 
-            trainer = all_logprobs(self.policy, batch, self.score_params, self.config.train.micro_batch_tokens)
+            trainer = self.checked_logprobs = all_logprobs(self.policy, batch, self.score_params, self.config.train.micro_batch_tokens)
             mask = batch.mask()
             gap = (trainer - padded(logprobs, mask.shape[1])).abs() * mask
             diff = gap.max().item()

@@ -71,7 +71,12 @@ def test_a_bad_train_dtype_is_one_sentence(tmp_path, policy):
         config(tmp_path, policy, **{"train.dtype": "float16"}).validate()
 
 
-def test_bfloat16_training_keeps_float32_weights_and_recomputes_old_logprobs(tmp_path, policy):
+def test_bfloat16_training_keeps_float32_weights_and_recomputes_old_logprobs(tmp_path, policy, monkeypatch):
+    import rlhfspec.rl.experience as experience
+
+    recomputed = []
+    original = experience.all_logprobs
+    monkeypatch.setattr(experience, "all_logprobs", lambda *a, **k: recomputed.append(1) or original(*a, **k))
     cfg = config(tmp_path, policy, **{"train.dtype": "bfloat16", "train.iterations": 2})
     lines = []
     trainer = Trainer(cfg, progress=False, log=lines.append)
@@ -80,6 +85,9 @@ def test_bfloat16_training_keeps_float32_weights_and_recomputes_old_logprobs(tmp
     # The float32 engine's logprobs are not the bfloat16 trainer's: old logprobs are recomputed
     # by the trainer (and truncated importance weights correct the rollout for the gap).
     assert trainer.verified_logprobs is False
+    # Iteration 0's check already computed the trainer's logprobs and they are used as they are:
+    # only iteration 1 recomputes them.
+    assert len(recomputed) == 1
     assert records[0]["rollout_trainer_logprob_gap_max"] > 1e-3
     assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
     tensors, _ = ckpt.load(ckpt.latest(tmp_path / "run"))
