@@ -44,6 +44,9 @@ def test_bad_distill_settings_are_clear_errors_before_any_work(args, message, ca
     (["--top-p", "2"], "top_p is 2.0"),
     (["--prompt", "  "], "prompt 0 is empty"),
     (["--json", "/nonexistent/dir/out.jsonl"], "directory /nonexistent/dir does not exist"),
+    (["--drafter", "ngram", "--strategy", "threshold", "--num-draft-tokens", "auto"], "cannot go with --strategy threshold"),
+    (["--drafter", "ngram", "--strategy", "threshold", "--threshold-batch", "0"], "the threshold strategy's batch is 0"),
+    (["--num-draft-tokens", "auto"], "the adaptive strategy needs at least one drafter"),
 ])
 def test_bad_generate_settings_are_clear_errors_before_the_model_loads(args, message, capsys):
     # The model path does not exist: reaching load_model would be a different error.

@@ -13,7 +13,7 @@ from rlhfspec.engine.sampling import SamplingParams
 from rlhfspec.engine.spec import Adaptive, DraftModel, EngineSpec, Ngram, Static, Threshold
 from rlhfspec.models.loader import load_model
 from rlhfspec.paths import default_draft_path
-from rlhfspec.rollout.generate import Placement, run_generation
+from rlhfspec.rollout.generate import Placement, live_parts, run_generation
 
 
 @dataclass
@@ -52,11 +52,7 @@ def run(cfg: RolloutBenchConfig, json_path: str | None = None, record: bool = Fa
         """In-process instances share the loaded draft model (replicas), so no policy reloads it."""
         if placement.backend == "ray":
             return None
-        out = []
-        for _ in range(placement.instances):
-            ds = [NgramDrafter(), loaded.replica()] if strategy is not None else []
-            out.append((ds, strategy.build(policy, ds) if strategy is not None else None))
-        return out
+        return live_parts([NgramDrafter(), loaded.replica()] if strategy is not None else [], strategy, policy, placement.instances)
 
     best_static = max(cfg.statics, key=lambda s: s[1])
     policies: dict = {"plain": None}
@@ -65,7 +61,9 @@ def run(cfg: RolloutBenchConfig, json_path: str | None = None, record: bool = Fa
     policies[f"threshold {best_static[0]} n={best_static[1]} (off while B > {cfg.threshold_batch})"] = Threshold(*best_static, cfg.threshold_batch)
     policies["adaptive"] = Adaptive()
     warm = EngineSpec(drafters, Static("draft", 2), model=cfg.model)
-    run_generation(warm, prompts[:2], SamplingParams(max_new_tokens=8), model=policy, tokenizer=tok, live=live(Static("draft", 2))[:1])
+    warm_live = live(Static("draft", 2))
+    run_generation(warm, prompts[:2], SamplingParams(max_new_tokens=8), model=policy, tokenizer=tok,
+                   live=warm_live[:1] if warm_live is not None else None)
     rows, traces = [], {}
     multi = cfg.instances > 1 or cfg.backend == "ray"
     for label, strategy in policies.items():

@@ -30,7 +30,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the device's generation default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--drafter", default="none", help="none, ngram, or a draft model directory")
+    p.add_argument("--drafter", default="none", help="none, ngram, draft (the distilled default draft) or a draft model directory")
     p.add_argument("--num-draft-tokens", type=draft_tokens, default=4,
                    help="draft tokens per step when a drafter is set, or 'auto' (the adaptive strategy picks drafter and n)")
     p.add_argument("--strategy", choices=["static", "threshold", "adaptive"], default=None,
@@ -141,11 +141,11 @@ def run(args) -> int:
 def engine_args(args) -> tuple[EngineSpec, Placement]:
     """The engine spec and placement the command line describes (checked before the model loads)."""
     drafters = () if args.drafter == "none" else (drafter_spec(args.drafter),)
+    if args.num_draft_tokens == "auto" and args.strategy not in (None, "adaptive"):
+        raise RlhfspecError(f"--num-draft-tokens auto means the adaptive strategy; it cannot go with --strategy {args.strategy}.")
     kind = "adaptive" if args.num_draft_tokens == "auto" else args.strategy or "static"
     n = 4 if args.num_draft_tokens == "auto" else args.num_draft_tokens
-    if kind == "adaptive" and not drafters:
-        raise RlhfspecError("the adaptive strategy needs a drafter (--drafter ngram or a draft model directory).")
-    strategy = strategy_spec(kind, drafters, n, args.threshold_batch)
+    strategy = strategy_spec(kind, drafters, n, args.threshold_batch, required=kind == "adaptive")
     spec = EngineSpec(drafters, strategy, args.batch_size or DEFAULT_MAX_BATCH, dtype=args.dtype, threads=args.threads,
                       batch_invariant=args.batch_invariant == "on", model=args.model)
     return spec, Placement(args.instances, args.backend, realloc=args.realloc == "on", ray_address=args.ray_address)

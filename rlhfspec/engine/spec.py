@@ -7,7 +7,7 @@ strategy is one description class here (with its `build`) plus one line in DRAFT
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rlhfspec.engine.drafters import DraftModelDrafter, Drafter, NgramDrafter
@@ -29,6 +29,10 @@ class Ngram:
     min_ngram: int = 1
     name: str = "ngram"
 
+    @classmethod
+    def from_text(cls, text: str, taken: tuple[str, ...]) -> Ngram:
+        return cls()
+
     def build(self, policy, tokenizer=None) -> Drafter:
         return NgramDrafter(self.max_ngram, self.min_ngram)
 
@@ -39,6 +43,13 @@ class DraftModel:
 
     path: str
     name: str = "draft"
+
+    @classmethod
+    def from_text(cls, text: str, taken: tuple[str, ...]) -> DraftModel:
+        """"draft": the distilled default draft; else a path. The first draft model is named
+        "draft", later ones "draft:<directory name>" (names key the statistics and logs)."""
+        path = default_draft_path() if text == "draft" else Path(text)
+        return cls(str(path), "draft" if "draft" not in taken else f"draft:{path.name}")
 
     def build(self, policy, tokenizer=None) -> Drafter:
         if not Path(self.path).exists():
@@ -51,17 +62,13 @@ class DraftModel:
 
 
 DrafterSpec = Ngram | DraftModel
-DRAFTERS: dict[str, type] = {"ngram": Ngram, "draft_model": DraftModel}
+# Keywords a drafter is named by in the CLI and the RL config; anything else is a draft model path.
+DRAFTERS: dict[str, type] = {"ngram": Ngram, "draft": DraftModel}
 
 
 def drafter_spec(text: str, taken: tuple[str, ...] = ()) -> DrafterSpec:
-    """"ngram", "draft" (the distilled default draft) or a draft model path. The first draft model
-    is named "draft", later ones "draft:<directory name>" (names key the statistics and logs)."""
-    if text == "ngram":
-        return Ngram()
-    path = default_draft_path() if text == "draft" else Path(text)
-    name = "draft" if "draft" not in taken else f"draft:{path.name}"
-    return DraftModel(str(path), name)
+    """The drafter a keyword of DRAFTERS or a draft model path names (`taken`: names already used)."""
+    return DRAFTERS.get(text, DraftModel).from_text(text, taken)
 
 
 # --- strategies -------------------------------------------------------------------------------
@@ -73,22 +80,30 @@ class Static:
     drafter: str
     n: int = 4
 
+    @classmethod
+    def from_settings(cls, drafter: str, n: int, threshold_batch: int, max_n: int) -> Static:
+        return cls(drafter, n)
+
     def build(self, policy, drafters: list[Drafter]) -> Strategy:
         return StaticStrategy(self.drafter, self.n)
 
 
 @dataclass(frozen=True)
 class Threshold:
-    """A fixed drafter and draft length while the live batch is at most max_batch; plain above it."""
+    """A fixed drafter and draft length while the live batch is at most threshold_batch; plain above it."""
 
     drafter: str
     n: int = 4
-    max_batch: int = 32
+    threshold_batch: int = 32
+
+    @classmethod
+    def from_settings(cls, drafter: str, n: int, threshold_batch: int, max_n: int) -> Threshold:
+        return cls(drafter, n, threshold_batch)
 
     def build(self, policy, drafters: list[Drafter]) -> Strategy:
         from rlhfspec.strategy.selector import ThresholdStrategy
 
-        return ThresholdStrategy(self.drafter, self.n, self.max_batch)
+        return ThresholdStrategy(self.drafter, self.n, self.threshold_batch)
 
 
 @dataclass(frozen=True)
@@ -97,6 +112,10 @@ class Adaptive:
     profile of this policy and these drafters (cached on disk; about 10 s the first time)."""
 
     max_n: int = 8
+
+    @classmethod
+    def from_settings(cls, drafter: str, n: int, threshold_batch: int, max_n: int) -> Adaptive:
+        return cls(max_n)
 
     def build(self, policy, drafters: list[Drafter]) -> Strategy:
         from rlhfspec.engine.profile import cost_model
@@ -109,17 +128,17 @@ StrategySpec = Static | Threshold | Adaptive
 STRATEGIES: dict[str, type] = {"static": Static, "threshold": Threshold, "adaptive": Adaptive}
 
 
-def strategy_spec(kind: str, drafters: tuple[DrafterSpec, ...], n: int = 4, max_batch: int = 32, max_n: int = 8) -> StrategySpec | None:
-    """The strategy named `kind` over these drafters (static and threshold use the first); None without drafters."""
+def strategy_spec(kind: str, drafters: tuple, n: int = 4, threshold_batch: int = 32, max_n: int = 8,
+                  required: bool = False) -> StrategySpec | None:
+    """The strategy STRATEGIES names `kind`, over these drafters (static and threshold draft with
+    the first); None without drafters, unless `required` (then one sentence)."""
     if kind not in STRATEGIES:
         raise RlhfspecError(f"strategy {kind!r} is not one of {', '.join(STRATEGIES)}.")
     if not drafters:
+        if required:
+            raise RlhfspecError(f"the {kind} strategy needs at least one drafter (ngram, a draft model, or a list).")
         return None
-    if kind == "adaptive":
-        return Adaptive(max_n)
-    if kind == "threshold":
-        return Threshold(drafters[0].name, n, max_batch)
-    return Static(drafters[0].name, n)
+    return STRATEGIES[kind].from_settings(drafters[0].name, n, threshold_batch, max_n)
 
 
 # --- the instance -----------------------------------------------------------------------------
@@ -141,7 +160,6 @@ class EngineSpec:
     batch_invariant: bool = True
     threads: int | None = None
     model: str | None = None
-    eos_ids: tuple[int, ...] | None = field(default=None, compare=False)
 
     def __post_init__(self):
         self.check()
@@ -158,6 +176,8 @@ class EngineSpec:
         s = self.strategy
         if isinstance(s, (Static, Threshold)):
             check_draft_length(s.n)
+            if isinstance(s, Threshold) and s.threshold_batch < 1:
+                raise RlhfspecError(f"the threshold strategy's batch is {s.threshold_batch}; it must be at least 1.")
             if s.drafter not in names:
                 raise RlhfspecError(f"the {type(s).__name__.lower()} strategy drafts with {s.drafter!r}, which is not among the drafters {names or '(none)'}.")
         if isinstance(s, Adaptive):
@@ -197,7 +217,7 @@ class EngineSpec:
             drafters = [d.build(model, tokenizer) for d in self.drafters]
         if strategy is None and self.strategy is not None:
             strategy = self.strategy.build(model, drafters)
-        return dict(model=model, max_batch=self.max_batch, max_len=self.max_len, tokenizer=tokenizer, eos_ids=self.eos_ids,
+        return dict(model=model, max_batch=self.max_batch, max_len=self.max_len, tokenizer=tokenizer,
                     drafters=drafters, strategy=strategy, batch_invariant=self.batch_invariant)
 
 

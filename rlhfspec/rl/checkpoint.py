@@ -2,7 +2,7 @@
 
 Tensors go to safetensors, everything else to JSON; nothing is ever unpickled, so opening a run
 directory someone shared cannot run their code. `state.json` holds the trainer's objects
-(optimizer and scheduler states, RNG, data position, drafter states) with each tensor replaced
+(optimizer and scheduler states, RNG, data position, the rollout's drafter and strategy states, the draft refresher's) with each tensor replaced
 by a reference into `state.safetensors`.
 """
 

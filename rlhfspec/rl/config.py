@@ -23,7 +23,7 @@ class ModelsConfig:
     policy: str = "default"  # "default", a Hugging Face directory or a .gguf file
     reference: str | None = None  # None: a frozen copy of the initial policy (loaded only when a KL term needs it)
     critic: str | None = None  # PPO: None initialises the critic from the policy
-    dtype: str = "float32"  # training precision
+    dtype: str = "float32"  # the weights' precision (master weights; train.dtype is the compute precision)
 
 
 @dataclass

@@ -67,7 +67,8 @@ class Trainer:
             raise RlhfspecError(f"{c.model.policy} has no tokenizer; RL needs one to encode prompts and decode completions.")
         self.policy.train().requires_grad_(True)
         self.compute_dtype = c.train.compute_dtype(str(self.policy.device))
-        log(f"training in {self.compute_dtype}" + (" (autocast over float32 weights)" if self.compute_dtype == "bfloat16" else ""))
+        weights = str(self.policy.dtype).removeprefix("torch.")
+        log(f"training in {self.compute_dtype}" + (f" (autocast over {weights} weights)" if self.compute_dtype == "bfloat16" else ""))
         # The engine runs the trainer's own parameters when it generates in the trainer's precision
         # (its packed weights are rebuilt whenever the optimizer changes them); otherwise it holds a copy.
         gen_dtype = c.generation.dtype or c.model.dtype
@@ -288,6 +289,9 @@ class Trainer:
         ckpt.set_rng_state(objects["rng"])
         self.source.load_state_dict(objects["source"])
         self.verified_logprobs = None  # checked again on the first iteration after a resume
+        if "rollout" not in objects:
+            raise RlhfspecError(f"checkpoint {path} was written by an older rlhfspec, before the generation state was kept per "
+                                "instance; resume it with that version, or start a new run.")
         self.rollout.load_state_dict(objects["rollout"])
         if self.refresher is not None:
             self.refresher.load_state_dict(objects["refresh"])

@@ -41,7 +41,7 @@ class Coordinator:
         # Measured once: only moves need it, and one instance never moves anything.
         self.link = backend.link() if backend.size > 1 and (rebalancer is not None or forced_moves is not None) else (1e9, 1e-3)
         self.predictor = LengthPredictor(max_new_tokens)
-        self.forced_moves = forced_moves  # tests: a callable(reports) -> list[Move] used instead of the policy
+        self.forced_moves = forced_moves  # tests: a callable(reports) -> list[Move] used instead of the rebalancer
         self.timeline = Timeline()
         self.progress = progress
 

@@ -15,7 +15,7 @@ from rlhfspec.engine.drafters import DraftModelDrafter, Drafter
 from rlhfspec.engine.instance import InstanceStats
 from rlhfspec.engine.sampling import SamplingParams
 from rlhfspec.engine.sequence import GenerationOutput, Sequence
-from rlhfspec.engine.spec import DEFAULT_MAX_BATCH, Adaptive, EngineSpec, check_draft_length, drafter_spec, strategy_spec
+from rlhfspec.engine.spec import DEFAULT_MAX_BATCH, STRATEGIES, Adaptive, EngineSpec, StrategySpec, check_draft_length, drafter_spec, strategy_spec
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.llama import Transformer
 from rlhfspec.rollout.backend import Backend, InprocBackend
@@ -179,7 +179,7 @@ def generate(
 ) -> list[GenerationOutput]:
     """Complete each prompt (token ids); outputs in prompt order.
 
-    Up to `batch_size` samples run at once per instance (default min(#prompts, 64)); a finished
+    Up to `batch_size` samples run at once per instance (default min(64, #prompts / instances)); a finished
     sample's slot is refilled from the queue. Sample i's randomness is keyed by (seed,
     sample_ids[i], position) (sample_ids default to 0..n-1), so its tokens do not depend on
     batch_size, on which other prompts run beside it, or on the instance it runs on.
@@ -216,42 +216,46 @@ def engine_spec(model, tokenizer=None, *, drafter=None, num_draft_tokens: int | 
     if batch_size is not None and batch_size < 1:
         raise RlhfspecError(f"batch_size is {batch_size}; it must be at least 1.")
     entries = [] if drafter is None else list(drafter) if isinstance(drafter, (list, tuple)) else [drafter]
-    specs, objects = [], []
+    specs: list = []  # the entries' descriptions, or the objects themselves, in entry order
     for d in entries:
         if isinstance(d, Drafter):
-            objects.append(d)
+            specs.append(d)
         elif isinstance(d, (str, Path)):
             specs.append(drafter_spec(str(d), tuple(s.name for s in specs)))
         elif isinstance(d, Transformer):
-            objects.append(DraftModelDrafter(d, model))
+            specs.append(DraftModelDrafter(d, model))
         else:
             raise RlhfspecError(f"drafter {d!r} is not 'ngram', a draft model path, a model from load_model, or a Drafter.")
+    if strategy is not None and not isinstance(strategy, (str, Strategy)) or isinstance(strategy, str) and strategy not in STRATEGIES:
+        raise RlhfspecError(f"strategy {strategy!r} is not one of {', '.join(map(repr, STRATEGIES))} or a Strategy object.")
     live_strategy = strategy if isinstance(strategy, Strategy) else None
-    if isinstance(strategy, str) and strategy not in ("adaptive", "static", "threshold"):
-        raise RlhfspecError(f"strategy {strategy!r} is not 'adaptive', 'static', 'threshold' or a Strategy object.")
-    if strategy is not None and live_strategy is None and not isinstance(strategy, str):
-        raise RlhfspecError(f"strategy {strategy!r} is not 'adaptive', 'static', 'threshold' or a Strategy object.")
     kind = "adaptive" if num_draft_tokens == "auto" else strategy if isinstance(strategy, str) else "static"
     n = 4 if num_draft_tokens in (None, "auto") else num_draft_tokens
     check_draft_length(n)
-    if kind == "adaptive" and not entries:
-        raise RlhfspecError("the adaptive strategy needs at least one drafter (drafter='ngram', a draft model, or a list).")
+    desc = strategy_spec(kind, tuple(specs), n, required=kind == "adaptive")
     batch = batch_size or DEFAULT_MAX_BATCH
-    if not objects and live_strategy is None:
-        return EngineSpec(tuple(specs), strategy_spec(kind, tuple(specs), n), batch, batch_invariant=batch_invariant), None
+    if all(not isinstance(d, Drafter) for d in specs) and live_strategy is None:
+        return EngineSpec(tuple(specs), desc, batch, batch_invariant=batch_invariant), None
     # Objects were passed: every instance gets live drafters (replicas beyond the first) and a strategy.
     if live_strategy is not None and instances > 1:
         raise RlhfspecError("a Strategy object drives one instance; with several, pass strategy='adaptive', 'static' or 'threshold'.")
-    first = objects + [s.build(model, tokenizer) for s in specs]
+    first = [d if isinstance(d, Drafter) else d.build(model, tokenizer) for d in specs]
     names = [d.name for d in first]
     if len(set(names)) != len(names):
         raise RlhfspecError(f"drafters need distinct names; got {names}.")
-    desc = strategy_spec(kind, tuple(first), n)
-    live: list[Live] = []
-    for i in range(instances):
-        drafters = first if i == 0 else [d.replica() for d in first]
-        live.append((drafters, live_strategy or (desc.build(model, drafters) if desc is not None else None)))
+    live = live_parts(first, desc, model, instances)
+    if live_strategy is not None:
+        live = [(live[0][0], live_strategy)]
     return EngineSpec(max_batch=batch, batch_invariant=batch_invariant), live
 
+
+def live_parts(drafters: list[Drafter], strategy: StrategySpec | None, policy, instances: int) -> list[Live]:
+    """Live drafters and a strategy for each of `instances` in-process instances: `drafters` for
+    the first, replicas over the same weights for the others, each with its own strategy."""
+    out: list[Live] = []
+    for i in range(instances):
+        ds = drafters if i == 0 else [d.replica() for d in drafters]
+        out.append((ds, strategy.build(policy, ds) if strategy is not None else None))
+    return out
 
 __all__ = ["Adaptive", "EngineSpec", "Generation", "Placement", "generate", "run_generation"]

@@ -99,3 +99,18 @@ def test_bad_inputs_are_one_sentence_errors_naming_the_culprit(tiny):
         inst.add([Sequence(0, [4] * 30, params)])
     with pytest.raises(RlhfspecError, match="stop strings but no tokenizer"):
         generate(tiny, [[4, 5]], SamplingParams(stop=("x",)))
+
+
+def test_drafters_passed_as_objects_and_names_keep_their_order(tiny):
+    """The static strategy drafts with the first drafter given, whatever mix of names and objects."""
+    from rlhfspec.engine.drafters import NgramDrafter
+    from rlhfspec.rollout.generate import engine_spec
+
+    class Mine(NgramDrafter):
+        name = "mine"
+
+    _, live = engine_spec(tiny, drafter=["ngram", Mine()], instances=2)
+    assert [d.name for d in live[0][0]] == ["ngram", "mine"] and live[0][1].drafter == "ngram"
+    assert [d.name for d in live[1][0]] == ["ngram", "mine"] and live[1][0][0] is not live[0][0][0]  # replicas
+    spec, live = engine_spec(tiny, drafter=["ngram", "/some/draft"], strategy="threshold")
+    assert live is None and [d.name for d in spec.drafters] == ["ngram", "draft"] and spec.strategy.drafter == "ngram"

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhfspec.engine.sequence import Sequence
+from rlhfspec.errors import RlhfspecError
 
 
 @dataclass(slots=True)
@@ -21,7 +22,8 @@ class Proposal:
 
 class Drafter:
     """Base drafter. Slots are the instance's: live sample b sits in slot b. The instance calls
-    every method below; a drafter overrides what it needs."""
+    the methods from `bind` to `adopt`; `replica`, `state_dict` and `load_state_dict` serve whoever
+    keeps drafters across instances and iterations (the RL rollout). A drafter overrides what it needs."""
 
     name = "drafter"
 
@@ -56,7 +58,7 @@ class Drafter:
 
     def replica(self) -> Drafter:
         """A drafter of the same kind for another instance in this process (weights shared, no per-sample state)."""
-        raise NotImplementedError(f"drafter {self.name!r} cannot be replicated across generation instances.")
+        raise RlhfspecError(f"drafter {self.name!r} cannot be replicated across generation instances.")
 
     @property
     def kv_bytes_per_token(self) -> float:

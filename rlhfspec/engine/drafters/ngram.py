@@ -96,7 +96,9 @@ class NgramDrafter(Drafter):
             idx.docs[idx.done.pop(0)] = []
 
     def replica(self) -> NgramDrafter:
-        return NgramDrafter(self.max_ngram, self.min_ngram, self.history_prompts, self.history_per_prompt)
+        twin = type(self)(self.max_ngram, self.min_ngram, self.history_prompts, self.history_per_prompt)
+        twin.name = self.name
+        return twin
 
     def propose(self, seqs: list[Sequence], n: list[int]) -> Proposal:
         drafts = []
