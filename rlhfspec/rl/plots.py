@@ -36,19 +36,13 @@ def plot_run(run_dir: Path) -> list[Path]:
     ax.legend()
     save(fig, "reward.png")
 
-    if any("kl" in r for r in records):
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(its, [r.get("kl") for r in records], marker="o")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("KL(policy || reference)")
-        save(fig, "kl.png")
-
-    if any("entropy" in r for r in records):
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(its, [r.get("entropy") for r in records], marker="o")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("policy entropy (nats per token)")
-        save(fig, "entropy.png")
+    for key, label in (("kl", "KL(policy || reference)"), ("entropy", "policy entropy (nats per token)")):
+        if any(key in r for r in records):
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            ax.plot(its, [r.get(key) for r in records], marker="o")
+            ax.set_xlabel("iteration")
+            ax.set_ylabel(label)
+            save(fig, f"{key}.png")
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bottom = [0.0] * len(records)

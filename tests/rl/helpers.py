@@ -28,3 +28,13 @@ def tiny_policy_dir(path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def rl_config(tmp_path: Path, policy: Path, **overrides):
+    """A small run of the tiny policy: 2 prompts per iteration, no TensorBoard, no speculation,
+    then `overrides` ({"section.key": value})."""
+    from rlhfspec.rl.config import load_config
+
+    settings = {"model.policy": policy, "run.output_dir": tmp_path / "run", "data.prompts_per_iteration": 2,
+                "run.tensorboard": "false", "generation.speculative": "false", **overrides}
+    return load_config(None, [a for k, v in settings.items() for a in (f"--{k}", str(v))])

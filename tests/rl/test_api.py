@@ -4,22 +4,12 @@ settings rejected with one sentence before any model loads."""
 import pytest
 
 from rlhfspec import Config, RlhfspecError, Trainer
-from rlhfspec.rl.config import load_config
-from tests.rl.helpers import tiny_policy_dir
+from tests.rl.helpers import rl_config
 
 
 def _config(tmp_path, policy, **overrides):
-    args = ["--model.policy", str(policy), "--run.output_dir", str(tmp_path / "run"), "--data.prompts_per_iteration", "2",
-            "--generation.num_generations", "2", "--generation.max_new_tokens", "6", "--train.iterations", "1",
-            "--run.tensorboard", "false", "--generation.speculative", "false"]
-    for k, v in overrides.items():
-        args += [f"--{k}", str(v)]
-    return load_config(None, args)
-
-
-@pytest.fixture
-def policy(tmp_path):
-    return tiny_policy_dir(tmp_path / "policy")
+    return rl_config(tmp_path, policy, **{"generation.num_generations": 2, "generation.max_new_tokens": 6,
+                                          "train.iterations": 1, **overrides})
 
 
 ROWS = [{"messages": [{"role": "user", "content": f"What is {a} + {b} ?"}], "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (2, 2)]]

@@ -11,13 +11,7 @@ from rlhfspec.rl import checkpoint as ckpt
 from rlhfspec.rl.config import TrainConfig
 from rlhfspec.rl.logprobs import Batch, all_logprobs, completion_logprobs
 from rlhfspec.rl.trainer import Trainer
-from tests.rl.helpers import tiny_policy_dir
 from tests.rl.test_trainer import config
-
-
-@pytest.fixture
-def policy(tmp_path):
-    return tiny_policy_dir(tmp_path / "policy")
 
 
 def test_bfloat16_autocast_gradient_points_where_the_float32_gradient_does(policy):

@@ -15,29 +15,17 @@ import torch
 
 from rlhfspec import RlhfspecError
 from rlhfspec.rl import checkpoint as ckpt
-from rlhfspec.rl.config import load_config
 from rlhfspec.rl.metrics import read
 from rlhfspec.rl.trainer import Trainer
-from tests.rl.helpers import tiny_policy_dir
+from tests.rl.helpers import rl_config
 
 DETERMINISTIC = ("reward", "reward_std", "loss", "grad_norm", "clip_frac", "completion_len", "lr")
 
 
 def config(tmp_path, policy, **overrides):
-    args = [
-        "--model.policy", str(policy), "--run.output_dir", str(tmp_path / "run"),
-        "--data.prompts_per_iteration", "2", "--generation.num_generations", "4", "--generation.max_new_tokens", "8",
-        "--reward.functions", "[tests.rl.rewards:digit_count]", "--train.iterations", "3", "--train.learning_rate", "1e-3",
-        "--run.tensorboard", "false", "--generation.speculative", "false",
-    ]
-    for k, v in overrides.items():
-        args += [f"--{k}", str(v)]
-    return load_config(None, args)
-
-
-@pytest.fixture
-def policy(tmp_path):
-    return tiny_policy_dir(tmp_path / "policy")
+    return rl_config(tmp_path, policy, **{"generation.num_generations": 4, "generation.max_new_tokens": 8,
+                                          "reward.functions": "[tests.rl.rewards:digit_count]", "train.iterations": 3,
+                                          "train.learning_rate": 1e-3, **overrides})
 
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo", "ppo"])
