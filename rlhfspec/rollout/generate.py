@@ -15,7 +15,7 @@ from rlhfspec.engine.drafters import DraftModelDrafter, Drafter
 from rlhfspec.engine.instance import InstanceStats
 from rlhfspec.engine.sampling import SamplingParams
 from rlhfspec.engine.sequence import GenerationOutput, Sequence
-from rlhfspec.engine.spec import DEFAULT_MAX_BATCH, STRATEGIES, Adaptive, EngineSpec, StrategySpec, check_draft_length, drafter_spec, strategy_spec
+from rlhfspec.engine.spec import DEFAULT_MAX_BATCH, STRATEGIES, EngineSpec, StrategySpec, check_draft_length, drafter_spec, strategy_spec
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.llama import Transformer
 from rlhfspec.rollout.backend import Backend, InprocBackend
@@ -243,10 +243,10 @@ def engine_spec(model, tokenizer=None, *, drafter=None, num_draft_tokens: int | 
     names = [d.name for d in first]
     if len(set(names)) != len(names):
         raise RlhfspecError(f"drafters need distinct names; got {names}.")
-    live = live_parts(first, desc, model, instances)
+    spec = EngineSpec(max_batch=batch, batch_invariant=batch_invariant)
     if live_strategy is not None:
-        live = [(live[0][0], live_strategy)]
-    return EngineSpec(max_batch=batch, batch_invariant=batch_invariant), live
+        return spec, [(first, live_strategy)]
+    return spec, live_parts(first, desc, model, instances)
 
 
 def live_parts(drafters: list[Drafter], strategy: StrategySpec | None, policy, instances: int) -> list[Live]:
@@ -258,4 +258,5 @@ def live_parts(drafters: list[Drafter], strategy: StrategySpec | None, policy, i
         out.append((ds, strategy.build(policy, ds) if strategy is not None else None))
     return out
 
-__all__ = ["Adaptive", "EngineSpec", "Generation", "Placement", "generate", "run_generation"]
+
+__all__ = ["EngineSpec", "Generation", "Placement", "generate", "run_generation"]
