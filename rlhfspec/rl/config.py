@@ -99,7 +99,17 @@ class AlgorithmConfig:
     lam: float = 0.95  # PPO
     value_clip: float | None = 0.2  # PPO
     value_coef: float = 0.5  # PPO
-    tis_cap: float | None = 2.0  # truncated importance sampling cap when generation runs in another precision
+    # The old (behaviour) logprobs of the PPO ratio when the engine's numbers may differ from the
+    # trainer's (another precision, other kernels): "recompute": the trainer's forward over the
+    # rollout (an inference-stage pass), the rollout then importance-weighted by
+    # min(pi_trainer / pi_engine, tis_cap) (tis_level "token": per token, as verl's and Yao et al.'s
+    # TIS; "sequence": the product over the sequence, applied to its every token; null cap: no
+    # weighting); "rollout": the engine's own logprobs, no extra forward, so the ratio
+    # pi_theta / pi_engine is itself the importance weight and PPO's clip truncates it; "auto": the
+    # engine's when they are checked equal to the trainer's (same precision), else "recompute".
+    old_logprobs: str = "auto"
+    tis_cap: float | None = 2.0
+    tis_level: str = "token"
 
 
 @dataclass
@@ -197,6 +207,12 @@ class Config:
             (a.aggregation in AGGREGATIONS, f"algorithm.aggregation {a.aggregation!r} is not one of {', '.join(AGGREGATIONS)}."),
             (a.scale_rewards in ("group", "batch", "none"), f"algorithm.scale_rewards {a.scale_rewards!r} is not group, batch or none."),
             (a.clip_low > 0, f"algorithm.clip_low is {a.clip_low}; it must be > 0."),
+            (a.old_logprobs in ("auto", "recompute", "rollout"), f"algorithm.old_logprobs {a.old_logprobs!r} is not auto, recompute or rollout."),
+            (a.tis_cap is None or a.tis_cap >= 1, f"algorithm.tis_cap is {a.tis_cap}; it must be >= 1 (or null: no importance weighting)."),
+            (a.tis_level in ("token", "sequence"), f"algorithm.tis_level {a.tis_level!r} is not token or sequence."),
+            (a.old_logprobs != "rollout" or (not g.top_k and g.top_p >= 1.0),
+             "algorithm.old_logprobs rollout uses the engine's logprobs as the behaviour policy's, but with generation.top_k or "
+             "top_p the engine samples from a filtered distribution the trainer does not score; use recompute."),
             (d.prompts_per_iteration >= 1, f"data.prompts_per_iteration is {d.prompts_per_iteration}; it must be >= 1."),
             (d.task == "arithmetic" or Path(d.task).exists(), f"data.task {d.task} is neither 'arithmetic' nor an existing file or directory."),
             (r.checkpoint_every >= 1, f"run.checkpoint_every is {r.checkpoint_every}; it must be >= 1."),

@@ -40,8 +40,8 @@ def make_targets(
     so no sampled token can have logprob -inf). Old-policy logprobs are the engine's when they
     are that very distribution in the trainer's numbers (`reuse_rollout_logprobs`); otherwise
     the trainer recomputes them and, with algo.tis_cap and `rollout_comparable` (the engine
-    sampled from that same distribution, unfiltered), weights each token by
-    min(pi_trainer / pi_engine, cap). KL (when beta > 0) goes where algo.kl_in_reward
+    sampled from that same distribution, unfiltered), weights the rollout by truncated importance
+    sampling (losses.truncated_is_weights, per token or per sequence by algo.tis_level). KL (when beta > 0) goes where algo.kl_in_reward
     puts it: PPO's per-token rewards, GRPO's and RLOO's sequence rewards before the group
     baseline (TRL's RLOO), or the loss (objective.policy_objective). `trainer_logprobs`: the
     trainer's logprobs of this batch when already computed (the rollout/trainer check), not recomputed.
@@ -56,7 +56,7 @@ def make_targets(
     else:
         old = trainer_logprobs if trainer_logprobs is not None else all_logprobs(policy, batch, params, max_tokens)
         stats["rollout_trainer_logprob_diff"] = ((old - rollout).abs() * mask).max().item()
-        is_weights = truncated_is_weights(old, rollout, algo.tis_cap) * mask if algo.tis_cap and rollout_comparable else None
+        is_weights = truncated_is_weights(old, rollout, algo.tis_cap, mask, algo.tis_level) if algo.tis_cap and rollout_comparable else None
     ref = None
     if reference is not None:
         ref = all_logprobs(reference, batch, params, max_tokens)

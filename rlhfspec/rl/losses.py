@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -56,10 +58,24 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     return aggregate(0.5 * loss, mask, "token-mean")
 
 
-def truncated_is_weights(trainer_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap: float = 2.0) -> torch.Tensor:
-    """min(pi_trainer / pi_rollout, cap) per token: corrects for sampling with the engine's numbers
-    (lower precision) while training with the trainer's, truncated to bound the variance."""
-    return torch.exp(trainer_logprobs - rollout_logprobs).clamp(max=cap)
+def truncated_is_weights(trainer_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap: float = 2.0,
+                         mask: torch.Tensor | None = None, level: str = "token") -> torch.Tensor:
+    """Importance weights that correct for sampling with the engine's numbers (another precision)
+    while training with the trainer's, truncated at `cap` to bound the variance: [B, T].
+
+    "token": min(pi_trainer(y_t) / pi_rollout(y_t), cap) per token (verl's and Yao et al.'s TIS);
+    "sequence": min(prod_t pi_trainer(y_t) / pi_rollout(y_t), cap) over the masked tokens, given to
+    every token of the sequence (unbiased for sequence-level rewards until truncated).
+    """
+    log_ratio = trainer_logprobs - rollout_logprobs
+    if mask is not None:
+        log_ratio = log_ratio * mask
+    if level == "sequence":
+        log_ratio = log_ratio.sum(-1, keepdim=True).expand_as(trainer_logprobs)
+    elif level != "token":
+        raise ValueError(f"importance weights are per token or per sequence, not {level!r}")
+    w = torch.exp(log_ratio.clamp(max=math.log(cap)))
+    return w * mask if mask is not None else w
 
 
 def kl_penalised_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, beta: float, kind: str = "k1") -> torch.Tensor:

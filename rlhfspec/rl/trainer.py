@@ -142,7 +142,7 @@ class Trainer:
         if it % c.train.logprob_check_every == 0:
             self.verified_logprobs = None  # checked again every so often: the policy moves
         with self._compute():
-            reuse = self.shared and not self.filtered and self._engine_matches_trainer(batch, logprobs)
+            reuse = self._reuse_rollout_logprobs(batch, logprobs)
             inference = make_targets(batch, totals, g, logprobs, c.algorithm, self.score_params, self.policy, reuse,
                                      self.reference, self.critic, c.train.micro_batch_tokens, rollout_comparable=not self.filtered,
                                      trainer_logprobs=self.checked_logprobs)
@@ -174,6 +174,17 @@ class Trainer:
             return torch.autocast(self.policy.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _reuse_rollout_logprobs(self, batch: Batch, logprobs: list[list[float]]) -> bool:
+        """Whether the engine's logprobs serve as the old logprobs (algorithm.old_logprobs)."""
+        mode = self.config.algorithm.old_logprobs
+        if mode == "rollout":
+            if self.verified_logprobs is None:
+                self._engine_matches_trainer(batch, logprobs)  # the gap is still measured and logged every check
+            return True
+        if mode == "recompute":
+            return False
+        return self.shared and not self.filtered and self._engine_matches_trainer(batch, logprobs)
+
     def _engine_matches_trainer(self, batch: Batch, logprobs: list[list[float]]) -> bool:
         """Checked once: the engine's logprobs equal the trainer's forward within 1e-3, so the extra forward can be skipped."""
         if self.verified_logprobs is None:
@@ -187,7 +198,8 @@ class Trainer:
             self.logprob_gap = {"rollout_trainer_logprob_gap_max": diff, "rollout_trainer_logprob_gap_mean": (gap.sum() / mask.sum()).item()}
             self.verified_logprobs = diff < 1e-3
             self.log(f"engine vs trainer logprobs: max difference {diff:.2e}, mean {self.logprob_gap['rollout_trainer_logprob_gap_mean']:.2e}; "
-                     + ("reusing the engine's" if self.verified_logprobs else "recomputing with the trainer"))
+                     + ("the engine's are the behaviour policy's (algorithm.old_logprobs rollout)" if self.config.algorithm.old_logprobs == "rollout"
+                        else "reusing the engine's" if self.verified_logprobs else "recomputing with the trainer"))
         return self.verified_logprobs
 
     def _steps_per_epoch(self) -> int:

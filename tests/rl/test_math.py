@@ -160,5 +160,13 @@ def test_kl_penalised_rewards_put_the_score_on_the_last_token():
 def test_truncated_importance_weights_and_aggregation_errors():
     w = truncated_is_weights(torch.tensor([0.0, 2.0]), torch.tensor([0.5, 0.0]), cap=2.0)
     assert w.tolist() == pytest.approx([math.exp(-0.5), 2.0])
+    trainer, rollout = torch.tensor([[0.0, -0.3, 9.0], [-1.0, -1.0, -1.0]]), torch.tensor([[-0.2, -0.4, 0.0], [-1.5, -1.5, -1.5]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    w = truncated_is_weights(trainer, rollout, 2.0, mask, "sequence")  # masked tokens count for nothing
+    assert torch.allclose(w, torch.tensor([[math.exp(0.3), math.exp(0.3), 0.0], [2.0, 2.0, 2.0]]))
+    per_token = truncated_is_weights(trainer, rollout, 2.0, mask)
+    assert torch.allclose(per_token, torch.tensor([[math.exp(0.2), math.exp(0.1), 0.0], [math.exp(0.5)] * 3]))
+    with pytest.raises(ValueError):
+        truncated_is_weights(trainer, rollout, 2.0, mask, "batch")
     with pytest.raises(ValueError):
         aggregate(torch.zeros(1, 1), torch.ones(1, 1), "mean-of-nothing")
