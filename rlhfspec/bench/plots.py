@@ -92,3 +92,23 @@ def rollout_timeline(traces: dict, path: Path) -> Path:
     for ax in axes:
         ax.legend(fontsize=7)
     return _save(fig, plt, path)
+
+
+def peer_curves(runs: dict, path: Path) -> Path:
+    """Two panels, a line per side: mean reward and iteration seconds per iteration."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    from matplotlib.ticker import MaxNLocator
+
+    for side, records in runs.items():
+        its = [r["iteration"] for r in records]
+        label = {"trl": "TRL"}.get(side, side)
+        axes[0].plot(its, [r["reward"] for r in records], marker="o", label=label)
+        axes[1].plot(its, [r["iteration_s"] for r in records], marker="o", label=label)
+    axes[0].set_ylabel("reward (mean over the iteration's samples)")
+    axes[1].set_ylabel("seconds per iteration")
+    for ax in axes:
+        ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
+    return _save(fig, plt, path)

@@ -59,9 +59,7 @@ class Trainer:
         # Cheap things first, so a bad reward or dataset fails before any model loads.
         functions = list(reward_funcs if reward_funcs is not None else c.reward.functions)
         self.rewards = RewardSet(functions, None if c.reward.reward_model else c.reward.weights)
-        self.source = make_source(train_dataset if train_dataset is not None else c.data.task, c.data.prompt_column, self.seed,
-                                  c.data.shuffle, **({"digits": c.data.digits, "terms": c.data.terms, "ops": c.data.ops,
-                                                      "curriculum": c.data.curriculum} if c.data.task == "arithmetic" and train_dataset is None else {}))
+        self.source = prompt_source(c, train_dataset)
         self.policy, self.tokenizer = load_model(c.model.policy, dtype=c.model.dtype)
         if self.tokenizer is None:
             raise RlhfspecError(f"{c.model.policy} has no tokenizer; RL needs one to encode prompts and decode completions.")
@@ -317,6 +315,13 @@ class Trainer:
             self._sync_engine()
         self.iteration = objects["iteration"]
         self.log(f"resumed from {path} at iteration {self.iteration}")
+
+
+def prompt_source(c: Config, train_dataset=None):
+    """The prompt source a run of `c` draws its rows from (train_dataset, when given, in place of data.task)."""
+    arith = c.data.task == "arithmetic" and train_dataset is None
+    return make_source(train_dataset if train_dataset is not None else c.data.task, c.data.prompt_column, c.train.seed, c.data.shuffle,
+                       **({"digits": c.data.digits, "terms": c.data.terms, "ops": c.data.ops, "curriculum": c.data.curriculum} if arith else {}))
 
 
 def _schedule(kind: str, warmup: int, total: int):

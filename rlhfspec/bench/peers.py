@@ -1,0 +1,287 @@
+"""`rlhfspec bench trl`: TRL's GRPOTrainer and rlhfspec's trainer on the same job, back to back in one process.
+
+Both read one checkpoint (rlhfspec's export of model.policy, as `rlhfspec export` writes it), see
+the same prompts in the same order (rlhfspec's own prompt source, handed to TRL as a dataset, both
+checked at run time) and the same settings as far as TRL has them; what cannot be matched is listed
+in the output (`differences`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from rlhfspec.bench.common import machine, median, results_file, write_json, write_section
+from rlhfspec.errors import RlhfspecError
+from rlhfspec.rl.config import Config, load_config
+
+STAGES = ("generation_s", "scoring_s", "training_s", "other_s", "iteration_s")
+# The built-in defaults differ from configs/grpo_arith.yaml (the default run) only in the curriculum,
+# which a fixed TRL dataset cannot follow.
+DEFAULT_JOB = ["--data.curriculum", "false"]
+QUICK = ["--data.prompts_per_iteration", "4", "--generation.num_generations", "4", "--generation.max_new_tokens", "64"]
+
+
+@dataclass
+class PeersBenchConfig:
+    config: str | None = None  # YAML job; None: the default run (configs/grpo_arith.yaml)
+    iterations: int = 4
+    seed: int = 0
+    overrides: list[str] = field(default_factory=list)  # --section.key value, applied last
+    trl_micro_batch: int | None = None  # TRL's per_device_train_batch_size; None: rlhfspec's train.micro_batch_tokens worth
+    quick: bool = False
+
+    @classmethod
+    def make_quick(cls, **kw) -> "PeersBenchConfig":
+        """2 iterations of 4 prompts x 4 completions, at most 64 new tokens."""
+        return cls(**{"iterations": 2, **kw, "quick": True})
+
+    def job(self) -> Config:
+        extra = [*(DEFAULT_JOB if self.config is None else []), *(QUICK if self.quick else []),
+                 "--train.iterations", str(self.iterations), "--train.seed", str(self.seed), *self.overrides]
+        c = load_config(self.config, extra)
+        c.validate()
+        c.train.dtype = c.train.compute_dtype("cpu")  # one precision, resolved once, for both sides
+        return c
+
+    def command(self) -> str:
+        cmd = "rlhfspec bench trl" + (" --quick" if self.quick else "") + (f" --config {self.config}" if self.config else "")
+        cmd += f" --iterations {self.iterations} --seed {self.seed}"
+        cmd += f" --trl-micro-batch {self.trl_micro_batch}" if self.trl_micro_batch else ""
+        return cmd + "".join(f" {o}" for o in self.overrides)
+
+
+def run(cfg: PeersBenchConfig, json_path: str | None = None, record: bool = False, log=print, out_dir: Path | None = None) -> dict:
+    """rlhfspec's trainer, then TRL's GRPOTrainer, on job cfg.job(); per-iteration stage times,
+    tokens and rewards of both, a table (RESULTS.md section "trl"), a PNG and optionally JSON."""
+    try:
+        import trl
+    except ImportError:
+        raise RlhfspecError("bench trl needs TRL: pip install -e '.[peers]'") from None
+    from rlhfspec.bench import trl_grpo
+    from rlhfspec.rl.trainer import prompt_source
+    from rlhfspec.rewards.compose import resolve
+
+    c = cfg.job()
+    trl_grpo.check_mappable(c)
+    p, g, n = c.data.prompts_per_iteration, c.generation.num_generations, c.train.iterations
+    source = prompt_source(c)
+    rows = [source.next(p) for _ in range(n)]  # what both sides should see, iteration by iteration
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="rlhfspec-bench-trl-") as tmp:
+        model_dir, tokenizer = export_policy(c.model.policy, c.model.dtype, Path(tmp) / "policy")
+        longest = max(len(_prompt_ids(tokenizer, r["prompt"])) for batch in rows for r in batch)
+        micro = cfg.trl_micro_batch or default_micro_batch(p * g, longest + c.generation.max_new_tokens, c.train.micro_batch_tokens)
+        log(f"job: {p} prompts x {g} completions, {c.generation.max_new_tokens} new tokens, {n} iterations, {c.train.dtype} on both sides; "
+            f"TRL micro-batches of {micro} samples")
+        log("rlhfspec:")
+        ours, our_rows = _run_rlhfspec(c, model_dir, Path(tmp) / "rlhfspec", lambda m: log(f"  {m}"))
+        torch.set_num_threads(threads)
+        log(f"TRL {trl.__version__} GRPOTrainer:")
+        funcs = [resolve(f) for f in c.reward.functions]
+        trainer = trl_grpo.train(c, model_dir, [r for batch in rows for r in batch], funcs, c.train.dtype, micro,
+                                 Path(tmp) / "trl", lambda m: log(f"  {m}"))
+        torch.set_num_threads(threads)
+        theirs = [{k: v for k, v in r.items() if k != "generate_and_score_s"} for r in trainer.records]
+        texts = [[_text(r["prompt"]) for r in batch] for batch in rows]
+        checks = {
+            "same_prompts_in_order": [[_text(r["prompt"]) for r in b] for b in our_rows] == texts == [s["prompts"] for s in trainer.seen],
+            "same_prompt_ids": all(ids == _prompt_ids(tokenizer, t) for s in trainer.seen for t, ids in zip(s["prompts"], s["prompt_ids"])),
+        }
+        args = trainer.args
+        trl_batching = {"per_device_train_batch_size": args.per_device_train_batch_size,
+                        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                        "steps_per_generation": args.steps_per_generation, "generation_batch_size": args.generation_batch_size,
+                        "loss_type": args.loss_type, "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing}
+        del trainer
+    import transformers
+
+    runs = {"rlhfspec": ours, "trl": theirs}
+    kept = {side: (rs[1:] or rs) for side, rs in runs.items()}
+    medians = {side: {k: round(median([r[k] for r in rs]), 2) for k in STAGES} for side, rs in kept.items()}
+    result = {
+        "machine": machine(), "command": cfg.command(),
+        "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
+        "job": _job(c), "precision": c.train.dtype, "trl": trl_batching, "checks": checks,
+        "medians_over": f"iterations 1..{n - 1}" if n > 2 else "iteration 1" if n == 2 else "iteration 0",
+        "medians": medians,
+        "speedup": {k: round(medians["trl"][k] / max(medians["rlhfspec"][k], 1e-9), 2) for k in ("generation_s", "training_s", "iteration_s")},
+        "runs": {side: [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rs] for side, rs in runs.items()},
+        "differences": differences(c, trl_batching),
+    }
+    if not all(checks.values()):
+        log(f"warning: the two sides did not see the same prompts ({checks}); the comparison is not like for like")
+    write_json(json_path, result)
+    from rlhfspec.bench.plots import peer_curves
+
+    results = results_file(record) if out_dir is None else Path(out_dir) / "RESULTS.md"
+    png = peer_curves(result["runs"], results.parent / "trl_peers.png")
+    log(write_section("trl", _markdown(result, png.name), path=results))
+    result["png"], result["results"] = str(png), str(results)
+    return result
+
+
+def export_policy(source: str, dtype: str, out: Path):
+    """`source` written as a Hugging Face checkpoint by rlhfspec's own exporter (what `rlhfspec export`
+    writes), so that both trainers read the same weights and tokenizer; (directory, tokenizer)."""
+    from rlhfspec.models.checkpoint import save_pretrained
+    from rlhfspec.models.loader import load_model
+
+    model, tokenizer = load_model(source, dtype=dtype)
+    if tokenizer is None:
+        raise RlhfspecError(f"{source} has no tokenizer; both trainers need one to encode prompts.")
+    path = save_pretrained(model, out, tokenizer=tokenizer)
+    del model
+    return Path(path), tokenizer
+
+
+def default_micro_batch(samples: int, longest: int, token_budget: int) -> int:
+    """The most samples per TRL forward (a divisor of the iteration's samples, so every step
+    accumulates over equal micro-batches) whose padded length stays within rlhfspec's token budget."""
+    fits = [d for d in range(1, samples + 1) if samples % d == 0 and d * longest <= token_budget]
+    return max(fits, default=1)
+
+
+def _run_rlhfspec(c: Config, model_dir: Path, run_dir: Path, log) -> tuple[list[dict], list[list[dict]]]:
+    """c's iterations with rlhfspec's Trainer; (per-iteration records in bench terms, the rows it drew)."""
+    from rlhfspec.rl.trainer import Trainer
+
+    cfg = replace(c, model=replace(c.model, policy=str(model_dir)),
+                  run=replace(c.run, output_dir=str(run_dir), tensorboard=False, wandb=False, checkpoint_every=c.train.iterations))
+    trainer = Trainer(cfg, progress=False, log=log)
+    trainer.source = _Recorded(trainer.source)
+    records = trainer.train()
+    drawn = trainer.source.batches
+    del trainer
+    out = [{"iteration": r["iteration"], "generation_s": r["generation_s"], "scoring_s": r["inference_s"], "training_s": r["training_s"],
+            "other_s": r["sync_s"], "iteration_s": r["iteration_s"], "gen_tokens": r["gen_tokens"],
+            "completion_len_max": r["completion_len_max"], "reward": r["reward"]} for r in records]
+    return out, drawn
+
+
+class _Recorded:
+    """A prompt source that keeps every batch it hands out."""
+
+    def __init__(self, source):
+        self.source, self.batches = source, []
+
+    def next(self, n: int) -> list[dict]:
+        rows = self.source.next(n)
+        self.batches.append(rows)
+        return rows
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+
+def _prompt_ids(tokenizer, prompt) -> list[int]:
+    from rlhfspec.data.chat import encode_prompt
+
+    return encode_prompt(tokenizer, prompt)
+
+
+def _text(prompt):
+    return prompt[0]["content"] if isinstance(prompt, list) and len(prompt) == 1 else prompt
+
+
+def _job(c: Config) -> dict:
+    g, a, t = c.generation, c.algorithm, c.train
+    return {"task": c.data.task, "prompts_per_iteration": c.data.prompts_per_iteration, "num_generations": g.num_generations,
+            "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k,
+            "learning_rate": t.learning_rate, "lr_schedule": t.lr_schedule, "beta": a.beta, "clip": [a.clip_low, a.clip_high or a.clip_low],
+            "aggregation": a.aggregation, "scale_rewards": a.scale_rewards, "rewards": c.reward.functions, "seed": t.seed,
+            "iterations": t.iterations, "policy": c.model.policy,
+            "rlhfspec_generation": {"speculative": g.speculative, "strategy": g.strategy, "drafters": g.drafters,
+                                    "batch_invariant": g.batch_invariant, "instances": g.instances},
+            "rlhfspec_micro_batch_tokens": t.micro_batch_tokens}
+
+
+def differences(c: Config, trl: dict) -> list[str]:
+    """Every semantic difference between the two runs that the bench does not remove."""
+    g = c.generation
+    spec = _decoding({"speculative": g.speculative, "strategy": g.strategy, "drafters": g.drafters})
+    out = [
+        f"Generation: rlhfspec's engine (ragged KV cache, continuous batching of up to {g.batch_size} samples, {spec}, "
+        f"{'batch-invariant' if g.batch_invariant else 'fused'} kernels, lossless) vs transformers' generate in TRL (all "
+        f"{trl['generation_batch_size']} samples in one left-padded batch that decodes until its longest sample ends). Both sample "
+        "from the policy's own distribution, but from different random streams: the completions differ, so the reward "
+        "curves compare only statistically (run several --seed values for their spread).",
+        "Training micro-batches: rlhfspec packs samples up to train.micro_batch_tokens "
+        f"({c.train.micro_batch_tokens}) tokens per forward without padding; TRL runs {trl['per_device_train_batch_size']} "
+        f"samples per forward, padded to the longest, accumulating over {trl['gradient_accumulation_steps']} of them. Both take "
+        "one optimizer step per iteration over all its samples.",
+    ]
+    if c.train.dtype == "bfloat16":
+        out.append("Precision (bfloat16 on both): rlhfspec generates in float32 and trains under bf16 autocast over float32 "
+                   "weights, recomputing the old logprobs with the trainer's forward and weighting each token by "
+                   f"min(pi_trainer / pi_engine, {c.algorithm.tis_cap}); TRL generates and trains under the same bf16 autocast "
+                   "(accelerate's) and takes the training forward's own detached logprobs as the old ones (ratio exactly 1), "
+                   "with no such correction.")
+    else:
+        out.append("Precision (float32 on both): rlhfspec takes the engine's logprobs as the old ones (checked against the "
+                   "trainer's forward within 1e-3 on the first iteration, which pays one extra forward in its scoring stage); "
+                   "TRL takes the training forward's own detached logprobs (ratio exactly 1).")
+    out += [
+        "Gradient checkpointing: off on both (TRL's default is on; rlhfspec has none), so both keep activations for "
+        "the backward pass.",
+        "Stage boundaries: scoring is rlhfspec's inference stage (rewards, advantages, any old-logprob forward) and, for "
+        "TRL, the part of _generate_and_score_completions after _generate (padding, rewards, advantages, metrics); "
+        "training is the rest of the iteration (TRL: its optimizer step, from on_step_begin to on_step_end); rlhfspec's "
+        "'other' is its drafter refresh. Checkpoint writing is outside both.",
+        "Reward functions see chat completions ([{'role': 'assistant', 'content': ...}]) in TRL, whose prompts are chat "
+        "messages, and plain text in rlhfspec; the built-in rewards read the same text from either, and TRL's extra "
+        "keyword arguments (trainer_state, log_extra, log_metric) are ignored.",
+    ]
+    return out
+
+
+def _decoding(g: dict) -> str:
+    return f"speculative decoding ({g['strategy']}, drafters {', '.join(g['drafters'])})" if g["speculative"] else "plain decoding"
+
+
+def _markdown(r: dict, png: str) -> str:
+    j, t, m = r["job"], r["trl"], r["medians"]
+    rg = j["rlhfspec_generation"]
+    checks = r["checks"]
+    lines = [
+        "## Side by side: rlhfspec vs TRL's GRPOTrainer on the same job",
+        "",
+        f"Command: `{r['command']}`  ",
+        f"Machine: {r['machine']}  ",
+        f"Versions: TRL {r['versions']['trl']}, transformers {r['versions']['transformers']}, torch {r['versions']['torch']}  ",
+        f"Job: GRPO on {j['task']} (seed {j['seed']}), {j['prompts_per_iteration']} prompts x {j['num_generations']} completions per "
+        f"iteration, at most {j['max_new_tokens']} new tokens, temperature {j['temperature']:g}, lr {j['learning_rate']:g} "
+        f"({j['lr_schedule']}), beta {j['beta']:g}, clip {j['clip'][0]:g}/{j['clip'][1]:g}, {j['aggregation']} (TRL loss_type "
+        f"\"{t['loss_type']}\"), rewards {', '.join(j['rewards'])}, {r['precision']} on both, one optimizer step per iteration, "
+        f"{j['iterations']} iterations, policy {j['policy']} (exported once, read by both). rlhfspec generates with "
+        f"{_decoding(rg)}; TRL trains {t['per_device_train_batch_size']} samples per forward x {t['gradient_accumulation_steps']} "
+        "accumulated forwards, gradient checkpointing off.  ",
+        f"Checked at run time: same prompts in the same order on both sides: {'yes' if checks['same_prompts_in_order'] else 'NO'}; "
+        f"same prompt token ids: {'yes' if checks['same_prompt_ids'] else 'NO'}.",
+        "",
+        "| side | iteration | generation s | scoring s | training s | other s | iteration s | tokens | tokens/s | reward |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for side, label in (("rlhfspec", "rlhfspec"), ("trl", "TRL")):
+        for x in r["runs"][side]:
+            lines.append(f"| {label} | {x['iteration']} | {x['generation_s']:.1f} | {x['scoring_s']:.1f} | {x['training_s']:.1f} | "
+                         f"{x['other_s']:.1f} | {x['iteration_s']:.1f} | {x['gen_tokens']} | "
+                         f"{x['gen_tokens'] / max(x['generation_s'], 1e-9):.0f} | {x['reward']:.3f} |")
+    s = r["speedup"]
+    lines += [
+        "",
+        f"Medians over {r['medians_over']} (iteration 0 pays one-off warm-ups): rlhfspec {m['rlhfspec']['iteration_s']} s per "
+        f"iteration (generation {m['rlhfspec']['generation_s']}, training {m['rlhfspec']['training_s']}), TRL "
+        f"{m['trl']['iteration_s']} s (generation {m['trl']['generation_s']}, training {m['trl']['training_s']}): rlhfspec "
+        f"**{s['iteration_s']:.2f}x** faster per iteration (generation {s['generation_s']:.2f}x, training {s['training_s']:.2f}x).",
+        "",
+        f"![reward and iteration time per iteration]({png})",
+        "",
+        "Differences the bench does not remove:",
+        "",
+        *[f"- {d}" for d in r["differences"]],
+    ]
+    return "\n".join(lines)

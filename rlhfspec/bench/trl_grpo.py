@@ -1,0 +1,167 @@
+"""TRL's GRPOTrainer on an rlhfspec job: the settings mapped one to one, and its stages timed.
+
+TRL times its phases only for trackers, so the subclass here wraps the methods that bound them
+(TRL 1.16): `_generate` (prompt tokenization, `transformers.generate`, decoding),
+`_generate_and_score_completions` (that plus rewards, advantages and any no-grad forwards) and
+`_calculate_rewards`; a callback marks each optimizer step's start and end.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import trl
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+
+from rlhfspec.errors import RlhfspecError
+from rlhfspec.rl.config import Config
+
+# rlhfspec's algorithm.aggregation -> TRL's loss_type with the same normalisation over one
+# optimizer step: "dapo" divides the summed token losses by the tokens of the whole generation
+# batch (not of each micro-batch, as "bnpo" does), which is token-mean over the iteration.
+LOSS_TYPES = {"token-mean": "dapo", "sequence-mean": "grpo", "sequence-sum-mean": "dr_grpo"}
+SCHEDULES = {"constant": "constant", "linear": "linear", "cosine": "cosine"}
+
+
+def check_mappable(c: Config) -> None:
+    """One sentence for the first setting of `c` that TRL's GRPOTrainer cannot run as rlhfspec does."""
+    a, t, d = c.algorithm, c.train, c.data
+    checks = [
+        (a.name == "grpo", f"algorithm.name is {a.name!r}; bench trl compares GRPO (TRL's GRPOTrainer)."),
+        (not d.curriculum, "data.curriculum is true; TRL trains on a fixed dataset, so the prompts could not follow rlhfspec's "
+                           "curriculum (set data.curriculum false)."),
+        (a.beta == 0 or not a.kl_in_reward, "algorithm.kl_in_reward is true; TRL's GRPO puts the KL term in the loss only."),
+        (a.beta == 0 or a.kl_estimator == "k3", f"algorithm.kl_estimator is {a.kl_estimator}; TRL's GRPO uses k3 in the loss."),
+        (t.mini_batches == 1 and t.epochs == 1, f"train.mini_batches {t.mini_batches} and train.epochs {t.epochs}: bench trl "
+                                                "compares one optimizer step per iteration (both 1)."),
+        (a.entropy_coef == 0, "algorithm.entropy_coef is not 0; bench trl compares runs without an entropy bonus."),
+        (c.reward.reward_model is None, "reward.reward_model is set; bench trl compares reward functions only."),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise RlhfspecError(message)
+
+
+def trl_args(c: Config, out_dir: Path, precision: str, micro_batch: int) -> trl.GRPOConfig:
+    """The GRPOConfig for job `c`: one optimizer step per iteration over all P x G samples,
+    `micro_batch` samples per forward (gradient accumulation over the rest)."""
+    g, a, t = c.generation, c.algorithm, c.train
+    samples = c.data.prompts_per_iteration * g.num_generations
+    if samples % micro_batch:
+        raise RlhfspecError(f"the TRL micro-batch of {micro_batch} samples does not divide an iteration's {samples} samples.")
+    steps = samples // micro_batch
+    schedule = "constant_with_warmup" if t.lr_schedule == "constant" and t.warmup_steps else SCHEDULES[t.lr_schedule]
+    return trl.GRPOConfig(
+        output_dir=str(out_dir), use_cpu=True, bf16=precision == "bfloat16", fp16=False,
+        # rlhfspec keeps activations too; TRL's default (on) trades speed for memory. activation_checkpointing is
+        # transformers' new name for it (the old one, still read by TRL, mirrors it).
+        gradient_checkpointing=False, activation_checkpointing=False,
+        per_device_train_batch_size=micro_batch, gradient_accumulation_steps=steps, steps_per_generation=steps,
+        num_iterations=1, max_steps=t.iterations, num_generations=g.num_generations, max_completion_length=g.max_new_tokens,
+        temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+        learning_rate=t.learning_rate, lr_scheduler_type=schedule, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+        adam_beta1=t.adam_betas[0], adam_beta2=t.adam_betas[1], adam_epsilon=1e-8, max_grad_norm=t.max_grad_norm,
+        optim="adamw_torch",  # torch.optim.AdamW, as rlhfspec's trainer (the HF default is the fused variant)
+        beta=a.beta, epsilon=a.clip_low, epsilon_high=a.clip_high, loss_type=LOSS_TYPES[a.aggregation],
+        scale_rewards=a.scale_rewards, reward_weights=c.reward.weights,
+        shuffle_dataset=False, seed=t.seed, data_seed=t.seed,
+        logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+    )
+
+
+class TimedGRPOTrainer(trl.GRPOTrainer):
+    """GRPOTrainer recording, per optimizer step, the seconds of its stages, the tokens it
+    generated, the mean total reward and the prompts (text and token ids) it saw."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.records: list[dict] = []
+        self.seen: list[dict] = []  # per generation: {"prompts": [text per group], "prompt_ids": [ids per group]}
+        self.add_callback(_StepClock(self))
+
+    def _generate(self, prompts: list):
+        t = time.perf_counter()
+        out = super()._generate(prompts)
+        prompt_ids, completion_ids = out[0], out[1]
+        g = self.num_generations
+        self.seen.append({"prompts": [_text(p) for p in prompts[::g]], "prompt_ids": [list(ids) for ids in prompt_ids[::g]]})
+        self._current(generation_s=time.perf_counter() - t, gen_tokens=sum(len(c) for c in completion_ids),
+                      completion_len_max=max(len(c) for c in completion_ids))
+        return out
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        t = time.perf_counter()
+        per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        totals = (per_func * self.reward_weights.to(per_func.device)[None]).nansum(dim=1)
+        self._current(rewards_s=time.perf_counter() - t, reward=totals.mean().item())
+        return per_func
+
+    def _generate_and_score_completions(self, inputs):
+        t = time.perf_counter()
+        out = super()._generate_and_score_completions(inputs)
+        self._current(generate_and_score_s=time.perf_counter() - t)
+        return out
+
+    def _current(self, **values) -> None:
+        if not self.records:
+            raise RlhfspecError("TRL generated outside an optimizer step; this TRL version drives its loop differently "
+                                f"from the {trl.__version__} bench trl was written for.")
+        self.records[-1].update(values)
+
+
+class _StepClock(TrainerCallback):
+    """Marks the start and end of each optimizer step (all its micro-batches, the step and clipping)."""
+
+    def __init__(self, trainer: TimedGRPOTrainer):
+        self.trainer = trainer
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.trainer.records.append({"iteration": state.global_step, "_start": time.perf_counter()})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        r = self.trainer.records[-1]
+        r["iteration_s"] = time.perf_counter() - r.pop("_start")
+        r["scoring_s"] = r["generate_and_score_s"] - r["generation_s"]
+        r["training_s"] = r["iteration_s"] - r["generate_and_score_s"]
+        r["other_s"] = 0.0
+
+
+def _text(prompt) -> str | list:
+    """A conversational prompt's user text (the row's own prompt), else the prompt as given."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], dict):
+        return prompt[0].get("content", prompt)
+    return prompt
+
+
+def train(c: Config, model_dir: Path, rows: list[dict], reward_funcs: list, precision: str, micro_batch: int,
+          out_dir: Path, log=print) -> TimedGRPOTrainer:
+    """Runs c.train.iterations GRPO steps of TRL on `rows` (P rows per iteration, in order) from
+    the checkpoint in `model_dir`; returns the trainer with its records."""
+    import datasets
+
+    check_mappable(c)
+    dtype = getattr(torch, c.model.dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    # Chat prompts, so TRL applies the tokenizer's chat template as rlhfspec's encode_prompt does.
+    data = datasets.Dataset.from_list([{**r, "prompt": r["prompt"] if isinstance(r["prompt"], list)
+                                        else [{"role": "user", "content": r["prompt"]}]} for r in rows])
+    trainer = TimedGRPOTrainer(model=model, reward_funcs=reward_funcs, args=trl_args(c, out_dir, precision, micro_batch),
+                               train_dataset=data, processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)  # it prints every step's log dict; _Progress prints one line
+    trainer.add_callback(_Progress(trainer, log))
+    trainer.train()
+    return trainer
+
+
+class _Progress(TrainerCallback):
+    def __init__(self, trainer: TimedGRPOTrainer, log):
+        self.trainer, self.log = trainer, log
+
+    def on_step_end(self, args, state, control, **kwargs):
+        r = self.trainer.records[-1]
+        self.log(f"iteration {r['iteration']}: reward {r['reward']:.3f}, {r['iteration_s']:.1f} s (generation "
+                 f"{r['generation_s']:.1f} s, {r['gen_tokens']} tokens; scoring {r['scoring_s']:.1f} s; training {r['training_s']:.1f} s)")

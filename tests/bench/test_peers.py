@@ -1,0 +1,80 @@
+"""`rlhfspec bench trl`: both trainers run the same job on the same prompts and the report comes out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("trl", reason="bench trl compares against TRL: pip install -e '.[peers]' (make test installs it)")
+
+from rlhfspec.bench import trl_grpo  # noqa: E402
+from rlhfspec.bench.peers import PeersBenchConfig, default_micro_batch, run  # noqa: E402
+from rlhfspec.errors import RlhfspecError  # noqa: E402
+from rlhfspec.rl.config import load_config  # noqa: E402
+from tests.rl.helpers import tiny_policy_dir  # noqa: E402
+
+DEFAULT_RUN = Path(__file__).parents[2] / "configs" / "grpo_arith.yaml"
+
+
+def tiny(policy: Path, **kw) -> PeersBenchConfig:
+    overrides = {"model.policy": policy, "data.prompts_per_iteration": 2, "generation.num_generations": 2,
+                 "generation.max_new_tokens": 6, "generation.speculative": "false", "train.dtype": "float32"}
+    return PeersBenchConfig(iterations=2, overrides=[a for k, v in overrides.items() for a in (f"--{k}", str(v))], **kw)
+
+
+def test_both_trainers_run_the_same_prompts_and_the_table_json_and_png_come_out(tmp_path):
+    policy = tiny_policy_dir(tmp_path / "policy")
+    result = run(tiny(policy), json_path=str(tmp_path / "trl.json"), out_dir=tmp_path / "out", log=lambda m: None)
+    assert result["checks"] == {"same_prompts_in_order": True, "same_prompt_ids": True}
+    for side in ("rlhfspec", "trl"):
+        records = result["runs"][side]
+        assert [r["iteration"] for r in records] == [0, 1]
+        for r in records:
+            assert r["gen_tokens"] > 0 and r["generation_s"] > 0 and r["training_s"] > 0
+            assert r["iteration_s"] >= r["generation_s"] + r["scoring_s"] - 1e-6
+    trl = result["trl"]
+    assert (trl["per_device_train_batch_size"] * trl["gradient_accumulation_steps"], trl["generation_batch_size"]) == (4, 4)
+    assert trl["loss_type"] == "dapo" and trl["bf16"] is False and trl["gradient_checkpointing"] is False
+    saved = json.loads((tmp_path / "trl.json").read_text())
+    assert saved["runs"] == result["runs"] and saved["differences"] == result["differences"]
+    assert Path(result["png"]).stat().st_size > 0
+    table = (tmp_path / "out" / "RESULTS.md").read_text()
+    assert "<!-- bench:trl -->" in table and "| TRL | 1 |" in table and "| rlhfspec | 1 |" in table
+    assert "Differences the bench does not remove" in table and 'loss_type "dapo"' in table
+
+
+def test_the_default_job_is_the_default_run():
+    job, default = PeersBenchConfig().job(), load_config(DEFAULT_RUN)
+    default.validate()
+    for section in ("model", "data", "reward", "generation", "algorithm"):
+        assert getattr(job, section) == getattr(default, section), section
+    assert job.train.learning_rate == default.train.learning_rate and job.train.iterations == 4
+
+
+def test_the_grpo_config_gives_one_optimizer_step_over_all_samples_with_token_mean_loss(tmp_path):
+    c = load_config(DEFAULT_RUN, ["--data.curriculum", "false"])
+    args = trl_grpo.trl_args(c, tmp_path, "bfloat16", micro_batch=8)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.steps_per_generation) == (8, 8, 8)
+    assert args.generation_batch_size == 64 and args.num_generations == 8 and args.max_completion_length == 128
+    assert (args.loss_type, args.beta, args.epsilon, args.learning_rate) == ("dapo", 0.0, 0.2, 3e-5)
+    assert (args.lr_scheduler_type.value, args.optim.value, args.bf16, args.gradient_checkpointing) == ("constant", "adamw_torch", True, False)
+    assert not args.shuffle_dataset
+    with pytest.raises(RlhfspecError, match="does not divide"):
+        trl_grpo.trl_args(c, tmp_path, "float32", micro_batch=5)
+
+
+@pytest.mark.parametrize("override, culprit", [(["--algorithm.name", "rloo"], "algorithm.name"),
+                                               (["--data.curriculum", "true"], "data.curriculum"),
+                                               (["--train.mini_batches", "2"], "train.mini_batches")])
+def test_settings_trl_cannot_match_are_refused_naming_the_setting(override, culprit):
+    c = load_config(DEFAULT_RUN, ["--data.curriculum", "false", *override])
+    with pytest.raises(RlhfspecError, match=culprit):
+        trl_grpo.check_mappable(c)
+
+
+def test_the_trl_micro_batch_is_the_largest_divisor_within_rlhfspecs_token_budget():
+    assert default_micro_batch(64, 188, 2048) == 8
+    assert default_micro_batch(16, 124, 2048) == 16
+    assert default_micro_batch(64, 4096, 2048) == 1
