@@ -10,10 +10,27 @@ from rlhfspec.bench.common import machine, median, results_file, write_json, wri
 from rlhfspec.rl.config import load_config
 
 STAGES = ("generation_s", "inference_s", "training_s", "sync_s", "iteration_s")
+# `--compare precision`: label -> (train.dtype, generation.dtype, algorithm.old_logprobs)
+PRECISIONS = {
+    "float32": ("float32", "float32", "auto"),
+    "bf16 train": ("bfloat16", "float32", "recompute"),
+    "bf16 train, old = rollout": ("bfloat16", "float32", "rollout"),
+    "bf16 train + generation": ("bfloat16", "bfloat16", "recompute"),
+}
 
 
 def run(config_path: str | None = None, iterations: int = 4, overrides: list[str] | None = None,
-        json_path: str | None = None, record: bool = False, log=print) -> dict:
+        json_path: str | None = None, record: bool = False, log=print, compare: str = "features") -> dict:
+    """compare "features" (below) or "precision" (`run_precision`)."""
+    if compare == "precision":
+        return run_precision(config_path, iterations, overrides, json_path, record, log)
+    if compare != "features":
+        raise ValueError(f"bench e2e compares features or precision, not {compare!r}")
+    return run_features(config_path, iterations, overrides, json_path, record, log)
+
+
+def run_features(config_path: str | None, iterations: int, overrides: list[str] | None, json_path: str | None,
+                 record: bool, log) -> dict:
     """Trains `iterations` iterations twice from the same seed: vanilla (plain decoding, one
     instance) and full (the config's generation features: speculation, its strategy, its drafters).
     Stage times are medians over iterations 1.. (iteration 0 pays one-off warm-ups)."""
@@ -86,12 +103,71 @@ def _markdown(r: dict, config_path, iterations: int, overrides) -> str:
     return "\n".join(lines)
 
 
-def train_records(base, generation, iterations: int) -> list[dict]:
-    """The metrics of `iterations` iterations of `base` with this generation config, in a scratch run directory."""
+def train_records(base, generation, iterations: int, **sections) -> list[dict]:
+    """The metrics of `iterations` iterations of `base` with this generation config (and any other
+    section given, e.g. algorithm=...), in a scratch run directory."""
     from rlhfspec.rl.trainer import Trainer
 
+    train = sections.pop("train", base.train)
     with tempfile.TemporaryDirectory(prefix="rlhfspec-bench-") as tmp:
-        cfg = replace(base, generation=generation, train=replace(base.train, iterations=iterations),
+        cfg = replace(base, generation=generation, train=replace(train, iterations=iterations), **sections,
                       run=replace(base.run, output_dir=str(Path(tmp) / "run"), tensorboard=False, wandb=False,
                                   checkpoint_every=iterations))
         return Trainer(cfg, progress=False, log=lambda m: None).train()
+
+
+def run_precision(config_path: str | None, iterations: int, overrides: list[str] | None, json_path: str | None,
+                  record: bool, log) -> dict:
+    """The same iterations from the same seed in each of PRECISIONS: the trainer in float32 or
+    under bfloat16 autocast, the engine in float32 or bfloat16, old logprobs recomputed by the
+    trainer (with truncated IS) or taken from the engine. Stage times are medians over iterations
+    1.. ; the gap between the engine's and the trainer's logprobs is iteration 0's check."""
+    from rlhfspec.models.hardware import native_bf16
+
+    base = load_config(config_path, overrides or [])
+    medians, runs, gaps = {}, {}, {}
+    for label, (train_dtype, gen_dtype, old) in PRECISIONS.items():
+        records = train_records(base, replace(base.generation, dtype=gen_dtype), iterations,
+                                train=replace(base.train, dtype=train_dtype), algorithm=replace(base.algorithm, old_logprobs=old))
+        kept = records[1:] or records
+        medians[label] = {k: median([r[k] for r in kept]) for k in STAGES}
+        runs[label] = [{k: round(r[k], 4 if k == "reward" else 2) for k in (*STAGES, "reward", "gen_tokens") if r.get(k) is not None}
+                       for r in records]
+        gaps[label] = {k.removeprefix("rollout_trainer_logprob_gap_"): round(records[0][k], 5)
+                       for k in ("rollout_trainer_logprob_gap_max", "rollout_trainer_logprob_gap_mean") if k in records[0]}
+        m = medians[label]
+        log(f"{label:26} iteration {m['iteration_s']:.1f} s (generation {m['generation_s']:.1f}, inference {m['inference_s']:.1f}, "
+            f"training {m['training_s']:.1f}); engine vs trainer logprobs {gaps[label]}")
+    ref = medians["float32"]
+    result = {
+        "machine": machine(), "native_bf16": native_bf16(), "iterations": iterations,
+        "settings": {k: {"train.dtype": t, "generation.dtype": g, "algorithm.old_logprobs": o} for k, (t, g, o) in PRECISIONS.items()},
+        "stages": {k: {s: round(x, 2) for s, x in m.items()} for k, m in medians.items()},
+        "relative_to_float32": {k: {s: round(m[s] / ref[s], 3) for s in ("generation_s", "training_s", "iteration_s")} for k, m in medians.items()},
+        "logprob_gap": gaps, "runs": runs,
+    }
+    write_json(json_path, result)
+    log(write_section("e2e-precision", _precision_markdown(result, config_path, iterations, overrides), path=results_file(record)))
+    return result
+
+
+def _precision_markdown(r: dict, config_path, iterations: int, overrides) -> str:
+    cmd = "rlhfspec bench e2e --compare precision" + (f" --config {config_path}" if config_path else "") + f" --iterations {iterations}"
+    cmd += "".join(f" {o}" for o in overrides or [])
+    lines = [
+        "## End to end: RL iterations in float32 vs bfloat16",
+        "",
+        f"Command: `{cmd}`  ",
+        f"Machine: {r['machine']}; native bf16: {r['native_bf16']}  ",
+        f"Same config and seed in every row. Medians over iterations 1..{iterations - 1} (iteration 0 pays warm-ups); "
+        "x = the row's time over float32's; logprob gap = |engine - trainer| at iteration 0's check (nats, max / mean).",
+        "",
+        "| setting | generation s | inference s | training s | iteration s | generation x | training x | iteration x | logprob gap |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, m in r["stages"].items():
+        x, gap = r["relative_to_float32"][label], r["logprob_gap"].get(label, {})
+        gap_text = f"{gap['max']:.2g} / {gap['mean']:.2g}" if gap else ""
+        lines.append(f"| {label} | {m['generation_s']} | {m['inference_s']} | {m['training_s']} | {m['iteration_s']} | "
+                     f"{x['generation_s']:.2f} | {x['training_s']:.2f} | {x['iteration_s']:.2f} | {gap_text} |")
+    return "\n".join(lines)

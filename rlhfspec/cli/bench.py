@@ -51,6 +51,8 @@ def register(sub) -> None:
     x = names.add_parser("e2e", help="RL iterations with every generation feature off vs on (stage times, speedup)")
     x.add_argument("--config", default=None, help="YAML config (default: the default run, configs/grpo_arith.yaml)")
     x.add_argument("--iterations", type=int, default=4)
+    x.add_argument("--compare", choices=("features", "precision"), default="features",
+                   help="features: generation features off vs on; precision: float32 vs bfloat16 training and generation")
     x.add_argument("--json", default=None)
     x.add_argument("--record", action="store_true", help=RECORD)
     x.set_defaults(run=run_e2e, overrides=True)
@@ -138,14 +140,14 @@ def run_realloc(args) -> int:
 def run_e2e(args) -> int:
     from rlhfspec.bench.e2e import run
 
-    run(args.config, args.iterations, args.extra, json_path=args.json, record=args.record)
+    run(args.config, args.iterations, args.extra, json_path=args.json, record=args.record, compare=args.compare)
     return 0
 
 
 def run_refresh(args) -> int:
     from rlhfspec.bench.refresh import run
 
-    run(args.config, args.iterations, args.extra, json_path=args.json, record=args.record)
+    run(args.config, args.iterations, args.extra, json_path=args.json, record=args.record, compare=args.compare)
     return 0
 
 

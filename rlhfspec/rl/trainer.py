@@ -173,18 +173,11 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _reuse_rollout_logprobs(self, batch: Batch, logprobs: list[list[float]]) -> bool:
-        """Whether the engine's logprobs serve as the old logprobs (algorithm.old_logprobs)."""
+        """Whether the engine's logprobs serve as the old logprobs (algorithm.old_logprobs): "auto"
+        reuses them when they equal the trainer's within 1e-3 at the last check. The gap is measured
+        and logged at every check whatever the mode; the trainer's logprobs the check computes are
+        the recomputed old ones, so it costs an extra forward only in the "rollout" mode."""
         mode = self.config.algorithm.old_logprobs
-        if mode == "rollout":
-            if self.verified_logprobs is None:
-                self._engine_matches_trainer(batch, logprobs)  # the gap is still measured and logged every check
-            return True
-        if mode == "recompute":
-            return False
-        return self.shared and not self.filtered and self._engine_matches_trainer(batch, logprobs)
-
-    def _engine_matches_trainer(self, batch: Batch, logprobs: list[list[float]]) -> bool:
-        """Checked once: the engine's logprobs equal the trainer's forward within 1e-3, so the extra forward can be skipped."""
         if self.verified_logprobs is None:
             from rlhfspec.rl.experience import padded
             from rlhfspec.rl.logprobs import all_logprobs
@@ -192,13 +185,18 @@ class Trainer:
             trainer = self.checked_logprobs = all_logprobs(self.policy, batch, self.score_params, self.config.train.micro_batch_tokens)
             mask = batch.mask()
             gap = (trainer - padded(logprobs, mask.shape[1])).abs() * mask
-            diff = gap.max().item()
-            self.logprob_gap = {"rollout_trainer_logprob_gap_max": diff, "rollout_trainer_logprob_gap_mean": (gap.sum() / mask.sum()).item()}
+            diff, mean = gap.max().item(), (gap.sum() / mask.sum()).item()
+            self.logprob_gap = {"rollout_trainer_logprob_gap_max": diff, "rollout_trainer_logprob_gap_mean": mean}
             self.verified_logprobs = diff < 1e-3
-            self.log(f"engine vs trainer logprobs: max difference {diff:.2e}, mean {self.logprob_gap['rollout_trainer_logprob_gap_mean']:.2e}; "
-                     + ("the engine's are the behaviour policy's (algorithm.old_logprobs rollout)" if self.config.algorithm.old_logprobs == "rollout"
-                        else "reusing the engine's" if self.verified_logprobs else "recomputing with the trainer"))
-        return self.verified_logprobs
+            use = {"rollout": "the engine's are the behaviour policy's (algorithm.old_logprobs rollout)",
+                   "recompute": "recomputing with the trainer (algorithm.old_logprobs recompute)"}.get(mode)
+            if use is None:
+                use = "reusing the engine's" if self._reuse_when_verified() else "recomputing with the trainer"
+            self.log(f"engine vs trainer logprobs: max difference {diff:.2e}, mean {mean:.2e}; {use}")
+        return self._reuse_when_verified() if mode == "auto" else mode == "rollout"
+
+    def _reuse_when_verified(self) -> bool:
+        return self.shared and not self.filtered and self.verified_logprobs
 
     def _steps_per_epoch(self) -> int:
         """Optimizer steps per epoch: mini_batches, or fewer when an iteration has fewer samples."""

@@ -1,0 +1,26 @@
+"""`rlhfspec bench e2e --compare precision`: every precision setting runs the same job and the table comes out."""
+
+from __future__ import annotations
+
+import json
+
+from rlhfspec.bench.e2e import PRECISIONS, run
+from tests.rl.helpers import tiny_policy_dir
+
+
+def test_the_precision_comparison_runs_every_setting_and_writes_its_table(tmp_path):
+    policy = tiny_policy_dir(tmp_path / "policy")
+    overrides = {"model.policy": policy, "data.prompts_per_iteration": 2, "generation.num_generations": 2,
+                 "generation.max_new_tokens": 6, "generation.speculative": "false", "reward.functions": "[tests.rl.rewards:digit_count]"}
+    lines = []
+    result = run(None, 2, [a for k, v in overrides.items() for a in (f"--{k}", str(v))], json_path=str(tmp_path / "e2e.json"),
+                 log=lines.append, compare="precision")
+    assert list(result["stages"]) == list(PRECISIONS)
+    assert result["relative_to_float32"]["float32"] == {"generation_s": 1.0, "training_s": 1.0, "iteration_s": 1.0}
+    for label, runs in result["runs"].items():
+        assert len(runs) == 2 and all(r["gen_tokens"] > 0 for r in runs), label
+    # bfloat16 training: the float32 engine's logprobs are measured against the trainer's
+    assert result["logprob_gap"]["bf16 train"]["max"] > 1e-3
+    assert json.loads((tmp_path / "e2e.json").read_text())["stages"] == result["stages"]
+    table = lines[-1]
+    assert "<!-- bench" not in table and "| bf16 train + generation |" in table and "--compare precision" in table
