@@ -212,7 +212,7 @@ def differences(c: Config, trl: dict) -> list[str]:
         "one optimizer step per iteration over all its samples.",
     ]
     if c.train.dtype == "bfloat16":
-        gen_dtype = c.generation.dtype or c.model.dtype
+        gen_dtype = c.generation_dtype()
         correction = ("taking the engine's logprobs as the behaviour policy's (algorithm.old_logprobs rollout)"
                       if c.algorithm.old_logprobs == "rollout" else
                       "recomputing the old logprobs with the trainer's forward and weighting each token by "

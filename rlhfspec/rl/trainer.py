@@ -69,7 +69,7 @@ class Trainer:
         log(f"training in {self.compute_dtype}" + (f" (autocast over {weights} weights)" if self.compute_dtype == "bfloat16" else ""))
         # The engine runs the trainer's own parameters when it generates in the trainer's precision
         # (its packed weights are rebuilt whenever the optimizer changes them); otherwise it holds a copy.
-        gen_dtype = c.generation.dtype or c.model.dtype
+        gen_dtype = c.generation_dtype(str(self.policy.device))
         self.shared = gen_dtype in (c.model.dtype, str(self.policy.dtype).removeprefix("torch."))
         self.engine = self.policy if self.shared else load_model(c.model.policy, dtype=gen_dtype, tokenizer=False)[0]
         needs_ref = c.algorithm.beta > 0
