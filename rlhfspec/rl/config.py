@@ -54,8 +54,10 @@ class GenerationConfig:
     top_p: float = 1.0
     top_k: int = 0
     batch_size: int = 64  # live samples per instance
-    # The engine's precision. null: the trainer's compute precision (train.dtype as resolved here), so
-    # on hardware with native bf16 the engine generates in bf16 from its own copy of the weights.
+    # The engine's precision. null: the weights' (model.dtype), so the engine runs the trainer's own
+    # parameters. "bfloat16" with float32 weights generates from a bf16 copy synced after every step:
+    # 1.6x the tokens/s on a CPU with native bf16, but on the default run its 3 seeds never learned the
+    # format reward that float32 generation's did (benchmarks/RESULTS.md), so it is not the default.
     dtype: str | None = None
     speculative: bool = True  # speculative decoding
     strategy: str = "adaptive"  # "adaptive", "static" or "threshold" (static while the live batch <= threshold_batch)
@@ -168,8 +170,8 @@ class Config:
         return dataclasses.asdict(self)
 
     def generation_dtype(self, device: str = "cpu") -> str:
-        """The precision the engine generates in on this machine (generation.dtype, else the trainer's)."""
-        return self.generation.dtype or self.train.compute_dtype(device)
+        """The precision the engine generates in (generation.dtype, else the weights')."""
+        return self.generation.dtype or self.model.dtype
 
     def validate(self) -> None:
         """Every setting checked before anything expensive (model loading) runs: one sentence
