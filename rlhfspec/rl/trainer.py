@@ -19,7 +19,7 @@ from rlhfspec.models.loader import load_model
 from rlhfspec.rewards.compose import RewardSet
 from rlhfspec.rl import checkpoint as ckpt
 from rlhfspec.rl.config import Config
-from rlhfspec.engine.spec import DraftModel
+from rlhfspec.engine.spec import DraftModel, Eagle
 from rlhfspec.rl.drafting import DraftRefresher
 from rlhfspec.rl.experience import make_targets
 from rlhfspec.rl.logprobs import Batch, completion_logprobs, values_at
@@ -89,7 +89,7 @@ class Trainer:
         spec = c.generation.engine_spec()
         self.rollout = Rollout(self.engine, self.tokenizer, spec, Placement(c.generation.instances, realloc=c.generation.realloc))
         for d in spec.drafters:
-            log(f"drafting with {d.name}" + (f" ({d.path})" if isinstance(d, DraftModel) else ""))
+            log(f"drafting with {d.name}" + (f" ({d.path})" if isinstance(d, (DraftModel, Eagle)) else ""))
         self.refresher = DraftRefresher(self.rollout.drafters, c.generation.refresh_seconds) if c.generation.refresh_draft else None
         self.iteration = 0
         self.verified_logprobs: bool | None = None
