@@ -90,7 +90,7 @@ class Trainer:
         self.rollout = Rollout(self.engine, self.tokenizer, spec, Placement(c.generation.instances, realloc=c.generation.realloc))
         for d in spec.drafters:
             log(f"drafting with {d.name}" + (f" ({d.path})" if isinstance(d, (DraftModel, Eagle)) else ""))
-        self.refresher = DraftRefresher(self.rollout.drafters, c.generation.refresh_seconds) if c.generation.refresh_draft else None
+        self.refresher = DraftRefresher(self.rollout.drafters, c.generation.refresh_seconds, c.generation.refresh_drop) if c.generation.refresh_draft else None
         self.iteration = 0
         self.verified_logprobs: bool | None = None
         if resume:
@@ -147,7 +147,7 @@ class Trainer:
         t2 = time.perf_counter()
         train_stats = self._optimize(batch, inference.targets)
         t3 = time.perf_counter()
-        refresh = self.refresher.refresh(self.policy, batch) if self.refresher is not None else {}
+        refresh = self.refresher.refresh(self.policy, batch, rollout.acceptance_by_drafter()) if self.refresher is not None else {}
         success = self._success(table)
         self.source.observe(success if success is not None else 0.0)
         t4 = time.perf_counter()
