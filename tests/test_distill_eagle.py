@@ -64,3 +64,34 @@ def test_expected_acceptance_is_the_overlap_of_p_and_q(rollouts):
         q = torch.softmax(head.logits(out[st - 2]), -1)
         p = torch.softmax(policy.logits(h[st - 1]), -1)
     assert expected_acceptance(policy, head, [s], [st]) == pytest.approx(torch.minimum(p, q).sum().item(), abs=1e-6)
+
+
+def test_the_unrolled_second_link_is_what_a_chain_computes(rollouts):
+    """Training's second link at input t equals the engine's way: real inputs 0..t-1 in a head
+    cache, then (the head's predicted f_t, x_{t+1}) appended."""
+    from rlhfspec.distill.eagle import chain_links
+    from rlhfspec.models.batch import hidden_states, padded_batch
+    from rlhfspec.models.kv_cache import KVCache
+
+    policy, _, (held, _) = rollouts
+    head = new_head(policy, list(range(policy.config.vocab_size)), seed=5)
+    with torch.no_grad():
+        for p in head.layer.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.1)
+    seqs = held[:2]
+    ids, mask = padded_batch(seqs)
+    with torch.no_grad():
+        feats = policy.normed(hidden_states(policy, ids, mask))
+        inputs, valid = feats[:, :-1], mask[:, 1:]
+        embeds = policy.embed.weight[ids[:, 1:]].reshape(-1, policy.config.hidden_size)
+        head.ensure_positions(ids.shape[1])
+        _, second = chain_links(head, inputs, embeds, valid, second=True)
+        s = seqs[1]
+        for t in (1, 4, len(s) - 2):
+            cache = KVCache(head.config, 1, len(s) + 1, head.dtype, invariant=False)
+            att = cache.attend([0], [t])
+            real = head(inputs[1, :t], policy.embed.weight[torch.tensor(s[1 : t + 1])], att.positions, att)
+            cache.advance([0], [t])
+            att = cache.attend([0], [1])
+            link = head(real[-1:], policy.embed.weight[torch.tensor(s[t + 1 : t + 2])], att.positions, att)
+            assert torch.allclose(link[0], second[1, t], atol=1e-4)

@@ -21,6 +21,8 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--train-seconds", type=float, default=None, help="time budget of the training phase (default 420 s; 300 s for an eagle head)")
     p.add_argument("--feature-weight", type=float, default=None, help="eagle: weight of the feature regression against the KL term")
+    p.add_argument("--unroll", choices=["on", "off"], default=None,
+                   help="eagle: also train the second link of chains, from the head's own predicted features")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(run=run)
@@ -37,11 +39,12 @@ def run(args) -> int:
             raise RlhfspecError("--layers and --hidden shape a draft model; an eagle head has one layer of the policy's own shape.")
         job = EagleJob(train_prompts=args.train_prompts, lr=args.lr, seed=args.seed,
                        **{k: v for k, v in (("draft_vocab", args.draft_vocab), ("train_seconds", args.train_seconds),
-                                            ("feature_weight", args.feature_weight)) if v is not None})
+                                            ("feature_weight", args.feature_weight),
+                                            ("unroll", None if args.unroll is None else args.unroll == "on")) if v is not None})
         distill = distill_eagle
     else:
-        if args.feature_weight is not None:
-            raise RlhfspecError("--feature-weight weighs an eagle head's feature regression; pass --kind eagle.")
+        if args.feature_weight is not None or args.unroll is not None:
+            raise RlhfspecError("--feature-weight and --unroll shape an eagle head's training; pass --kind eagle.")
         job = DistillJob(layers=2 if args.layers is None else args.layers, hidden=256 if args.hidden is None else args.hidden,
                          draft_vocab=args.draft_vocab, train_prompts=args.train_prompts, lr=args.lr, seed=args.seed,
                          train_seconds=420.0 if args.train_seconds is None else args.train_seconds)

@@ -112,6 +112,7 @@ class EagleJob:
     batch_sequences: int = 16
     feature_weight: float = 1.0
     feature_noise: float = 0.0
+    unroll: bool = False  # also train chains' second link (from the head's own predicted features)
     top_k: int = 32
     seed: int = 0
 
@@ -140,7 +141,7 @@ def distill_eagle(policy, tokenizer, out: str | Path, job: EagleJob, log=print) 
     vocab = frequent_tokens(examples, job.draft_vocab, always=tuple(policy.config.eos_token_ids) + tuple(tokenizer.all_special_ids))
     head = new_head(policy, vocab, seed=job.seed)
     config = EagleConfig(lr=job.lr, seconds=job.train_seconds, max_steps=job.max_steps, batch_sequences=job.batch_sequences,
-                         seed=job.seed, feature_weight=job.feature_weight, feature_noise=job.feature_noise)
+                         seed=job.seed, feature_weight=job.feature_weight, feature_noise=job.feature_noise, unroll=job.unroll)
     log(f"training an eagle head ({sum(p.numel() for p in head.parameters()) / 1e6:.1f} M parameters, draft vocabulary {len(vocab)})")
     losses = EagleDistiller(head, policy, config).fit(examples, log=log)
     t3 = time.perf_counter()
