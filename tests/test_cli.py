@@ -79,3 +79,20 @@ def test_a_bench_table_goes_to_results_md_only_when_recorded(tmp_path):
     assert scratch != RESULTS and results_file(record=True) == RESULTS
     note = write_section("x", "| a |", path=scratch)
     assert "not recorded" in note and "<!-- bench:x -->" in scratch.read_text()
+
+
+@pytest.mark.parametrize("argv, module, expected", [
+    (["bench", "e2e", "--iterations", "2", "--compare", "precision"], "e2e", {"compare": "precision"}),
+    (["bench", "e2e", "--iterations", "2"], "e2e", {"compare": "features"}),
+    (["bench", "refresh", "--iterations", "2"], "refresh", {}),
+])
+def test_bench_commands_reach_their_benchmark_with_their_flags(argv, module, expected, monkeypatch):
+    import importlib
+
+    calls = []
+    bench = importlib.import_module(f"rlhfspec.bench.{module}")
+    monkeypatch.setattr(bench, "run", lambda *a, **k: calls.append((a, k)))
+    assert main(argv) == 0
+    (args, kwargs), = calls
+    assert args[1] == 2  # iterations
+    assert {k: kwargs[k] for k in expected} == expected

@@ -13,9 +13,9 @@ STAGES = ("generation_s", "inference_s", "training_s", "sync_s", "iteration_s")
 # `--compare precision`: label -> (train.dtype, generation.dtype, algorithm.old_logprobs)
 PRECISIONS = {
     "float32": ("float32", "float32", "auto"),
-    "bf16 train": ("bfloat16", "float32", "recompute"),
-    "bf16 train, old = rollout": ("bfloat16", "float32", "rollout"),
-    "bf16 train + generation": ("bfloat16", "bfloat16", "recompute"),
+    "bf16 train, float32 generation": ("bfloat16", "float32", "auto"),
+    "bf16 train + generation": ("bfloat16", "bfloat16", "auto"),
+    "bf16 train + generation, old = rollout": ("bfloat16", "bfloat16", "rollout"),
 }
 
 
@@ -103,14 +103,12 @@ def _markdown(r: dict, config_path, iterations: int, overrides) -> str:
     return "\n".join(lines)
 
 
-def train_records(base, generation, iterations: int, **sections) -> list[dict]:
-    """The metrics of `iterations` iterations of `base` with this generation config (and any other
-    section given, e.g. algorithm=...), in a scratch run directory."""
+def train_records(base, generation, iterations: int) -> list[dict]:
+    """The metrics of `iterations` iterations of `base` with this generation config, in a scratch run directory."""
     from rlhfspec.rl.trainer import Trainer
 
-    train = sections.pop("train", base.train)
     with tempfile.TemporaryDirectory(prefix="rlhfspec-bench-") as tmp:
-        cfg = replace(base, generation=generation, train=replace(train, iterations=iterations), **sections,
+        cfg = replace(base, generation=generation, train=replace(base.train, iterations=iterations),
                       run=replace(base.run, output_dir=str(Path(tmp) / "run"), tensorboard=False, wandb=False,
                                   checkpoint_every=iterations))
         return Trainer(cfg, progress=False, log=lambda m: None).train()
@@ -120,24 +118,40 @@ def run_precision(config_path: str | None, iterations: int, overrides: list[str]
                   record: bool, log) -> dict:
     """The same iterations from the same seed in each of PRECISIONS: the trainer in float32 or
     under bfloat16 autocast, the engine in float32 or bfloat16, old logprobs recomputed by the
-    trainer (with truncated IS) or taken from the engine. Stage times are medians over iterations
-    1.. ; the gap between the engine's and the trainer's logprobs is iteration 0's check."""
+    trainer (with truncated IS) or taken from the engine. The settings run round-robin, one
+    iteration each in turn in one process, so that a shared machine's slow spells fall on all of
+    them alike. Stage times are medians over iterations 1.. ; the gap between the engine's and the
+    trainer's logprobs is iteration 0's check."""
     from rlhfspec.models.hardware import native_bf16
+    from rlhfspec.rl.trainer import Trainer
 
     base = load_config(config_path, overrides or [])
+    all_records: dict[str, list[dict]] = {label: [] for label in PRECISIONS}
+    with tempfile.TemporaryDirectory(prefix="rlhfspec-bench-") as tmp:
+        trainers = {}
+        for i, (label, (train_dtype, gen_dtype, old)) in enumerate(PRECISIONS.items()):
+            cfg = replace(base, generation=replace(base.generation, dtype=gen_dtype),
+                          train=replace(base.train, dtype=train_dtype, iterations=iterations),
+                          algorithm=replace(base.algorithm, old_logprobs=old),
+                          run=replace(base.run, output_dir=str(Path(tmp) / f"run{i}"), tensorboard=False, wandb=False))
+            trainers[label] = Trainer(cfg, progress=False, log=lambda m: None)
+        for it in range(iterations):
+            for label, trainer in trainers.items():
+                _release_memory()  # what the last trainer's step freed, back to the OS before the next one's
+                r = trainer.step()
+                trainer.iteration += 1
+                all_records[label].append(r)
+                log(f"iteration {it} {label:40} {r['iteration_s']:.1f} s (generation {r['generation_s']:.1f}, inference "
+                    f"{r['inference_s']:.1f}, training {r['training_s']:.1f}), {r['gen_tokens']} tokens, reward {r['reward']:.3f}")
+        del trainers
     medians, runs, gaps = {}, {}, {}
-    for label, (train_dtype, gen_dtype, old) in PRECISIONS.items():
-        records = train_records(base, replace(base.generation, dtype=gen_dtype), iterations,
-                                train=replace(base.train, dtype=train_dtype), algorithm=replace(base.algorithm, old_logprobs=old))
+    for label, records in all_records.items():
         kept = records[1:] or records
-        medians[label] = {k: median([r[k] for r in kept]) for k in STAGES}
-        runs[label] = [{k: round(r[k], 4 if k == "reward" else 2) for k in (*STAGES, "reward", "gen_tokens") if r.get(k) is not None}
+        medians[label] = {**{k: median([r[k] for r in kept]) for k in STAGES}, "gen_tok_s": median([r["gen_tok_s"] for r in kept])}
+        runs[label] = [{k: round(r[k], 4 if k == "reward" else 2) for k in (*STAGES, "reward", "gen_tokens", "gen_tok_s") if r.get(k) is not None}
                        for r in records]
         gaps[label] = {k.removeprefix("rollout_trainer_logprob_gap_"): round(records[0][k], 5)
                        for k in ("rollout_trainer_logprob_gap_max", "rollout_trainer_logprob_gap_mean") if k in records[0]}
-        m = medians[label]
-        log(f"{label:26} iteration {m['iteration_s']:.1f} s (generation {m['generation_s']:.1f}, inference {m['inference_s']:.1f}, "
-            f"training {m['training_s']:.1f}); engine vs trainer logprobs {gaps[label]}")
     ref = medians["float32"]
     result = {
         "machine": machine(), "native_bf16": native_bf16(), "iterations": iterations,
@@ -151,6 +165,18 @@ def run_precision(config_path: str | None, iterations: int, overrides: list[str]
     return result
 
 
+def _release_memory() -> None:
+    """glibc keeps freed heap pages; with several trainers alive in turn their peaks would add up."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _precision_markdown(r: dict, config_path, iterations: int, overrides) -> str:
     cmd = "rlhfspec bench e2e --compare precision" + (f" --config {config_path}" if config_path else "") + f" --iterations {iterations}"
     cmd += "".join(f" {o}" for o in overrides or [])
@@ -159,15 +185,18 @@ def _precision_markdown(r: dict, config_path, iterations: int, overrides) -> str
         "",
         f"Command: `{cmd}`  ",
         f"Machine: {r['machine']}; native bf16: {r['native_bf16']}  ",
-        f"Same config and seed in every row. Medians over iterations 1..{iterations - 1} (iteration 0 pays warm-ups); "
-        "x = the row's time over float32's; logprob gap = |engine - trainer| at iteration 0's check (nats, max / mean).",
+        f"Same config and seed in every row; the rows ran round-robin (one iteration of each in turn, one process). "
+        f"Medians over iterations 1..{iterations - 1} (iteration 0 pays warm-ups); "
+        "x = the row's time over float32's; the rows' policies drift apart after iteration 0, so their completions (and "
+        "token counts) differ: generation tok/s compares the engines; logprob gap = |engine - trainer| at iteration 0's "
+        "check (nats, max / mean).",
         "",
-        "| setting | generation s | inference s | training s | iteration s | generation x | training x | iteration x | logprob gap |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| setting | generation s | generation tok/s | inference s | training s | iteration s | generation x | training x | iteration x | logprob gap |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, m in r["stages"].items():
         x, gap = r["relative_to_float32"][label], r["logprob_gap"].get(label, {})
         gap_text = f"{gap['max']:.2g} / {gap['mean']:.2g}" if gap else ""
-        lines.append(f"| {label} | {m['generation_s']} | {m['inference_s']} | {m['training_s']} | {m['iteration_s']} | "
+        lines.append(f"| {label} | {m['generation_s']} | {m['gen_tok_s']:.0f} | {m['inference_s']} | {m['training_s']} | {m['iteration_s']} | "
                      f"{x['generation_s']:.2f} | {x['training_s']:.2f} | {x['iteration_s']:.2f} | {gap_text} |")
     return "\n".join(lines)

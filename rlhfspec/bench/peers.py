@@ -19,15 +19,12 @@ from rlhfspec.errors import RlhfspecError
 from rlhfspec.rl.config import Config, load_config
 
 STAGES = ("generation_s", "scoring_s", "training_s", "other_s", "iteration_s")
-# The built-in defaults differ from configs/grpo_arith.yaml (the default run) only in the curriculum,
-# which a fixed TRL dataset cannot follow.
-DEFAULT_JOB = ["--data.curriculum", "false"]
 QUICK = ["--data.prompts_per_iteration", "4", "--generation.num_generations", "4", "--generation.max_new_tokens", "64"]
 
 
 @dataclass
 class PeersBenchConfig:
-    config: str | None = None  # YAML job; None: the default run (configs/grpo_arith.yaml)
+    config: str | None = None  # YAML job; None: the built-in defaults, which are the default run (configs/grpo_arith.yaml)
     iterations: int = 4
     seed: int = 0
     overrides: list[str] = field(default_factory=list)  # --section.key value, applied last
@@ -40,7 +37,7 @@ class PeersBenchConfig:
         return cls(**{"iterations": 2, **kw, "quick": True})
 
     def job(self) -> Config:
-        extra = [*(DEFAULT_JOB if self.config is None else []), *(QUICK if self.quick else []),
+        extra = [*(QUICK if self.quick else []),
                  "--train.iterations", str(self.iterations), "--train.seed", str(self.seed), *self.overrides]
         c = load_config(self.config, extra)
         c.validate()
@@ -215,9 +212,13 @@ def differences(c: Config, trl: dict) -> list[str]:
         "one optimizer step per iteration over all its samples.",
     ]
     if c.train.dtype == "bfloat16":
-        out.append("Precision (bfloat16 on both): rlhfspec generates in float32 and trains under bf16 autocast over float32 "
-                   "weights, recomputing the old logprobs with the trainer's forward and weighting each token by "
-                   f"min(pi_trainer / pi_engine, {c.algorithm.tis_cap}); TRL generates and trains under the same bf16 autocast "
+        gen_dtype = c.generation_dtype()
+        correction = ("taking the engine's logprobs as the behaviour policy's (algorithm.old_logprobs rollout)"
+                      if c.algorithm.old_logprobs == "rollout" else
+                      "recomputing the old logprobs with the trainer's forward and weighting each token by "
+                      f"min(pi_trainer / pi_engine, {c.algorithm.tis_cap})")
+        out.append(f"Precision (bfloat16 on both): rlhfspec generates in {gen_dtype} and trains under bf16 autocast over float32 "
+                   f"weights, {correction}; TRL generates and trains under the same bf16 autocast "
                    "(accelerate's) and takes the training forward's own detached logprobs as the old ones (ratio exactly 1), "
                    "with no such correction.")
     else:

@@ -150,7 +150,7 @@ def run_e2e(args) -> int:
 def run_refresh(args) -> int:
     from rlhfspec.bench.refresh import run
 
-    run(args.config, args.iterations, args.extra, json_path=args.json, record=args.record, compare=args.compare)
+    run(args.config, args.iterations, args.extra, json_path=args.json, record=args.record)
     return 0
 
 

@@ -69,7 +69,7 @@ class Trainer:
         log(f"training in {self.compute_dtype}" + (f" (autocast over {weights} weights)" if self.compute_dtype == "bfloat16" else ""))
         # The engine runs the trainer's own parameters when it generates in the trainer's precision
         # (its packed weights are rebuilt whenever the optimizer changes them); otherwise it holds a copy.
-        gen_dtype = c.generation.dtype or c.model.dtype
+        gen_dtype = c.generation_dtype(str(self.policy.device))
         self.shared = gen_dtype in (c.model.dtype, str(self.policy.dtype).removeprefix("torch."))
         self.engine = self.policy if self.shared else load_model(c.model.policy, dtype=gen_dtype, tokenizer=False)[0]
         needs_ref = c.algorithm.beta > 0
@@ -178,7 +178,8 @@ class Trainer:
         and logged at every check whatever the mode; the trainer's logprobs the check computes are
         the recomputed old ones, so it costs an extra forward only in the "rollout" mode."""
         mode = self.config.algorithm.old_logprobs
-        if self.verified_logprobs is None:
+        measured = self.verified_logprobs is None
+        if measured:
             from rlhfspec.rl.experience import padded
             from rlhfspec.rl.logprobs import all_logprobs
 
@@ -188,15 +189,11 @@ class Trainer:
             diff, mean = gap.max().item(), (gap.sum() / mask.sum()).item()
             self.logprob_gap = {"rollout_trainer_logprob_gap_max": diff, "rollout_trainer_logprob_gap_mean": mean}
             self.verified_logprobs = diff < 1e-3
-            use = {"rollout": "the engine's are the behaviour policy's (algorithm.old_logprobs rollout)",
-                   "recompute": "recomputing with the trainer (algorithm.old_logprobs recompute)"}.get(mode)
-            if use is None:
-                use = "reusing the engine's" if self._reuse_when_verified() else "recomputing with the trainer"
-            self.log(f"engine vs trainer logprobs: max difference {diff:.2e}, mean {mean:.2e}; {use}")
-        return self._reuse_when_verified() if mode == "auto" else mode == "rollout"
-
-    def _reuse_when_verified(self) -> bool:
-        return self.shared and not self.filtered and self.verified_logprobs
+        reuse = (self.shared and not self.filtered and self.verified_logprobs) if mode == "auto" else mode == "rollout"
+        if measured:
+            use = "the engine's are the behaviour policy's" if mode == "rollout" else "reusing the engine's" if reuse else "recomputing with the trainer"
+            self.log(f"engine vs trainer logprobs: max difference {diff:.2e}, mean {mean:.2e}; {use} (algorithm.old_logprobs {mode})")
+        return reuse
 
     def _steps_per_epoch(self) -> int:
         """Optimizer steps per epoch: mini_batches, or fewer when an iteration has fewer samples."""

@@ -20,7 +20,7 @@ def test_the_precision_comparison_runs_every_setting_and_writes_its_table(tmp_pa
     for label, runs in result["runs"].items():
         assert len(runs) == 2 and all(r["gen_tokens"] > 0 for r in runs), label
     # bfloat16 training: the float32 engine's logprobs are measured against the trainer's
-    assert result["logprob_gap"]["bf16 train"]["max"] > 1e-3
+    assert result["logprob_gap"]["bf16 train, float32 generation"]["max"] > 1e-3
     assert json.loads((tmp_path / "e2e.json").read_text())["stages"] == result["stages"]
     table = lines[-1]
     assert "<!-- bench" not in table and "| bf16 train + generation |" in table and "--compare precision" in table
