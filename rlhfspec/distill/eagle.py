@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhfspec.distill.teacher import Example
-from rlhfspec.distill.train import DistillConfig, Distiller, _to_local
+from rlhfspec.distill.train import DistillConfig, Distiller, _to_local, init_weights
 from rlhfspec.models.attention import DenseAttention, fold_queries, unfold_output
 from rlhfspec.models.batch import hidden_states, padded_batch
 from rlhfspec.models.eagle import EagleHead, head_config
@@ -23,14 +23,8 @@ def new_head(policy, vocab: list[int], seed: int = 0) -> EagleHead:
     head = EagleHead(config, vocab, policy.config.vocab_size, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     h = config.hidden_size
+    init_weights(head, gen)
     with torch.no_grad():
-        for name, p in head.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
         head.fc.weight[:, :h] += torch.eye(h)
         head.readout.weight.copy_(policy.head_weight.detach().float().cpu()[head.vocab])
     return head
