@@ -110,7 +110,7 @@ def run(cfg: EngineBenchConfig, json_path: str | None = None, record: bool = Fal
         rate = {k: counts[k] / median(v) for k, v in times.items()}
         rows.append(_row("ragged", dtype_name, cfg.ragged_prompts, rate["ours"], rate["inv"], rate["hf"], None))
         log(_fmt(rows[-1]))
-        del ours, ref
+        ours = ref = None  # free both models before the next dtype loads
     result = {
         "machine": machine(),
         "model": cfg.model,
