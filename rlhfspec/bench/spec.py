@@ -139,8 +139,11 @@ def run(cfg: SpecBenchConfig, json_path: str | None = None, record: bool = False
     write_json(json_path, result)
     # The table is printed always; it goes into benchmarks/RESULTS.md only with record.
     results = results_file(record)
-    png = speedup_vs_n(rows, results.parent / "spec_speedup.png")
-    log(write_section("spec", _markdown(result, cfg, png.name), path=results))
+    # The default drafters' table is the "spec" section; other selections get their own section
+    # and plot, so a run over one new drafter does not replace the others' table.
+    suffix = "" if cfg.drafters == SpecBenchConfig.drafters else "_" + "_".join(cfg.drafters)
+    png = speedup_vs_n(rows, results.parent / f"spec_speedup{suffix}.png")
+    log(write_section("spec" + suffix.replace("_", "-"), _markdown(result, cfg, png.name), path=results))
     return result
 
 
@@ -153,7 +156,8 @@ def _fmt(r: dict) -> str:
 def _markdown(result: dict, cfg: SpecBenchConfig, png: str) -> str:
     rows = result["rows"]
     lines = [
-        "## Speculative decoding: static settings vs plain decoding",
+        "## Speculative decoding: static settings vs plain decoding"
+        + ("" if cfg.drafters == SpecBenchConfig.drafters else f" ({', '.join(cfg.drafters)})"),
         "",
         f"Command: `rlhfspec bench spec{' --quick' if cfg.quick else ''}"
         f"{'' if cfg.drafters == ('ngram', 'draft') else ' --drafters ' + ','.join(cfg.drafters)}`  ",
