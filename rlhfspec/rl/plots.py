@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from rlhfspec.errors import RlhfspecError
@@ -74,12 +75,19 @@ def plot_compare(run_dirs: list[Path], out: Path, key: str = "reward") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    # Seeds of one setting (run directories named SETTING_sN) share a colour.
+    groups: dict[str, list[str]] = {}
+    fig, ax = plt.subplots(figsize=(7, 4))
     for run in run_dirs:
         records = read(run)
         if not records:
             raise RlhfspecError(f"{run} has no metrics.jsonl records to plot.")
-        ax.plot([r["iteration"] for r in records], [r.get(key) for r in records], marker="o", label=Path(run).name)
+        name = Path(run).name
+        setting = re.sub(r"_s[0-9]+$", "", name)
+        members = groups.setdefault(setting, [])
+        members.append(name)
+        ax.plot([r["iteration"] for r in records], [r.get(key) for r in records], marker="o", markersize=3,
+                color=f"C{list(groups).index(setting) % 10}", linestyle=("-", "--", ":", "-.")[(len(members) - 1) % 4], label=name)
     ax.set_xlabel("iteration")
     ax.set_ylabel(key)
     ax.legend(fontsize=8)
