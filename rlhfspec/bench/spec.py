@@ -161,8 +161,9 @@ def _markdown(result: dict, cfg: SpecBenchConfig, png: str) -> str:
         "",
         f"Command: `rlhfspec bench spec{' --quick' if cfg.quick else ''}"
         f"{'' if cfg.drafters == ('ngram', 'draft') else ' --drafters ' + ','.join(cfg.drafters)}`  ",
-        f"Machine: {result['machine']}; policy {result['model']} ({result['dtype']}), draft `{result['draft']}`, "
-        f"eagle head `{result['eagle']}`  ",
+        f"Machine: {result['machine']}; policy {result['model']} ({result['dtype']})"
+        + (f", draft `{result['draft']}`" if "draft" in cfg.drafters else "")
+        + (f", eagle head `{result['eagle']}`" if "eagle" in cfg.drafters else "") + "  ",
         f"RL-style prompts (arithmetic, short reasoning, code; max(batch, {MIN_PROMPTS}) of them, `batch` live at once), up to "
         f"{cfg.max_new_tokens} new tokens, stopping at EOS; speedup = tokens/s over plain decoding of the same engine "
         f"measured in the same loop; acceptance = accepted / proposed draft tokens.",
