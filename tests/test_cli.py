@@ -32,6 +32,10 @@ def test_a_bad_instance_count_is_a_clear_error(capsys):
     (["--lr", "0"], "--lr must be positive"),
     (["--train-prompts", "-3"], "--train-prompts must be positive"),
     (["--draft-vocab", "1"], "--draft-vocab must be between 2"),
+    (["--kind", "eagle", "--draft-vocab", "1"], "--draft-vocab must be between 2"),
+    (["--kind", "eagle", "--layers", "2"], "--layers and --hidden shape a draft model"),
+    (["--feature-weight", "0.5"], "pass --kind eagle"),
+    (["--unroll", "on"], "pass --kind eagle"),
 ])
 def test_bad_distill_settings_are_clear_errors_before_any_work(args, message, capsys):
     assert main(["distill-draft", "--policy", "/nonexistent", "--out", "/nonexistent/out", *args]) == 2

@@ -11,12 +11,13 @@ from rlhfspec.bench.common import machine, median, timed, results_file, write_js
 from rlhfspec.bench.plots import speedup_vs_n
 from rlhfspec.data.chat import encode_prompt
 from rlhfspec.data.tasks import rl_style_prompts
-from rlhfspec.engine.drafters import DraftModelDrafter, NgramDrafter
+from rlhfspec.engine.drafters import DraftModelDrafter, EagleDrafter, NgramDrafter
 from rlhfspec.rollout.generate import generate
 from rlhfspec.engine.sampling import SamplingParams
+from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.kv_cache import KVCache
 from rlhfspec.models.loader import load_model
-from rlhfspec.paths import default_draft_path
+from rlhfspec.paths import default_draft_path, default_eagle_path
 
 MIN_PROMPTS = 8
 
@@ -31,10 +32,23 @@ def ensure_default_draft(policy, tokenizer, log=print) -> Path:
     return path
 
 
+def ensure_default_eagle(policy, tokenizer, log=print) -> Path:
+    """The default eagle head, trained first (about 12 minutes) if it is not cached yet."""
+    path = default_eagle_path()
+    if not (path / "model.safetensors").is_file():
+        from rlhfspec.distill.run import EagleJob, distill_eagle
+
+        log(f"no eagle head at {path}; training one now (rlhfspec distill-draft --kind eagle --out {path})")
+        distill_eagle(policy, tokenizer, path, EagleJob(), log=log)
+    return path
+
+
 @dataclass
 class SpecBenchConfig:
     model: str = "default"
     draft: str | None = None
+    eagle: str | None = None
+    drafters: tuple[str, ...] = ("ngram", "draft")
     batches: tuple[int, ...] = (1, 4, 16, 64)
     ns: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
     temperatures: tuple[float, ...] = (0.0, 1.0)
@@ -72,10 +86,22 @@ def verify_cost(model, batches, ks, context: int = 128, repeats: int = 5) -> lis
 
 def run(cfg: SpecBenchConfig, json_path: str | None = None, record: bool = False, log=print) -> dict:
     policy, tok = load_model(cfg.model)
-    draft_path = Path(cfg.draft) if cfg.draft else ensure_default_draft(policy, tok, log)
-    loaded = DraftModelDrafter.load(draft_path, policy, policy_tokenizer=tok)  # loaded once, outside the timing
-    vocab = None if loaded.vocab is None else loaded.vocab.tolist()
-    drafters = {"ngram": NgramDrafter, "draft": lambda: DraftModelDrafter(loaded.model, draft_vocab=vocab)}
+    # Loaded once, outside the timing; each measurement gets a fresh drafter over the same weights.
+    drafters, draft_path, eagle_path = {}, None, None
+    for name in cfg.drafters:
+        if name == "ngram":
+            drafters[name] = NgramDrafter
+        elif name == "draft":
+            draft_path = Path(cfg.draft) if cfg.draft else ensure_default_draft(policy, tok, log)
+            loaded = DraftModelDrafter.load(draft_path, policy, policy_tokenizer=tok)
+            vocab = None if loaded.vocab is None else loaded.vocab.tolist()
+            drafters[name] = lambda model=loaded.model, vocab=vocab: DraftModelDrafter(model, draft_vocab=vocab)
+        elif name == "eagle":
+            eagle_path = Path(cfg.eagle) if cfg.eagle else ensure_default_eagle(policy, tok, log)
+            head = EagleDrafter.load(eagle_path, policy).head
+            drafters[name] = lambda head=head: EagleDrafter(head)
+        else:
+            raise RlhfspecError(f"bench spec drafter {name!r} is not ngram, draft or eagle.")
     prompts = [encode_prompt(tok, p) for p in rl_style_prompts(max(max(cfg.batches), MIN_PROMPTS), seed=cfg.seed)]
     for name in drafters:  # warm-up: weight packing, allocator
         generate(policy, prompts[:2], SamplingParams(max_new_tokens=8), tokenizer=tok, drafter=drafters[name](), num_draft_tokens=2)
@@ -108,13 +134,16 @@ def run(cfg: SpecBenchConfig, json_path: str | None = None, record: bool = False
                         "tokens_per_step": round(st.tokens_per_step, 2),
                     })
                     log(_fmt(rows[-1]))
-    result = {"machine": machine(), "model": cfg.model, "draft": str(draft_path), "dtype": str(policy.dtype).removeprefix("torch."),
+    result = {"machine": machine(), "model": cfg.model, "draft": str(draft_path), "eagle": str(eagle_path), "dtype": str(policy.dtype).removeprefix("torch."),
               "rows": rows, "verify_cost": verify_cost(policy, cfg.verify_batches, cfg.verify_ks)}
     write_json(json_path, result)
     # The table is printed always; it goes into benchmarks/RESULTS.md only with record.
     results = results_file(record)
-    png = speedup_vs_n(rows, results.parent / "spec_speedup.png")
-    log(write_section("spec", _markdown(result, cfg, png.name), path=results))
+    # The default drafters' table is the "spec" section; other selections get their own section
+    # and plot, so a run over one new drafter does not replace the others' table.
+    suffix = "" if cfg.drafters == SpecBenchConfig.drafters else "_" + "_".join(cfg.drafters)
+    png = speedup_vs_n(rows, results.parent / f"spec_speedup{suffix}.png")
+    log(write_section("spec" + suffix.replace("_", "-"), _markdown(result, cfg, png.name), path=results))
     return result
 
 
@@ -127,10 +156,14 @@ def _fmt(r: dict) -> str:
 def _markdown(result: dict, cfg: SpecBenchConfig, png: str) -> str:
     rows = result["rows"]
     lines = [
-        "## Speculative decoding: static settings vs plain decoding",
+        "## Speculative decoding: static settings vs plain decoding"
+        + ("" if cfg.drafters == SpecBenchConfig.drafters else f" ({', '.join(cfg.drafters)})"),
         "",
-        f"Command: `rlhfspec bench spec{' --quick' if cfg.quick else ''}`  ",
-        f"Machine: {result['machine']}; policy {result['model']} ({result['dtype']}), draft `{result['draft']}`  ",
+        f"Command: `rlhfspec bench spec{' --quick' if cfg.quick else ''}"
+        f"{'' if cfg.drafters == ('ngram', 'draft') else ' --drafters ' + ','.join(cfg.drafters)}`  ",
+        f"Machine: {result['machine']}; policy {result['model']} ({result['dtype']})"
+        + (f", draft `{result['draft']}`" if "draft" in cfg.drafters else "")
+        + (f", eagle head `{result['eagle']}`" if "eagle" in cfg.drafters else "") + "  ",
         f"RL-style prompts (arithmetic, short reasoning, code; max(batch, {MIN_PROMPTS}) of them, `batch` live at once), up to "
         f"{cfg.max_new_tokens} new tokens, stopping at EOS; speedup = tokens/s over plain decoding of the same engine "
         f"measured in the same loop; acceptance = accepted / proposed draft tokens.",

@@ -23,6 +23,8 @@ def register(sub) -> None:
     s = names.add_parser("spec", help="static speculative settings (drafter, n) vs plain decoding")
     s.add_argument("--model", default="default")
     s.add_argument("--draft", default=None, help="draft model directory (default: the distilled default draft)")
+    s.add_argument("--eagle", default=None, help="eagle head directory (default: the default eagle head)")
+    s.add_argument("--drafters", default="ngram,draft", help="comma-separated: ngram, draft, eagle")
     s.add_argument("--quick", action="store_true", help="batches 1 and 16, n in 1, 2, 4, 8, 32 new tokens")
     s.add_argument("--json", default=None)
     s.add_argument("--record", action="store_true", help=RECORD)
@@ -109,7 +111,8 @@ def run_spec(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    kw = dict(model=args.model, draft=args.draft, repeats=args.repeats)
+    kw = dict(model=args.model, draft=args.draft, eagle=args.eagle, repeats=args.repeats,
+              drafters=tuple(d.strip() for d in args.drafters.split(",") if d.strip()))
     cfg = SpecBenchConfig.make_quick(**kw) if args.quick else SpecBenchConfig(**kw)
     run(cfg, json_path=args.json, record=args.record)
     return 0

@@ -1,20 +1,28 @@
-"""`rlhfspec distill-draft`: train a small draft model on the policy's own text."""
+"""`rlhfspec distill-draft`: train a small draft model, or an eagle head, on the policy's own text."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from rlhfspec.errors import RlhfspecError
+
 
 def register(sub) -> None:
-    p = sub.add_parser("distill-draft", help="distill a small draft model from the policy")
+    p = sub.add_parser("distill-draft", help="distill a small draft model (or an eagle head) from the policy")
+    p.add_argument("--kind", choices=["draft", "eagle"], default="draft",
+                   help="draft: a small LM sharing the policy's vocabulary; eagle: a one-layer head over the policy's own features")
     p.add_argument("--policy", default="default")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--draft-vocab", type=int, default=None, help="score only the K most frequent tokens (q = 0 elsewhere)")
+    p.add_argument("--layers", type=int, default=None, help="draft model layers (default 2)")
+    p.add_argument("--hidden", type=int, default=None, help="draft model width (default 256)")
+    p.add_argument("--draft-vocab", type=int, default=None,
+                   help="score only the K most frequent tokens (q = 0 elsewhere); default: all for a draft model, 8192 for an eagle head")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--train-prompts", type=int, default=640, help="prompts the policy answers to make the training text")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--train-seconds", type=float, default=420.0, help="time budget of the training phase")
+    p.add_argument("--train-seconds", type=float, default=None, help="time budget of the training phase (default 420 s; 300 s for an eagle head)")
+    p.add_argument("--feature-weight", type=float, default=None, help="eagle: weight of the feature regression against the KL term")
+    p.add_argument("--unroll", choices=["on", "off"], default=None,
+                   help="eagle: also train the second link of chains, from the head's own predicted features")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(run=run)
@@ -24,13 +32,26 @@ def run(args) -> int:
     import torch
 
     from rlhfspec import load_model
-    from rlhfspec.distill.run import DistillJob, distill_draft
+    from rlhfspec.distill.run import DistillJob, EagleJob, distill_draft, distill_eagle
 
-    job = DistillJob(layers=args.layers, hidden=args.hidden, draft_vocab=args.draft_vocab,
-                     train_prompts=args.train_prompts, lr=args.lr, train_seconds=args.train_seconds, seed=args.seed)
-    job.check()  # before the policy loads; distill_draft checks --draft-vocab against its vocabulary
+    if args.kind == "eagle":
+        if args.layers is not None or args.hidden is not None:
+            raise RlhfspecError("--layers and --hidden shape a draft model; an eagle head has one layer of the policy's own shape.")
+        job = EagleJob(train_prompts=args.train_prompts, lr=args.lr, seed=args.seed,
+                       **{k: v for k, v in (("draft_vocab", args.draft_vocab), ("train_seconds", args.train_seconds),
+                                            ("feature_weight", args.feature_weight),
+                                            ("unroll", None if args.unroll is None else args.unroll == "on")) if v is not None})
+        distill = distill_eagle
+    else:
+        if args.feature_weight is not None or args.unroll is not None:
+            raise RlhfspecError("--feature-weight and --unroll shape an eagle head's training; pass --kind eagle.")
+        job = DistillJob(layers=2 if args.layers is None else args.layers, hidden=256 if args.hidden is None else args.hidden,
+                         draft_vocab=args.draft_vocab, train_prompts=args.train_prompts, lr=args.lr, seed=args.seed,
+                         train_seconds=420.0 if args.train_seconds is None else args.train_seconds)
+        distill = distill_draft
+    job.check()  # before the policy loads; the job checks --draft-vocab against its vocabulary again
     if args.threads:
         torch.set_num_threads(args.threads)
     policy, tok = load_model(args.policy, dtype="float32")
-    distill_draft(policy, tok, args.out, job)
+    distill(policy, tok, args.out, job)
     return 0

@@ -30,7 +30,8 @@ def register(sub) -> None:
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the device's generation default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--drafter", default="none", help="none, ngram, draft (the distilled default draft) or a draft model directory")
+    p.add_argument("--drafter", default="none", help="none, ngram, draft (the distilled default draft), eagle (the default eagle head), "
+                   "or a draft model or eagle head directory")
     p.add_argument("--num-draft-tokens", type=draft_tokens, default=4,
                    help="draft tokens per step when a drafter is set, or 'auto' (the adaptive strategy picks drafter and n)")
     p.add_argument("--strategy", choices=["static", "threshold", "adaptive"], default=None,

@@ -48,19 +48,23 @@ class DistillJob:
                 raise RlhfspecError(f"--{name} must be positive, got {value}.")
 
 
+def policy_rollouts(policy, tokenizer, prompts: int, max_new_tokens: int, seed: int, log=print) -> tuple[list[list[int]], list[int]]:
+    """The policy's own answers (temperature 1) to `prompts` RL-style prompts: prompt+response
+    token ids and where each response starts."""
+    params = SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens)
+    encoded = [encode_prompt(tokenizer, t) for t in rl_style_prompts(prompts, seed=seed)]
+    log(f"generating {len(encoded)} policy responses for distillation")
+    outs = generate(policy, encoded, params, seed=seed, tokenizer=tokenizer, progress=True)
+    return [o.prompt_token_ids + o.token_ids for o in outs], [len(o.prompt_token_ids) for o in outs]
+
+
 def distill_draft(policy, tokenizer, out: str | Path, job: DistillJob, log=print) -> dict:
     """Distill a draft model from the policy and save it (HF format) at `out`; returns a report."""
     job.check(policy.config.vocab_size)
     t0 = time.perf_counter()
-    params = SamplingParams(temperature=1.0, max_new_tokens=job.max_new_tokens)
-    texts = rl_style_prompts(job.train_prompts, seed=job.seed)
-    prompts = [encode_prompt(tokenizer, t) for t in texts]
-    log(f"generating {len(prompts)} policy responses for distillation")
-    outs = generate(policy, prompts, params, seed=job.seed, tokenizer=tokenizer, progress=True)
-    sequences = [o.prompt_token_ids + o.token_ids for o in outs]
-    starts = [len(o.prompt_token_ids) for o in outs]
+    sequences, starts = policy_rollouts(policy, tokenizer, job.train_prompts, job.max_new_tokens, job.seed, log)
     t1 = time.perf_counter()
-    log(f"{sum(len(o.token_ids) for o in outs)} tokens in {t1 - t0:.0f} s; scoring them with the policy (top-{job.top_k})")
+    log(f"{sum(len(s) - st for s, st in zip(sequences, starts))} tokens in {t1 - t0:.0f} s; scoring them with the policy (top-{job.top_k})")
     examples = teacher_examples(policy, sequences, starts, k=job.top_k)
     t2 = time.perf_counter()
     draft = new_draft(policy, job.layers, job.hidden, seed=job.seed)
@@ -85,10 +89,74 @@ def distill_draft(policy, tokenizer, out: str | Path, job: DistillJob, log=print
     return report
 
 
-def heldout_acceptance(policy, tokenizer, drafter, job: DistillJob, n: int = 4) -> dict:
+def heldout_acceptance(policy, tokenizer, drafter, job, n: int = 4) -> dict:
     """Acceptance rate and tokens per step of speculative sampling on prompts not used in training."""
     prompts = [encode_prompt(tokenizer, t) for t in rl_style_prompts(job.heldout_prompts, seed=job.seed + 10_000)]
     stats: list = []
     generate(policy, prompts, SamplingParams(temperature=1.0, max_new_tokens=96), seed=job.seed + 1,
              tokenizer=tokenizer, drafter=drafter, num_draft_tokens=n, instance_stats=stats)
     return {"acceptance": stats[0].acceptance, "tokens_per_step": stats[0].tokens_per_step, "heldout_n": n}
+
+
+@dataclass
+class EagleJob:
+    """`rlhfspec distill-draft --kind eagle`: an eagle head trained from scratch on the policy's rollouts."""
+
+    draft_vocab: int = 8192
+    train_prompts: int = 640
+    heldout_prompts: int = 24
+    max_new_tokens: int = 128
+    train_seconds: float = 300.0
+    max_steps: int = 100_000  # the time budget ends training first on 2 cores
+    lr: float = 1e-3
+    batch_sequences: int = 16
+    feature_weight: float = 1.0
+    feature_noise: float = 0.0
+    unroll: bool = False  # also train chains' second link (from the head's own predicted features)
+    top_k: int = 32
+    seed: int = 0
+
+    def check(self, vocab_size: int | None = None) -> None:
+        """Raise a clear error for a job that cannot run (before any model is loaded or text generated)."""
+        if not 2 <= self.draft_vocab <= (vocab_size or self.draft_vocab):
+            raise RlhfspecError(f"--draft-vocab must be between 2 and the policy's vocabulary size ({vocab_size}), got {self.draft_vocab}.")
+        for name, value in (("train-prompts", self.train_prompts), ("train-seconds", self.train_seconds), ("lr", self.lr)):
+            if value <= 0:
+                raise RlhfspecError(f"--{name} must be positive, got {value}.")
+
+
+def distill_eagle(policy, tokenizer, out: str | Path, job: EagleJob, log=print) -> dict:
+    """Train an eagle head on the policy's rollouts and save it at `out`; returns a report with the
+    held-out expected acceptance of one draft token and the measured acceptance of chains of 4."""
+    from rlhfspec.distill.eagle import EagleConfig, EagleDistiller, expected_acceptance, new_head
+    from rlhfspec.engine.drafters import EagleDrafter
+
+    job.check(policy.config.vocab_size)
+    t0 = time.perf_counter()
+    sequences, starts = policy_rollouts(policy, tokenizer, job.train_prompts, job.max_new_tokens, job.seed, log)
+    t1 = time.perf_counter()
+    log(f"{sum(len(s) - st for s, st in zip(sequences, starts))} tokens in {t1 - t0:.0f} s; the policy's features and top-{job.top_k} targets")
+    examples = teacher_examples(policy, sequences, starts, k=job.top_k, features=True)
+    t2 = time.perf_counter()
+    vocab = frequent_tokens(examples, job.draft_vocab, always=tuple(policy.config.eos_token_ids) + tuple(tokenizer.all_special_ids))
+    head = new_head(policy, vocab, seed=job.seed)
+    config = EagleConfig(lr=job.lr, seconds=job.train_seconds, max_steps=job.max_steps, batch_sequences=job.batch_sequences,
+                         seed=job.seed, feature_weight=job.feature_weight, feature_noise=job.feature_noise, unroll=job.unroll)
+    log(f"training an eagle head ({sum(p.numel() for p in head.parameters()) / 1e6:.1f} M parameters, draft vocabulary {len(vocab)})")
+    losses = EagleDistiller(head, policy, config).fit(examples, log=log)
+    t3 = time.perf_counter()
+    out = head.save(out)
+    held_seqs, held_starts = policy_rollouts(policy, tokenizer, job.heldout_prompts, job.max_new_tokens, job.seed + 10_000, log=lambda _: None)
+    head = head.to(policy.dtype)
+    report = {
+        "kind": "eagle", "steps": len(losses), "final_loss": losses[-1] if losses else None,
+        "generate_s": round(t1 - t0, 1), "teacher_s": round(t2 - t1, 1), "train_s": round(t3 - t2, 1),
+        "expected_acceptance": expected_acceptance(policy, head, held_seqs, held_starts),
+        **heldout_acceptance(policy, tokenizer, EagleDrafter(head, policy), job),
+    }
+    report["total_s"] = round(time.perf_counter() - t0, 1)
+    (out / "distill_report.json").write_text(json.dumps(report, indent=2))
+    log(f"saved {out}; held-out expected acceptance of one draft token {report['expected_acceptance']:.1%}, measured "
+        f"{report['acceptance']:.1%} of drafted tokens at n=4 ({report['tokens_per_step']:.2f} tokens per step), temperature 1 "
+        f"({report['total_s']:.0f} s in all)")
+    return report

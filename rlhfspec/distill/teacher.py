@@ -18,11 +18,14 @@ class Example:
     start: int  # index of the first response token
     top_ids: torch.Tensor
     top_logprobs: torch.Tensor
+    features: torch.Tensor | None = None  # the policy's features (hidden states after the last norm) [len(tokens), H]
 
 
 @torch.no_grad()
-def teacher_examples(policy, sequences: list[list[int]], starts: list[int], k: int = 32, micro_batch: int = 8) -> list[Example]:
-    """Top-k of the policy's distribution (temperature 1) at every response position."""
+def teacher_examples(policy, sequences: list[list[int]], starts: list[int], k: int = 32, micro_batch: int = 8,
+                     features: bool = False) -> list[Example]:
+    """Top-k of the policy's distribution (temperature 1) at every response position, and with
+    `features` the policy's features at every position (what an eagle head reads), from the same forward."""
     out = []
     for i in range(0, len(sequences), micro_batch):
         seqs, sts = sequences[i : i + micro_batch], starts[i : i + micro_batch]
@@ -30,5 +33,6 @@ def teacher_examples(policy, sequences: list[list[int]], starts: list[int], k: i
         for row, (s, st) in enumerate(zip(seqs, sts)):
             logp = torch.log_softmax(policy.logits(hidden[row, st - 1 : len(s) - 1]), dim=-1)
             top = logp.topk(k, dim=-1)
-            out.append(Example(s, st, top.indices.cpu(), top.values.cpu()))
+            feats = policy.normed(hidden[row, : len(s)]).float().cpu() if features else None
+            out.append(Example(s, st, top.indices.cpu(), top.values.cpu(), feats))
     return out

@@ -30,6 +30,18 @@ def draft_config(policy: ModelConfig, layers: int, hidden: int) -> ModelConfig:
     return ModelConfig.from_hf(hf, source="draft config")
 
 
+def init_weights(module: torch.nn.Module, gen: torch.Generator) -> None:
+    """A fresh start for a model trained from scratch: norms 1, biases 0, other weights N(0, 0.02^2)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
 def new_draft(policy, layers: int, hidden: int, seed: int = 0) -> Transformer:
     """A freshly initialised draft whose (tied) embeddings are the policy's, projected onto their
     top `hidden` principal directions, so its output layer starts out speaking the policy's vocabulary."""
@@ -37,13 +49,7 @@ def new_draft(policy, layers: int, hidden: int, seed: int = 0) -> Transformer:
     gen = torch.Generator().manual_seed(seed)
     draft = Transformer(config, dtype=torch.float32)
     with torch.no_grad():
-        for name, p in draft.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        init_weights(draft, gen)
         emb = policy.embed.weight.detach().float().cpu()
         _, _, vh = torch.linalg.svd(emb - emb.mean(0), full_matrices=False)
         proj = emb @ vh[:hidden].T

@@ -117,6 +117,7 @@ class GenerationInstance:
         for d in drafters or []:
             d.bind(self)
             self.drafters[d.name] = d
+        self.readers = [d for d in self.drafters.values() if d.reads_features]
         self.strategy = strategy
         self.kv_bytes_per_token = float(self.cache.bytes_per_token + sum(d.kv_bytes_per_token for d in self.drafters.values()))
         self.started = time.perf_counter()
@@ -164,7 +165,8 @@ class GenerationInstance:
             self.live.append(s)
         for d in self.drafters.values():
             d.admitted(seqs)
-        logits = self.forward([s.slot for s in seqs], [s.prompt for s in seqs], last_only=True)
+        logits, hidden = self._forward([s.slot for s in seqs], [s.prompt for s in seqs], last_only=True)
+        self._observe(seqs, hidden, [len(s.prompt) for s in seqs])
         self.stats.prefill_tokens += sum(len(s.prompt) for s in seqs)
         tokens, logprobs = self.draw(seqs, logits, [s.length for s in seqs])
         self.stats.prefill_s += time.perf_counter() - t0
@@ -193,7 +195,8 @@ class GenerationInstance:
                 raise RlhfspecError(f"drafter {decision.drafter!r} is not attached; this instance has {sorted(self.drafters) or 'none'}.")
             return self._speculate(seqs, self.drafters[decision.drafter], decision.n, t0, decide_s)
         t1 = time.perf_counter()
-        logits = self.forward(list(range(len(seqs))), [[s.tokens[-1]] for s in seqs], last_only=True)
+        logits, hidden = self._forward(list(range(len(seqs))), [[s.tokens[-1]] for s in seqs], last_only=True)
+        self._observe(seqs, hidden, [1] * len(seqs))
         tokens, logprobs = self.draw(seqs, logits, [s.length for s in seqs])
         zeros = [0] * len(seqs)
         record = StepRecord(len(seqs), None, zeros, zeros, zeros, len(seqs), 0.0, time.perf_counter() - t1,
@@ -209,11 +212,12 @@ class GenerationInstance:
         proposal = drafter.propose(seqs, n)
         t1 = time.perf_counter()
         before = self.cache.lengths[: len(seqs)]
-        logits = self.forward(list(range(len(seqs))), [[s.tokens[-1]] + d for s, d in zip(seqs, proposal.tokens)], last_only=False)
+        logits, hidden = self._forward(list(range(len(seqs))), [[s.tokens[-1]] + d for s, d in zip(seqs, proposal.tokens)], last_only=False)
         verdict = verify(seqs, logits, proposal.tokens, proposal.q)
         for b, k in enumerate(verdict.accepted):
             self.cache.lengths[b] = before[b] + 1 + k  # rejected rows become stale (masked)
         drafter.accepted(seqs, proposal.tokens, verdict.accepted)
+        self._observe(seqs, hidden, [len(d) + 1 for d in proposal.tokens], [k + 1 for k in verdict.accepted])
         drafted = [len(d) for d in proposal.tokens]
         self.stats.proposed += sum(drafted)
         self.stats.accepted += sum(verdict.accepted)
@@ -231,11 +235,32 @@ class GenerationInstance:
     def forward(self, slots: list[int], new_tokens: list[list[int]], last_only: bool) -> torch.Tensor:
         """Append new_tokens[b] to slots[b] in one packed forward; float32 logits of each sample's
         last row ([B, V]) or of every new row ([sum q, V])."""
+        return self._forward(slots, new_tokens, last_only)[0]
+
+    def _forward(self, slots: list[int], new_tokens: list[list[int]], last_only: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward`'s logits, and the hidden states of every new row ([sum q, H]) when a drafter reads them (else None)."""
         t0 = time.perf_counter()
-        hidden = self.cache.forward(self.model, slots, new_tokens, last_only)
-        logits = self.model.logits(hidden, self.cache.invariant)
+        keep = bool(self.readers)
+        hidden = self.cache.forward(self.model, slots, new_tokens, last_only and not keep)
+        rows = hidden
+        if keep and last_only and max(len(t) for t in new_tokens) > 1:
+            rows = hidden[torch.tensor([len(t) for t in new_tokens], device=hidden.device).cumsum(0) - 1]
+        logits = self.model.logits(rows, self.cache.invariant)
         self.stats.forward_s += time.perf_counter() - t0
-        return logits
+        return logits, hidden if keep else None
+
+    def _observe(self, seqs: list[Sequence], hidden: torch.Tensor | None, fed: list[int], kept: list[int] | None = None) -> None:
+        """Hand the drafters that read features the hidden states of the rows the policy's cache
+        keeps: of the fed[b] rows of seqs[b] in `hidden`, the first kept[b] (default all)."""
+        if hidden is None:
+            return
+        kept = fed if kept is None else kept
+        features, start = [], 0
+        for f, k in zip(fed, kept):
+            features.append(hidden[start : start + k])
+            start += f
+        for d in self.readers:
+            d.observe(seqs, features)
 
     def draw(self, seqs: list[Sequence], logits: torch.Tensor, positions: list[int], purpose: int = SAMPLE) -> tuple[list[int], list[float]]:
         """Sample row r of logits for seqs[r] at full-sequence position positions[r]."""
@@ -326,7 +351,8 @@ class GenerationInstance:
                 self.strategy.adopt(s.sample_id, m.strategy)
         if recompute:
             # Everything but the last emitted token, which the next step feeds (the cache invariant).
-            self.forward([s.slot for s in recompute], [(s.prompt + s.tokens)[:-1] for s in recompute], last_only=True)
+            _, hidden = self._forward([s.slot for s in recompute], [(s.prompt + s.tokens)[:-1] for s in recompute], last_only=True)
+            self._observe(recompute, hidden, [s.length - 1 for s in recompute])
             self.stats.prefill_tokens += sum(s.length - 1 for s in recompute)
             self.stats.prefill_s += time.perf_counter() - t0
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from rlhfspec.engine.drafters import DraftModelDrafter, Drafter, NgramDrafter
+from rlhfspec.engine.drafters import DraftModelDrafter, Drafter, EagleDrafter, NgramDrafter
 from rlhfspec.errors import RlhfspecError
-from rlhfspec.paths import default_cache_dir, default_draft_path
+from rlhfspec.models.eagle import is_eagle_dir
+from rlhfspec.paths import default_cache_dir, default_draft_path, default_eagle_path
 from rlhfspec.strategy.base import StaticStrategy, Strategy
 
 DEFAULT_MAX_BATCH = 64
@@ -61,14 +62,39 @@ class DraftModel:
             raise RlhfspecError(f"drafter {self.path}: {e}") from None
 
 
-DrafterSpec = Ngram | DraftModel
-# Keywords a drafter is named by in the CLI and the RL config; anything else is a draft model path.
-DRAFTERS: dict[str, type] = {"ngram": Ngram, "draft": DraftModel}
+@dataclass(frozen=True)
+class Eagle:
+    """An EAGLE-style head over the policy's own features, loaded from its directory."""
+
+    path: str
+    name: str = "eagle"
+
+    @classmethod
+    def from_text(cls, text: str, taken: tuple[str, ...]) -> Eagle:
+        """"eagle": the default head; else a head directory. Named "eagle", then "eagle:<directory name>"."""
+        path = default_eagle_path() if text == "eagle" else Path(text)
+        return cls(str(path), "eagle" if "eagle" not in taken else f"eagle:{path.name}")
+
+    def build(self, policy, tokenizer=None) -> Drafter:
+        if not Path(self.path).exists():
+            raise RlhfspecError(f"drafter {self.path}: the eagle head does not exist; create it with: "
+                                f"rlhfspec distill-draft --kind eagle --out {self.path}")
+        try:
+            return EagleDrafter.load(self.path, policy, name=self.name)
+        except RlhfspecError as e:
+            raise RlhfspecError(f"drafter {self.path}: {e}") from None
+
+
+DrafterSpec = Ngram | DraftModel | Eagle
+# Keywords a drafter is named by in the CLI and the RL config; anything else is a path, to an
+# eagle head directory or a draft model.
+DRAFTERS: dict[str, type] = {"ngram": Ngram, "draft": DraftModel, "eagle": Eagle}
 
 
 def drafter_spec(text: str, taken: tuple[str, ...] = ()) -> DrafterSpec:
-    """The drafter a keyword of DRAFTERS or a draft model path names (`taken`: names already used)."""
-    return DRAFTERS.get(text, DraftModel).from_text(text, taken)
+    """The drafter a keyword of DRAFTERS or a path names (`taken`: names already used)."""
+    kind = DRAFTERS.get(text) or (Eagle if is_eagle_dir(text) else DraftModel)
+    return kind.from_text(text, taken)
 
 
 # --- strategies -------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ the engine and the trainer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -85,13 +85,40 @@ class Plan:
     invariant: bool
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up for gate_up [N, 2I]; in row blocks that run on one thread when invariant."""
-        gate, up = gate_up.chunk(2, dim=-1)
-        if not self.invariant:
-            return F.silu(gate) * up
-        if torch.is_grad_enabled() and gate_up.requires_grad:
-            return rowwise(F.silu, gate) * up
-        return rowwise_(lambda rows: F.silu(rows, inplace=True), gate) * up
+        return silu_mul(gate_up, self.invariant)
+
+
+def silu_mul(gate_up: torch.Tensor, invariant: bool) -> torch.Tensor:
+    """silu(gate) * up for gate_up [N, 2I]; in row blocks that run on one thread when invariant."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    if not invariant:
+        return F.silu(gate) * up
+    if torch.is_grad_enabled() and gate_up.requires_grad:
+        return rowwise(F.silu, gate) * up
+    return rowwise_(lambda rows: F.silu(rows, inplace=True), gate) * up
+
+
+def layer_plan(b: Block, c: ModelConfig, proj: Callable[[torch.Tensor, torch.Tensor | None], Projection]) -> LayerPlan:
+    """One decoder layer's parameters as the forward reads them (`proj` turns a weight and bias into a projection)."""
+    qk_norm = None
+    if b.q_norm is not None:
+        qk_norm = torch.cat((b.q_norm.weight.expand(c.num_heads, -1), b.k_norm.weight.expand(c.num_kv_heads, -1)))
+    return LayerPlan(b.input_norm.weight, b.post_norm.weight, qk_norm, proj(b.qkv.weight, b.qkv.bias), proj(b.o.weight, b.o.bias),
+                     proj(b.gate_up.weight, b.gate_up.bias), proj(b.down.weight, b.down.bias))
+
+
+def decoder_layer(x: torch.Tensor, layer: LayerPlan, i: int, cos: torch.Tensor, sin: torch.Tensor, attention: Attention,
+                  c: ModelConfig) -> torch.Tensor:
+    """One pre-norm decoder layer over packed rows: x [N, H] -> [N, H]; `i` is the layer's index in
+    the attention's cache; cos, sin [N, 1, D] are the rows' RoPE tables."""
+    n, hq, hkv, d, eps = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps
+    qkv = layer.qkv(rms_norm(x, layer.input_norm, eps)).view(n, hq + 2 * hkv, d)
+    qk = qkv[:, : hq + hkv]
+    if layer.qk_norm is not None:
+        qk = rms_norm(qk, layer.qk_norm, eps)
+    qk = apply_rope(qk, cos, sin)
+    x = x + layer.o(attention(i, qk[:, :hq], qk[:, hq:], qkv[:, hq + hkv :]))
+    return x + layer.down(silu_mul(layer.gate_up(rms_norm(x, layer.post_norm, eps)), attention.invariant))
 
 
 class Transformer(nn.Module):
@@ -151,19 +178,7 @@ class Transformer(nn.Module):
         if cached is not None and cached.key == key:
             return cached
         proj = lambda w, bias: projection(w, bias, inference, invariant)  # noqa: E731
-        layers = []
-        for b in self.layers:
-            qk_norm = None
-            if b.q_norm is not None:
-                c = self.config
-                qk_norm = torch.cat((b.q_norm.weight.expand(c.num_heads, -1), b.k_norm.weight.expand(c.num_kv_heads, -1)))
-            layers.append(
-                LayerPlan(
-                    b.input_norm.weight, b.post_norm.weight, qk_norm,
-                    proj(b.qkv.weight, b.qkv.bias), proj(b.o.weight, b.o.bias),
-                    proj(b.gate_up.weight, b.gate_up.bias), proj(b.down.weight, b.down.bias),
-                )
-            )
+        layers = [layer_plan(b, self.config, proj) for b in self.layers]
         plan = Plan(key, layers, proj(self.head_weight, None), invariant)
         self._plans[(inference, invariant)] = plan
         return plan
@@ -177,21 +192,12 @@ class Transformer(nn.Module):
 
         Batch-invariant (every row's bits independent of the other rows) when the attention is.
         """
-        c = self.config
-        hq, hkv, d, eps = c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps
         plan = self.plan(attention.invariant)
         x = F.embedding(tokens, self.embed.weight)
-        n = x.shape[0]
         cos = self.rope_cos[positions].unsqueeze(1)
         sin = self.rope_sin[positions].unsqueeze(1)
         for i, layer in enumerate(plan.layers):
-            qkv = layer.qkv(rms_norm(x, layer.input_norm, eps)).view(n, hq + 2 * hkv, d)
-            qk = qkv[:, : hq + hkv]
-            if layer.qk_norm is not None:
-                qk = rms_norm(qk, layer.qk_norm, eps)
-            qk = apply_rope(qk, cos, sin)
-            x = x + layer.o(attention(i, qk[:, :hq], qk[:, hq:], qkv[:, hq + hkv :]))
-            x = x + layer.down(plan.silu_mul(layer.gate_up(rms_norm(x, layer.post_norm, eps))))
+            x = decoder_layer(x, layer, i, cos, sin, attention, self.config)
         return x
 
     def normed(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -61,13 +61,16 @@ class GenerationConfig:
     dtype: str | None = None
     speculative: bool = True  # speculative decoding
     strategy: str = "adaptive"  # "adaptive", "static" or "threshold" (static while the live batch <= threshold_batch)
-    drafters: list[str] = field(default_factory=lambda: ["ngram"])  # "ngram", "draft" (distilled), or draft paths
+    drafters: list[str] = field(default_factory=lambda: ["ngram"])  # "ngram", "draft" (distilled), "eagle", or draft/head paths
     num_draft_tokens: int = 4  # for strategies "static" and "threshold"
     threshold_batch: int = 32  # for strategy "threshold"
     max_draft_tokens: int = 8  # for strategy "adaptive": it picks n in 0..max_draft_tokens per sample and step
     draft_path: str | None = None  # draft model for "draft"; None: the cached distilled default
-    refresh_draft: bool = True  # keep distilling the draft model on each iteration's rollouts
+    refresh_draft: bool = True  # keep distilling draft models and eagle heads on each iteration's rollouts
     refresh_seconds: float = 20.0
+    # null: refresh every iteration; else only once a drafter's acceptance falls this far below its
+    # acceptance in the first iteration after its last refresh
+    refresh_drop: float | None = None
     realloc: bool = False  # sample reallocation across instances
     instances: int = 1
     backend: str = "inproc"
@@ -204,6 +207,9 @@ class Config:
             (g.batch_size >= 1, f"generation.batch_size is {g.batch_size}; it must be >= 1."),
             (g.instances >= 1, f"generation.instances must be at least 1, got {g.instances}."),
             (g.strategy in STRATEGIES, f"generation.strategy {g.strategy!r} is not one of {', '.join(STRATEGIES)}."),
+            (g.refresh_seconds > 0, f"generation.refresh_seconds is {g.refresh_seconds}; it must be > 0."),
+            (g.refresh_drop is None or 0 <= g.refresh_drop < 1,
+             f"generation.refresh_drop is {g.refresh_drop}; it must be in [0, 1) (or null: refresh every iteration)."),
             (a.beta >= 0, f"algorithm.beta is {a.beta}; it must be >= 0."),
             (a.kl_estimator in ("k1", "k2", "k3"), f"algorithm.kl_estimator {a.kl_estimator!r} is not k1, k2 or k3."),
             (a.beta == 0 or a.kl_in_reward or a.kl_estimator != "k1",

@@ -19,7 +19,7 @@ from rlhfspec.models.loader import load_model
 from rlhfspec.rewards.compose import RewardSet
 from rlhfspec.rl import checkpoint as ckpt
 from rlhfspec.rl.config import Config
-from rlhfspec.engine.spec import DraftModel
+from rlhfspec.engine.spec import DraftModel, Eagle
 from rlhfspec.rl.drafting import DraftRefresher
 from rlhfspec.rl.experience import make_targets
 from rlhfspec.rl.logprobs import Batch, completion_logprobs, values_at
@@ -89,8 +89,8 @@ class Trainer:
         spec = c.generation.engine_spec()
         self.rollout = Rollout(self.engine, self.tokenizer, spec, Placement(c.generation.instances, realloc=c.generation.realloc))
         for d in spec.drafters:
-            log(f"drafting with {d.name}" + (f" ({d.path})" if isinstance(d, DraftModel) else ""))
-        self.refresher = DraftRefresher(self.rollout.drafters, c.generation.refresh_seconds) if c.generation.refresh_draft else None
+            log(f"drafting with {d.name}" + (f" ({d.path})" if isinstance(d, (DraftModel, Eagle)) else ""))
+        self.refresher = DraftRefresher(self.rollout.drafters, c.generation.refresh_seconds, c.generation.refresh_drop) if c.generation.refresh_draft else None
         self.iteration = 0
         self.verified_logprobs: bool | None = None
         if resume:
@@ -147,7 +147,7 @@ class Trainer:
         t2 = time.perf_counter()
         train_stats = self._optimize(batch, inference.targets)
         t3 = time.perf_counter()
-        refresh = self.refresher.refresh(self.policy, batch) if self.refresher is not None else {}
+        refresh = self.refresher.refresh(self.policy, batch, rollout.acceptance_by_drafter()) if self.refresher is not None else {}
         success = self._success(table)
         self.source.observe(success if success is not None else 0.0)
         t4 = time.perf_counter()

@@ -11,12 +11,13 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhfspec.engine.drafters import DraftModelDrafter, Drafter
+from rlhfspec.engine.drafters import DraftModelDrafter, Drafter, EagleDrafter
 from rlhfspec.engine.instance import InstanceStats
 from rlhfspec.engine.sampling import SamplingParams
 from rlhfspec.engine.sequence import GenerationOutput, Sequence
 from rlhfspec.engine.spec import DEFAULT_MAX_BATCH, STRATEGIES, EngineSpec, StrategySpec, check_draft_length, drafter_spec, strategy_spec
 from rlhfspec.errors import RlhfspecError
+from rlhfspec.models.eagle import EagleHead
 from rlhfspec.models.llama import Transformer
 from rlhfspec.rollout.backend import Backend, InprocBackend
 from rlhfspec.rollout.coordinator import Coordinator, Timeline
@@ -184,8 +185,8 @@ def generate(
     sample_ids[i], position) (sample_ids default to 0..n-1), so its tokens do not depend on
     batch_size, on which other prompts run beside it, or on the instance it runs on.
 
-    drafter: None, "ngram", a draft model path, a model from `load_model`, a `Drafter`, or a list
-    of these; num_draft_tokens: draft length per step (default 4), or "auto" to let the adaptive
+    drafter: None, "ngram", "draft", "eagle", a draft model or eagle head directory, a model from
+    `load_model`, an `EagleHead`, a `Drafter`, or a list of these; num_draft_tokens: draft length per step (default 4), or "auto" to let the adaptive
     strategy pick the drafter and length at every step (as strategy="adaptive" does; "static" and
     "threshold" are the other names, or pass a Strategy object). Speculative decoding is
     lossless: the tokens follow the policy's own sampling distribution and `logprobs` are the policy's.
@@ -224,8 +225,11 @@ def engine_spec(model, tokenizer=None, *, drafter=None, num_draft_tokens: int | 
             specs.append(drafter_spec(str(d), tuple(s.name for s in specs)))
         elif isinstance(d, Transformer):
             specs.append(DraftModelDrafter(d, model))
+        elif isinstance(d, EagleHead):
+            specs.append(EagleDrafter(d, model))
         else:
-            raise RlhfspecError(f"drafter {d!r} is not 'ngram', a draft model path, a model from load_model, or a Drafter.")
+            raise RlhfspecError(f"drafter {d!r} is not 'ngram', 'eagle', a draft model or eagle head path, a model from load_model, "
+                                "an EagleHead, or a Drafter.")
     if strategy is not None and not isinstance(strategy, (str, Strategy)) or isinstance(strategy, str) and strategy not in STRATEGIES:
         raise RlhfspecError(f"strategy {strategy!r} is not one of {', '.join(map(repr, STRATEGIES))} or a Strategy object.")
     live_strategy = strategy if isinstance(strategy, Strategy) else None

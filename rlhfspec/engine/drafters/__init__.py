@@ -2,6 +2,7 @@
 
 from rlhfspec.engine.drafters.base import Drafter, Proposal
 from rlhfspec.engine.drafters.draft_model import DraftModelDrafter
+from rlhfspec.engine.drafters.eagle import EagleDrafter
 from rlhfspec.engine.drafters.ngram import NgramDrafter
 
-__all__ = ["DraftModelDrafter", "Drafter", "NgramDrafter", "Proposal"]
+__all__ = ["DraftModelDrafter", "Drafter", "EagleDrafter", "NgramDrafter", "Proposal"]

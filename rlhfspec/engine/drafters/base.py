@@ -26,6 +26,9 @@ class Drafter:
     keeps drafters across instances and iterations (the RL rollout). A drafter overrides what it needs."""
 
     name = "drafter"
+    # Whether the instance hands it the policy's hidden states (`observe`); they cost nothing
+    # extra: every forward computes them for the rows it writes.
+    reads_features = False
 
     def bind(self, instance) -> None:
         """Attach to a generation instance (called once, before any other method)."""
@@ -36,6 +39,12 @@ class Drafter:
 
     def accepted(self, seqs: list[Sequence], drafts: list[list[int]], accepted: list[int]) -> None:
         """After verification and before the emitted tokens are appended: roll back what was rejected."""
+
+    def observe(self, seqs: list[Sequence], features: list[torch.Tensor]) -> None:
+        """Only for drafters that set `reads_features`: after every forward of the policy (prefill,
+        decode, verification, recomputation), the final hidden states before the last norm of the
+        positions it just committed to seqs[b]'s cache, in order: features[b] [k_b, H] (k_b may be 0).
+        Called after `accepted`, before the emitted tokens are appended."""
 
     def admitted(self, seqs: list[Sequence]) -> None:
         """New samples took slots seqs[i].slot."""

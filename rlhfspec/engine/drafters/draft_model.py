@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from rlhfspec.engine.drafters.base import Drafter, Proposal
-from rlhfspec.engine.sampling import SAMPLE, group_rows, processed_logprobs, sample
-from rlhfspec.engine.sequence import Sequence, uniforms
+from rlhfspec.engine.drafters.sampled import draft_logprobs, draw_drafts, spread
+from rlhfspec.engine.sequence import Sequence
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.invariance import rowwise
 from rlhfspec.models.kv_cache import KVCache
@@ -98,7 +98,7 @@ class DraftModelDrafter(Drafter):
                 feeds = [(s.prompt + s.tokens)[self.cache.lengths[s.slot] :] for s in (seqs[b] for b in active)]
                 for j in range(max(n)):
                     logq = self._next(seqs, active, feeds)
-                    tokens = self._draw(seqs, active, logq, j)
+                    tokens = draw_drafts([seqs[b] for b in active], logq, j)
                     q = rowwise(torch.exp, logq)
                     for i, b in enumerate(active):
                         drafts[b].append(tokens[i])
@@ -120,21 +120,12 @@ class DraftModelDrafter(Drafter):
     def _next(self, seqs: list[Sequence], active: list[int], feeds: list[list[int]]) -> torch.Tensor:
         """Processed draft logprobs [len(active), V] after feeding feeds[i] to active sample i."""
         hidden = self.cache.forward(self.model, [seqs[b].slot for b in active], feeds, last_only=True)
-        logits = self._logits(hidden)
-        out = torch.empty_like(logits)
-        for params, rows in group_rows([seqs[b].params for b in active]).items():
-            idx = torch.tensor(rows, device=logits.device)
-            out[idx] = processed_logprobs(logits[idx], params)
-        return out
+        return draft_logprobs(self._logits(hidden), [seqs[b] for b in active])
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.vocab is None:
             return self.model.logits(hidden, self.cache.invariant)
-        c = self.model.config
-        h = self.model.normed(hidden)
-        full = torch.full((h.shape[0], c.vocab_size), float("-inf"), device=h.device)
-        full[:, self.vocab] = self._reduced_head()(h).float()
-        return full
+        return spread(self._reduced_head()(self.model.normed(hidden)), self.vocab, self.model.config.vocab_size)
 
     def _reduced_head(self):
         """The output layer's rows for the draft vocabulary as a projection, gathered (and packed)
@@ -144,17 +135,6 @@ class DraftModelDrafter(Drafter):
         if self._head is None or self._head[0] != key:
             self._head = (key, projection(head.detach()[self.vocab], None, inference=True, invariant=self.cache.invariant))
         return self._head[1]
-
-    def _draw(self, seqs: list[Sequence], active: list[int], logq: torch.Tensor, j: int) -> list[int]:
-        # d_j is drawn with the very uniform plain sampling would use at its position: when q equals
-        # p the drafts are the plain samples and every one is accepted. The uniform stays unused by
-        # anything kept from this step beyond that position, so reusing it later keeps sampling exact.
-        group = [seqs[b] for b in active]
-        dev = logq.device
-        greedy = torch.tensor([s.params.greedy for s in group], device=dev)
-        u = uniforms(group, [s.length + j for s in group], SAMPLE, dev)
-        drawn = sample(logq, u, greedy=False)
-        return torch.where(greedy, logq.argmax(-1), drawn).tolist()
 
 
 def check_same_vocabulary(policy, draft, policy_tokenizer=None, draft_tokenizer=None) -> None:
