@@ -56,9 +56,16 @@ class TableCost(StepCost):
     ngram_seconds_per_row_token: float = NGRAM_SECONDS_PER_ROW_TOKEN
     kv_bytes_per_token: float = 0.0
     source: str = "table"
+    prefill_seconds_per_token: float | None = None  # measured; else the table's q extrapolated
+    selector_profile: CostModel | None = None  # what the engine's selector starts from, where it differs from the table
 
     def __post_init__(self):
         self._model = CostModel(self.verify_table, self.drafts)
+
+    def prefill(self, tokens: int, rows: int) -> float:
+        if self.prefill_seconds_per_token is None:
+            return super().prefill(tokens, rows)
+        return tokens * self.prefill_seconds_per_token
 
     def verify(self, batch: int, q: float, context: float) -> float:
         return self._model.verify(batch, q)
@@ -74,6 +81,8 @@ class TableCost(StepCost):
                             f"it has {sorted(self.drafts) or 'none'} (the n-gram drafter needs none).")
 
     def profile(self, max_batch: int, max_n: int) -> CostModel:
+        if self.selector_profile is not None:
+            return CostModel.from_json(self.selector_profile.to_json())
         # The engine profiles draft models; the n-gram drafter's cost it learns online.
         return CostModel(self.verify_table, {k: v for k, v in self.drafts.items() if k != "ngram"})
 

@@ -118,11 +118,12 @@ def build_strategy(spec: StrategySpec | None, cost: StepCost, max_batch: int) ->
 
 
 def simulate(cost: StepCost, work: Workload, cluster: Cluster, strategy: StrategySpec | None = None,
-             realloc: bool = False, seed: int = 0, label: str = "") -> SimRun:
+             realloc: bool = False, seed: int = 0, label: str = "", drafters: list[str] | None = None) -> SimRun:
     """One rollout of `work` on `cluster` under `strategy` (None: plain decoding), with or without
-    reallocation; deterministic for given inputs."""
+    reallocation; deterministic for given inputs. `drafters`: the instances' drafters in the
+    engine's order (default: those the acceptance profile names)."""
     targets = {i: work.target(i) for i in range(len(work.lengths))}
-    drafters = work.acceptance.drafters if strategy is not None else []
+    drafters = (work.acceptance.drafters if drafters is None else list(drafters)) if strategy is not None else []
     if strategy is not None and not drafters:
         raise RlhfspecError("speculation needs an acceptance profile naming at least one drafter (e.g. --acceptance draft=0.7).")
     if isinstance(strategy, (Static, Threshold)) and strategy.drafter not in drafters:
