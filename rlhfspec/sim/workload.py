@@ -97,6 +97,7 @@ class AcceptanceProfile:
 
     rates: dict[str, list[float]] = field(default_factory=dict)
     seed: int = 0
+    _bases: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         for name, ps in self.rates.items():
@@ -113,9 +114,12 @@ class AcceptanceProfile:
         ps = self.rates.get(drafter)
         if ps is None:
             raise RlhfspecError(f"drafter {drafter!r} has no acceptance profile; the profile has {', '.join(self.rates) or 'none'}.")
-        key = zlib.crc32(drafter.encode())
+        base = self._bases.get((drafter, sample_id))
+        if base is None:  # keyed_uniform's state after (seed, drafter, sample), kept: it is most of the work
+            base = self._bases[(drafter, sample_id)] = _mix(_mix(_mix(self.seed & _MASK) ^ zlib.crc32(drafter.encode())) ^ (sample_id & _MASK))
+        at = _mix(base ^ (position & _MASK))
         for j in range(n):
-            if keyed_uniform(self.seed, key, sample_id, position, j) >= ps[min(j, len(ps) - 1)]:
+            if (_mix(at ^ j) >> 11) / float(1 << 53) >= ps[min(j, len(ps) - 1)]:
                 return j
         return n
 
