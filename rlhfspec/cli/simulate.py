@@ -16,6 +16,7 @@ def register(sub) -> None:
     c.add_argument("--model", default=_D.model, help="7B, 8B, 14B, 32B, 70B, a catalog name, or a config.json")
     c.add_argument("--tp", type=int, default=_D.tp, help="tensor-parallel GPUs per instance")
     c.add_argument("--draft-model", default=_D.draft_model, help="architecture of the 'draft' drafter")
+    c.add_argument("--bytes-per-param", type=float, default=_D.bytes_per_param, help="weights and KV cache: 2 (bf16) or 1 (fp8)")
     c.add_argument("--overhead-ms", type=float, default=_D.overhead_ms, help="fixed per-step overhead")
     k = p.add_argument_group("cluster")
     k.add_argument("--instances", type=int, default=_D.instances)
@@ -47,11 +48,10 @@ def run(args) -> int:
         static_n = tuple(int(x) for x in args.static_n.split(","))
     except ValueError:
         raise RlhfspecError(f"--static-n {args.static_n!r} is not a comma-separated list of integers.") from None
-    cfg = SimConfig(table=args.table, table_model=args.table_model, accelerator=args.accelerator, model=args.model, tp=args.tp,
-                    draft_model=args.draft_model, overhead_ms=args.overhead_ms, instances=args.instances, max_batch=args.max_batch,
-                    steps_per_call=args.steps_per_call, migration=args.migration, link_gb_per_s=args.link_gb_per_s,
-                    prompts=args.prompts, samples=args.samples, lengths=args.lengths, max_new_tokens=args.max_new_tokens,
-                    prompt_len=args.prompt_len, acceptance=args.acceptance, static_n=static_n, max_n=args.max_n, seed=args.seed)
+    fields = ("table", "table_model", "accelerator", "model", "tp", "draft_model", "bytes_per_param", "overhead_ms", "instances",
+              "max_batch", "steps_per_call", "migration", "link_gb_per_s", "prompts", "samples", "lengths", "max_new_tokens",
+              "prompt_len", "acceptance", "max_n", "seed")
+    cfg = SimConfig(static_n=static_n, **{f: getattr(args, f) for f in fields})
     result = ablation(cfg)
     print()
     print(markdown(result))

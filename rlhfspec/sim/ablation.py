@@ -27,6 +27,7 @@ class SimConfig:
     model: str = "7B"
     tp: int = 1
     draft_model: str = "0.5B"  # the "draft" drafter's architecture on the roofline
+    bytes_per_param: float = 2.0  # weights and KV cache: 2 for bf16, 1 for fp8
     overhead_ms: float = 1.5
     # Cluster.
     instances: int = 8
@@ -51,8 +52,8 @@ class SimConfig:
         for n in (*self.static_n, self.max_n):
             if not 1 <= n <= MAX_DRAFT_TOKENS:
                 raise RlhfspecError(f"draft length {n} must be between 1 and {MAX_DRAFT_TOKENS}.")
-        if self.overhead_ms < 0 or self.link_gb_per_s <= 0:
-            raise RlhfspecError("overhead_ms must be >= 0 and link_gb_per_s > 0.")
+        if self.overhead_ms < 0 or self.link_gb_per_s <= 0 or self.bytes_per_param <= 0:
+            raise RlhfspecError("overhead_ms must be >= 0, and link_gb_per_s and bytes_per_param > 0.")
 
 
 def build(cfg: SimConfig) -> tuple[StepCost, Workload, Cluster, str]:
@@ -70,11 +71,12 @@ def build(cfg: SimConfig) -> tuple[StepCost, Workload, Cluster, str]:
         return cost, work, cluster, f"measured step-time table {cost.source}"
     gpu = accelerator(cfg.accelerator)
     policy = model_config(cfg.model)
-    roof = Roofline(gpu, Shape.of(policy), cfg.tp, overhead_s=cfg.overhead_ms * 1e-3)
+    roof = Roofline(gpu, Shape.of(policy, cfg.bytes_per_param), cfg.tp, overhead_s=cfg.overhead_ms * 1e-3)
     roof.fits(cfg.max_batch, max(work.prompt_lens) + cap, f"model {cfg.model}")
     drafts = {}
     if "draft" in acceptance.drafters:
-        drafts["draft"] = Roofline(gpu, Shape.of(model_config(cfg.draft_model)), cfg.tp, overhead_s=cfg.overhead_ms * 1e-3)
+        drafts["draft"] = Roofline(gpu, Shape.of(model_config(cfg.draft_model), cfg.bytes_per_param), cfg.tp,
+                                   overhead_s=cfg.overhead_ms * 1e-3)
     desc = (f"roofline of {cfg.model} ({policy.num_params / 1e9:.1f}B) on {cfg.instances} x {cfg.tp} {gpu.name} "
             f"(tensor-parallel {cfg.tp}), draft model {cfg.draft_model}, {cfg.overhead_ms:g} ms per-step overhead")
     return RooflineCost(roof, drafts), work, cluster, desc

@@ -26,9 +26,10 @@ class Accelerator:
     link_bytes_per_second: float  # NVLink, per GPU, one direction
 
 
-# NVIDIA data sheets: A100 SXM4 80GB, H100 SXM5, H200 SXM, HGX B200 (per GPU).
+# NVIDIA data sheets: A100 SXM4 80GB and 40GB, H100 SXM5, H200 SXM, HGX B200 (per GPU).
 ACCELERATORS: dict[str, Accelerator] = {
     "A100": Accelerator("A100", 312e12, 2.039e12, 80e9, 300e9),
+    "A100-40GB": Accelerator("A100-40GB", 312e12, 1.555e12, 40e9, 300e9),
     "H100": Accelerator("H100", 989e12, 3.35e12, 80e9, 450e9),
     "H200": Accelerator("H200", 989e12, 4.8e12, 141e9, 450e9),
     "B200": Accelerator("B200", 2250e12, 8.0e12, 180e9, 900e9),

@@ -33,7 +33,7 @@ def test_tensor_parallel_divides_the_work_and_adds_all_reduces():
 
 
 def test_every_accelerator_has_its_spec_sheet_figures():
-    assert set(ACCELERATORS) == {"A100", "H100", "H200", "B200"}
+    assert set(ACCELERATORS) == {"A100", "A100-40GB", "H100", "H200", "B200"}
     assert roof(gpu="H200").forward(1, 1, 0) < roof(gpu="H100").forward(1, 1, 0) < roof(gpu="A100").forward(1, 1, 0)
 
 
