@@ -68,6 +68,8 @@ def build(cfg: SimConfig) -> tuple[StepCost, Workload, Cluster, str]:
     cluster = Cluster(cfg.instances, cfg.max_batch, cfg.steps_per_call, cfg.migration, cfg.link_gb_per_s * 1e9)
     if cfg.table:
         cost = TableCost.load(cfg.table, cfg.table_model)
+        for d in acceptance.drafters:
+            cost.draft(d, 1, 1, 0.0)  # one sentence now, before any rollout, for a drafter the table cannot price
         return cost, work, cluster, f"measured step-time table {cost.source}"
     gpu = accelerator(cfg.accelerator)
     policy = model_config(cfg.model)
