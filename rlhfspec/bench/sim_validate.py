@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhfspec.bench.common import machine, results_file, write_json, write_section
+from rlhfspec.engine.drafters import Drafter, Proposal
 from rlhfspec.engine.instance import GenerationInstance
 from rlhfspec.engine.sampling import SamplingParams
 from rlhfspec.engine.sequence import Sequence
@@ -29,14 +30,28 @@ from rlhfspec.strategy.cost_model import Table
 TRACE_KEYS = ("prompt_lens", "lengths", "acceptance")
 
 
+class _Repeat(Drafter):
+    """Drafts the last token n times: every row gets its full n, whatever the prompt, so a step
+    times verifying n drafts (forward, acceptance, resampling, rollback) at no drafting cost."""
+
+    name = "repeat"
+
+    def propose(self, seqs: list[Sequence], n: list[int]) -> Proposal:
+        return Proposal([[s.tokens[-1]] * k for s, k in zip(seqs, n)], None)
+
+    def replica(self) -> _Repeat:
+        return _Repeat()
+
+
 def step_times(policy, drafters: list, batches=(1, 2, 4, 8, 16, 32, 64), ns=(1, 2, 4), repeats: int = 3,
                prompt_len: int = 48, seed: int = 0, batch_invariant: bool = True) -> TableCost:
     """Whole engine steps timed on random prompts (not on any run being predicted): per batch B,
-    a plain step (forward and sampling: verify(B, 1)), and per drafter and n a speculative step
-    (drafting: draft(B, n); forward, verification and resampling: verify(B, n + 1), from the
-    draft-model steps, which always fill their n); medians of `repeats` after one warm-up step.
-    Also the prefill's seconds per token (from the largest batch) and the KV bytes per token."""
+    a plain step (forward and sampling: verify(B, 1)), verifying n drafts (verify(B, n + 1): the
+    forward, acceptance, resampling and rollback of a step whose drafts all fill their n), and
+    each drafter proposing n (draft(B, n)); medians of `repeats` after one warm-up step. Also
+    the prefill's seconds per token (from the largest batch) and the KV bytes per token."""
     verify: Table = {}
+    drafters = [_Repeat(), *drafters]
     drafts: dict[str, Table] = {d.name: {} for d in drafters}
     configs = [(None, 0)] + [(d.name, n) for d in drafters for n in ns]
     max_new = 2 + (repeats + 1) * sum(n + 1 for _, n in configs)
@@ -58,9 +73,11 @@ def step_times(policy, drafters: list, batches=(1, 2, 4, 8, 16, 32, 64), ns=(1, 
             if name is None:
                 verify[(b, 1)] = statistics.median(r.verify_s for r in recs)
                 continue
-            drafts[name][(b, n)] = statistics.median(r.draft_s for r in recs)
-            if all(d == k for r in recs for d, k in zip(r.drafted, r.n)):
+            if name == _Repeat.name:
                 verify[(b, n + 1)] = statistics.median(r.verify_s for r in recs)
+            else:
+                drafts[name][(b, n)] = statistics.median(r.draft_s for r in recs)
+    drafts.pop(_Repeat.name)
     ngram = drafts.pop("ngram", None)
     per_ngram = statistics.median(t / (b * n) for (b, n), t in ngram.items()) if ngram else None
     cost = TableCost(verify, drafts, kv_bytes_per_token=float(inst.kv_bytes_per_token), source="whole engine steps",

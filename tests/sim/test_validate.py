@@ -59,6 +59,6 @@ def test_a_trace_with_timings_is_refused(measured):
 
 def test_the_step_table_covers_plain_and_speculative_steps(measured):
     _, table = measured
-    assert {(b, 1) for b in (1, 2, 4, 8)} <= set(table.verify_table)
+    assert {(b, q) for b in (1, 2, 4, 8) for q in (1, 3)} == set(table.verify_table)  # plain, and verifying n = 2
     assert table.prefill_seconds_per_token > 0 and table.ngram_seconds_per_row_token > 0
     assert dataclasses.asdict(table)["source"] == "whole engine steps"
