@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The engine on a CUDA GPU, a few minutes end to end: step-time tables T(batch, tokens per row)
 # of named architectures with random weights (timing does not depend on the values), a
-# bitwise alone-vs-batched check on the GPU, and a sampled generate() alone vs batched.
-# Writes gpu_steps.json (and gpu_checks.json) under $OUT (else benchmarks/). Needs only torch.
+# bitwise alone-vs-batched check on the GPU, a sampled generate() alone vs batched, and the
+# default model's whole-step table (plain steps, verifying n drafts, n-gram drafting, prefill)
+# in the form `rlhfspec simulate --table` reads. Writes gpu_steps.json, gpu_checks.json and
+# gpu_step_times.json under $OUT (else benchmarks/). Needs only torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks}
@@ -35,3 +37,15 @@ for inv in (False, True):
     print("generate bf16 on cuda, batch_invariant", inv, checks[f"invariant={inv}"])
 json.dump(checks, open(sys.argv[1], "w"), indent=2)
 PY
+python3 - "$out/gpu_step_times.json" <<'PY'
+import json, sys, torch
+from rlhfspec.bench.sim_validate import step_times
+from rlhfspec.engine.drafters import NgramDrafter
+from rlhfspec.models.catalog import random_model
+model = random_model("smollm2-135m", torch.bfloat16, "cuda")  # the default model's architecture
+cost = step_times(model, [NgramDrafter()], batches=(1, 2, 4, 8, 16, 32, 64, 128, 256), ns=(1, 2, 4, 8), batch_invariant=False)
+json.dump(cost.to_json(), open(sys.argv[1], "w"))
+print("whole-step table:", {f"B={b}": f"{t * 1e3:.1f} ms" for (b, q), t in sorted(cost.verify_table.items()) if q == 1})
+PY
+rlhfspec simulate --table "$out/gpu_step_times.json" --instances 1 --max-batch 64 --prompts 8 --samples 8 \
+    --lengths lognormal:200,0.8,1024 --acceptance ngram=0.4 --plot "$out/gpu_simulate.png" --json "$out/gpu_simulate.json"

@@ -54,24 +54,19 @@ def run(cfg: RolloutBenchConfig, json_path: str | None = None, record: bool = Fa
             return None
         return live_parts([NgramDrafter(), loaded.replica()] if strategy is not None else [], strategy, policy, placement.instances)
 
-    best_static = max(cfg.statics, key=lambda s: s[1])
-    policies: dict = {"plain": None}
-    for name, n in cfg.statics:
-        policies[f"static {name} n={n}"] = Static(name, n)
-    policies[f"threshold {best_static[0]} n={best_static[1]} (off while B > {cfg.threshold_batch})"] = Threshold(*best_static, cfg.threshold_batch)
-    policies["adaptive"] = Adaptive()
     warm = EngineSpec(drafters, Static("draft", 2), model=cfg.model)
     warm_live = live(Static("draft", 2))
     run_generation(warm, prompts[:2], SamplingParams(max_new_tokens=8), model=policy, tokenizer=tok,
                    live=warm_live[:1] if warm_live is not None else None)
-    rows, traces = [], {}
+    rows, traces, workloads = [], {}, {}
     multi = cfg.instances > 1 or cfg.backend == "ray"
-    for label, strategy in policies.items():
+    for label, strategy in policies(cfg).items():
         spec = EngineSpec(drafters if strategy is not None else (), strategy, cfg.batch_size, model=cfg.model)
         result = run_generation(spec, prompts, params, cfg.seed, placement=placement, model=policy, tokenizer=tok, live=live(strategy))
         outs, wall = result.outputs, result.seconds
         traces[label] = result.timeline if multi else result.stats[0].records
         records = [r for st in result.stats for r in st.records]
+        workloads[label] = workload_trace([len(p) for p in prompts], outs, records)
         decide = sorted(r.decide_s for r in records)
         tokens = result.tokens
         rows.append({"policy": label, "wall_s": round(wall, 2), "tokens": tokens, "tok_s": round(tokens / wall, 1),
@@ -87,7 +82,7 @@ def run(cfg: RolloutBenchConfig, json_path: str | None = None, record: bool = Fa
     lengths = sorted(len(o.token_ids) for o in outs)
     result = {"machine": machine(), "model": cfg.model, "draft": str(draft_path), "prompts": cfg.prompts, "samples": cfg.samples,
               "max_new_tokens": cfg.max_new_tokens, "response_lengths": {"median": lengths[len(lengths) // 2], "max": lengths[-1]},
-              "rows": rows}
+              "rows": rows, "workloads": workloads}
     write_json(json_path, result)
     # The table is printed always; it goes into benchmarks/RESULTS.md only with record.
     results = results_file(record)
@@ -100,6 +95,27 @@ def run(cfg: RolloutBenchConfig, json_path: str | None = None, record: bool = Fa
         png = rollout_timeline(shown, results.parent / "rollout_timeline.png")
     log(write_section("rollout" if not multi else f"rollout-k{cfg.instances}", _markdown(result, cfg, png.name, json_path), path=results))
     return result
+
+
+def policies(cfg: RolloutBenchConfig) -> dict:
+    """The drafting policies compared, by label: plain (None), the statics, threshold, adaptive."""
+    best_static = max(cfg.statics, key=lambda s: s[1])
+    out: dict = {"plain": None}
+    for name, n in cfg.statics:
+        out[f"static {name} n={n}"] = Static(name, n)
+    out[f"threshold {best_static[0]} n={best_static[1]} (off while B > {cfg.threshold_batch})"] = Threshold(*best_static, cfg.threshold_batch)
+    out["adaptive"] = Adaptive()
+    return out
+
+
+def workload_trace(prompt_lens: list[int], outputs, records) -> dict:
+    """What a run generated, without any of its timings: prompt and response lengths in the order
+    the samples were handed out, and the drafts' per-position acceptance (what `bench sim-validate`
+    feeds the simulator)."""
+    from rlhfspec.sim.workload import AcceptanceProfile
+
+    return {"prompt_lens": list(prompt_lens), "lengths": [len(o.token_ids) for o in outputs],
+            "acceptance": AcceptanceProfile.from_records(records).rates}
 
 
 def _markdown(result: dict, cfg: RolloutBenchConfig, png: str, json_path: str | None = None) -> str:

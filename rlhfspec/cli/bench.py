@@ -73,6 +73,18 @@ def register(sub) -> None:
                    help="instead of measuring: render tables already measured (e.g. by benchmarks/gpu.sh)")
     t.add_argument("--record", action="store_true", help=RECORD)
     t.set_defaults(run=run_steps)
+    v = names.add_parser("sim-validate", help="the simulator's predicted wall time of bench rollout and bench realloc vs measured")
+    v.add_argument("--full", action="store_true", help="the benches' default sizes (default: their --quick sizes)")
+    v.add_argument("--no-realloc", action="store_true", help="skip bench realloc (it starts Ray actors)")
+    v.add_argument("--repeats", type=int, default=3, help="steps timed per step-time table cell")
+    v.add_argument("--json", default=None)
+    v.add_argument("--record", action="store_true", help=RECORD)
+    v.set_defaults(run=run_sim_validate)
+    c = names.add_parser("sim-calibrate", help="the simulator's GPU roofline beside published decode step times (cited)")
+    c.add_argument("--overhead-ms", type=float, default=1.5, help="the roofline's fixed per-step overhead")
+    c.add_argument("--json", default=None)
+    c.add_argument("--record", action="store_true", help=RECORD)
+    c.set_defaults(run=run_sim_calibrate)
     f = names.add_parser("refresh", help="draft-model acceptance per RL iteration with and without drafter refresh")
     f.add_argument("--config", default=None)
     f.add_argument("--iterations", type=int, default=5)
@@ -176,4 +188,18 @@ def run_steps(args) -> int:
                       context=args.context, budget_s=args.budget,
                       invariant=args.invariant, placement=args.placement)
     run(cfg, json_path=args.json)
+    return 0
+
+
+def run_sim_validate(args) -> int:
+    from rlhfspec.bench.sim_validate import SimValidateConfig, run
+
+    run(SimValidateConfig(full=args.full, realloc=not args.no_realloc, repeats=args.repeats), json_path=args.json, record=args.record)
+    return 0
+
+
+def run_sim_calibrate(args) -> int:
+    from rlhfspec.bench.sim_calibrate import run
+
+    run(json_path=args.json, record=args.record, overhead_ms=args.overhead_ms)
     return 0

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rlhfspec.cli import bench, distill, generate, train
+from rlhfspec.cli import bench, distill, generate, simulate, train
 from rlhfspec.errors import RlhfspecError
 
-COMMANDS = [generate, train, distill, bench]
+COMMANDS = [generate, train, distill, bench, simulate]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from rlhfspec.engine.verify import verify
 from rlhfspec.engine.stopping import StopChecker
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.kv_cache import KVCache
-from rlhfspec.strategy.base import Decision, StepRecord, Strategy, Workload
+from rlhfspec.strategy.base import Decision, StepRecord, Strategy, Workload, clipped_draft_lengths
 
 
 @dataclass(slots=True)
@@ -173,10 +173,7 @@ class GenerationInstance:
         return self._emit(seqs, [[t] for t in tokens], [[lp] for lp in logprobs])
 
     def workload(self) -> Workload:
-        return Workload(
-            [s.sample_id for s in self.live], [s.length for s in self.live],
-            [s.remaining for s in self.live], list(self.drafters),
-        )
+        return Workload.of(self.live, self.drafters)
 
     @torch.inference_mode()
     def step(self, decision: Decision | None = None) -> list[Sequence]:
@@ -207,7 +204,7 @@ class GenerationInstance:
         """Draft, verify every sample's [last, d_1..d_n] in one forward, keep the accepted prefix."""
         if any(k < 0 for k in n):
             raise RlhfspecError(f"draft lengths must be >= 0; got {min(n)}.")
-        n = [max(0, min(k, s.remaining - 1)) for s, k in zip(seqs, n)]
+        n = clipped_draft_lengths(n, [s.remaining for s in seqs])
         t_draft = time.perf_counter()
         proposal = drafter.propose(seqs, n)
         t1 = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from rlhfspec.engine.instance import Migrant
 from rlhfspec.engine.progress import Progress
@@ -34,7 +35,8 @@ class Coordinator:
     """
 
     def __init__(self, backend: Backend, rebalancer: Rebalancer | None = None, steps_per_call: int = 4,
-                 mode: str = "auto", max_new_tokens: int = 256, forced_moves=None, progress: bool = False):
+                 mode: str = "auto", max_new_tokens: int = 256, forced_moves=None, progress: bool = False,
+                 clock: Callable[[], float] = time.perf_counter):
         if mode not in ("auto", "kv", "recompute"):
             raise RlhfspecError(f"migration mode {mode!r} is not auto, kv or recompute.")
         self.backend, self.rebalancer, self.steps_per_call, self.mode = backend, rebalancer, steps_per_call, mode
@@ -44,9 +46,10 @@ class Coordinator:
         self.forced_moves = forced_moves  # tests: a callable(reports) -> list[Move] used instead of the rebalancer
         self.timeline = Timeline()
         self.progress = progress
+        self.clock = clock  # seconds; the simulator's backend passes its simulated clock
 
     def run(self, seqs: list[Sequence]) -> list[Sequence]:
-        start = time.perf_counter()
+        start = self.clock()
         bar = Progress(total=len(seqs), enabled=self.progress, desc=f"generate x{self.backend.size}")
         shown = 0
         queue = deque(seqs)
@@ -69,7 +72,7 @@ class Coordinator:
                     continue
                 reports[i] = report
                 self.timeline.busy_s[i] = self.timeline.busy_s.get(i, 0.0) + report.busy_s
-                self.timeline.points.append((time.perf_counter() - start, i, len(report.live)))
+                self.timeline.points.append((self.clock() - start, i, len(report.live)))
                 for s in report.finished:
                     if s.sample_id in done:
                         raise RlhfspecError(f"sample {s.sample_id} finished twice; the coordinator lost track of it.")
@@ -83,7 +86,7 @@ class Coordinator:
                 self._reallocate(reports, where, start)
             if self.progress:
                 tokens = sum(len(s.tokens) for s in done.values()) + sum(len(s.tokens) for r in reports.values() for s in r.live)
-                bar.update(len(done) - shown, tokens, time.perf_counter() - start)
+                bar.update(len(done) - shown, tokens, self.clock() - start)
                 shown = len(done)
         bar.close()
         return [done[s.sample_id] for s in seqs]
@@ -142,7 +145,7 @@ class Coordinator:
             migrants = self.backend.export(m.source, [m.sample_id], ship)
             self.backend.adopt(m.destination, migrants)
             where[m.sample_id] = m.destination
-            self.timeline.moves.append((time.perf_counter() - start, m))
+            self.timeline.moves.append((self.clock() - start, m))
         if moves:
             for i in {m.source for m in moves} | {m.destination for m in moves}:
                 reports[i] = self.backend.report(i)

@@ -19,6 +19,18 @@ class Workload:
     def batch(self) -> int:
         return len(self.sample_ids)
 
+    @classmethod
+    def of(cls, live, drafters) -> Workload:
+        """The workload of live samples (anything with sample_id, length and remaining, in slot
+        order) on an instance with these drafters: what the engine and the simulator both decide on."""
+        return cls([s.sample_id for s in live], [s.length for s in live], [s.remaining for s in live], list(drafters))
+
+
+def clipped_draft_lengths(n: list[int], remaining: list[int]) -> list[int]:
+    """Draft lengths a step can use: a sample that may emit r more tokens drafts at most r - 1
+    (the verify step adds one token of its own)."""
+    return [max(0, min(k, r - 1)) for k, r in zip(n, remaining)]
+
 
 @dataclass(slots=True)
 class Decision:
