@@ -12,6 +12,7 @@ LAYERS = [
     {"strategy"},
     {"engine"},
     {"rollout"},
+    {"sim"},  # drives the strategies and the rollout's coordinator; knows nothing of data, rewards or RL
     {"data", "rewards", "distill"},
     {"rl"},
     {"cli", "bench"},
