@@ -18,6 +18,16 @@ from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.checkpoint import save_pretrained
 
 
+def check_common(job, vocab_size: int | None) -> None:
+    """What a draft-model job and an eagle job both check: the draft vocabulary's size (None: the
+    whole vocabulary) and the positive settings."""
+    if job.draft_vocab is not None and not 2 <= job.draft_vocab <= (vocab_size or job.draft_vocab):
+        raise RlhfspecError(f"--draft-vocab must be between 2 and the policy's vocabulary size ({vocab_size}), got {job.draft_vocab}.")
+    for name, value in (("train-prompts", job.train_prompts), ("train-seconds", job.train_seconds), ("lr", job.lr)):
+        if value <= 0:
+            raise RlhfspecError(f"--{name} must be positive, got {value}.")
+
+
 @dataclass
 class DistillJob:
     layers: int = 2
@@ -41,11 +51,7 @@ class DistillJob:
             raise RlhfspecError(f"--layers must be at least 1, got {self.layers}.")
         if self.hidden < 2 or self.hidden % 2 or (self.hidden > 64 and self.hidden % 64):
             raise RlhfspecError(f"--hidden must be even, and a multiple of 64 above 64 (64-wide heads), got {self.hidden}.")
-        if self.draft_vocab is not None and not 2 <= self.draft_vocab <= (vocab_size or self.draft_vocab):
-            raise RlhfspecError(f"--draft-vocab must be between 2 and the policy's vocabulary size ({vocab_size}), got {self.draft_vocab}.")
-        for name, value in (("train-prompts", self.train_prompts), ("train-seconds", self.train_seconds), ("lr", self.lr)):
-            if value <= 0:
-                raise RlhfspecError(f"--{name} must be positive, got {value}.")
+        check_common(self, vocab_size)
 
 
 def policy_rollouts(policy, tokenizer, prompts: int, max_new_tokens: int, seed: int, log=print) -> tuple[list[list[int]], list[int]]:
@@ -118,11 +124,7 @@ class EagleJob:
 
     def check(self, vocab_size: int | None = None) -> None:
         """Raise a clear error for a job that cannot run (before any model is loaded or text generated)."""
-        if not 2 <= self.draft_vocab <= (vocab_size or self.draft_vocab):
-            raise RlhfspecError(f"--draft-vocab must be between 2 and the policy's vocabulary size ({vocab_size}), got {self.draft_vocab}.")
-        for name, value in (("train-prompts", self.train_prompts), ("train-seconds", self.train_seconds), ("lr", self.lr)):
-            if value <= 0:
-                raise RlhfspecError(f"--{name} must be positive, got {value}.")
+        check_common(self, vocab_size)
 
 
 def distill_eagle(policy, tokenizer, out: str | Path, job: EagleJob, log=print) -> dict:

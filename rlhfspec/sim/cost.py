@@ -8,12 +8,11 @@ simulated selector does the same against the simulated hardware.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhfspec.errors import RlhfspecError
-from rlhfspec.sim.hardware import Roofline
+from rlhfspec.sim.hardware import Roofline, read_json
 from rlhfspec.strategy.cost_model import CostModel, Table
 
 PROFILE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -91,12 +90,7 @@ class TableCost(StepCost):
         """A CostModel JSON (the engine's cached profile: {"verify": [[B, q, s]...], "drafts": {...}}),
         or a `bench steps` JSON ({"models": {name: {"table": [[B, q, s]...]}}}, `model` picks one)."""
         path = Path(path)
-        if not path.is_file():
-            raise RlhfspecError(f"step-time table {path} does not exist.")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise RlhfspecError(f"step-time table {path} is not valid JSON ({e.msg}, line {e.lineno}).") from None
+        data = read_json(path, "step-time table")
         if "verify" in data:
             m = CostModel.from_json(data)
             per = NGRAM_SECONDS_PER_ROW_TOKEN

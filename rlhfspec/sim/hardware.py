@@ -60,13 +60,7 @@ def model_config(name: str) -> ModelConfig:
     if path.is_dir():
         path = path / "config.json"
     if path.suffix == ".json" or path.is_file():
-        if not path.is_file():
-            raise RlhfspecError(f"model config {path} does not exist.")
-        try:
-            hf = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise RlhfspecError(f"model config {path} is not valid JSON ({e.msg}, line {e.lineno}).") from None
-        return ModelConfig.from_hf(hf, source=str(path))
+        return ModelConfig.from_hf(read_json(path, "model config"), source=str(path))
     raise RlhfspecError(f"model {name!r} is neither a size ({', '.join(s.upper() for s in SIZES)}), "
                         f"a catalog name ({', '.join(CATALOG)}) nor a config.json path.")
 
@@ -138,3 +132,13 @@ class Roofline:
                 f"{what} needs {need / 1e9:.0f} GB per GPU for its weights and a KV cache of {max_batch} x {max_len} tokens "
                 f"at tensor-parallel {self.tp}, over 90% of an {self.gpu.name}'s {self.gpu.memory_bytes / 1e9:.0f} GB; "
                 "raise --tp or lower --max-batch.")
+
+
+def read_json(path: Path, what: str):
+    """The JSON document at `path`, or one sentence naming `what` it should have been."""
+    if not path.is_file():
+        raise RlhfspecError(f"{what} {path} does not exist.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RlhfspecError(f"{what} {path} is not valid JSON ({e.msg}, line {e.lineno}).") from None
