@@ -18,6 +18,23 @@ def _ray():
     return ray
 
 
+def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Join the Ray cluster at `address`, or start a local one with `num_cpus` CPUs, unless this
+    process is connected already; True when this call started the connection (its caller shuts it down)."""
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=num_cpus, **kwargs)
+    except ConnectionError as e:
+        raise RlhfspecError(f"could not reach the Ray cluster at {address}: {e}") from None
+    return True
+
+
 class _Host(GenerationInstance):
     """The instance inside its actor process, built there from the spec (it loads its own model)."""
 
@@ -38,13 +55,7 @@ class RayBackend:
             raise RlhfspecError("the ray backend's actors load their own model; the engine spec must name it (model='default', a directory or a .gguf file).")
         ray = _ray()
         self.ray, self.spec, self.size = ray, spec, size
-        self.owns_cluster = not ray.is_initialized()
-        if self.owns_cluster:
-            kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-            if address:
-                ray.init(address=address, **kwargs)
-            else:
-                ray.init(num_cpus=max(size * (spec.threads or 1), 1), **kwargs)
+        self.owns_cluster = connect(address, num_cpus=max(size * (spec.threads or 1), 1))
         self.remote = ray.remote(num_cpus=spec.threads or 1, num_gpus=gpus_per_actor)(_Host)
         self.actors = [self.remote.remote(spec) for _ in range(size)]
         self.inflight: dict[int, object] = {}
