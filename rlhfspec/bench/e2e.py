@@ -18,14 +18,25 @@ PRECISIONS = {
     "bf16 train + generation, old = rollout": ("bfloat16", "bfloat16", "rollout"),
 }
 
+# `--compare placement`: label -> config overrides; generation K actors (K = 2) and N trainer processes.
+RAY = ["--generation.backend", "ray", "--generation.instances", "2", "--generation.realloc", "true"]
+PLACEMENTS = {
+    "in-process, K=1": [],
+    "in-process, K=2": ["--generation.instances", "2", "--generation.realloc", "true"],
+    "Ray, K=2 actors, N=1": RAY,
+    "Ray, K=2 actors, N=2 trainers": [*RAY, "--train.workers", "2"],
+}
+
 
 def run(config_path: str | None = None, iterations: int = 4, overrides: list[str] | None = None,
         json_path: str | None = None, record: bool = False, log=print, compare: str = "features") -> dict:
-    """compare "features" (below) or "precision" (`run_precision`)."""
+    """compare "features" (below), "precision" (`run_precision`) or "placement" (`run_placement`)."""
     if compare == "precision":
         return run_precision(config_path, iterations, overrides, json_path, record, log)
+    if compare == "placement":
+        return run_placement(config_path, iterations, overrides, json_path, record, log)
     if compare != "features":
-        raise ValueError(f"bench e2e compares features or precision, not {compare!r}")
+        raise ValueError(f"bench e2e compares features, precision or placement, not {compare!r}")
     return run_features(config_path, iterations, overrides, json_path, record, log)
 
 
@@ -163,6 +174,72 @@ def run_precision(config_path: str | None, iterations: int, overrides: list[str]
     write_json(json_path, result)
     log(write_section("e2e-precision", _precision_markdown(result, config_path, iterations, overrides), path=results_file(record)))
     return result
+
+
+PLACEMENT_STAGES = (*STAGES, "weight_sync_s")
+
+
+def run_placement(config_path: str | None, iterations: int, overrides: list[str] | None, json_path: str | None,
+                  record: bool, log) -> dict:
+    """The same iterations from the same seed with the generation instances and the trainer in
+    this process or on Ray (PLACEMENTS). The rows run one after another (each row's trainers and
+    actors together would not fit in memory beside another's); stage times are medians over
+    iterations 1.. . Batch-invariant generation makes every row's rollouts the same samples."""
+    from rlhfspec.rl.trainer import Trainer
+
+    all_records: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="rlhfspec-bench-") as tmp:
+        for i, (label, extra) in enumerate(PLACEMENTS.items()):
+            cfg = load_config(config_path, [*(overrides or []), *extra, "--train.iterations", str(iterations),
+                                            "--run.output_dir", str(Path(tmp) / f"run{i}"), "--run.tensorboard", "false",
+                                            "--run.checkpoint_every", str(iterations)])
+            _release_memory()
+            records = all_records[label] = []
+            trainer = Trainer(cfg, progress=False, log=lambda m: None)
+            try:
+                for _ in range(iterations):
+                    r = trainer.step()
+                    trainer.iteration += 1
+                    records.append(r)
+                    log(f"{label:30} iteration {r['iteration']} {r['iteration_s']:.1f} s (generation {r['generation_s']:.1f}, "
+                        f"inference {r['inference_s']:.1f}, training {r['training_s']:.1f}, sync {r['sync_s']:.2f}), reward {r['reward']:.3f}")
+            finally:
+                trainer.close()
+    medians = {label: {k: median([r.get(k, 0.0) for r in (records[1:] or records)]) for k in PLACEMENT_STAGES}
+               for label, records in all_records.items()}
+    ref = medians["in-process, K=1"]
+    result = {
+        "machine": machine(), "iterations": iterations, "settings": PLACEMENTS,
+        "stages": {k: {s: round(x, 2) for s, x in m.items()} for k, m in medians.items()},
+        "relative_to_in_process": {k: round(m["iteration_s"] / ref["iteration_s"], 3) for k, m in medians.items()},
+        "weight_sync_mb": next((round(r["weight_sync_mb"], 1) for rs in all_records.values() for r in rs if "weight_sync_mb" in r), None),
+        "runs": {label: [{k: round(r[k], 4 if k == "reward" else 2) for k in (*PLACEMENT_STAGES, "reward", "gen_tokens") if r.get(k) is not None}
+                         for r in records] for label, records in all_records.items()},
+    }
+    write_json(json_path, result)
+    log(write_section("e2e-placement", _placement_markdown(result, config_path, iterations, overrides), path=results_file(record)))
+    return result
+
+
+def _placement_markdown(r: dict, config_path, iterations: int, overrides) -> str:
+    cmd = "rlhfspec bench e2e --compare placement" + (f" --config {config_path}" if config_path else "") + f" --iterations {iterations}"
+    cmd += "".join(f" {o}" for o in overrides or [])
+    lines = [
+        "## End to end: RL iterations in this process vs on Ray",
+        "",
+        f"Command: `{cmd}`  ",
+        f"Machine: {r['machine']}  ",
+        f"Same config and seed in every row; the rows ran one after another. Medians over iterations 1..{iterations - 1} "
+        "(iteration 0 pays warm-ups); K = generation instances, N = trainer processes; sync = the drafter refresh plus the "
+        f"weight sync to the actors ({r['weight_sync_mb']} MB a time); x = the row's iteration time over in-process K=1's.",
+        "",
+        "| setting | generation s | inference s | training s | sync s | of which weight sync s | iteration s | x |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, m in r["stages"].items():
+        lines.append(f"| {label} | {m['generation_s']} | {m['inference_s']} | {m['training_s']} | {m['sync_s']} | {m['weight_sync_s']} | "
+                     f"{m['iteration_s']} | {r['relative_to_in_process'][label]:.2f} |")
+    return "\n".join(lines)
 
 
 def _release_memory() -> None:

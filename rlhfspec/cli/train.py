@@ -10,6 +10,7 @@ def register(sub) -> None:
     t.add_argument("--config", type=Path, default=None, help="YAML config (default: the built-in defaults, i.e. configs/grpo_arith.yaml)")
     t.add_argument("--resume", action="store_true", help="continue the run in run.output_dir from its last checkpoint")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--ray-address", default=None, help="run the Ray parts (generation.backend ray) on this cluster (same as --run.ray_address)")
     t.set_defaults(run=run_train, overrides=True)
     e = sub.add_parser("export", help="write a run's policy as a Hugging Face checkpoint")
     e.add_argument("run_dir", type=Path)
@@ -29,7 +30,7 @@ def run_train(args) -> int:
 
     from rlhfspec.rl.metrics import read
 
-    config = load_config(args.config, args.extra)
+    config = load_config(args.config, args.extra + (["--run.ray_address", args.ray_address] if args.ray_address else []))
     trainer = Trainer(config, resume=args.resume, progress=not args.no_progress)
     trainer.train()
     records = read(trainer.run_dir)  # the whole run, the iterations before a resume included

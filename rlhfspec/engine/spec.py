@@ -226,9 +226,17 @@ class EngineSpec:
         return GenerationInstance(**self.parts(model, tokenizer, drafters=drafters, strategy=strategy))
 
     def parts(self, model=None, tokenizer=None, *, drafters: list[Drafter] | None = None, strategy: Strategy | None = None) -> dict:
-        """GenerationInstance's constructor arguments (the Ray actor, a GenerationInstance itself, is built from them)."""
+        """GenerationInstance's constructor arguments."""
         if self.max_len is None:
             raise RlhfspecError("the engine spec has no max_len; fit it to the prompts first (EngineSpec.fitted).")
+        model, tokenizer, drafters, strategy = self.load(model, tokenizer, drafters=drafters, strategy=strategy)
+        return dict(model=model, max_batch=self.max_batch, max_len=self.max_len, tokenizer=tokenizer,
+                    drafters=drafters, strategy=strategy, batch_invariant=self.batch_invariant)
+
+    def load(self, model=None, tokenizer=None, *, drafters: list[Drafter] | None = None,
+             strategy: Strategy | None = None) -> tuple:
+        """(model, tokenizer, drafters, strategy): what an instance runs on, loaded or built from
+        the spec where not given (a Ray actor keeps them from one call's instance to the next)."""
         if self.threads:
             import torch
 
@@ -243,8 +251,7 @@ class EngineSpec:
             drafters = [d.build(model, tokenizer) for d in self.drafters]
         if strategy is None and self.strategy is not None:
             strategy = self.strategy.build(model, drafters)
-        return dict(model=model, max_batch=self.max_batch, max_len=self.max_len, tokenizer=tokenizer,
-                    drafters=drafters, strategy=strategy, batch_invariant=self.batch_invariant)
+        return model, tokenizer, drafters, strategy
 
 
 def check_draft_length(n: int) -> None:

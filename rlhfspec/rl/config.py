@@ -13,6 +13,7 @@ import yaml
 from rlhfspec.engine.spec import STRATEGIES, DraftModel, EngineSpec, drafter_spec, strategy_spec
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.rl.losses import AGGREGATIONS
+from rlhfspec.rollout.generate import BACKENDS
 
 
 @dataclass
@@ -73,7 +74,7 @@ class GenerationConfig:
     refresh_drop: float | None = None
     realloc: bool = False  # sample reallocation across instances
     instances: int = 1
-    backend: str = "inproc"
+    backend: str = "inproc"  # "inproc" (this process) or "ray" (one actor per instance; run.ray_address)
     batch_invariant: bool = True  # a sample's tokens never depend on its batch or instance (see README)
 
     def engine_spec(self) -> EngineSpec:
@@ -157,6 +158,8 @@ class RunConfig:
     tensorboard: bool = True
     wandb: bool = False
     threads: int | None = None
+    # Join this Ray cluster (generation.backend ray); null: start a local one sized to the run
+    ray_address: str | None = None
 
 
 @dataclass
@@ -238,9 +241,8 @@ class Config:
             if not ok:
                 raise RlhfspecError(message)
         SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, max_new_tokens=g.max_new_tokens)
-        if g.backend != "inproc":
-            raise RlhfspecError(f"the RL generation stage runs its instances in-process (generation.backend 'inproc'), not {g.backend!r}: "
-                                "Ray actors would need the policy's weights shipped to them after every update.")
+        if g.backend not in BACKENDS:
+            raise RlhfspecError(f"generation.backend {g.backend!r} is not one of {', '.join(BACKENDS)}.")
         g.engine_spec()  # one sentence for a drafter or strategy setting no instance could run
         if r.wandb:
             import importlib.util

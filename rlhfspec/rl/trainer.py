@@ -69,9 +69,12 @@ class Trainer:
         log(f"training in {self.compute_dtype}" + (f" (autocast over {weights} weights)" if self.compute_dtype == "bfloat16" else ""))
         # The engine runs the trainer's own parameters when it generates in the trainer's precision
         # (its packed weights are rebuilt whenever the optimizer changes them); otherwise it holds a copy.
-        gen_dtype = c.generation_dtype(str(self.policy.device))
+        self.gen_dtype = gen_dtype = c.generation_dtype(str(self.policy.device))
         self.shared = gen_dtype in (c.model.dtype, str(self.policy.dtype).removeprefix("torch."))
-        self.engine = self.policy if self.shared else load_model(c.model.policy, dtype=gen_dtype, tokenizer=False)[0]
+        # On Ray the actors hold the engine's copies; this process keeps none.
+        ray = c.generation.backend == "ray"
+        self.engine = self.policy if self.shared or ray else load_model(c.model.policy, dtype=gen_dtype, tokenizer=False)[0]
+        self.owns_ray = _connect_ray(c) if ray else False
         needs_ref = c.algorithm.beta > 0
         self.reference = load_model(c.model.reference or c.model.policy, dtype=c.model.dtype, tokenizer=False)[0] if needs_ref else None
         self.critic = None
@@ -87,7 +90,9 @@ class Trainer:
         total = c.train.iterations * c.train.epochs * self._steps_per_epoch()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(c.train.lr_schedule, c.train.warmup_steps, total))
         spec = c.generation.engine_spec()
-        self.rollout = Rollout(self.engine, self.tokenizer, spec, Placement(c.generation.instances, realloc=c.generation.realloc))
+        placement = Placement(c.generation.instances, c.generation.backend, realloc=c.generation.realloc, ray_address=c.run.ray_address)
+        self.rollout = Rollout(self.engine, self.tokenizer, spec, placement, model=str(c.model.policy), dtype=gen_dtype,
+                               threads=_actor_threads(c))
         for d in spec.drafters:
             log(f"drafting with {d.name}" + (f" ({d.path})" if isinstance(d, (DraftModel, Eagle)) else ""))
         self.refresher = DraftRefresher(self.rollout.drafters, c.generation.refresh_seconds, c.generation.refresh_drop) if c.generation.refresh_draft else None
@@ -95,6 +100,7 @@ class Trainer:
         self.verified_logprobs: bool | None = None
         if resume:
             self._resume()
+            self.rollout.sync(getattr(torch, gen_dtype))  # Ray actors start from the checkpoint's weights
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(c.to_dict(), sort_keys=False))
         self.metrics = MetricsLog(self.run_dir, c.run.tensorboard, c.run.wandb, c.to_dict())
@@ -103,17 +109,29 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------
     def train(self) -> list[dict]:
         records = []
-        while self.iteration < self.config.train.iterations:
-            record = self.step()
-            records.append(record)
-            self.metrics.write(record)
-            self.log(_summary(record))
-            self.iteration += 1
-            last = self.iteration == self.config.train.iterations
-            if self.iteration % self.config.run.checkpoint_every == 0 or last:
-                self.save()
-        self.metrics.close()
+        try:
+            while self.iteration < self.config.train.iterations:
+                record = self.step()
+                records.append(record)
+                self.metrics.write(record)
+                self.log(_summary(record))
+                self.iteration += 1
+                last = self.iteration == self.config.train.iterations
+                if self.iteration % self.config.run.checkpoint_every == 0 or last:
+                    self.save()
+        finally:
+            self.metrics.close()
+            self.close()
         return records
+
+    def close(self) -> None:
+        """Stop the Ray actors this run started (and the Ray connection, when the run made it)."""
+        self.rollout.shutdown()
+        if self.owns_ray:
+            import ray
+
+            ray.shutdown()
+            self.owns_ray = False
 
     def step(self) -> dict:
         """One iteration; nothing is committed (optimizer step, checkpoint) unless it all succeeds."""
@@ -148,6 +166,7 @@ class Trainer:
         train_stats = self._optimize(batch, inference.targets)
         t3 = time.perf_counter()
         refresh = self.refresher.refresh(self.policy, batch, rollout.acceptance_by_drafter()) if self.refresher is not None else {}
+        sync = self.rollout.sync(getattr(torch, self.gen_dtype))  # Ray actors: new weights before the next rollout
         success = self._success(table)
         self.source.observe(success if success is not None else 0.0)
         t4 = time.perf_counter()
@@ -157,7 +176,7 @@ class Trainer:
             **{f"reward/{n}": _nanmean(table[:, j]) for j, n in enumerate(self.rewards.names)},
             "success": success, "completion_len": sum(len(o.token_ids) for o in outs) / len(outs),
             "completion_len_max": max(len(o.token_ids) for o in outs),
-            **inference.stats, **self.logprob_gap, **train_stats, **refresh,
+            **inference.stats, **self.logprob_gap, **train_stats, **refresh, **sync,
             "generation_s": t1 - t0, "inference_s": t2 - t1, "training_s": t3 - t2, "sync_s": t4 - t3, "iteration_s": t4 - t0,
             "gen_tokens": rollout.tokens, "gen_tok_s": rollout.tokens / max(rollout.seconds, 1e-9),
             "acceptance": rollout.acceptance, **{f"acceptance/{k}": v for k, v in rollout.acceptance_by_drafter().items()},
@@ -310,6 +329,18 @@ class Trainer:
             self._sync_engine()
         self.iteration = objects["iteration"]
         self.log(f"resumed from {path} at iteration {self.iteration}")
+
+
+def _actor_threads(c: Config) -> int:
+    """Threads of each Ray generation actor: run.threads (or this process's) shared among them."""
+    return max(1, (c.run.threads or torch.get_num_threads()) // c.generation.instances)
+
+
+def _connect_ray(c: Config) -> bool:
+    """Join run.ray_address, or start a local cluster with a CPU for every thread of the actors."""
+    from rlhfspec.rollout.ray_backend import connect
+
+    return connect(c.run.ray_address, num_cpus=_actor_threads(c) * c.generation.instances)
 
 
 def prompt_source(c: Config, train_dataset=None):

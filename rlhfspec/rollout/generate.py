@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rlhfspec.engine.drafters import DraftModelDrafter, Drafter, EagleDrafter
 from rlhfspec.engine.instance import InstanceStats
@@ -23,6 +24,9 @@ from rlhfspec.rollout.backend import Backend, InprocBackend
 from rlhfspec.rollout.coordinator import Coordinator, Timeline
 from rlhfspec.rollout.rebalance import Rebalancer
 from rlhfspec.strategy.base import Strategy
+
+if TYPE_CHECKING:
+    from rlhfspec.rollout.ray_backend import RayBackend
 
 BACKENDS = ("inproc", "ray")
 
@@ -118,12 +122,13 @@ def make_backend(spec: EngineSpec, placement: Placement, model=None, tokenizer=N
 
 def run_generation(spec: EngineSpec, prompts: Seq[Seq[int]], params: SamplingParams, seed: int = 0, *,
                    placement: Placement | None = None, model=None, tokenizer=None, sample_ids: Seq[int] | None = None,
-                   live: list[Live] | None = None, backend: Backend | None = None, progress: bool = False) -> Generation:
+                   live: list[Live] | None = None, backend: RayBackend | None = None, progress: bool = False) -> Generation:
     """Complete the prompts (token ids) on placement.instances instances built from `spec`.
 
     Sample i's randomness is keyed by (seed, sample_ids[i], position), and with a batch-invariant
     spec a row's logits do not depend on its batch, so its tokens are the same on one instance or
-    several, whatever the migrations. A backend passed in is reused and not shut down."""
+    several, whatever the migrations. A backend passed in (one with `begin`: the RL loop's Ray
+    actors) is fitted to this call, reused and not shut down."""
     placement = placement or Placement()
     start = time.perf_counter()
     if not prompts:
@@ -147,7 +152,10 @@ def run_generation(spec: EngineSpec, prompts: Seq[Seq[int]], params: SamplingPar
     if live is not None and len(live) != placement.instances:
         raise RlhfspecError(f"{len(live)} sets of live drafters for {placement.instances} instances.")
     owned = backend is None
-    backend = backend or make_backend(spec, placement, model, tokenizer, live)
+    if owned:
+        backend = make_backend(spec, placement, model, tokenizer, live)
+    else:
+        backend.begin(spec)  # instances kept from an earlier call, fitted to this one
     try:
         backend.validate(seqs)
         rebalancer = Rebalancer() if placement.realloc and placement.instances > 1 else None

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
-from rlhfspec.engine.instance import GenerationInstance, InstanceReport, Migrant
+import torch
+
+from rlhfspec.engine.instance import GenerationInstance, InstanceReport, InstanceStats, Migrant
 from rlhfspec.engine.sequence import Sequence
 from rlhfspec.engine.spec import EngineSpec
 from rlhfspec.errors import RlhfspecError
@@ -35,11 +38,61 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     return True
 
 
-class _Host(GenerationInstance):
-    """The instance inside its actor process, built there from the spec (it loads its own model)."""
+class _Host:
+    """A generation instance inside its actor process. The model (loaded there from the spec), its
+    drafters and strategy stay for the actor's life; each call's instance is built over them, so
+    what the drafters and the strategy learn carries from one call to the next (an RL run's
+    iterations), and new weights are loaded into them in place."""
 
     def __init__(self, spec: EngineSpec):
-        super().__init__(**spec.parts())
+        self.model, self.tokenizer, self.drafters, self.strategy = spec.load()
+        self.instance: GenerationInstance | None = None
+        if spec.max_len is not None:
+            self.begin(spec)
+
+    def begin(self, spec: EngineSpec) -> None:
+        """A fresh instance fitted to a call (its KV cache sized by spec.max_len and max_batch)."""
+        self.instance = spec.build(self.model, self.tokenizer, drafters=self.drafters, strategy=self.strategy)
+
+    def check(self, seqs: list[Sequence]) -> None:
+        self.instance.check(seqs)
+
+    def report(self) -> InstanceReport:
+        return self.instance.report()
+
+    def add(self, seqs: list[Sequence]) -> list[Sequence]:
+        return self.instance.add(seqs)
+
+    def run(self, steps: int) -> InstanceReport:
+        return self.instance.run(steps)
+
+    def export(self, sample_ids: list[int], with_kv: bool) -> list[Migrant]:
+        return self.instance.export(sample_ids, with_kv)
+
+    def adopt(self, migrants: list[Migrant]) -> None:
+        self.instance.adopt(migrants)
+
+    def stats(self) -> InstanceStats:
+        return self.instance.stats
+
+    def load_weights(self, weights: dict, drafters: dict[str, dict]) -> None:
+        """The policy's new weights (in the engine's precision) and drafters' new states, in place
+        (the engine repacks weights it finds changed)."""
+        with torch.no_grad():
+            self.model.load_state_dict(weights, strict=True)
+        by_name = {d.name: d for d in self.drafters}
+        for name, state in drafters.items():
+            by_name[name].load_state_dict(state)
+
+    def state_dict(self) -> dict:
+        """What the drafters and the strategy learned (n-gram histories, acceptance estimates, cost corrections)."""
+        return {"drafters": [d.state_dict() for d in self.drafters], "strategy": self.strategy.state_dict() if self.strategy else {}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for d, st in zip(self.drafters, state["drafters"]):
+            d.load_state_dict(st)
+        if self.strategy is not None:
+            self.strategy.load_state_dict(state["strategy"])
 
     def receive(self, payload) -> int:
         """For measuring the link: take a payload, return its size."""
@@ -60,6 +113,7 @@ class RayBackend:
         self.actors = [self.remote.remote(spec) for _ in range(size)]
         self.inflight: dict[int, object] = {}
         self.live = [0] * size
+        self.weights: tuple | None = None  # the last weights shipped (object refs), for actors that replace dead ones
 
     def link(self, size: int = 16 << 20, repeats: int = 3) -> tuple[float, float]:
         """Measured (bytes per second, seconds per call) of shipping data to an actor."""
@@ -86,9 +140,32 @@ class RayBackend:
     def validate(self, seqs: list[Sequence]) -> None:
         self._get(self.actors[0].check.remote(seqs))
 
-    def stats(self) -> list:
-        """The actors keep their step records to themselves."""
-        return []
+    def stats(self) -> list[InstanceStats]:
+        """Each actor's counters and step records of the current call (an actor that replaced a
+        dead one has only its own)."""
+        return self._get([a.stats.remote() for a in self.actors])
+
+    def begin(self, spec: EngineSpec) -> None:
+        """Fit every actor's instance to a new call (the RL loop keeps the actors across iterations)."""
+        self.spec = spec
+        self._get([a.begin.remote(spec) for a in self.actors])
+
+    def load_weights(self, weights: dict, drafters: dict[str, dict] | None = None) -> tuple[float, int]:
+        """Ship the policy's weights (already in the engine's precision) and drafter states to every
+        actor: one object in Ray's store that each actor loads in place. (seconds, bytes)."""
+        start = time.perf_counter()
+        self.weights = (self.ray.put(weights), self.ray.put(drafters or {}))
+        self._get([a.load_weights.remote(*self.weights) for a in self.actors])
+        size = sum(t.numel() * t.element_size() for t in weights.values())
+        size += sum(t.numel() * t.element_size() for st in (drafters or {}).values() for t in _tensors(st))
+        return time.perf_counter() - start, size
+
+    def state_dict(self) -> list[dict]:
+        """Each actor's drafter and strategy state (see _Host.state_dict)."""
+        return self._get([a.state_dict.remote() for a in self.actors])
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        self._get([a.load_state_dict.remote(st) for a, st in zip(self.actors, states)])
 
     def report(self, i: int) -> InstanceReport:
         r = self._get(self.actors[i].report.remote())
@@ -137,6 +214,8 @@ class RayBackend:
         self.ray.kill(self.actors[i], no_restart=True)
         self.inflight.pop(i, None)
         self.actors[i] = self.remote.remote(self.spec)
+        if self.weights is not None:  # the run's current weights, not the checkpoint the spec names
+            self._get(self.actors[i].load_weights.remote(*self.weights))
         self.live[i] = 0
 
     def shutdown(self) -> None:
@@ -145,3 +224,15 @@ class RayBackend:
         self.actors = []
         if self.owns_cluster:
             self.ray.shutdown()
+
+
+def _tensors(state) -> Iterator[torch.Tensor]:
+    """The tensors anywhere in a (nested) state dict."""
+    if isinstance(state, torch.Tensor):
+        yield state
+    elif isinstance(state, dict):
+        for v in state.values():
+            yield from _tensors(v)
+    elif isinstance(state, (list, tuple)):
+        for v in state:
+            yield from _tensors(v)

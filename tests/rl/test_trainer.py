@@ -69,8 +69,8 @@ def test_two_instances_with_reallocation_train_exactly_as_one(tmp_path, policy):
     spec = config(tmp_path / "spec", policy, **{"generation.speculative": "true", "generation.strategy": "static",
                                                 "generation.instances": 2, "train.iterations": 1})
     assert Trainer(spec, progress=False, log=lambda m: None).train()[-1]["acceptance"] is not None
-    with pytest.raises(RlhfspecError, match="in-process"):
-        Trainer(config(tmp_path / "ray", policy, **{"generation.instances": 2, "generation.backend": "ray"}), progress=False)
+    with pytest.raises(RlhfspecError, match="generation.backend 'slurm' is not one of inproc, ray"):
+        Trainer(config(tmp_path / "slurm", policy, **{"generation.backend": "slurm"}), progress=False)
 
 
 def test_export_writes_a_checkpoint_transformers_loads(tmp_path, policy):
