@@ -68,7 +68,10 @@ class GenerationConfig:
     max_draft_tokens: int = 8  # for strategy "adaptive": it picks n in 0..max_draft_tokens per sample and step
     draft_path: str | None = None  # draft model for "draft"; None: the cached distilled default
     refresh_draft: bool = True  # keep distilling draft models and eagle heads on each iteration's rollouts
-    refresh_seconds: float = 20.0
+    refresh_seconds: float = 20.0  # the most one refresh may take
+    # A refresh's budget as a fraction of the iteration's time before it (generation, inference,
+    # training), capped at refresh_seconds; null: refresh_seconds for each drafter
+    refresh_budget: float | None = 0.1
     # null: refresh every iteration; else only once a drafter's acceptance falls this far below its
     # acceptance in the first iteration after its last refresh
     refresh_drop: float | None = None
@@ -211,6 +214,8 @@ class Config:
             (g.instances >= 1, f"generation.instances must be at least 1, got {g.instances}."),
             (g.strategy in STRATEGIES, f"generation.strategy {g.strategy!r} is not one of {', '.join(STRATEGIES)}."),
             (g.refresh_seconds > 0, f"generation.refresh_seconds is {g.refresh_seconds}; it must be > 0."),
+            (g.refresh_budget is None or 0 < g.refresh_budget <= 1,
+             f"generation.refresh_budget is {g.refresh_budget}; it must be in (0, 1] (or null: refresh_seconds per drafter)."),
             (g.refresh_drop is None or 0 <= g.refresh_drop < 1,
              f"generation.refresh_drop is {g.refresh_drop}; it must be in [0, 1) (or null: refresh every iteration)."),
             (a.beta >= 0, f"algorithm.beta is {a.beta}; it must be >= 0."),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import replace
 
 import torch
 
@@ -68,9 +69,11 @@ class DraftRefresher:
         reference = self.reference.setdefault(name, acceptance)
         return acceptance < reference - self.drop
 
-    def refresh(self, policy, batch, acceptance: dict[str, float] | None = None) -> dict:
+    def refresh(self, policy, batch, acceptance: dict[str, float] | None = None, seconds: float | None = None) -> dict:
         """Distil the drafters that are due on this iteration's rollouts against the updated policy
-        (`acceptance`: this iteration's measured acceptance by drafter name)."""
+        (`acceptance`: this iteration's measured acceptance by drafter name). `seconds`: the whole
+        refresh's budget, the teacher's forward included, shared evenly by the drafters due (a
+        drafter left no time takes no step); None: each drafter distils for `self.seconds`."""
         out = {}
         due = [d for d in self.drafts if self.due(d.name, (acceptance or {}).get(d.name))]
         if not due:
@@ -80,10 +83,18 @@ class DraftRefresher:
         features = any(isinstance(d, EagleDrafter) for d in due)
         examples = teacher_examples(policy, seqs, [len(p) for p in batch.prompts], k=32, features=features)
         teacher_s = time.perf_counter() - start
+        each = self.seconds if seconds is None else (seconds - teacher_s) / len(due)
         for d in due:
             start = time.perf_counter()
             distiller = self._distiller(d, policy)
+            if each <= 0:  # the teacher's forward took the whole budget
+                out[f"refresh/{d.name}_steps"] = 0
+                out[f"refresh/{d.name}_s"] = teacher_s / len(due)
+                continue
+            distiller.config = replace(distiller.config, seconds=each)
+            steps = distiller.steps
             losses = distiller.fit(examples)
+            out[f"refresh/{d.name}_steps"] = distiller.steps - steps
             live = self._weights(d)
             if distiller.draft is not live:
                 with torch.no_grad():

@@ -165,7 +165,11 @@ class Trainer:
         t2 = time.perf_counter()
         train_stats = self._optimize(batch, inference.targets)
         t3 = time.perf_counter()
-        refresh = self.refresher.refresh(self.policy, batch, rollout.acceptance_by_drafter()) if self.refresher is not None else {}
+        refresh = {}
+        if self.refresher is not None:
+            g = c.generation
+            budget = None if g.refresh_budget is None else min(g.refresh_seconds, g.refresh_budget * (t3 - t0))
+            refresh = self.refresher.refresh(self.policy, batch, rollout.acceptance_by_drafter(), seconds=budget)
         sync = self.rollout.sync(getattr(torch, self.gen_dtype))  # Ray actors: new weights before the next rollout
         success = self._success(table)
         self.source.observe(success if success is not None else 0.0)

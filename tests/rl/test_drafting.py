@@ -1,6 +1,6 @@
 """Drafter refresh in the RL loop: an eagle head's refresh lowers its loss on held-out rollouts,
 its state (master weights, optimizer, batch order) resumes exactly, and with refresh_drop a head
-is refreshed only once its acceptance falls."""
+is refreshed only once its acceptance falls, and a refresh keeps to its time budget."""
 
 import pytest
 import torch
@@ -37,7 +37,7 @@ def test_a_refresh_lowers_the_heads_loss_on_heldout_rollouts(setting):
     policy, batch, held = setting
     drafter = EagleDrafter(new_head(policy, list(range(policy.config.vocab_size))), policy)
     before = _loss(policy, drafter.head, held)
-    stats = DraftRefresher([drafter], seconds=60, max_steps=80).refresh(policy, batch)
+    stats = DraftRefresher([drafter], seconds=600, max_steps=80).refresh(policy, batch)  # steps, not seconds, end it
     assert stats["refresh/eagle_s"] > 0
     assert _loss(policy, drafter.head, held) < 0.9 * before
 
@@ -69,6 +69,16 @@ def test_with_refresh_drop_a_head_is_refreshed_only_when_its_acceptance_falls(se
     assert "refresh/eagle_loss" in refresher.refresh(policy, batch, {"eagle": 0.54})
     assert refresher.refresh(policy, batch, {"eagle": 0.50}) == {}  # the new reference after a refresh
     assert refresher.reference == {"eagle": 0.50}
+
+
+def test_a_refresh_budget_covers_the_teachers_forward_and_the_distillation(setting):
+    policy, batch, _ = setting
+    drafter = EagleDrafter(new_head(policy, list(range(policy.config.vocab_size))), policy)
+    refresher = DraftRefresher([drafter], seconds=60, max_steps=3)
+    starved = refresher.refresh(policy, batch, seconds=1e-9)  # the teacher's forward alone takes longer
+    assert starved["refresh/eagle_steps"] == 0 and "refresh/eagle_loss" not in starved
+    assert refresher.refresh(policy, batch, seconds=600)["refresh/eagle_steps"] == 3  # max_steps comes first
+    assert refresher.refresh(policy, batch)["refresh/eagle_steps"] == 3  # no budget: `seconds` per drafter
 
 
 def test_an_rl_run_drafts_with_an_eagle_head_refreshes_it_and_resumes(tmp_path, policy):
