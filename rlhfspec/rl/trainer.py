@@ -19,6 +19,7 @@ from rlhfspec.rl import checkpoint as ckpt
 from rlhfspec.rl.config import Config
 from rlhfspec.engine.spec import DraftModel, Eagle
 from rlhfspec.rl.drafting import DraftRefresher
+from rlhfspec.rl.distributed import RayLearners
 from rlhfspec.rl.experience import make_targets
 from rlhfspec.rl.learner import Learner, compute_context, load_critic, score_params
 from rlhfspec.rl.logprobs import Batch
@@ -73,7 +74,9 @@ class Trainer:
         self.critic = load_critic(c) if c.algorithm.name == "ppo" else None
         if c.reward.reward_model:
             self.rewards = RewardSet(self.rewards.functions + [_reward_model(c)], c.reward.weights)
-        self.learner = Learner(c, self.policy, self.critic)
+        # The learner trains this process's policy and critic, or (train.workers > 1) trains its
+        # own copies on Ray workers and copies rank 0's weights into these after every iteration.
+        self.learner = RayLearners(c, self.policy, self.critic) if c.train.workers > 1 else Learner(c, self.policy, self.critic)
         spec = c.generation.engine_spec()
         self.rollout = Rollout(self.engine, self.tokenizer, spec, Placement(c.generation.instances, realloc=c.generation.realloc))
         for d in spec.drafters:
