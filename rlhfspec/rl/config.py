@@ -143,6 +143,9 @@ class TrainConfig:
     # float32. null: bfloat16 where the hardware computes it natively (a CPU with AVX512-BF16 or
     # AMX, a GPU), float32 elsewhere.
     dtype: str | None = None
+    # Trainer processes: 1 trains in this process; N > 1 runs N Ray actors (torch.distributed, gloo
+    # on CPU, NCCL on GPU), each on its share of every mini-batch, gradients all-reduced.
+    workers: int = 1
 
     def compute_dtype(self, device: str = "cpu") -> str:
         """The precision `dtype` resolves to on this machine."""
@@ -161,7 +164,7 @@ class RunConfig:
     tensorboard: bool = True
     wandb: bool = False
     threads: int | None = None
-    # Join this Ray cluster (generation.backend ray); null: start a local one sized to the run
+    # The Ray cluster to join (generation.backend ray, train.workers > 1); null: a local one started by the run
     ray_address: str | None = None
 
 
@@ -203,6 +206,7 @@ class Config:
             (t.epochs >= 1, f"train.epochs is {t.epochs}; it must be >= 1."),
             (t.mini_batches >= 1, f"train.mini_batches is {t.mini_batches}; it must be >= 1."),
             (t.micro_batch_tokens >= 1, f"train.micro_batch_tokens is {t.micro_batch_tokens}; it must be >= 1."),
+            (t.workers >= 1, f"train.workers is {t.workers}; it must be >= 1 (1 trains in this process)."),
             (t.warmup_steps >= 0, f"train.warmup_steps is {t.warmup_steps}; it must be >= 0."),
             (t.lr_schedule in ("constant", "linear", "cosine"), f"train.lr_schedule {t.lr_schedule!r} is not constant, linear or cosine."),
             (g.temperature > 0, "generation.temperature must be > 0 for RL (greedy rollouts have no exploration)."),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import math
 import random
 import time
 from pathlib import Path
@@ -21,10 +19,11 @@ from rlhfspec.rl import checkpoint as ckpt
 from rlhfspec.rl.config import Config
 from rlhfspec.engine.spec import DraftModel, Eagle
 from rlhfspec.rl.drafting import DraftRefresher
+from rlhfspec.rl.distributed import RayLearners
 from rlhfspec.rl.experience import make_targets
-from rlhfspec.rl.logprobs import Batch, completion_logprobs, values_at
+from rlhfspec.rl.learner import Learner, compute_context, load_critic, score_params
+from rlhfspec.rl.logprobs import Batch
 from rlhfspec.rl.metrics import MetricsLog
-from rlhfspec.rl.objective import policy_objective, value_objective
 from rlhfspec.rollout import Placement, Rollout
 
 SUCCESS_REWARDS = ("arithmetic_correct", "gsm8k_correct")
@@ -52,9 +51,7 @@ class Trainer:
         torch.manual_seed(self.seed)
         self.params = SamplingParams(temperature=c.generation.temperature, top_p=c.generation.top_p, top_k=c.generation.top_k,
                                      max_new_tokens=c.generation.max_new_tokens)
-        # What the trainer scores tokens under: the temperature alone (top-k / top-p shape what is
-        # sampled, not what is trained, as in TRL and verl), so no sampled token has logprob -inf.
-        self.score_params = SamplingParams(temperature=c.generation.temperature, max_new_tokens=c.generation.max_new_tokens)
+        self.score_params = score_params(c)
         self.filtered = c.generation.top_p < 1.0 or c.generation.top_k > 0
         # Cheap things first, so a bad reward or dataset fails before any model loads.
         functions = list(reward_funcs if reward_funcs is not None else c.reward.functions)
@@ -74,21 +71,15 @@ class Trainer:
         # On Ray the actors hold the engine's copies; this process keeps none.
         ray = c.generation.backend == "ray"
         self.engine = self.policy if self.shared or ray else load_model(c.model.policy, dtype=gen_dtype, tokenizer=False)[0]
-        self.owns_ray = _connect_ray(c) if ray else False
+        self.owns_ray = _connect_ray(c) if ray or c.train.workers > 1 else False
         needs_ref = c.algorithm.beta > 0
         self.reference = load_model(c.model.reference or c.model.policy, dtype=c.model.dtype, tokenizer=False)[0] if needs_ref else None
-        self.critic = None
-        if c.algorithm.name == "ppo":
-            critic_model = load_model(c.model.critic or c.model.policy, dtype=c.model.dtype, tokenizer=False)[0].train().requires_grad_(True)
-            head = torch.nn.Parameter(torch.zeros(critic_model.config.hidden_size, 1))
-            self.critic = (critic_model, head)
-            self.critic_opt = torch.optim.AdamW([*critic_model.parameters(), head], lr=c.train.critic_learning_rate, betas=c.train.adam_betas,
-                                                weight_decay=c.train.weight_decay)
+        self.critic = load_critic(c) if c.algorithm.name == "ppo" else None
         if c.reward.reward_model:
             self.rewards = RewardSet(self.rewards.functions + [_reward_model(c)], c.reward.weights)
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=c.train.learning_rate, betas=c.train.adam_betas, weight_decay=c.train.weight_decay)
-        total = c.train.iterations * c.train.epochs * self._steps_per_epoch()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(c.train.lr_schedule, c.train.warmup_steps, total))
+        # The learner trains this process's policy and critic, or (train.workers > 1) trains its
+        # own copies on Ray workers and copies rank 0's weights into these after every iteration.
+        self.learner = RayLearners(c, self.policy, self.critic) if c.train.workers > 1 else Learner(c, self.policy, self.critic)
         spec = c.generation.engine_spec()
         placement = Placement(c.generation.instances, c.generation.backend, realloc=c.generation.realloc, ray_address=c.run.ray_address)
         self.rollout = Rollout(self.engine, self.tokenizer, spec, placement, model=str(c.model.policy), dtype=gen_dtype,
@@ -125,8 +116,9 @@ class Trainer:
         return records
 
     def close(self) -> None:
-        """Stop the Ray actors this run started (and the Ray connection, when the run made it)."""
+        """Stop the Ray actors and training workers this run started (and the Ray connection, when the run made it)."""
         self.rollout.shutdown()
+        self.learner.close()
         if self.owns_ray:
             import ray
 
@@ -163,7 +155,9 @@ class Trainer:
                                      self.reference, self.critic, c.train.micro_batch_tokens, rollout_comparable=not self.filtered,
                                      trainer_logprobs=self.checked_logprobs)
         t2 = time.perf_counter()
-        train_stats = self._optimize(batch, inference.targets)
+        train_stats = self.learner.optimize(batch, inference.targets, it)
+        if not self.shared:
+            self._sync_engine()
         t3 = time.perf_counter()
         refresh = {}
         if self.refresher is not None:
@@ -190,10 +184,8 @@ class Trainer:
         return record
 
     def _compute(self):
-        """The trainer's forwards: under bfloat16 autocast over the float32 weights, or plain."""
-        if self.compute_dtype == "bfloat16":
-            return torch.autocast(self.policy.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """The inference stage's forwards, in the trainer's compute precision."""
+        return compute_context(self.compute_dtype, self.policy.device)
 
     def _reuse_rollout_logprobs(self, batch: Batch, logprobs: list[list[float]]) -> bool:
         """Whether the engine's logprobs serve as the old logprobs (algorithm.old_logprobs): "auto"
@@ -218,66 +210,6 @@ class Trainer:
             self.log(f"engine vs trainer logprobs: max difference {diff:.2e}, mean {mean:.2e}; {use} (algorithm.old_logprobs {mode})")
         return reuse
 
-    def _steps_per_epoch(self) -> int:
-        """Optimizer steps per epoch: mini_batches, or fewer when an iteration has fewer samples."""
-        c = self.config
-        return min(c.train.mini_batches, c.data.prompts_per_iteration * c.generation.num_generations)
-
-    def _optimize(self, batch: Batch, targets) -> dict:
-        c = self.config
-        algo, order = c.algorithm, list(range(len(batch)))
-        rng = random.Random(self.seed * 7919 + self.iteration)
-        losses, grad_norms, clipped, tokens, kl_sum = [], [], 0.0, 0.0, 0.0
-        entropy_sum, entropy_tokens, lr = 0.0, 0.0, None
-        for epoch in range(c.train.epochs):
-            rng.shuffle(order)
-            # Mini-batches of near-equal size (they differ by at most one sample), so no step runs
-            # on a small remainder at full weight, and the schedule counts exactly these steps.
-            for mb in (m.tolist() for m in torch.tensor_split(torch.tensor(order), min(c.train.mini_batches, len(order)))):
-                n_tokens = targets.mask[mb].sum().item()
-                self.optimizer.zero_grad(set_to_none=True)
-                total = 0.0
-                sub = Batch([batch.prompts[i] for i in mb], [batch.completions[i] for i in mb])
-                for micro in sub.micro_batches(c.train.micro_batch_tokens):
-                    idx = [mb[i] for i in micro]
-                    with self._compute():
-                        lp, _, ent = completion_logprobs(self.policy, sub, micro, self.score_params, entropy=True)
-                    loss, st = policy_objective(lp, idx, targets, algo, n_tokens, len(mb), c.generation.max_new_tokens, ent)
-                    if epoch == 0:  # the policy's entropy on its own rollout tokens
-                        entropy_sum += st["entropy_sum"]
-                        entropy_tokens += st["tokens"]
-                    if not torch.isfinite(loss):
-                        raise RlhfspecError(f"the policy loss became {loss.item()} at iteration {self.iteration}; the iteration was not committed (try a lower learning rate).")
-                    loss.backward()
-                    total += loss.item()
-                    clipped += st["clipped"]
-                    tokens += st["tokens"]
-                    kl_sum += st.get("kl_sum", 0.0)
-                    if self.critic is not None:
-                        model, head = self.critic
-                        with self._compute():
-                            v = values_at(model, head, sub, micro)
-                        value_objective(v, idx, targets, algo, n_tokens).mul(algo.value_coef).backward()
-                norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.train.max_grad_norm)
-                if not torch.isfinite(norm):
-                    raise RlhfspecError(f"the gradient norm became {norm.item()} at iteration {self.iteration}; the iteration was not committed.")
-                lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-                self.optimizer.step()
-                self.scheduler.step()
-                if self.critic is not None:
-                    torch.nn.utils.clip_grad_norm_([*self.critic[0].parameters(), self.critic[1]], c.train.max_grad_norm)
-                    self.critic_opt.step()
-                    self.critic_opt.zero_grad(set_to_none=True)
-                losses.append(total)
-                grad_norms.append(norm.item())
-        if not self.shared:
-            self._sync_engine()
-        out = {"loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms), "clip_frac": clipped / max(tokens, 1),
-               "entropy": entropy_sum / max(entropy_tokens, 1), "lr": lr}
-        if algo.beta > 0 and not algo.kl_in_reward:
-            out["kl_loss_term"] = kl_sum / max(tokens, 1)
-        return out
-
     def _sync_engine(self) -> None:
         """Copy the trainer's weights into the engine's (lower-precision) copy."""
         with torch.no_grad():
@@ -292,15 +224,12 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------
     def save(self) -> Path:
-        tensors = {"policy": self.policy.state_dict()}
+        tensors, learner = self.learner.state_dict()
         objects = {
-            "iteration": self.iteration, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "iteration": self.iteration, **learner,
             "rng": ckpt.rng_state(), "source": self.source.state_dict(), "verified_logprobs": self.verified_logprobs,
             "rollout": self.rollout.state_dict(), "refresh": self.refresher.state_dict() if self.refresher is not None else {},
         }
-        if self.critic is not None:
-            tensors["critic"] = {**self.critic[0].state_dict(), "value_head": self.critic[1].detach()}
-            objects["critic_optimizer"] = self.critic_opt.state_dict()
         path = ckpt.save(self.run_dir, self.iteration, tensors, objects, keep=self.config.run.keep_checkpoints)
         self.log(f"checkpoint {path}")
         return path
@@ -310,10 +239,7 @@ class Trainer:
         if path is None:
             raise RlhfspecError(f"--resume: {self.run_dir} has no checkpoint to resume from.")
         tensors, objects = ckpt.load(path)
-        with torch.no_grad():
-            self.policy.load_state_dict(tensors["policy"], strict=True)
-        self.optimizer.load_state_dict(objects["optimizer"])
-        self.scheduler.load_state_dict(objects["scheduler"])
+        self.learner.load_state_dict(tensors, objects)
         ckpt.set_rng_state(objects["rng"])
         self.source.load_state_dict(objects["source"])
         self.verified_logprobs = None  # checked again on the first iteration after a resume
@@ -323,12 +249,6 @@ class Trainer:
         self.rollout.load_state_dict(objects["rollout"])
         if self.refresher is not None:
             self.refresher.load_state_dict(objects["refresh"])
-        if self.critic is not None:
-            head = tensors["critic"].pop("value_head")
-            self.critic[0].load_state_dict(tensors["critic"], strict=True)
-            with torch.no_grad():
-                self.critic[1].copy_(head)
-            self.critic_opt.load_state_dict(objects["critic_optimizer"])
         if not self.shared:
             self._sync_engine()
         self.iteration = objects["iteration"]
@@ -341,10 +261,12 @@ def _actor_threads(c: Config) -> int:
 
 
 def _connect_ray(c: Config) -> bool:
-    """Join run.ray_address, or start a local cluster with a CPU for every thread of the actors."""
+    """Join run.ray_address, or start a local cluster with a CPU for every thread of the generation
+    actors and one for each training worker (Ray's CPUs are what actors reserve, not cores)."""
     from rlhfspec.rollout.ray_backend import connect
 
-    return connect(c.run.ray_address, num_cpus=_actor_threads(c) * c.generation.instances)
+    actors = _actor_threads(c) * c.generation.instances if c.generation.backend == "ray" else 0
+    return connect(c.run.ray_address, num_cpus=actors + (c.train.workers if c.train.workers > 1 else 0))
 
 
 def prompt_source(c: Config, train_dataset=None):
@@ -352,23 +274,6 @@ def prompt_source(c: Config, train_dataset=None):
     arith = c.data.task == "arithmetic" and train_dataset is None
     return make_source(train_dataset if train_dataset is not None else c.data.task, c.data.prompt_column, c.train.seed, c.data.shuffle,
                        **({"digits": c.data.digits, "terms": c.data.terms, "ops": c.data.ops, "curriculum": c.data.curriculum} if arith else {}))
-
-
-def _schedule(kind: str, warmup: int, total: int):
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        if kind == "constant":
-            return 1.0
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        if kind == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        raise RlhfspecError(f"train.lr_schedule {kind!r} is not constant, linear or cosine.")
-
-    f(0)
-    return f
 
 
 def _nanmean(x: torch.Tensor) -> float | None:

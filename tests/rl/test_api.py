@@ -54,6 +54,7 @@ def test_a_module_function_reward_imports_from_the_current_directory(tmp_path, m
     ({"run.wandb": "true"}, "wandb is not installed"),
     ({"data.task": "/nonexistent.jsonl"}, "neither 'arithmetic' nor an existing file"),
     ({"reward.functions": "[no_such_reward]"}, "is not built in"),
+    ({"train.workers": 0}, "train.workers is 0; it must be >= 1 (1 trains in this process)"),
 ])
 def test_bad_settings_fail_before_the_model_loads(tmp_path, overrides, message):
     # The policy path does not exist: reaching load_model would raise a different error.

@@ -164,10 +164,10 @@ def test_a_reward_function_that_raises_names_itself_and_commits_nothing(tmp_path
 
 
 def test_a_nan_loss_stops_the_run_without_committing(tmp_path, policy, monkeypatch):
-    import rlhfspec.rl.trainer as trainer_module
+    import rlhfspec.rl.learner as learner_module
 
-    original = trainer_module.policy_objective
-    monkeypatch.setattr(trainer_module, "policy_objective", lambda *a, **k: (original(*a, **k)[0] * float("nan"), original(*a, **k)[1]))
+    original = learner_module.policy_objective
+    monkeypatch.setattr(learner_module, "policy_objective", lambda *a, **k: (original(*a, **k)[0] * float("nan"), original(*a, **k)[1]))
     trainer = Trainer(config(tmp_path, policy), progress=False, log=lambda m: None)
     with pytest.raises(RlhfspecError, match="policy loss became nan at iteration 0"):
         trainer.train()
@@ -209,7 +209,7 @@ def test_the_schedule_counts_the_steps_taken_and_logs_the_rate_each_used(tmp_pat
     trainer = Trainer(cfg, progress=False, log=lambda m: None)
     records = trainer.train()
     total = 2 * 6
-    assert trainer.scheduler.last_epoch == total
+    assert trainer.learner.scheduler.last_epoch == total
     assert records[0]["lr"] == pytest.approx(1e-3 * (1 - 5 / total)) and records[1]["lr"] == pytest.approx(1e-3 * (1 - 11 / total))
 
 
@@ -230,6 +230,6 @@ def test_ppo_critic_uses_the_configured_weight_decay_and_logprobs_are_rechecked(
     cfg = config(tmp_path, policy, **{"algorithm.name": "ppo", "train.weight_decay": 0.03, "train.iterations": 2,
                                       "train.logprob_check_every": 1})
     trainer = Trainer(cfg, progress=False, log=lambda m: None)
-    assert trainer.critic_opt.param_groups[0]["weight_decay"] == 0.03
+    assert trainer.learner.critic_opt.param_groups[0]["weight_decay"] == 0.03
     records = trainer.train()
     assert all("rollout_trainer_logprob_gap_max" in r for r in records)

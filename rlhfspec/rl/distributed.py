@@ -1,0 +1,154 @@
+"""Data-parallel training: train.workers Learners on Ray actors, one torch.distributed process group
+(gloo on CPU, NCCL on GPU), each rank on its share of every mini-batch, gradients all-reduced."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from rlhfspec.errors import RlhfspecError
+from rlhfspec.models.loader import load_model
+from rlhfspec.rl.config import Config
+from rlhfspec.rl.learner import Learner, load_critic, load_weights, weight_tensors
+from rlhfspec.rl.logprobs import Batch
+from rlhfspec.rl.objective import Targets
+from rlhfspec.rollout.ray_backend import connect
+
+# After one rank fails, how long the others get to report their own end before they are taken to
+# be stuck in a collective that waits for the failed one.
+GRACE_S = 10.0
+
+
+class _Worker:
+    """One training worker in its Ray process: a Learner over its own copy of the models."""
+
+    def __init__(self, config: Config, rank: int, world: int, threads: int):
+        torch.set_num_threads(threads)
+        self.config, self.rank, self.world = config, rank, world
+        self.learner: Learner | None = None
+
+    def rendezvous(self) -> str:
+        """tcp://host:port of a port free on this worker's node, where the process group meets."""
+        import socket
+
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+    def join(self, address: str) -> None:
+        """Load the models (model.policy, the critic under PPO) and join the process group."""
+        import torch.distributed as dist
+
+        c = self.config
+        policy = load_model(c.model.policy, dtype=c.model.dtype, tokenizer=False)[0].train().requires_grad_(True)
+        critic = load_critic(c) if c.algorithm.name == "ppo" else None
+        backend = "nccl" if policy.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=address, rank=self.rank, world_size=self.world)
+        self.learner = Learner(c, policy, critic, self.rank, self.world)
+
+    def optimize(self, batch: Batch, targets: Targets, iteration: int) -> dict:
+        return self.learner.optimize(batch, targets, iteration)
+
+    def weights(self) -> dict:
+        return weight_tensors(self.learner.policy, self.learner.critic)
+
+    def objects(self) -> dict:
+        return self.learner.state_dict()[1]
+
+    def load_state_dict(self, tensors: dict, objects: dict) -> None:
+        self.learner.load_state_dict(tensors, objects)
+
+
+class RayLearners:
+    """`train.workers` training workers on the Ray cluster at run.ray_address (or a local one started
+    here), with the Learner's interface. The optimizer state is replicated: every rank steps on the
+    same all-reduced gradients, so all hold the same weights, and rank 0's are copied into `policy`
+    and `critic` (this process's copies, which the inference stage and generation use) after every
+    iteration."""
+
+    def __init__(self, config: Config, policy, critic=None):
+        n = config.train.workers
+        self.policy, self.critic, self.size = policy, critic, n
+        self.owns_cluster = connect(config.run.ray_address)
+        import ray
+
+        self.ray, self.workers = ray, []
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if cpus < n:
+            self.close()
+            raise RlhfspecError(f"train.workers is {n} but the Ray cluster has {cpus:g} CPUs; each training worker takes one.")
+        threads = max(1, (config.run.threads or torch.get_num_threads()) // n)
+        # The precision is resolved here, once: a worker's own hardware check could pick another.
+        shipped = copy.deepcopy(config)
+        shipped.train.dtype = config.train.compute_dtype(str(policy.device))
+        remote = ray.remote(num_cpus=1)(_Worker)
+        self.workers = [remote.remote(shipped, rank, n, threads) for rank in range(n)]
+        starting = "while loading its models and joining the process group; its log is in the Ray session directory"
+        address = self._gather([self.workers[0].rendezvous.remote()], starting)[0]
+        self._gather([w.join.remote(address) for w in self.workers], starting)
+
+    def optimize(self, batch: Batch, targets: Targets, iteration: int) -> dict:
+        """Learner.optimize on every rank (the experience shipped once), then rank 0's weights into
+        `policy` and `critic`; the statistics, summed over ranks as one process sums them."""
+        if not self.workers:
+            raise RlhfspecError("the training workers were stopped by an earlier failure; rerun with --resume.")
+        when = f"at iteration {iteration}; the iteration was not committed, rerun with --resume to continue from the last checkpoint"
+        b, t = self.ray.put(batch), self.ray.put(targets)
+        stats = self._gather([w.optimize.remote(b, t, iteration) for w in self.workers], when)[0]
+        load_weights(self.policy, self.critic, self.weights(when))
+        return stats
+
+    def weights(self, when: str = "while sending its weights") -> dict:
+        """Rank 0's policy (and critic) tensors, as `learner.weight_tensors` gives them."""
+        return self._gather([self.workers[0].weights.remote()], when)[0]
+
+    def state_dict(self) -> tuple[dict, dict]:
+        """As Learner.state_dict: the weights from this process's copies (equal to every rank's),
+        the optimizer and scheduler states from rank 0."""
+        objects = self._gather([self.workers[0].objects.remote()], "while its state was checkpointed")[0]
+        return weight_tensors(self.policy, self.critic), objects
+
+    def load_state_dict(self, tensors: dict, objects: dict) -> None:
+        load_weights(self.policy, self.critic, tensors)
+        t, o = self.ray.put(tensors), self.ray.put(objects)
+        self._gather([w.load_state_dict.remote(t, o) for w in self.workers], "while loading the checkpoint")
+
+    def close(self) -> None:
+        """Stop the workers (and the Ray cluster, when this object started it)."""
+        for w in self.workers:
+            self.ray.kill(w, no_restart=True)
+        self.workers = []
+        if self.owns_cluster:
+            self.ray.shutdown()
+            self.owns_cluster = False
+
+    def _gather(self, refs: list, when: str) -> list:
+        """The calls' results; if any rank failed, stop every worker and raise one sentence naming
+        the rank (one that died is named before one whose collective broke because of it)."""
+        ray = self.ray
+        errors: dict[int, Exception] = {}
+        rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=GRACE_S if errors else None)
+            if not ready:
+                break  # the rest wait in a collective for a failed rank
+            try:
+                ray.get(ready[0])
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                errors[rank_of[ready[0]]] = e
+        if not errors:
+            return ray.get(refs)
+        self.close()
+        dead = sorted(r for r, e in errors.items() if isinstance(e, ray.exceptions.RayActorError))
+        if dead:
+            raise RlhfspecError(f"training worker {dead[0]} of {self.size} died {when}.")
+        rank = min(errors)
+        cause = errors[rank].cause
+        if isinstance(cause, RlhfspecError):
+            raise RlhfspecError(str(cause)) from None
+        raise RlhfspecError(f"training worker {rank} of {self.size} failed {when}: {type(cause).__name__}: {cause}") from None

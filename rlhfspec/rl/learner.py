@@ -1,0 +1,225 @@
+"""The training stage: the policy being trained, its optimizer and schedule, the PPO critic, and the
+optimizer steps over one iteration's experience, in this process or as one rank of several."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+
+import torch
+
+from rlhfspec.engine.sampling import SamplingParams
+from rlhfspec.errors import RlhfspecError
+from rlhfspec.models.loader import load_model
+from rlhfspec.rl.config import Config
+from rlhfspec.rl.logprobs import Batch, completion_logprobs, values_at
+from rlhfspec.rl.objective import Targets, policy_objective, value_objective
+
+# What a mini-batch's ranks add up besides gradients, in the order optimize keeps them.
+COUNTS = ("clipped", "tokens", "kl_sum", "entropy_sum", "entropy_tokens")
+
+
+def load_critic(c: Config) -> tuple[torch.nn.Module, torch.nn.Parameter]:
+    """The PPO critic: model.critic (or the policy) with a zero value head, both trainable."""
+    model = load_model(c.model.critic or c.model.policy, dtype=c.model.dtype, tokenizer=False)[0].train().requires_grad_(True)
+    return model, torch.nn.Parameter(torch.zeros(model.config.hidden_size, 1))
+
+
+def compute_context(compute_dtype: str, device: torch.device):
+    """The trainer's forwards: under bfloat16 autocast over the float32 weights, or plain."""
+    if compute_dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def weight_tensors(policy, critic) -> dict:
+    """The checkpoint's tensors: the policy's state dict and the critic's with its value head."""
+    tensors = {"policy": policy.state_dict()}
+    if critic is not None:
+        tensors["critic"] = {**critic[0].state_dict(), "value_head": critic[1].detach()}
+    return tensors
+
+
+def load_weights(policy, critic, tensors: dict) -> None:
+    """Copy `weight_tensors`' output into the policy (and the critic) in place."""
+    with torch.no_grad():
+        policy.load_state_dict(tensors["policy"], strict=True)
+        if critic is not None:
+            critic[0].load_state_dict({k: v for k, v in tensors["critic"].items() if k != "value_head"}, strict=True)
+            critic[1].copy_(tensors["critic"]["value_head"])
+
+
+def steps_per_epoch(c: Config) -> int:
+    """Optimizer steps per epoch: mini_batches, or fewer when an iteration has fewer samples."""
+    return min(c.train.mini_batches, c.data.prompts_per_iteration * c.generation.num_generations)
+
+
+class Learner:
+    """The policy's AdamW optimizer and LR schedule (and the critic's optimizer under PPO) and the
+    loop of optimizer steps. As rank `rank` of `world` (torch.distributed already joined) it takes
+    every `world`-th sample of each mini-batch and all-reduces the gradients, so every rank steps
+    alike (replicated optimizer state); world 1 is the in-process trainer."""
+
+    def __init__(self, config: Config, policy, critic=None, rank: int = 0, world: int = 1):
+        c = self.config = config
+        self.policy, self.critic, self.rank, self.world = policy, critic, rank, world
+        self.compute_dtype = c.train.compute_dtype(str(policy.device))
+        self.score_params = score_params(c)
+        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=c.train.learning_rate, betas=c.train.adam_betas, weight_decay=c.train.weight_decay)
+        total = c.train.iterations * c.train.epochs * steps_per_epoch(c)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(c.train.lr_schedule, c.train.warmup_steps, total))
+        self.critic_opt = None
+        if critic is not None:
+            self.critic_opt = torch.optim.AdamW([*critic[0].parameters(), critic[1]], lr=c.train.critic_learning_rate,
+                                                betas=c.train.adam_betas, weight_decay=c.train.weight_decay)
+
+    def compute(self):
+        """The training forwards' context: bfloat16 autocast or plain."""
+        return compute_context(self.compute_dtype, self.policy.device)
+
+    def optimize(self, batch: Batch, targets: Targets, iteration: int) -> dict:
+        """train.epochs passes of train.mini_batches optimizer steps over the iteration's samples, in
+        the order random.Random(seed * 7919 + iteration) shuffles them; the steps' statistics."""
+        c = self.config
+        order = list(range(len(batch)))
+        rng = random.Random(c.train.seed * 7919 + iteration)
+        losses, grad_norms, lr = [], [], None
+        counts = dict.fromkeys(COUNTS, 0.0)
+        for epoch in range(c.train.epochs):
+            rng.shuffle(order)
+            # Mini-batches of near-equal size (they differ by at most one sample), so no step runs
+            # on a small remainder at full weight, and the schedule counts exactly these steps.
+            for mb in (m.tolist() for m in torch.tensor_split(torch.tensor(order), min(c.train.mini_batches, len(order)))):
+                self.optimizer.zero_grad(set_to_none=True)
+                total = self._backward(batch, targets, mb, counts, epoch == 0)
+                total = self._all_reduce(total)
+                if not math.isfinite(total):
+                    raise RlhfspecError(f"the policy loss became {total} at iteration {iteration}; the iteration was not committed (try a lower learning rate).")
+                norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.train.max_grad_norm)
+                if not torch.isfinite(norm):
+                    raise RlhfspecError(f"the gradient norm became {norm.item()} at iteration {iteration}; the iteration was not committed.")
+                lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+                self.optimizer.step()
+                self.scheduler.step()
+                if self.critic is not None:
+                    torch.nn.utils.clip_grad_norm_([*self.critic[0].parameters(), self.critic[1]], c.train.max_grad_norm)
+                    self.critic_opt.step()
+                    self.critic_opt.zero_grad(set_to_none=True)
+                losses.append(total)
+                grad_norms.append(norm.item())
+        counts = self._sum_counts(counts)
+        out = {"loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms),
+               "clip_frac": counts["clipped"] / max(counts["tokens"], 1),
+               "entropy": counts["entropy_sum"] / max(counts["entropy_tokens"], 1), "lr": lr}
+        if c.algorithm.beta > 0 and not c.algorithm.kl_in_reward:
+            out["kl_loss_term"] = counts["kl_sum"] / max(counts["tokens"], 1)
+        return out
+
+    def _backward(self, batch: Batch, targets: Targets, mb: list[int], counts: dict, first_epoch: bool) -> float:
+        """Accumulate this rank's share of mini-batch `mb`'s gradients; its share of the loss, or the
+        first non-finite micro-batch loss (nothing of which is backpropagated)."""
+        c, algo = self.config, self.config.algorithm
+        # The whole mini-batch's token and sequence counts normalise every share, so the ranks'
+        # gradients add up to the mini-batch's.
+        n_tokens = targets.mask[mb].sum().item()
+        share = mb[self.rank::self.world]
+        sub = Batch([batch.prompts[i] for i in share], [batch.completions[i] for i in share])
+        total = 0.0
+        for micro in sub.micro_batches(c.train.micro_batch_tokens):
+            idx = [share[i] for i in micro]
+            with self.compute():
+                lp, _, ent = completion_logprobs(self.policy, sub, micro, self.score_params, entropy=True)
+            loss, st = policy_objective(lp, idx, targets, algo, n_tokens, len(mb), c.generation.max_new_tokens, ent)
+            if not torch.isfinite(loss):
+                return loss.item()
+            if first_epoch:  # the policy's entropy on its own rollout tokens
+                counts["entropy_sum"] += st["entropy_sum"]
+                counts["entropy_tokens"] += st["tokens"]
+            loss.backward()
+            total += loss.item()
+            counts["clipped"] += st["clipped"]
+            counts["tokens"] += st["tokens"]
+            counts["kl_sum"] += st.get("kl_sum", 0.0)
+            if self.critic is not None:
+                model, head = self.critic
+                with self.compute():
+                    v = values_at(model, head, sub, micro)
+                value_objective(v, idx, targets, algo, n_tokens).mul(algo.value_coef).backward()
+        return total
+
+    def _all_reduce(self, total: float) -> float:
+        """Sum the ranks' gradients (policy and critic) and their shares of the loss, in one
+        float32 all-reduce; a parameter no rank has a gradient for keeps none (AdamW skips it)."""
+        if self.world == 1:
+            return total
+        import torch.distributed as dist
+
+        params = self.trained_parameters()
+        device = params[0].device
+        flat = torch.cat([*(p.grad.reshape(-1).float() if p.grad is not None else torch.zeros(p.numel(), device=device) for p in params),
+                          torch.tensor([float(p.grad is not None) for p in params] + [total], device=device)])
+        dist.all_reduce(flat)
+        offset = 0
+        flags = flat[-1 - len(params):-1].tolist()
+        for p, has in zip(params, flags):
+            p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype) if has else None
+            offset += p.numel()
+        return flat[-1].item()
+
+    def _sum_counts(self, counts: dict) -> dict:
+        """The statistics' sums over all ranks (float64, as the Python floats they are)."""
+        if self.world == 1:
+            return counts
+        import torch.distributed as dist
+
+        flat = torch.tensor([counts[k] for k in COUNTS], dtype=torch.float64, device=self.policy.device)
+        dist.all_reduce(flat)
+        return dict(zip(COUNTS, flat.tolist()))
+
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        """The policy's parameters, then the critic's and its value head."""
+        critic = [*self.critic[0].parameters(), self.critic[1]] if self.critic is not None else []
+        return [*self.policy.parameters(), *critic]
+
+    def state_dict(self) -> tuple[dict, dict]:
+        """The checkpoint's part this learner owns: (tensors: policy and critic weights, objects:
+        optimizer, scheduler and critic optimizer states)."""
+        objects = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.critic is not None:
+            objects["critic_optimizer"] = self.critic_opt.state_dict()
+        return weight_tensors(self.policy, self.critic), objects
+
+    def load_state_dict(self, tensors: dict, objects: dict) -> None:
+        load_weights(self.policy, self.critic, tensors)
+        self.optimizer.load_state_dict(objects["optimizer"])
+        self.scheduler.load_state_dict(objects["scheduler"])
+        if self.critic is not None:
+            self.critic_opt.load_state_dict(objects["critic_optimizer"])
+
+    def close(self) -> None:
+        """Nothing to release: the in-process learner is this process's own tensors (RayLearners
+        stops its workers here)."""
+
+
+def score_params(c: Config) -> SamplingParams:
+    """What the trainer scores tokens under: the temperature alone (top-k / top-p shape what is
+    sampled, not what is trained, as in TRL and verl), so no sampled token has logprob -inf."""
+    return SamplingParams(temperature=c.generation.temperature, max_new_tokens=c.generation.max_new_tokens)
+
+
+def _schedule(kind: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "constant":
+            return 1.0
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        raise RlhfspecError(f"train.lr_schedule {kind!r} is not constant, linear or cosine.")
+
+    f(0)
+    return f
