@@ -13,7 +13,7 @@ from rlhfspec.rl.config import Config
 from rlhfspec.rl.learner import Learner, load_critic, load_weights, weight_tensors
 from rlhfspec.rl.logprobs import Batch
 from rlhfspec.rl.objective import Targets
-from rlhfspec.rollout.ray_backend import connect
+from rlhfspec.rollout.ray_backend import connect, free_cpus
 
 # After one rank fails, how long the others get to report their own end before they are taken to
 # be stuck in a collective that waits for the failed one.
@@ -77,10 +77,10 @@ class RayLearners:
         import ray
 
         self.ray, self.workers = ray, []
-        cpus = ray.cluster_resources().get("CPU", 0)
+        cpus = free_cpus(n)
         if cpus < n:
             self.close()
-            raise RlhfspecError(f"train.workers is {n} but the Ray cluster has {cpus:g} CPUs; each training worker takes one.")
+            raise RlhfspecError(f"train.workers is {n} but the Ray cluster has {cpus:g} free CPUs; each training worker takes one.")
         threads = max(1, (config.run.threads or torch.get_num_threads()) // n)
         # The precision is resolved here, once: a worker's own hardware check could pick another.
         shipped = copy.deepcopy(config)

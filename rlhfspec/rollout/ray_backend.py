@@ -38,6 +38,18 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     return True
 
 
+def free_cpus(need: float, wait: float = 5.0) -> float:
+    """The Ray cluster's unreserved CPUs, once at least `need` are (actors just killed give theirs
+    back a moment later), or after `wait` seconds."""
+    ray = _ray()
+    deadline = time.perf_counter() + wait
+    while True:
+        free = ray.available_resources().get("CPU", 0)
+        if free >= need or time.perf_counter() > deadline:
+            return free
+        time.sleep(0.2)
+
+
 class _Host:
     """A generation instance inside its actor process. The model (loaded there from the spec), its
     drafters and strategy stay for the actor's life; each call's instance is built over them, so
@@ -108,7 +120,13 @@ class RayBackend:
             raise RlhfspecError("the ray backend's actors load their own model; the engine spec must name it (model='default', a directory or a .gguf file).")
         ray = _ray()
         self.ray, self.spec, self.size = ray, spec, size
-        self.owns_cluster = connect(address, num_cpus=max(size * (spec.threads or 1), 1))
+        need = size * (spec.threads or 1)
+        self.owns_cluster = connect(address, num_cpus=need)
+        free = free_cpus(need)
+        if free < need:  # the actors would wait for CPUs forever
+            if self.owns_cluster:
+                ray.shutdown()
+            raise RlhfspecError(f"{size} generation actors of {spec.threads or 1} threads need {need} CPUs, but the Ray cluster has {free:g} free.")
         self.remote = ray.remote(num_cpus=spec.threads or 1, num_gpus=gpus_per_actor)(_Host)
         self.actors = [self.remote.remote(spec) for _ in range(size)]
         self.inflight: dict[int, object] = {}

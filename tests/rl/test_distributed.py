@@ -101,7 +101,7 @@ def test_more_workers_than_the_cluster_has_cpus_is_refused_before_any_starts(clu
 
     c = _config(tmp_path, policy, **{"train.workers": 3})
     model = load_model(c.model.policy, tokenizer=False)[0]
-    with pytest.raises(RlhfspecError, match=r"^train.workers is 3 but the Ray cluster has 2 CPUs; each training worker takes one\.$"):
+    with pytest.raises(RlhfspecError, match=r"^train.workers is 3 but the Ray cluster has 2 free CPUs; each training worker takes one\.$"):
         RayLearners(c, model)
 
 

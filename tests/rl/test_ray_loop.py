@@ -4,7 +4,9 @@ no sample lost when an actor dies mid-rollout, and an exact resume with the acto
 
 import pytest
 
+from rlhfspec import RlhfspecError
 from rlhfspec.rl.trainer import Trainer
+from tests.rl.test_distributed import COMPARED, STATISTICS
 from tests.rl.test_trainer import DETERMINISTIC, config
 
 ray = pytest.importorskip("ray")
@@ -12,7 +14,7 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
 
@@ -83,3 +85,26 @@ def test_a_ray_run_resumes_exactly_with_its_actors_drafter_state(cluster, tmp_pa
     for a, b in zip(whole[1:], resumed):
         assert {k: a[k] for k in (*DETERMINISTIC, "acceptance")} == {k: b[k] for k in (*DETERMINISTIC, "acceptance")}
     assert all(r["acceptance"] is not None for r in whole)
+
+
+def test_ray_actors_and_two_training_workers_give_the_in_process_run(cluster, tmp_path, policy):
+    """K = 2 generation actors and N = 2 data-parallel trainers: iteration 0's rollouts are the same
+    samples; after that the weights differ from the in-process run's by the data-parallel sums'
+    last bits (float32: below 1e-6, see test_distributed), which leaves the sampled tokens and the
+    metrics as they were unless a draw falls on a near-tie."""
+    fp32 = {"train.dtype": "float32", "train.iterations": 2}
+    local = Trainer(config(tmp_path / "local", policy, **fp32), progress=False, log=lambda m: None)
+    local_rollouts = recorded(local)
+    local_records = local.train()
+    remote = Trainer(config(tmp_path / "ray", policy, **{**fp32, **ON_RAY, "run.threads": 2, "train.workers": 2}),
+                     progress=False, log=lambda m: None)
+    remote_rollouts = recorded(remote)
+    remote_records = remote.train()
+    assert remote_rollouts[0] == local_rollouts[0]
+    for a, b in zip(local_records, remote_records):
+        assert {k: b[k] for k in COMPARED} == pytest.approx({k: a[k] for k in COMPARED}, **STATISTICS)
+
+
+def test_more_generation_actors_than_free_cpus_is_one_sentence(cluster, tmp_path, policy):
+    with pytest.raises(RlhfspecError, match=r"^8 generation actors of 1 threads need 8 CPUs, but the Ray cluster has 4 free\.$"):
+        Trainer(config(tmp_path, policy, **{**ON_RAY, "generation.instances": 8, "run.threads": 8}), progress=False)
