@@ -155,9 +155,9 @@ def markdown(result: dict, cfg: SimScaleConfig, json_path: str | None, record: b
     lines = [
         "## What to expect at scale (simulated)", "",
         f"Command: `{cmd}`  ",
-        "Machine: none; every number below is a prediction of the simulator's H100 roofline (spec sheet, bandwidth "
-        "efficiency 0.8, FLOP efficiency 0.6, 1.5 ms per forward; see the sim-calibrate section), driving the real "
-        "coordinator, rebalancer and strategies.  ",
+        "Machine: simulated H100s; every number below is a deterministic prediction of the simulator's roofline (spec "
+        "sheet, bandwidth efficiency 0.8, FLOP efficiency 0.6, 1.5 ms per forward; see the sim-calibrate section) "
+        "driving the real coordinator, rebalancer and strategies, the same on whatever machine computes it.  ",
         f"Rollout: {w['samples']} samples ({round(PROMPTS * cfg.scale)} prompts x {SAMPLES}), prompts {PROMPT_LEN} tokens, "
         f"response lengths `{result['lengths']}` (median {w['median']}, p90 {w['p90']}, max {w['max']}{fitted}).  ",
         "Speedup = plain decoding's makespan over the feature's; static speculation is the best fixed n of "
