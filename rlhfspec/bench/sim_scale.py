@@ -176,6 +176,10 @@ def markdown(result: dict, cfg: SimScaleConfig, json_path: str | None, record: b
             cells = [f"{r['makespan_s']:.0f} | {r['tokens_per_s']:,.0f} | {r['speedup']:.2f}" for r in (p["rows"][i] for p in profiles)]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {' / '.join(str(p['rows'][i]['moves']) for p in profiles)} |")
         lines.append("")
+        for p in profiles:
+            if p.get("static"):
+                lines.append(f"Every fixed n, {p['title']}: " + ", ".join(f"{x['setting']} {x['speedup']:.2f}x" for x in p["static"]) + ".  ")
+        lines.append("")
     lines += ["Acceptance profiles (per-position acceptance, temperature 1):", ""]
     for p in next(iter(result["scenarios"].values()))["profiles"].values():
         lines.append(f"- {p['title']}: `{p['config']['acceptance']}`; {p['source']}.")

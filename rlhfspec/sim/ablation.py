@@ -106,6 +106,7 @@ def ablation(cfg: SimConfig, log=print) -> dict:
     cost, work, cluster, desc = build(cfg)
     drafter = work.acceptance.drafters[0] if work.acceptance.drafters else None
     runs: dict[str, SimRun] = {"plain": simulate(cost, work, cluster, None, False, cfg.seed, "plain")}
+    statics: list[SimRun] = []
     if drafter is not None:
         statics = [simulate(cost, work, cluster, Static(drafter, n), False, cfg.seed, f"static {drafter} n={n}") for n in cfg.static_n]
         best = min(statics, key=lambda r: r.makespan_s)
@@ -135,6 +136,9 @@ def ablation(cfg: SimConfig, log=print) -> dict:
                      "p90": lens[int(0.9 * (len(lens) - 1))], "max": lens[-1], "tokens": sum(lens),
                      "acceptance": work.acceptance.rates},
         "rows": rows, "runs": runs,
+        # Every static n tried, not only the best: what a fixed n costs when it is not the right one.
+        "static": [{"setting": r.label.removeprefix("static "), "makespan_s": round(r.makespan_s, 3),
+                    "speedup": round(plain.makespan_s / r.makespan_s, 3)} for r in statics],
     }
 
 
