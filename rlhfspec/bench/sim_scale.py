@@ -63,8 +63,8 @@ PROFILES = (
 # sigma = ln(5000 / 500) / 2.326 = 0.99; capped at 8,192 new tokens.
 LENGTHS = "lognormal:500,0.99,8192"
 LENGTHS_SOURCE = "https://jiahuanglin.xyz/all_lessons/RL/lessons/22b_longtail_rollouts.html"
-# 512 prompts x 8 samples: inside the 400-800 prompts x 8-16 samples of the GRPO workloads in Seer
-# (arXiv 2511.14617), and DAPO's 512 prompts.
+# 512 prompts x 8 samples: inside the 400-800 prompts x 8-16 samples per iteration of the production
+# GRPO workloads in Seer (https://arxiv.org/abs/2511.14617).
 PROMPTS, SAMPLES, PROMPT_LEN = 512, 8, "256"
 
 
@@ -141,7 +141,8 @@ def speedup_bars(result: dict, path: Path) -> Path:
     ax.set_xticklabels([f"{s['title'].split(' on ')[0]}\n{p['title']}" for s, p in groups], fontsize=7)
     ax.set_ylabel("predicted speedup over plain decoding")
     ax.set_title("Simulated rollout makespan speedup (H100 roofline; predictions, not measurements)", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.set_ylim(0, 1.3 * max(r["speedup"] for _, p in groups for r in p["rows"]))
+    ax.legend(fontsize=7, loc="upper center", ncol=len(FEATURES))
     return _save(fig, plt, path)
 
 
