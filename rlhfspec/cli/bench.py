@@ -86,6 +86,14 @@ def register(sub) -> None:
     c.add_argument("--json", default=None)
     c.add_argument("--record", action="store_true", help=RECORD)
     c.set_defaults(run=run_sim_calibrate)
+    k = names.add_parser("sim-scale", help="predicted speedup of each generation feature for an 8B and a 70B policy on H100 clusters (simulated)")
+    k.add_argument("--scale", type=float, default=1.0, help="fraction of the 512 prompts simulated (speedups barely move with it)")
+    k.add_argument("--scenarios", default="8b,70b", help="comma-separated: 8b (8 x 1 H100), 70b (8 x 8 H100)")
+    k.add_argument("--profiles", default="eagle3,own", help="acceptance: eagle3 (published EAGLE-3), own (this project's heads)")
+    k.add_argument("--lengths", default=None, help="response lengths instead of the cited fit (e.g. lognormal:500,0.6,8192)")
+    k.add_argument("--json", default=None)
+    k.add_argument("--record", action="store_true", help=RECORD)
+    k.set_defaults(run=run_sim_scale)
     f = names.add_parser("refresh", help="draft-model acceptance per RL iteration with and without drafter refresh")
     f.add_argument("--config", default=None)
     f.add_argument("--iterations", type=int, default=5)
@@ -203,4 +211,15 @@ def run_sim_calibrate(args) -> int:
     from rlhfspec.bench.sim_calibrate import run
 
     run(json_path=args.json, record=args.record, overhead_ms=args.overhead_ms)
+    return 0
+
+
+def run_sim_scale(args) -> int:
+    from rlhfspec.bench.sim_scale import SimScaleConfig, run
+
+    names = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())
+    cfg = SimScaleConfig(scale=args.scale, scenarios=names(args.scenarios), profiles=names(args.profiles))
+    if args.lengths:
+        cfg.lengths = args.lengths
+    run(cfg, json_path=args.json, record=args.record)
     return 0

@@ -15,7 +15,7 @@ def register(sub) -> None:
     c.add_argument("--accelerator", default=_D.accelerator, help="H100, H200, A100 or B200")
     c.add_argument("--model", default=_D.model, help="7B, 8B, 14B, 32B, 70B, a catalog name, or a config.json")
     c.add_argument("--tp", type=int, default=_D.tp, help="tensor-parallel GPUs per instance")
-    c.add_argument("--draft-model", default=_D.draft_model, help="architecture of the 'draft' drafter")
+    c.add_argument("--draft-model", default=_D.draft_model, help="architecture of the 'draft' drafter (an 'eagle' drafter is one layer of the policy)")
     c.add_argument("--bytes-per-param", type=float, default=_D.bytes_per_param, help="weights and KV cache: 2 (bf16) or 1 (fp8)")
     c.add_argument("--overhead-ms", type=float, default=_D.overhead_ms, help="fixed per-step overhead")
     k = p.add_argument_group("cluster")

@@ -4,15 +4,27 @@ reallocation, all of them) on a simulated cluster, with speedups over plain deco
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from rlhfspec.engine.spec import MAX_DRAFT_TOKENS, Adaptive, Static
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.sim.cost import RooflineCost, StepCost, TableCost
+from rlhfspec.models.config import ModelConfig
 from rlhfspec.sim.hardware import Roofline, Shape, accelerator, model_config
 from rlhfspec.sim.run import Cluster, SimRun, Workload, simulate
 from rlhfspec.sim.workload import AcceptanceProfile, cap_of, lengths
+
+# EAGLE-3 heads (e.g. yuhuili/EAGLE3-LLaMA3.1-Instruct-8B) are one decoder layer of the policy's
+# width with their own output layer over a 32k-token draft vocabulary.
+EAGLE_DRAFT_VOCAB = 32000
+
+
+def eagle_head(policy: ModelConfig) -> ModelConfig:
+    """The architecture an EAGLE head of `policy` reads per draft token: one decoder layer of the
+    policy's shape and an untied output layer over the draft vocabulary (its input embedding is the
+    policy's, gathered, not read)."""
+    return replace(policy, num_layers=1, vocab_size=min(policy.vocab_size, EAGLE_DRAFT_VOCAB), tie_word_embeddings=False)
 
 
 @dataclass
@@ -75,12 +87,17 @@ def build(cfg: SimConfig) -> tuple[StepCost, Workload, Cluster, str]:
     policy = model_config(cfg.model)
     roof = Roofline(gpu, Shape.of(policy, cfg.bytes_per_param), cfg.tp, overhead_s=cfg.overhead_ms * 1e-3)
     roof.fits(cfg.max_batch, max(work.prompt_lens) + cap, f"model {cfg.model}")
-    drafts = {}
-    if "draft" in acceptance.drafters:
-        drafts["draft"] = Roofline(gpu, Shape.of(model_config(cfg.draft_model), cfg.bytes_per_param), cfg.tp,
-                                   overhead_s=cfg.overhead_ms * 1e-3)
+    # The drafters with a forward of their own on the same GPUs (n-gram drafting is host work).
+    heads = {"draft": (lambda: model_config(cfg.draft_model), f"draft model {cfg.draft_model}"),
+             "eagle": (lambda: eagle_head(policy), f"eagle head (one layer of the policy, {EAGLE_DRAFT_VOCAB // 1000}k draft vocabulary)")}
+    drafts, named = {}, []
+    for name in acceptance.drafters:
+        if name in heads:
+            arch, what = heads[name]
+            drafts[name] = Roofline(gpu, Shape.of(arch(), cfg.bytes_per_param), cfg.tp, overhead_s=cfg.overhead_ms * 1e-3)
+            named.append(what)
     desc = (f"roofline of {cfg.model} ({policy.num_params / 1e9:.1f}B) on {cfg.instances} x {cfg.tp} {gpu.name} "
-            f"(tensor-parallel {cfg.tp}), draft model {cfg.draft_model}, {cfg.overhead_ms:g} ms per-step overhead")
+            f"(tensor-parallel {cfg.tp}), {', '.join(named + [f'{cfg.overhead_ms:g} ms per-step overhead'])}")
     return RooflineCost(roof, drafts), work, cluster, desc
 
 
@@ -89,6 +106,7 @@ def ablation(cfg: SimConfig, log=print) -> dict:
     cost, work, cluster, desc = build(cfg)
     drafter = work.acceptance.drafters[0] if work.acceptance.drafters else None
     runs: dict[str, SimRun] = {"plain": simulate(cost, work, cluster, None, False, cfg.seed, "plain")}
+    statics: list[SimRun] = []
     if drafter is not None:
         statics = [simulate(cost, work, cluster, Static(drafter, n), False, cfg.seed, f"static {drafter} n={n}") for n in cfg.static_n]
         best = min(statics, key=lambda r: r.makespan_s)
@@ -118,6 +136,9 @@ def ablation(cfg: SimConfig, log=print) -> dict:
                      "p90": lens[int(0.9 * (len(lens) - 1))], "max": lens[-1], "tokens": sum(lens),
                      "acceptance": work.acceptance.rates},
         "rows": rows, "runs": runs,
+        # Every static n tried, not only the best: what a fixed n costs when it is not the right one.
+        "static": [{"setting": r.label.removeprefix("static "), "makespan_s": round(r.makespan_s, 3),
+                    "speedup": round(plain.makespan_s / r.makespan_s, 3)} for r in statics],
     }
 
 

@@ -56,3 +56,16 @@ def test_table_json_round_trip(tmp_path):
     assert back.verify_table == cost.verify_table and back.drafts == cost.drafts
     assert back.ngram_seconds_per_row_token == pytest.approx(3e-5) and back.kv_bytes_per_token == 100.0
     assert "ngram" not in back.profile(8, 4).draft_tables  # the engine learns the n-gram drafter's cost online
+
+
+def test_an_eagle_head_drafts_with_one_layer_of_the_policy():
+    from rlhfspec.sim.ablation import EAGLE_DRAFT_VOCAB, SimConfig, build, eagle_head
+
+    policy = model_config("8B")
+    head = eagle_head(policy)
+    assert (head.num_layers, head.hidden_size, head.vocab_size) == (1, policy.hidden_size, EAGLE_DRAFT_VOCAB)
+    cost, _, _, desc = build(SimConfig(model="8B", prompts=2, samples=2, lengths="64", acceptance="eagle=0.7;ngram=0.3"))
+    assert set(cost.draft_models) == {"eagle"} and "eagle head" in desc
+    # One draft token reads one layer and a 32k-row output layer: a small fraction of the policy's forward.
+    body = cost.draft("eagle", 1, 1, 512) - cost.policy.overhead_s
+    assert 0 < body < 0.1 * (cost.verify(1, 1, 512) - cost.policy.overhead_s)
