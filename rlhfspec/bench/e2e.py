@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from rlhfspec.bench.common import machine, median, results_file, write_json, write_section
+from rlhfspec.models.hardware import release_memory
 from rlhfspec.rl.config import load_config
 
 STAGES = ("generation_s", "inference_s", "training_s", "sync_s", "iteration_s")
@@ -148,7 +149,7 @@ def run_precision(config_path: str | None, iterations: int, overrides: list[str]
             trainers[label] = Trainer(cfg, progress=False, log=lambda m: None)
         for it in range(iterations):
             for label, trainer in trainers.items():
-                _release_memory()  # what the last trainer's step freed, back to the OS before the next one's
+                release_memory()  # what the last trainer's step freed, back to the OS before the next one's
                 r = trainer.step()
                 trainer.iteration += 1
                 all_records[label].append(r)
@@ -193,11 +194,12 @@ def run_placement(config_path: str | None, iterations: int, overrides: list[str]
             cfg = load_config(config_path, [*(overrides or []), *extra, "--train.iterations", str(iterations),
                                             "--run.output_dir", str(Path(tmp) / f"run{i}"), "--run.tensorboard", "false",
                                             "--run.checkpoint_every", str(iterations)])
-            _release_memory()
+            release_memory()
             records = all_records[label] = []
             trainer = Trainer(cfg, progress=False, log=lambda m: None)
             try:
                 for _ in range(iterations):
+                    release_memory()
                     r = trainer.step()
                     trainer.iteration += 1
                     records.append(r)
@@ -240,18 +242,6 @@ def _placement_markdown(r: dict, config_path, iterations: int, overrides) -> str
         lines.append(f"| {label} | {m['generation_s']} | {m['inference_s']} | {m['training_s']} | {m['sync_s']} | {m['weight_sync_s']} | "
                      f"{m['iteration_s']} | {r['relative_to_in_process'][label]:.2f} |")
     return "\n".join(lines)
-
-
-def _release_memory() -> None:
-    """glibc keeps freed heap pages; with several trainers alive in turn their peaks would add up."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _precision_markdown(r: dict, config_path, iterations: int, overrides) -> str:

@@ -1,53 +1,104 @@
-"""`rlhfspec bench refresh`: the draft model's acceptance per RL iteration, refreshed by distillation or not."""
+"""`rlhfspec bench refresh`: drafter acceptance per RL iteration as the policy drifts: a draft
+model left frozen, a draft model refreshed on each iteration's rollouts, an eagle head refreshed."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import tempfile
+from pathlib import Path
 
-from rlhfspec.bench.common import machine, results_file, write_json, write_section
-from rlhfspec.bench.e2e import train_records
+from rlhfspec.bench.common import machine, median, results_file, write_json, write_section
 from rlhfspec.rl.config import load_config
 
+# label -> (drafter, refreshed)
+SETTINGS = {
+    "draft model, frozen": ("draft", False),
+    "draft model, refreshed": ("draft", True),
+    "eagle head, refreshed": ("eagle", True),
+}
 
-def run(config_path: str | None = None, iterations: int = 5, overrides: list[str] | None = None,
-        json_path: str | None = None, record: bool = False, log=print) -> dict:
-    """Same seed and config, drafting with the distilled draft model at a fixed n = 2 (so every step
-    measures acceptance), with and without refreshing the draft on each iteration's rollouts."""
-    base = load_config(config_path, overrides or [])
-    gen = replace(base.generation, spec=True, strategy="static", num_draft_tokens=2, drafters=["draft"])
-    curves = {}
-    for label, refresh in (("refresh on", True), ("refresh off", False)):
-        records = train_records(base, replace(gen, refresh_draft=refresh), iterations)
-        curves[label] = [{"iteration": r["iteration"], "acceptance": r.get("acceptance/draft"), "reward": r["reward"],
-                          "refresh_s": r.get("refresh/draft_s")} for r in records]
-        log(f"{label}: acceptance per iteration " + ", ".join(f"{c['acceptance']:.3f}" for c in curves[label]))
-    result = {"machine": machine(), "iterations": iterations, "curves": curves}
-    write_json(json_path, result)
-    # The table is printed always; it goes into benchmarks/RESULTS.md only with record.
+
+def run(config_path: str | None = None, iterations: int = 20, overrides: list[str] | None = None,
+        json_path: str | None = None, record: bool = False, log=print, settings: dict | None = None) -> dict:
+    """The same seed and config in each setting, drafting at a fixed n = 2 on every step (so every
+    step measures acceptance). The settings run round-robin, one iteration each in turn in one
+    process, so a shared machine's slow spells fall on all alike; the JSON is rewritten after
+    every round, so a run stopped early still shows every setting at the same iteration."""
+    from rlhfspec.models.hardware import release_memory
+    from rlhfspec.rl.trainer import Trainer
+
+    settings = settings or SETTINGS
+    curves: dict[str, list[dict]] = {label: [] for label in settings}
+    result: dict = {}
+    with tempfile.TemporaryDirectory(prefix="rlhfspec-bench-") as tmp:
+        trainers = {}
+        try:
+            for i, (label, (drafter, refresh)) in enumerate(settings.items()):
+                cfg = load_config(config_path, [*(overrides or []), "--generation.speculative", "true", "--generation.strategy", "static",
+                                                "--generation.num_draft_tokens", "2", "--generation.drafters", f"[{drafter}]",
+                                                "--generation.refresh_draft", str(refresh).lower(), "--train.iterations", str(iterations),
+                                                "--run.output_dir", str(Path(tmp) / f"run{i}"), "--run.tensorboard", "false"])
+                trainers[label] = (drafter, Trainer(cfg, progress=False, log=lambda m: None))
+            for it in range(iterations):
+                for label, (drafter, trainer) in trainers.items():
+                    release_memory()
+                    r = trainer.step()
+                    trainer.iteration += 1
+                    name = trainer.rollout.drafters[0].name
+                    point = {"iteration": it, "acceptance": r.get(f"acceptance/{name}"), "reward": r["reward"],
+                             "iteration_s": r["iteration_s"], "refresh_s": r.get(f"refresh/{name}_s", 0.0),
+                             "refresh_steps": r.get(f"refresh/{name}_steps", 0)}
+                    point["refresh_share"] = point["refresh_s"] / r["iteration_s"]
+                    curves[label].append(point)
+                    log(f"iteration {it} {label:24} acceptance {point['acceptance']:.3f}, refresh {point['refresh_s']:.1f} s "
+                        f"({point['refresh_steps']} steps, {point['refresh_share']:.0%} of {r['iteration_s']:.0f} s), reward {r['reward']:.3f}")
+                result = _result(curves, iterations, settings)
+                write_json(json_path, result)
+        finally:
+            for _, trainer in trainers.values():
+                trainer.close()
     results = results_file(record)
     from rlhfspec.bench.plots import acceptance_curves
 
     png = acceptance_curves(curves, results.parent / "refresh_acceptance.png")
-    log(write_section("refresh", _markdown(result, config_path, iterations, overrides, png.name), path=results))
+    log(write_section("refresh", markdown(result, config_path, iterations, overrides, png.name), path=results))
     return result
 
 
-def _markdown(r: dict, config_path, iterations: int, overrides, png: str) -> str:
+def _result(curves: dict, iterations: int, settings: dict) -> dict:
+    summary = {}
+    for label, points in curves.items():
+        acc = [p["acceptance"] for p in points if p["acceptance"] is not None]
+        summary[label] = {"min_acceptance": min(acc, default=None), "last_acceptance": acc[-1] if acc else None,
+                          "median_refresh_share": median([p["refresh_share"] for p in points]),
+                          "max_refresh_share": max(p["refresh_share"] for p in points)}
+    return {"machine": machine(), "iterations": iterations, "completed": min(len(p) for p in curves.values()),
+            "settings": {k: {"drafter": d, "refresh": r} for k, (d, r) in settings.items()}, "summary": summary, "curves": curves}
+
+
+def markdown(r: dict, config_path, iterations: int, overrides, png: str) -> str:
     cmd = "rlhfspec bench refresh" + (f" --config {config_path}" if config_path else "") + f" --iterations {iterations}"
     cmd += "".join(f" {o}" for o in overrides or [])
-    on, off = r["curves"]["refresh on"], r["curves"]["refresh off"]
+    labels = list(r["curves"])
     lines = [
-        "## Drafter refresh: draft-model acceptance as the policy drifts",
+        "## Drafter refresh: acceptance as the policy drifts",
         "",
         f"Command: `{cmd}`  ",
         f"Machine: {r['machine']}  ",
-        "Default run, drafting with the distilled draft at n = 2 on every step; refresh = distil the draft on each "
-        "iteration's rollouts against the updated policy (generation.refresh_seconds per iteration).",
+        f"The run's config and seed in every setting, drafting at a fixed n = 2 on every step; refreshed = distilled on each "
+        "iteration's rollouts against the updated policy within generation.refresh_budget of the iteration (teacher forward "
+        f"included). The settings ran round-robin in one process; {r['completed']} of {iterations} iterations completed. "
+        "Acceptance = accepted / drafted tokens; refresh share = refresh seconds / iteration seconds.",
         "",
-        "| iteration | acceptance, refresh on | acceptance, refresh off | reward on | reward off |",
-        "|---:|---:|---:|---:|---:|",
+        "| iteration | " + " | ".join(f"acceptance, {k}" for k in labels) + " | " + " | ".join(f"refresh share, {k}" for k in labels if r["settings"][k]["refresh"]) + " |",
+        "|---:|" + "---:|" * (len(labels) + sum(1 for k in labels if r["settings"][k]["refresh"])),
     ]
-    for a, b in zip(on, off):
-        lines.append(f"| {a['iteration']} | {a['acceptance']:.3f} | {b['acceptance']:.3f} | {a['reward']:.3f} | {b['reward']:.3f} |")
+    for i in range(r["completed"]):
+        acc = [r["curves"][k][i]["acceptance"] for k in labels]
+        share = [r["curves"][k][i]["refresh_share"] for k in labels if r["settings"][k]["refresh"]]
+        lines.append(f"| {i} | " + " | ".join("" if a is None else f"{a:.3f}" for a in acc) + " | " + " | ".join(f"{s:.1%}" for s in share) + " |")
+    lines += ["", "| setting | lowest acceptance | last | median refresh share | largest |", "|---|---:|---:|---:|---:|"]
+    for k, s in r["summary"].items():
+        fmt = lambda x: "" if x is None else f"{x:.3f}"  # noqa: E731
+        lines.append(f"| {k} | {fmt(s['min_acceptance'])} | {fmt(s['last_acceptance'])} | {s['median_refresh_share']:.1%} | {s['max_refresh_share']:.1%} |")
     lines += ["", f"![acceptance per iteration]({png})"]
     return "\n".join(lines)

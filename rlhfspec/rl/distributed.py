@@ -13,6 +13,7 @@ from rlhfspec.rl.config import Config
 from rlhfspec.rl.learner import Learner, load_critic, load_weights, weight_tensors
 from rlhfspec.rl.logprobs import Batch
 from rlhfspec.rl.objective import Targets
+from rlhfspec.models.hardware import release_memory
 from rlhfspec.rollout.ray_backend import connect, free_cpus
 
 # After one rank fails, how long the others get to report their own end before they are taken to
@@ -51,7 +52,9 @@ class _Worker:
         self.learner = Learner(c, policy, critic, self.rank, self.world)
 
     def optimize(self, batch: Batch, targets: Targets, iteration: int) -> dict:
-        return self.learner.optimize(batch, targets, iteration)
+        stats = self.learner.optimize(batch, targets, iteration)
+        release_memory()  # the step's activations, back to the OS while the worker waits for the next
+        return stats
 
     def weights(self) -> dict:
         return weight_tensors(self.learner.policy, self.learner.critic)

@@ -11,6 +11,7 @@ from rlhfspec.engine.instance import GenerationInstance, InstanceReport, Instanc
 from rlhfspec.engine.sequence import Sequence
 from rlhfspec.engine.spec import EngineSpec
 from rlhfspec.errors import RlhfspecError
+from rlhfspec.models.hardware import release_memory
 
 
 def _ray():
@@ -87,14 +88,15 @@ class _Host:
     def stats(self) -> InstanceStats:
         return self.instance.stats
 
-    def load_weights(self, weights: dict, drafters: dict[str, dict]) -> None:
-        """The policy's new weights (in the engine's precision) and drafters' new states, in place
-        (the engine repacks weights it finds changed)."""
+    def load_weights(self, weights: tuple, drafters: dict[str, dict]) -> None:
+        """The policy's new weights (`pack_weights`' buffer, read in place from Ray's store) and
+        drafters' new states, copied into the model and drafters (the engine repacks what changed)."""
         with torch.no_grad():
-            self.model.load_state_dict(weights, strict=True)
+            self.model.load_state_dict(unpack_weights(*weights), strict=True)
         by_name = {d.name: d for d in self.drafters}
         for name, state in drafters.items():
             by_name[name].load_state_dict(state)
+        release_memory()
 
     def state_dict(self) -> dict:
         """What the drafters and the strategy learned (n-gram histories, acceptance estimates, cost corrections)."""
@@ -132,6 +134,8 @@ class RayBackend:
         self.inflight: dict[int, object] = {}
         self.live = [0] * size
         self.weights: tuple | None = None  # the last weights shipped (object refs), for actors that replace dead ones
+        # An actor that died, or that Ray stopped for want of memory: its samples are resubmitted.
+        self.lost = (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError)
 
     def link(self, size: int = 16 << 20, repeats: int = 3) -> tuple[float, float]:
         """Measured (bytes per second, seconds per call) of shipping data to an actor."""
@@ -170,12 +174,18 @@ class RayBackend:
 
     def load_weights(self, weights: dict, drafters: dict[str, dict] | None = None) -> tuple[float, int]:
         """Ship the policy's weights (already in the engine's precision) and drafter states to every
-        actor: one object in Ray's store that each actor loads in place. (seconds, bytes)."""
+        actor: one byte buffer in Ray's store, which the actors on a node read without copies, and
+        each loads in place. An actor that dies meanwhile is replaced (with these weights). (seconds, bytes)."""
         start = time.perf_counter()
-        self.weights = (self.ray.put(weights), self.ray.put(drafters or {}))
-        self._get([a.load_weights.remote(*self.weights) for a in self.actors])
-        size = sum(t.numel() * t.element_size() for t in weights.values())
-        size += sum(t.numel() * t.element_size() for st in (drafters or {}).values() for t in _tensors(st))
+        packed = pack_weights(weights)
+        self.weights = (self.ray.put(packed), self.ray.put(drafters or {}))
+        refs = [a.load_weights.remote(*self.weights) for a in self.actors]
+        for i, ref in enumerate(refs):
+            try:
+                self._get(ref)
+            except self.lost:
+                self.restart(i)
+        size = packed[0].nbytes + sum(t.numel() * t.element_size() for st in (drafters or {}).values() for t in _tensors(st))
         return time.perf_counter() - start, size
 
     def state_dict(self) -> list[dict]:
@@ -209,7 +219,7 @@ class RayBackend:
             del self.inflight[i]
             try:
                 report = self._get(ref)
-            except self.ray.exceptions.RayActorError:
+            except self.lost:
                 yield i, None
                 continue
             self.live[i] = len(report.live)
@@ -254,3 +264,34 @@ def _tensors(state) -> Iterator[torch.Tensor]:
     elif isinstance(state, (list, tuple)):
         for v in state:
             yield from _tensors(v)
+
+
+def pack_weights(state: dict[str, torch.Tensor], align: int = 64) -> tuple:
+    """(one contiguous uint8 numpy buffer of every tensor, manifest [(name, dtype, shape, offset)]):
+    Ray keeps a numpy buffer in shared memory that every actor on a node reads in place, where a
+    dict of tensors would be pickled and copied into each."""
+    sizes = {k: t.numel() * t.element_size() for k, t in state.items()}
+    offsets, end = {}, 0
+    for k, n in sizes.items():
+        offsets[k] = end
+        end += -(-n // align) * align  # aligned, so any dtype's view of the bytes is legal
+    buf = torch.empty(end, dtype=torch.uint8)
+    for k, t in state.items():
+        buf[offsets[k] : offsets[k] + sizes[k]].view(t.dtype).copy_(t.detach().reshape(-1))
+    manifest = [(k, str(t.dtype).removeprefix("torch."), tuple(t.shape), offsets[k]) for k, t in state.items()]
+    return buf.numpy(), manifest
+
+
+def unpack_weights(buf, manifest) -> dict[str, torch.Tensor]:
+    """Views of `pack_weights`' buffer as the tensors it holds (no copy; read-only when Ray shares it)."""
+    import warnings
+
+    with warnings.catch_warnings():  # a read-only buffer: these views are only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.from_numpy(buf)
+    out = {}
+    for name, dtype, shape, offset in manifest:
+        dt = getattr(torch, dtype)
+        n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dt).element_size()
+        out[name] = flat[offset : offset + n].view(dt).view(shape)
+    return out

@@ -73,3 +73,18 @@ def test_killing_an_actor_mid_rollout_loses_and_duplicates_nothing(cluster, spec
     model, _ = load_model(spec.model, dtype="float32")
     plain = generate(model, [s.prompt for s in seqs(10, params)], params, seed=3)
     assert [s.tokens for s in out] == [o.token_ids for o in plain]
+
+
+def test_weights_packed_into_one_buffer_come_back_bitwise_in_every_dtype():
+    import torch
+
+    from rlhfspec.rollout.ray_backend import pack_weights, unpack_weights
+
+    g = torch.Generator().manual_seed(0)
+    state = {"w": torch.randn(3, 5, generator=g), "odd": torch.randn(7, generator=g).to(torch.bfloat16),
+             "after": torch.randn(2, 3, generator=g), "ids": torch.arange(5)}
+    buf, manifest = pack_weights(state)
+    buf.flags.writeable = False  # as Ray hands it to an actor
+    out = unpack_weights(buf, manifest)
+    assert list(out) == list(state)
+    assert all(out[k].dtype == v.dtype and out[k].shape == v.shape and torch.equal(out[k], v) for k, v in state.items())
