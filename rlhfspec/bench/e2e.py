@@ -219,13 +219,13 @@ def run_placement(config_path: str | None, iterations: int, overrides: list[str]
                          for r in records] for label, records in all_records.items()},
     }
     write_json(json_path, result)
-    log(write_section("e2e-placement", _placement_markdown(result, config_path, iterations, overrides), path=results_file(record)))
+    log(write_section("e2e-placement", placement_markdown(result, config_path, iterations, overrides, json_path), path=results_file(record)))
     return result
 
 
-def _placement_markdown(r: dict, config_path, iterations: int, overrides) -> str:
+def placement_markdown(r: dict, config_path, iterations: int, overrides, json_path: str | None = None) -> str:
     cmd = "rlhfspec bench e2e --compare placement" + (f" --config {config_path}" if config_path else "") + f" --iterations {iterations}"
-    cmd += "".join(f" {o}" for o in overrides or [])
+    cmd += "".join(f" {o}" for o in overrides or []) + (f" --json {json_path}" if json_path else "")
     lines = [
         "## End to end: RL iterations in this process vs on Ray",
         "",
