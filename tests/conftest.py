@@ -52,6 +52,18 @@ def tiny_checkpoint(tmp_path_factory):
     return make
 
 
+def local_ray(num_cpus: int):
+    """A local Ray cluster for a test module's `cluster` fixture (no dashboard, no driver logs),
+    stopped when the module is done."""
+    import ray
+
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def random_prompts(n: int, vocab: int, min_len: int, max_len: int, seed: int = 0) -> list[list[int]]:
     """Prompts of varied lengths over token ids [3, vocab)."""
     g = torch.Generator().manual_seed(seed)

@@ -16,6 +16,7 @@ from rlhfspec.rl.logprobs import Batch, all_logprobs
 from rlhfspec.rl.metrics import read
 from rlhfspec.rl.objective import Targets
 from rlhfspec.rl.trainer import Trainer
+from tests.conftest import local_ray
 from tests.rl.helpers import rl_config, tiny_policy_dir
 
 ray = pytest.importorskip("ray")
@@ -32,9 +33,7 @@ COMPARED = ("reward", "reward_std", "loss", "grad_norm", "clip_frac", "entropy",
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
+    yield from local_ray(2)
 
 
 @pytest.fixture(scope="module")

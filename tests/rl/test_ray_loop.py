@@ -6,6 +6,7 @@ import pytest
 
 from rlhfspec import RlhfspecError
 from rlhfspec.rl.trainer import Trainer
+from tests.conftest import local_ray
 from tests.rl.test_distributed import COMPARED, STATISTICS
 from tests.rl.test_trainer import DETERMINISTIC, config
 
@@ -14,9 +15,7 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
+    yield from local_ray(4)
 
 
 def recorded(trainer):

@@ -9,7 +9,7 @@ from rlhfspec.rollout.coordinator import Coordinator
 from rlhfspec.engine.spec import EngineSpec
 from rlhfspec.rollout.backend import InprocBackend
 from rlhfspec.rollout.rebalance import Rebalancer
-from tests.conftest import random_prompts
+from tests.conftest import local_ray, random_prompts
 from tests.rollout.test_coordinator import RandomMoves
 
 ray = pytest.importorskip("ray")
@@ -17,9 +17,7 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
+    yield from local_ray(2)
 
 
 @pytest.fixture
