@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass
 
 import torch
@@ -22,12 +24,17 @@ class Example:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def teacher_examples(policy, sequences: list[list[int]], starts: list[int], k: int = 32, micro_batch: int = 8,
-                     features: bool = False) -> list[Example]:
+                     features: bool = False, deadline: float | None = None) -> list[Example]:
     """Top-k of the policy's distribution (temperature 1) at every response position, and with
-    `features` the policy's features at every position (what an eagle head reads), from the same forward."""
+    `features` the policy's features at every position (what an eagle head reads), from the same
+    forward. With `deadline` (a time.perf_counter() value) it stops after the micro-batch that passes
+    it: the examples of the sequences it reached."""
     out = []
     for i in range(0, len(sequences), micro_batch):
+        if deadline is not None and out and time.perf_counter() > deadline:
+            break
         seqs, sts = sequences[i : i + micro_batch], starts[i : i + micro_batch]
         hidden = hidden_states(policy, *padded_batch(seqs))
         for row, (s, st) in enumerate(zip(seqs, sts)):

@@ -79,10 +79,20 @@ class DraftRefresher:
         if not due:
             return out
         start = time.perf_counter()
-        seqs = [p + c for p, c in zip(batch.prompts, batch.completions)]
+        # With a budget the teacher's forward takes at most about half of it, over as many rollouts
+        # as that allows: each prompt's first sample, then each one's second, ... (a prompt's
+        # samples sit side by side in the batch, and one prompt's rollouts teach much the same).
+        nth, seen = [], {}
+        for prompt in batch.prompts:
+            nth.append(seen.get(tuple(prompt), 0))
+            seen[tuple(prompt)] = nth[-1] + 1
+        order = sorted(range(len(batch)), key=lambda i: (nth[i], i)) if seconds is not None else range(len(batch))
+        seqs = [batch.prompts[i] + batch.completions[i] for i in order]
         features = any(isinstance(d, EagleDrafter) for d in due)
-        examples = teacher_examples(policy, seqs, [len(p) for p in batch.prompts], k=32, features=features)
+        deadline = None if seconds is None else start + seconds / 2
+        examples = teacher_examples(policy, seqs, [len(batch.prompts[i]) for i in order], k=32, features=features, deadline=deadline)
         teacher_s = time.perf_counter() - start
+        out["refresh/teacher_sequences"] = len(examples)
         each = self.seconds if seconds is None else (seconds - teacher_s) / len(due)
         for d in due:
             start = time.perf_counter()

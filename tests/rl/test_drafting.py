@@ -79,6 +79,10 @@ def test_a_refresh_budget_covers_the_teachers_forward_and_the_distillation(setti
     assert starved["refresh/eagle_steps"] == 0 and "refresh/eagle_loss" not in starved
     assert refresher.refresh(policy, batch, seconds=600)["refresh/eagle_steps"] == 3  # max_steps comes first
     assert refresher.refresh(policy, batch)["refresh/eagle_steps"] == 3  # no budget: `seconds` per drafter
+    # The teacher's forward stops at its deadline after the micro-batch that passes it.
+    seqs = [p + c for p, c in zip(batch.prompts, batch.completions)]
+    late = teacher_examples(policy, seqs, [len(p) for p in batch.prompts], micro_batch=8, deadline=0.0)
+    assert len(late) == 8 and len(teacher_examples(policy, seqs, [len(p) for p in batch.prompts], micro_batch=8)) == len(seqs)
 
 
 def test_an_rl_run_drafts_with_an_eagle_head_refreshes_it_and_resumes(tmp_path, policy):
