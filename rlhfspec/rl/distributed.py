@@ -8,12 +8,12 @@ import copy
 import torch
 
 from rlhfspec.errors import RlhfspecError
+from rlhfspec.models.hardware import release_memory
 from rlhfspec.models.loader import load_model
 from rlhfspec.rl.config import Config
 from rlhfspec.rl.learner import Learner, load_critic, load_weights, weight_tensors
 from rlhfspec.rl.logprobs import Batch
 from rlhfspec.rl.objective import Targets
-from rlhfspec.models.hardware import release_memory
 from rlhfspec.rollout.ray_backend import connect, free_cpus
 
 # After one rank fails, how long the others get to report their own end before they are taken to
@@ -142,11 +142,15 @@ class RayLearners:
                 break  # the rest wait in a collective for a failed rank
             try:
                 ray.get(ready[0])
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.OutOfMemoryError) as e:
                 errors[rank_of[ready[0]]] = e
         if not errors:
             return ray.get(refs)
         self.close()
+        starved = sorted(r for r, e in errors.items() if isinstance(e, ray.exceptions.OutOfMemoryError))
+        if starved:
+            raise RlhfspecError(f"training worker {starved[0]} of {self.size} was stopped by Ray for want of memory {when} "
+                                "(fewer train.workers or a smaller train.micro_batch_tokens need less).")
         dead = sorted(r for r, e in errors.items() if isinstance(e, ray.exceptions.RayActorError))
         if dead:
             raise RlhfspecError(f"training worker {dead[0]} of {self.size} died {when}.")
