@@ -87,6 +87,8 @@ def markdown(r: dict, config_path, iterations: int, overrides, png: str) -> str:
         f"The run's config and seed in every setting, drafting at a fixed n = 2 on every step; refreshed = distilled on each "
         "iteration's rollouts against the updated policy within generation.refresh_budget of the iteration (teacher forward "
         f"included). The settings ran round-robin in one process; {r['completed']} of {iterations} iterations completed. "
+        "Sampled drafts change which tokens a lossless step draws (not their distribution), so the settings' completions, "
+        "and from iteration 1 on their policies, differ. "
         "Acceptance = accepted / drafted tokens; refresh share = refresh seconds / iteration seconds.",
         "",
         "| iteration | " + " | ".join(f"acceptance, {k}" for k in labels) + " | " + " | ".join(f"refresh share, {k}" for k in labels if r["settings"][k]["refresh"]) + " |",
