@@ -60,7 +60,7 @@ def run(config_path: str | None = None, iterations: int = 20, overrides: list[st
     from rlhfspec.bench.plots import acceptance_curves
 
     png = acceptance_curves(curves, results.parent / "refresh_acceptance.png")
-    log(write_section("refresh", markdown(result, config_path, iterations, overrides, png.name), path=results))
+    log(write_section("refresh", markdown(result, config_path, iterations, overrides, png.name, json_path, record), path=results))
     return result
 
 
@@ -75,9 +75,9 @@ def _result(curves: dict, iterations: int, settings: dict) -> dict:
             "settings": {k: {"drafter": d, "refresh": r} for k, (d, r) in settings.items()}, "summary": summary, "curves": curves}
 
 
-def markdown(r: dict, config_path, iterations: int, overrides, png: str) -> str:
+def markdown(r: dict, config_path, iterations: int, overrides, png: str, json_path: str | None = None, record: bool = False) -> str:
     cmd = "rlhfspec bench refresh" + (f" --config {config_path}" if config_path else "") + f" --iterations {iterations}"
-    cmd += "".join(f" {o}" for o in overrides or [])
+    cmd += "".join(f" {o}" for o in overrides or []) + (f" --json {json_path}" if json_path else "") + (" --record" if record else "")
     labels = list(r["curves"])
     lines = [
         "## Drafter refresh: acceptance as the policy drifts",
