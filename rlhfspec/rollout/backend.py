@@ -9,6 +9,7 @@ import torch
 
 from rlhfspec.engine.instance import GenerationInstance, InstanceReport, InstanceStats, Migrant
 from rlhfspec.engine.sequence import Sequence
+from rlhfspec.engine.spec import EngineSpec
 
 
 class Backend(Protocol):
@@ -18,6 +19,9 @@ class Backend(Protocol):
 
     def validate(self, seqs: list[Sequence]) -> None:
         """One sentence for the first sample no instance could run, before any work."""
+
+    def begin(self, spec: EngineSpec) -> None:
+        """Fit the instances to another call's spec (a backend reused across calls)."""
 
     def report(self, i: int) -> InstanceReport:
         """Instance i's state now (no steps run)."""
@@ -49,11 +53,20 @@ class Backend(Protocol):
 
 
 class InprocBackend:
-    """K instances in this process, stepped in turn (deterministic); `make(i)` builds instance i."""
+    """K instances in this process, stepped in turn (deterministic); `make(i)` builds instance i,
+    `build(i, spec)` (when given) instance i fitted to a call's spec."""
 
-    def __init__(self, make: Callable[[int], GenerationInstance], size: int):
-        self.make, self.size = make, size
+    def __init__(self, make: Callable[[int], GenerationInstance], size: int,
+                 build: Callable[[int, EngineSpec], GenerationInstance] | None = None):
+        self.make, self.size, self.build = make, size, build
         self.instances = [make(i) for i in range(size)]
+
+    def begin(self, spec: EngineSpec) -> None:
+        """A backend reused for another call: its instances rebuilt fitted to `spec` when it knows
+        how (`build`), else kept as they were made."""
+        if self.build is not None:
+            self.make = lambda i: self.build(i, spec)
+            self.instances = [self.make(i) for i in range(self.size)]
 
     def validate(self, seqs: list[Sequence]) -> None:
         self.instances[0].check(seqs)

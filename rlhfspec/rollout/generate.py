@@ -113,22 +113,22 @@ def make_backend(spec: EngineSpec, placement: Placement, model=None, tokenizer=N
 
         model, tokenizer = load_model(spec.model or "default", dtype=spec.dtype)
 
-    def make(i: int):
+    def build(i: int, fitted: EngineSpec):
         drafters, strategy = live[i] if live is not None else (None, None)
-        return spec.build(model, tokenizer, drafters=drafters, strategy=strategy)
+        return fitted.build(model, tokenizer, drafters=drafters, strategy=strategy)
 
-    return InprocBackend(make, placement.instances)
+    return InprocBackend(lambda i: build(i, spec), placement.instances, build)
 
 
 def run_generation(spec: EngineSpec, prompts: Seq[Seq[int]], params: SamplingParams, seed: int = 0, *,
                    placement: Placement | None = None, model=None, tokenizer=None, sample_ids: Seq[int] | None = None,
-                   live: list[Live] | None = None, backend: RayBackend | None = None, progress: bool = False) -> Generation:
+                   live: list[Live] | None = None, backend: Backend | RayBackend | None = None, progress: bool = False) -> Generation:
     """Complete the prompts (token ids) on placement.instances instances built from `spec`.
 
     Sample i's randomness is keyed by (seed, sample_ids[i], position), and with a batch-invariant
     spec a row's logits do not depend on its batch, so its tokens are the same on one instance or
-    several, whatever the migrations. A backend passed in (one with `begin`: the RL loop's Ray
-    actors) is fitted to this call, reused and not shut down."""
+    several, whatever the migrations. A backend passed in (the RL loop's Ray actors, or one from
+    make_backend) is fitted to this call (`begin`), reused and not shut down."""
     placement = placement or Placement()
     start = time.perf_counter()
     if not prompts:
