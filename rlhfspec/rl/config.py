@@ -118,6 +118,9 @@ class AlgorithmConfig:
     # weighting); "rollout": the engine's own logprobs, no extra forward, so the ratio
     # pi_theta / pi_engine is itself the importance weight and PPO's clip truncates it; "auto": the
     # engine's when they are checked equal to the trainer's (same precision), else "recompute".
+    # With one optimizer step per iteration (train.epochs x mini_batches = 1) and no reference
+    # model, "recompute" needs no pass of its own: the training forward's own detached logprobs are
+    # the old ones (the weights that sampled), and it measures the gap to the engine's as it goes.
     old_logprobs: str = "auto"
     tis_cap: float | None = 2.0
     tis_level: str = "token"

@@ -31,7 +31,7 @@ class Inference:
 def make_targets(
     batch: Batch, rewards: torch.Tensor, group_size: int, rollout_logprobs: list[list[float]], algo: AlgorithmConfig,
     params: SamplingParams, policy, reuse_rollout_logprobs: bool, reference=None, critic=None, max_tokens: int = 4096,
-    rollout_comparable: bool = True, trainer_logprobs: torch.Tensor | None = None,
+    rollout_comparable: bool = True, trainer_logprobs: torch.Tensor | None = None, in_training: bool = False,
 ) -> Inference:
     """Everything the training step needs, response-aligned.
 
@@ -45,11 +45,21 @@ def make_targets(
     puts it: PPO's per-token rewards, GRPO's and RLOO's sequence rewards before the group
     baseline (TRL's RLOO), or the loss (objective.policy_objective). `trainer_logprobs`: the
     trainer's logprobs of this batch when already computed (the rollout/trainer check), not recomputed.
+    `in_training` (one optimizer step per iteration, no reference model): the training forward
+    measures the rollout/trainer gap and, unless the engine's logprobs are reused, takes its own
+    detached logprobs as the old ones (and the importance weights from them): no forward here.
     """
     mask = batch.mask()
     width = mask.shape[1]
     rollout = padded(rollout_logprobs, width)
     stats: dict = {}
+    if in_training:
+        if reference is not None:
+            raise ValueError("the old logprobs can come from the training forward only without a reference model")
+        tis = (algo.tis_cap, algo.tis_level) if algo.tis_cap and rollout_comparable and not reuse_rollout_logprobs else None
+        targets = Targets(mask=mask, old_logprobs=rollout if reuse_rollout_logprobs else None, advantages=torch.zeros(len(batch)),
+                          rollout_logprobs=rollout, tis=tis)
+        return _advantages(targets, batch, rewards, group_size, algo, critic, rollout, None, width, max_tokens, stats)
     if reuse_rollout_logprobs:
         old = rollout
         is_weights = None
@@ -65,6 +75,14 @@ def make_targets(
     if ref is not None:
         _check_finite(ref, mask, "the reference model's logprobs")
     targets = Targets(mask=mask, old_logprobs=old, advantages=torch.zeros(len(batch)), ref_logprobs=ref, is_weights=is_weights)
+    return _advantages(targets, batch, rewards, group_size, algo, critic, old, ref, width, max_tokens, stats)
+
+
+def _advantages(targets: Targets, batch: Batch, rewards: torch.Tensor, group_size: int, algo: AlgorithmConfig, critic,
+                old: torch.Tensor, ref: torch.Tensor | None, width: int, max_tokens: int, stats: dict) -> Inference:
+    """make_targets' rewards to advantages (and PPO's values and returns); `old` is read only with a
+    KL term in the rewards."""
+    mask = targets.mask
     r = rewards.float()
     beta = algo.beta if algo.kl_in_reward and ref is not None else 0.0
     if algo.name in ("grpo", "rloo"):

@@ -17,7 +17,7 @@ from rlhfspec.rl.logprobs import Batch, completion_logprobs, values_at
 from rlhfspec.rl.objective import Targets, policy_objective, value_objective
 
 # What a mini-batch's ranks add up besides gradients, in the order optimize keeps them.
-COUNTS = ("clipped", "tokens", "kl_sum", "entropy_sum", "entropy_tokens")
+COUNTS = ("clipped", "tokens", "kl_sum", "entropy_sum", "entropy_tokens", "gap_sum", "gap_tokens")
 
 
 def load_critic(c: Config) -> tuple[torch.nn.Module, torch.nn.Parameter]:
@@ -86,6 +86,7 @@ class Learner:
         rng = random.Random(c.train.seed * 7919 + iteration)
         losses, grad_norms, lr = [], [], None
         counts = dict.fromkeys(COUNTS, 0.0)
+        counts["gap_max"] = 0.0
         for epoch in range(c.train.epochs):
             rng.shuffle(order)
             # Mini-batches of near-equal size (they differ by at most one sample), so no step runs
@@ -114,6 +115,11 @@ class Learner:
                "entropy": counts["entropy_sum"] / max(counts["entropy_tokens"], 1), "lr": lr}
         if c.algorithm.beta > 0 and not c.algorithm.kl_in_reward:
             out["kl_loss_term"] = counts["kl_sum"] / max(counts["tokens"], 1)
+        if counts["gap_tokens"]:  # the engine's logprobs against this forward's (Targets.rollout_logprobs)
+            out["rollout_trainer_logprob_gap_max"] = counts["gap_max"]
+            out["rollout_trainer_logprob_gap_mean"] = counts["gap_sum"] / counts["gap_tokens"]
+            if targets.old_logprobs is None:
+                out["rollout_trainer_logprob_diff"] = counts["gap_max"]
         return out
 
     def _backward(self, batch: Batch, targets: Targets, mb: list[int], counts: dict, first_epoch: bool) -> float:
@@ -126,27 +132,45 @@ class Learner:
         share = mb[self.rank::self.world]
         sub = Batch([batch.prompts[i] for i in share], [batch.completions[i] for i in share])
         total = 0.0
-        for micro in sub.micro_batches(c.train.micro_batch_tokens):
-            idx = [share[i] for i in micro]
-            with self.compute():
-                lp, _, ent = completion_logprobs(self.policy, sub, micro, self.score_params, entropy=True)
+        with self.compute():  # one autocast region per step: each weight is cast once for all micro-batches
+            for micro in sub.micro_batches(c.train.micro_batch_tokens):
+                total += self._micro_backward(sub, share, micro, targets, mb, n_tokens, counts, first_epoch)
+                if not math.isfinite(total):
+                    return total
+        return total
+
+    def _micro_backward(self, sub: Batch, share: list[int], micro: list[int], targets: Targets, mb: list[int],
+                        n_tokens: float, counts: dict, first_epoch: bool) -> float:
+        """One micro-batch's forward and backward; its loss (not backpropagated if not finite)."""
+        c, algo = self.config, self.config.algorithm
+        idx = [share[i] for i in micro]
+        lp, _, ent = completion_logprobs(self.policy, sub, micro, self.score_params, entropy=True, entropy_grad=bool(algo.entropy_coef))
+        with self.plain():
             loss, st = policy_objective(lp, idx, targets, algo, n_tokens, len(mb), c.generation.max_new_tokens, ent)
             if not torch.isfinite(loss):
                 return loss.item()
-            if first_epoch:  # the policy's entropy on its own rollout tokens
+            if first_epoch:  # the policy's entropy on its own rollout tokens, and its gap to the engine's logprobs
                 counts["entropy_sum"] += st["entropy_sum"]
                 counts["entropy_tokens"] += st["tokens"]
+                if "gap_max" in st:
+                    counts["gap_max"] = max(counts["gap_max"], st["gap_max"])
+                    counts["gap_sum"] += st["gap_sum"]
+                    counts["gap_tokens"] += st["tokens"]
             loss.backward()
-            total += loss.item()
-            counts["clipped"] += st["clipped"]
-            counts["tokens"] += st["tokens"]
-            counts["kl_sum"] += st.get("kl_sum", 0.0)
-            if self.critic is not None:
-                model, head = self.critic
-                with self.compute():
-                    v = values_at(model, head, sub, micro)
+        counts["clipped"] += st["clipped"]
+        counts["tokens"] += st["tokens"]
+        counts["kl_sum"] += st.get("kl_sum", 0.0)
+        if self.critic is not None:
+            model, head = self.critic
+            v = values_at(model, head, sub, micro)
+            with self.plain():
                 value_objective(v, idx, targets, algo, n_tokens).mul(algo.value_coef).backward()
-        return total
+        return loss.item()
+
+    def plain(self):
+        """Leaves the compute context for the loss and the backward pass (as autocast asks), keeping
+        its cast weights for the step's next micro-batch (an inner autocast region keeps the cache)."""
+        return torch.autocast(self.policy.device.type, enabled=False)
 
     def _all_reduce(self, total: float) -> float:
         """Sum the ranks' gradients (policy and critic) and their shares of the loss, in one
@@ -175,7 +199,9 @@ class Learner:
 
         flat = torch.tensor([counts[k] for k in COUNTS], dtype=torch.float64, device=self.policy.device)
         dist.all_reduce(flat)
-        return dict(zip(COUNTS, flat.tolist()))
+        top = torch.tensor([counts["gap_max"]], dtype=torch.float64, device=self.policy.device)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        return {**dict(zip(COUNTS, flat.tolist())), "gap_max": top.item()}
 
     def trained_parameters(self) -> list[torch.nn.Parameter]:
         """The policy's parameters, then the critic's and its value head."""

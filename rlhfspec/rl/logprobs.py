@@ -56,9 +56,12 @@ def response_hidden(model, batch: Batch, idx: list[int]) -> tuple[torch.Tensor, 
     return picked, mask
 
 
-def completion_logprobs(model, batch: Batch, idx: list[int], params: SamplingParams, entropy: bool = False):
+def completion_logprobs(model, batch: Batch, idx: list[int], params: SamplingParams, entropy: bool = False,
+                        entropy_grad: bool = False):
     """log p(token) of each completion token under the processed distribution: [b, T] (0 where
-    masked) and the mask; with entropy=True also each row's entropy H(p) = -sum p log p [b, T]."""
+    masked) and the mask; with entropy=True also each row's entropy H(p) = -sum p log p [b, T],
+    differentiable only with entropy_grad (an entropy bonus); otherwise a statistic, computed
+    without recording it for the backward pass."""
     hidden, mask = response_hidden(model, batch, idx)
     b, t, _ = hidden.shape
     flat = hidden.reshape(b * t, -1)
@@ -71,7 +74,12 @@ def completion_logprobs(model, batch: Batch, idx: list[int], params: SamplingPar
     out = out.masked_scatter(keep.to(out.device), lp.gather(-1, targets.reshape(-1)[keep][:, None].to(lp.device)).squeeze(-1))
     if not entropy:
         return out.view(b, t), mask
-    h = -(lp.exp() * lp.masked_fill(torch.isinf(lp), 0.0)).sum(-1)
+    if entropy_grad:
+        h = -(lp.exp() * lp.masked_fill(torch.isinf(lp), 0.0)).sum(-1)
+    else:
+        with torch.no_grad():  # two passes over the [rows, vocabulary] logprobs instead of five
+            finite = lp.detach().clamp(min=torch.finfo(lp.dtype).min)  # p log p = 0 where p = 0
+            h = -finite.mul_(lp.detach().exp()).sum(-1)
     ent = torch.zeros(b * t, dtype=torch.float32, device=hidden.device).masked_scatter(keep.to(hidden.device), h)
     return out.view(b, t), mask, ent.view(b, t)
 

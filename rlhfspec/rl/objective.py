@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhfspec.rl.config import AlgorithmConfig
-from rlhfspec.rl.losses import clipped_surrogate, clipped_value_loss, kl_estimate, token_weights
+from rlhfspec.rl.losses import clipped_surrogate, clipped_value_loss, kl_estimate, token_weights, truncated_is_weights
 
 
 @dataclass(slots=True)
@@ -15,10 +15,16 @@ class Targets:
     """Response-aligned [N, T] tensors for one iteration's samples."""
 
     mask: torch.Tensor
-    old_logprobs: torch.Tensor
+    # None: the training forward's own logprobs, detached (one optimizer step per iteration, so the
+    # policy being trained is the behaviour policy's trainer-side twin: no separate forward).
+    old_logprobs: torch.Tensor | None
     advantages: torch.Tensor  # [N] (GRPO, RLOO) or [N, T] (PPO)
     ref_logprobs: torch.Tensor | None = None
     is_weights: torch.Tensor | None = None
+    # The engine's logprobs: the training forward measures its gap to them; with `tis` (cap,
+    # level) and no old_logprobs it also weights the tokens by losses.truncated_is_weights.
+    rollout_logprobs: torch.Tensor | None = None
+    tis: tuple[float, str] | None = None
     returns: torch.Tensor | None = None
     old_values: torch.Tensor | None = None
 
@@ -34,12 +40,20 @@ def policy_objective(logprobs: torch.Tensor, idx: list[int], t: Targets, algo: A
     """
     width = logprobs.shape[1]
     mask = t.mask[idx, :width]
-    old = t.old_logprobs[idx, :width]
+    own = logprobs.detach()
+    old = t.old_logprobs[idx, :width] if t.old_logprobs is not None else own
     adv = t.advantages[idx] if t.advantages.dim() == 1 else t.advantages[idx, :width]
     per_token, was_clipped = clipped_surrogate(logprobs, old, adv, algo.clip_low, algo.clip_high)
-    if t.is_weights is not None:
-        per_token = per_token * t.is_weights[idx, :width]
+    is_weights = t.is_weights[idx, :width] if t.is_weights is not None else None
     stats = {"clipped": (was_clipped.float() * mask).sum().item(), "tokens": mask.sum().item()}
+    if t.rollout_logprobs is not None:
+        rollout = t.rollout_logprobs[idx, :width]
+        gap = (own - rollout).abs() * mask
+        stats["gap_max"], stats["gap_sum"] = gap.max().item(), gap.sum().item()
+        if t.tis is not None and t.old_logprobs is None:
+            is_weights = truncated_is_weights(own, rollout, t.tis[0], mask, t.tis[1])
+    if is_weights is not None:
+        per_token = per_token * is_weights
     if algo.beta > 0 and not algo.kl_in_reward and t.ref_logprobs is not None:
         kl = kl_estimate(logprobs, t.ref_logprobs[idx, :width], algo.kl_estimator)
         per_token = per_token + algo.beta * kl

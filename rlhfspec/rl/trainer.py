@@ -21,7 +21,7 @@ from rlhfspec.engine.spec import DraftModel, Eagle
 from rlhfspec.rl.drafting import DraftRefresher
 from rlhfspec.rl.distributed import RayLearners
 from rlhfspec.rl.experience import make_targets
-from rlhfspec.rl.learner import Learner, compute_context, load_critic, score_params
+from rlhfspec.rl.learner import Learner, compute_context, load_critic, score_params, steps_per_epoch
 from rlhfspec.rl.logprobs import Batch
 from rlhfspec.rl.metrics import MetricsLog
 from rlhfspec.rollout import Placement, Rollout
@@ -89,6 +89,11 @@ class Trainer:
         self.refresher = DraftRefresher(self.rollout.drafters, c.generation.refresh_seconds, c.generation.refresh_drop) if c.generation.refresh_draft else None
         self.iteration = 0
         self.verified_logprobs: bool | None = None
+        # One optimizer step per iteration and no reference model: the policy the step trains is
+        # the one that sampled, so the training forward's own logprobs are the old ones (as TRL's
+        # with one iteration per generation) and it measures the engine's gap on the way: no
+        # inference-stage forward.
+        self.old_in_training = c.train.epochs * steps_per_epoch(c) == 1 and self.reference is None
         if resume:
             self._resume()
             self.rollout.sync(getattr(torch, gen_dtype))  # Ray actors start from the checkpoint's weights
@@ -153,9 +158,11 @@ class Trainer:
             reuse = self._reuse_rollout_logprobs(batch, logprobs)
             inference = make_targets(batch, totals, g, logprobs, c.algorithm, self.score_params, self.policy, reuse,
                                      self.reference, self.critic, c.train.micro_batch_tokens, rollout_comparable=not self.filtered,
-                                     trainer_logprobs=self.checked_logprobs)
+                                     trainer_logprobs=self.checked_logprobs, in_training=self.old_in_training)
         t2 = time.perf_counter()
         train_stats = self.learner.optimize(batch, inference.targets, it)
+        if self.old_in_training and self.verified_logprobs is None:
+            self._verified(train_stats["rollout_trainer_logprob_gap_max"], train_stats["rollout_trainer_logprob_gap_mean"], reuse)
         if not self.shared:
             self._sync_engine()
         t3 = time.perf_counter()
@@ -191,8 +198,12 @@ class Trainer:
         """Whether the engine's logprobs serve as the old logprobs (algorithm.old_logprobs): "auto"
         reuses them when they equal the trainer's within 1e-3 at the last check. The gap is measured
         and logged at every check whatever the mode; the trainer's logprobs the check computes are
-        the recomputed old ones, so it costs an extra forward only in the "rollout" mode."""
+        the recomputed old ones, so it costs an extra forward only in the "rollout" mode. With the
+        old logprobs taken in training (`old_in_training`) the training forward measures the gap
+        every iteration and no forward runs here."""
         mode = self.config.algorithm.old_logprobs
+        if self.old_in_training:  # measured by the training forward (_verified)
+            return mode == "rollout" or (mode == "auto" and self.shared and not self.filtered and bool(self.verified_logprobs))
         measured = self.verified_logprobs is None
         if measured:
             from rlhfspec.rl.experience import padded
@@ -206,9 +217,20 @@ class Trainer:
             self.verified_logprobs = diff < 1e-3
         reuse = (self.shared and not self.filtered and self.verified_logprobs) if mode == "auto" else mode == "rollout"
         if measured:
-            use = "the engine's are the behaviour policy's" if mode == "rollout" else "reusing the engine's" if reuse else "recomputing with the trainer"
-            self.log(f"engine vs trainer logprobs: max difference {diff:.2e}, mean {mean:.2e}; {use} (algorithm.old_logprobs {mode})")
+            self._verified(diff, mean, reuse)
         return reuse
+
+    def _verified(self, diff: float, mean: float, reuse: bool) -> None:
+        """Record (and log) a rollout/trainer logprob check: whether "auto" may reuse the engine's."""
+        mode = self.config.algorithm.old_logprobs
+        self.verified_logprobs = diff < 1e-3
+        if mode == "rollout":
+            use = "the engine's are the behaviour policy's"
+        elif reuse:
+            use = "reusing the engine's"
+        else:
+            use = "the training forward's own" if self.old_in_training else "recomputing with the trainer"
+        self.log(f"engine vs trainer logprobs: max difference {diff:.2e}, mean {mean:.2e}; {use} (algorithm.old_logprobs {mode})")
 
     def _sync_engine(self) -> None:
         """Copy the trainer's weights into the engine's (lower-precision) copy."""

@@ -96,3 +96,32 @@ def test_a_forward_over_scattered_slots_equals_transformers(tiny_checkpoint):
     got = logits.split([len(e) for e in extra])
     for g, w, e in zip(got, want, extra):
         assert (g - w[-len(e):]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_bfloat16_training_attention_equals_the_fused_kernel(side, monkeypatch):
+    """On the CPU in bfloat16 the padded attention runs as plain products (attention.MATH_ATTENTION_ELEMENTS);
+    it computes what torch's fused kernel computes, padding and GQA included, forward and backward,
+    to bfloat16's rounding."""
+    import rlhfspec.models.attention as attention
+
+    torch.manual_seed(0)
+    b, t, hq, hkv, d = 3, 11, 6, 2, 16
+    lens = [11, 7, 4]
+    pad = [[0] * (t - n) + [1] * n if side == "left" else [1] * n + [0] * (t - n) for n in lens]
+    att = attention.DenseAttention(torch.tensor(pad), hq, hkv)
+    qkv = [torch.randn(b * t, h, d, requires_grad=True) for h in (hq, hkv, hkv)]
+    out_grad = torch.randn(b * t, hq * d)
+    valid = torch.tensor(pad).bool().reshape(-1)
+    results = {}
+    for name, cap in (("math", attention.MATH_ATTENTION_ELEMENTS), ("fused", 0)):
+        monkeypatch.setattr(attention, "MATH_ATTENTION_ELEMENTS", cap)
+        att._bias = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = att(0, *qkv)
+        grads = torch.autograd.grad(out.float(), qkv, out_grad * valid[:, None])
+        results[name] = (out.float()[valid], [g.reshape(b * t, -1)[valid] for g in grads])
+    (out_math, g_math), (out_fused, g_fused) = results["math"], results["fused"]
+    assert (out_math - out_fused).abs().max().item() < 0.03  # bfloat16 rounds at 2^-8 relative
+    for gm, gf in zip(g_math, g_fused):
+        assert (gm - gf).abs().max().item() < 0.05 * gf.abs().max().item()

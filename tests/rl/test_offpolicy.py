@@ -43,13 +43,13 @@ def _setup(policy):
 
 
 def _expected_gradient(pi, batch: Batch, sampler_logprobs: torch.Tensor, advantage: torch.Tensor, algo: AlgorithmConfig,
-                       rollout_logprobs: torch.Tensor, reuse: bool) -> torch.Tensor:
+                       rollout_logprobs: torch.Tensor, reuse: bool, in_training: bool = False) -> torch.Tensor:
     """E_{y ~ sampler}[grad of the objective] over every completion: the objective is linear in
     each sample's advantage, so weighting advantages by the sampler's probability (times N, undoing
     the token mean) turns the batch's loss into that expectation."""
     n = len(batch)
     rows = [list(r) for r in rollout_logprobs]
-    inference = make_targets(batch, torch.zeros(n), n, rows, algo, PARAMS, pi, reuse, max_tokens=1 << 20)
+    inference = make_targets(batch, torch.zeros(n), n, rows, algo, PARAMS, pi, reuse, max_tokens=1 << 20, in_training=in_training)
     targets = inference.targets
     targets.advantages = advantage * sampler_logprobs.sum(-1).exp() * n
     pi.zero_grad(set_to_none=True)
@@ -71,8 +71,13 @@ def gradients(tmp_path_factory):
     assert torch.allclose(engine_lp.sum(-1).exp().sum(), torch.tensor(1.0), atol=1e-4)
     assert 0.015 < expected_gap < 0.05
     assert (trainer_lp - engine_lp).sum(-1).exp().max() < 10  # no sequence's ratio reaches tis_sequence's cap
-    grad = lambda sampler, algo, reuse: _expected_gradient(pi, batch, sampler, advantage, algo, engine_lp, reuse)  # noqa: E731
+    grad = lambda sampler, algo, reuse, fused=False: _expected_gradient(pi, batch, sampler, advantage, algo, engine_lp, reuse, fused)  # noqa: E731
     return {
+        # the old logprobs (and the importance weights) taken in the training forward itself
+        "uncorrected_in_training": grad(engine_lp, AlgorithmConfig(old_logprobs="recompute", tis_cap=None), False, True),
+        "tis_token_in_training": grad(engine_lp, AlgorithmConfig(old_logprobs="recompute"), False, True),
+        "tis_sequence_in_training": grad(engine_lp, AlgorithmConfig(old_logprobs="recompute", tis_level="sequence", tis_cap=10.0), False, True),
+        "rollout_in_training": grad(engine_lp, AlgorithmConfig(old_logprobs="rollout"), True, True),
         # sampled by the trainer's own numbers: the on-policy gradient every correction aims at
         "on_policy": _expected_gradient(pi, batch, trainer_lp, advantage, AlgorithmConfig(tis_cap=None), trainer_lp, reuse=True),
         "uncorrected": grad(engine_lp, AlgorithmConfig(old_logprobs="recompute", tis_cap=None), False),
@@ -85,6 +90,15 @@ def gradients(tmp_path_factory):
 def _error(gradients, name):
     ref = gradients["on_policy"]
     return ((gradients[name] - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("name", ["uncorrected", "tis_token", "tis_sequence", "rollout"])
+def test_old_logprobs_taken_in_the_training_forward_give_the_recomputed_gradient(gradients, name):
+    # One optimizer step per iteration: the trained forward's own detached logprobs stand for the
+    # recompute forward's (the same weights; float32 kernels with and without autograd differ in the
+    # last bits only), and the importance weights follow from them.
+    diff = (gradients[f"{name}_in_training"] - gradients[name]).norm() / gradients[name].norm()
+    assert diff < 1e-5
 
 
 def test_the_precision_gap_biases_the_uncorrected_gradient(gradients):

@@ -81,11 +81,20 @@ def test_bfloat16_training_keeps_float32_weights_and_recomputes_old_logprobs(tmp
     # The float32 engine's logprobs are not the bfloat16 trainer's: old logprobs are recomputed
     # by the trainer (and truncated importance weights correct the rollout for the gap).
     assert trainer.verified_logprobs is False
-    # Iteration 0's check already computed the trainer's logprobs and they are used as they are:
-    # only iteration 1 recomputes them.
-    assert len(recomputed) == 1
-    assert records[0]["rollout_trainer_logprob_gap_max"] > 1e-3
+    # One optimizer step per iteration: the training forward's own logprobs are the old ones, and
+    # it measures the gap every iteration; nothing is recomputed.
+    assert recomputed == []
+    assert all(r["rollout_trainer_logprob_gap_max"] > 1e-3 for r in records)
+    assert all(r["rollout_trainer_logprob_diff"] == r["rollout_trainer_logprob_gap_max"] for r in records)
     assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
     tensors, _ = ckpt.load(ckpt.latest(tmp_path / "run"))
     assert all(t.dtype == torch.float32 for t in tensors["policy"].values())
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    # Two steps per iteration: the second step's policy is not the behaviour policy, so the old
+    # logprobs are recomputed; iteration 0's check already computed them, so only iteration 1 does.
+    recomputed.clear()
+    cfg = config(tmp_path, policy, **{"train.dtype": "bfloat16", "train.iterations": 2, "train.mini_batches": 2,
+                                      "run.output_dir": tmp_path / "two_steps"})
+    records = Trainer(cfg, progress=False, log=lines.append).train()
+    assert len(recomputed) == 1
+    assert records[0]["rollout_trainer_logprob_gap_max"] > 1e-3 and "rollout_trainer_logprob_gap_max" not in records[1]
