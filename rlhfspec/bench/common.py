@@ -72,3 +72,9 @@ def write_json(path: str | os.PathLike | None, payload: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2))
+
+
+def bench_command(name: str, config_path, iterations: int, overrides=None, json_path=None, record: bool = False) -> str:
+    """The command line that reproduces a run-based bench (`rlhfspec bench NAME ...`), as its section shows it."""
+    cmd = f"rlhfspec bench {name}" + (f" --config {config_path}" if config_path else "") + f" --iterations {iterations}"
+    return cmd + "".join(f" {o}" for o in overrides or []) + (f" --json {json_path}" if json_path else "") + (" --record" if record else "")

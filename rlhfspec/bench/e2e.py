@@ -6,7 +6,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from rlhfspec.bench.common import machine, median, results_file, write_json, write_section
+from rlhfspec.bench.common import bench_command, machine, median, results_file, write_json, write_section
 from rlhfspec.models.hardware import release_memory
 from rlhfspec.rl.config import load_config
 
@@ -83,13 +83,12 @@ def run_features(config_path: str | None, iterations: int, overrides: list[str] 
         f"{share:.0%} of a vanilla iteration, so even infinitely fast generation gives at most {result['amdahl_bound_infinite_generation']:.2f}x")
     # The table is printed always; it goes into benchmarks/RESULTS.md only with record.
     results = results_file(record)
-    log(write_section("e2e", _markdown(result, config_path, iterations, overrides), path=results))
+    cmd = bench_command("e2e", config_path, iterations, overrides, json_path, record)
+    log(write_section("e2e", _markdown(result, cmd, iterations), path=results))
     return result
 
 
-def _markdown(r: dict, config_path, iterations: int, overrides) -> str:
-    cmd = "rlhfspec bench e2e" + (f" --config {config_path}" if config_path else "") + f" --iterations {iterations}"
-    cmd += "".join(f" {o}" for o in overrides or [])
+def _markdown(r: dict, cmd: str, iterations: int) -> str:
     g = r["generation"]
     lines = [
         "## End to end: RL iterations with generation features off vs on",
@@ -173,7 +172,8 @@ def run_precision(config_path: str | None, iterations: int, overrides: list[str]
         "logprob_gap": gaps, "runs": runs,
     }
     write_json(json_path, result)
-    log(write_section("e2e-precision", _precision_markdown(result, config_path, iterations, overrides), path=results_file(record)))
+    cmd = bench_command("e2e --compare precision", config_path, iterations, overrides, json_path, record)
+    log(write_section("e2e-precision", _precision_markdown(result, cmd, iterations), path=results_file(record)))
     return result
 
 
@@ -219,13 +219,12 @@ def run_placement(config_path: str | None, iterations: int, overrides: list[str]
                          for r in records] for label, records in all_records.items()},
     }
     write_json(json_path, result)
-    log(write_section("e2e-placement", placement_markdown(result, config_path, iterations, overrides, json_path), path=results_file(record)))
+    cmd = bench_command("e2e --compare placement", config_path, iterations, overrides, json_path, record)
+    log(write_section("e2e-placement", placement_markdown(result, cmd, iterations), path=results_file(record)))
     return result
 
 
-def placement_markdown(r: dict, config_path, iterations: int, overrides, json_path: str | None = None) -> str:
-    cmd = "rlhfspec bench e2e --compare placement" + (f" --config {config_path}" if config_path else "") + f" --iterations {iterations}"
-    cmd += "".join(f" {o}" for o in overrides or []) + (f" --json {json_path}" if json_path else "")
+def placement_markdown(r: dict, cmd: str, iterations: int) -> str:
     lines = [
         "## End to end: RL iterations in this process vs on Ray",
         "",
@@ -244,9 +243,7 @@ def placement_markdown(r: dict, config_path, iterations: int, overrides, json_pa
     return "\n".join(lines)
 
 
-def _precision_markdown(r: dict, config_path, iterations: int, overrides) -> str:
-    cmd = "rlhfspec bench e2e --compare precision" + (f" --config {config_path}" if config_path else "") + f" --iterations {iterations}"
-    cmd += "".join(f" {o}" for o in overrides or [])
+def _precision_markdown(r: dict, cmd: str, iterations: int) -> str:
     lines = [
         "## End to end: RL iterations in float32 vs bfloat16",
         "",

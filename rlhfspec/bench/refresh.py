@@ -6,7 +6,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from rlhfspec.bench.common import machine, median, results_file, write_json, write_section
+from rlhfspec.bench.common import bench_command, machine, median, results_file, write_json, write_section
 from rlhfspec.rl.config import load_config
 
 # label -> (drafter, refreshed)
@@ -76,8 +76,7 @@ def _result(curves: dict, iterations: int, settings: dict) -> dict:
 
 
 def markdown(r: dict, config_path, iterations: int, overrides, png: str, json_path: str | None = None, record: bool = False) -> str:
-    cmd = "rlhfspec bench refresh" + (f" --config {config_path}" if config_path else "") + f" --iterations {iterations}"
-    cmd += "".join(f" {o}" for o in overrides or []) + (f" --json {json_path}" if json_path else "") + (" --record" if record else "")
+    cmd = bench_command("refresh", config_path, iterations, overrides, json_path, record)
     labels = list(r["curves"])
     lines = [
         "## Drafter refresh: acceptance as the policy drifts",

@@ -113,11 +113,13 @@ def decoder_layer(x: torch.Tensor, layer: LayerPlan, i: int, cos: torch.Tensor, 
     the attention's cache; cos, sin [N, 1, D] are the rows' RoPE tables."""
     n, hq, hkv, d, eps = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps
     qkv = layer.qkv(rms_norm(x, layer.input_norm, eps)).view(n, hq + 2 * hkv, d)
-    qk = qkv[:, : hq + hkv]
+    # split, not slicing: the same views, but the backward pass joins their gradients in one
+    # concatenation instead of a zeroed full-size gradient per slice added up.
+    qk, v = qkv.split((hq + hkv, hkv), dim=1)
     if layer.qk_norm is not None:
         qk = rms_norm(qk, layer.qk_norm, eps)
-    qk = apply_rope(qk, cos, sin)
-    x = x + layer.o(attention(i, qk[:, :hq], qk[:, hq:], qkv[:, hq + hkv :]))
+    q, k = apply_rope(qk, cos, sin).split((hq, hkv), dim=1)
+    x = x + layer.o(attention(i, q, k, v))
     return x + layer.down(silu_mul(layer.gate_up(rms_norm(x, layer.post_norm, eps)), attention.invariant))
 
 
