@@ -206,8 +206,8 @@ def differences(c: Config, trl: dict) -> list[str]:
         f"{trl['generation_batch_size']} samples in one left-padded batch that decodes until its longest sample ends). Both sample "
         "from the policy's own distribution, but from different random streams: the completions differ, so the reward "
         "curves compare only statistically (run several --seed values for their spread).",
-        "Training micro-batches: rlhfspec packs samples up to train.micro_batch_tokens "
-        f"({c.train.micro_batch_tokens}) tokens per forward without padding; TRL runs {trl['per_device_train_batch_size']} "
+        "Training micro-batches: rlhfspec groups samples of similar length up to train.micro_batch_tokens "
+        f"({c.train.micro_batch_tokens}) tokens per forward, padded to each group's longest; TRL runs {trl['per_device_train_batch_size']} "
         f"samples per forward, padded to the longest, accumulating over {trl['gradient_accumulation_steps']} of them. Both take "
         "one optimizer step per iteration over all its samples.",
     ]
@@ -215,16 +215,18 @@ def differences(c: Config, trl: dict) -> list[str]:
         gen_dtype = c.generation_dtype()
         correction = ("taking the engine's logprobs as the behaviour policy's (algorithm.old_logprobs rollout)"
                       if c.algorithm.old_logprobs == "rollout" else
-                      "recomputing the old logprobs with the trainer's forward and weighting each token by "
+                      "taking the old logprobs from the trainer's forward (the training forward's own, detached, when the "
+                      "iteration takes one optimizer step) and weighting each token by "
                       f"min(pi_trainer / pi_engine, {c.algorithm.tis_cap})")
         out.append(f"Precision (bfloat16 on both): rlhfspec generates in {gen_dtype} and trains under bf16 autocast over float32 "
                    f"weights, {correction}; TRL generates and trains under the same bf16 autocast "
                    "(accelerate's) and takes the training forward's own detached logprobs as the old ones (ratio exactly 1), "
                    "with no such correction.")
     else:
-        out.append("Precision (float32 on both): rlhfspec takes the engine's logprobs as the old ones (checked against the "
-                   "trainer's forward within 1e-3 on the first iteration, which pays one extra forward in its scoring stage); "
-                   "TRL takes the training forward's own detached logprobs (ratio exactly 1).")
+        out.append("Precision (float32 on both): rlhfspec takes the engine's logprobs as the old ones once they are checked "
+                   "against the trainer's within 1e-3 (with one optimizer step per iteration the first iteration takes the "
+                   "training forward's own, which makes that check); TRL takes the training forward's own detached logprobs "
+                   "(ratio exactly 1).")
     out += [
         "Gradient checkpointing: off on both (TRL's default is on; rlhfspec has none), so both keep activations for "
         "the backward pass.",
