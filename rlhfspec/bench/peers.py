@@ -100,7 +100,7 @@ def run(cfg: PeersBenchConfig, json_path: str | None = None, record: bool = Fals
     kept = {side: (rs[1:] or rs) for side, rs in runs.items()}
     medians = {side: {k: round(median([r[k] for r in rs]), 2) for k in STAGES} for side, rs in kept.items()}
     result = {
-        "machine": machine(), "command": cfg.command(),
+        "machine": machine(), "command": cfg.command() + (f" --json {json_path}" if json_path else "") + (" --record" if record and out_dir is None else ""),
         "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
         "job": _job(c), "precision": c.train.dtype, "trl": trl_batching, "checks": checks,
         "medians_over": f"iterations 1..{n - 1}" if n > 2 else "iteration 1" if n == 2 else "iteration 0",
