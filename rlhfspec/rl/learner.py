@@ -125,7 +125,7 @@ class Learner:
     def _backward(self, batch: Batch, targets: Targets, mb: list[int], counts: dict, first_epoch: bool) -> float:
         """Accumulate this rank's share of mini-batch `mb`'s gradients; its share of the loss, or the
         first non-finite micro-batch loss (nothing of which is backpropagated)."""
-        c, algo = self.config, self.config.algorithm
+        c = self.config
         # The whole mini-batch's token and sequence counts normalise every share, so the ranks'
         # gradients add up to the mini-batch's.
         n_tokens = targets.mask[mb].sum().item()
