@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +22,6 @@ class Example:
     features: torch.Tensor | None = None  # the policy's features (hidden states after the last norm) [len(tokens), H]
 
 
-@torch.no_grad()
 @torch.no_grad()
 def teacher_examples(policy, sequences: list[list[int]], starts: list[int], k: int = 32, micro_batch: int = 8,
                      features: bool = False, deadline: float | None = None) -> list[Example]:

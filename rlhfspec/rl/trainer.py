@@ -201,24 +201,25 @@ class Trainer:
         the recomputed old ones, so it costs an extra forward only in the "rollout" mode. With the
         old logprobs taken in training (`old_in_training`) the training forward measures the gap
         every iteration and no forward runs here."""
-        mode = self.config.algorithm.old_logprobs
-        if self.old_in_training:  # measured by the training forward (_verified)
-            return mode == "rollout" or (mode == "auto" and self.shared and not self.filtered and bool(self.verified_logprobs))
-        measured = self.verified_logprobs is None
-        if measured:
-            from rlhfspec.rl.experience import padded
-            from rlhfspec.rl.logprobs import all_logprobs
+        if self.old_in_training or self.verified_logprobs is not None:  # in training: measured there (_verified)
+            return self._reuses(self.verified_logprobs)
+        from rlhfspec.rl.experience import padded
+        from rlhfspec.rl.logprobs import all_logprobs
 
-            trainer = self.checked_logprobs = all_logprobs(self.policy, batch, self.score_params, self.config.train.micro_batch_tokens)
-            mask = batch.mask()
-            gap = (trainer - padded(logprobs, mask.shape[1])).abs() * mask
-            diff, mean = gap.max().item(), (gap.sum() / mask.sum()).item()
-            self.logprob_gap = {"rollout_trainer_logprob_gap_max": diff, "rollout_trainer_logprob_gap_mean": mean}
-            self.verified_logprobs = diff < 1e-3
-        reuse = (self.shared and not self.filtered and self.verified_logprobs) if mode == "auto" else mode == "rollout"
-        if measured:
-            self._verified(diff, mean, reuse)
+        trainer = self.checked_logprobs = all_logprobs(self.policy, batch, self.score_params, self.config.train.micro_batch_tokens)
+        mask = batch.mask()
+        gap = (trainer - padded(logprobs, mask.shape[1])).abs() * mask
+        diff, mean = gap.max().item(), (gap.sum() / mask.sum()).item()
+        self.logprob_gap = {"rollout_trainer_logprob_gap_max": diff, "rollout_trainer_logprob_gap_mean": mean}
+        reuse = self._reuses(diff < 1e-3)
+        self._verified(diff, mean, reuse)
         return reuse
+
+    def _reuses(self, verified: bool | None) -> bool:
+        """algorithm.old_logprobs' choice given the last check: "rollout" always takes the engine's,
+        "auto" when the engine is the trainer's own weights, unfiltered, and checked equal."""
+        mode = self.config.algorithm.old_logprobs
+        return mode == "rollout" or (mode == "auto" and self.shared and not self.filtered and bool(verified))
 
     def _verified(self, diff: float, mean: float, reuse: bool) -> None:
         """Record (and log) a rollout/trainer logprob check: whether "auto" may reuse the engine's."""
