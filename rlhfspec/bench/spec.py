@@ -61,7 +61,19 @@ class SpecBenchConfig:
 
     @classmethod
     def make_quick(cls, **kw) -> SpecBenchConfig:
-        return cls(batches=(1, 16), ns=(1, 2, 4, 8), max_new_tokens=32, quick=True, verify_batches=(1, 16), **kw)
+        return cls(**(dict(batches=(1, 16), ns=(1, 2, 4, 8), max_new_tokens=32, quick=True, verify_batches=(1, 16)) | kw))
+
+    def command(self, json_path: str | None = None, record: bool = False) -> str:
+        """The `rlhfspec bench spec` command line that makes this config (and writes its JSON)."""
+        base = SpecBenchConfig.make_quick() if self.quick else SpecBenchConfig()
+        parts = ["rlhfspec bench spec"] + (["--quick"] if self.quick else [])
+        if self.drafters != SpecBenchConfig.drafters:
+            parts.append("--drafters " + ",".join(self.drafters))
+        for name in ("batches", "ns", "temperatures"):
+            if getattr(self, name) != getattr(base, name):
+                parts.append(f"--{name} " + ",".join(f"{x:g}" for x in getattr(self, name)))
+        parts += ([f"--json {json_path}"] if json_path else []) + (["--record"] if record else [])
+        return " ".join(parts)
 
 
 def verify_cost(model, batches, ks, context: int = 128, repeats: int = 5) -> list[dict]:
@@ -96,12 +108,13 @@ def run(cfg: SpecBenchConfig, json_path: str | None = None, record: bool = False
             loaded = DraftModelDrafter.load(draft_path, policy, policy_tokenizer=tok)
             vocab = None if loaded.vocab is None else loaded.vocab.tolist()
             drafters[name] = lambda model=loaded.model, vocab=vocab: DraftModelDrafter(model, draft_vocab=vocab)
-        elif name == "eagle":
+        elif name == "eagle" or name.startswith("eagle-tree"):
+            branches = 1 if name == "eagle" else _tree_branches(name)
             eagle_path = Path(cfg.eagle) if cfg.eagle else ensure_default_eagle(policy, tok, log)
             head = EagleDrafter.load(eagle_path, policy).head
-            drafters[name] = lambda head=head: EagleDrafter(head)
+            drafters[name] = lambda head=head, k=branches: EagleDrafter(head, branches=k)
         else:
-            raise RlhfspecError(f"bench spec drafter {name!r} is not ngram, draft or eagle.")
+            raise RlhfspecError(f"bench spec drafter {name!r} is not ngram, draft, eagle or eagle-treeK (K chains per tree).")
     prompts = [encode_prompt(tok, p) for p in rl_style_prompts(max(max(cfg.batches), MIN_PROMPTS), seed=cfg.seed)]
     for name in drafters:  # warm-up: weight packing, allocator
         generate(policy, prompts[:2], SamplingParams(max_new_tokens=8), tokenizer=tok, drafter=drafters[name](), num_draft_tokens=2)
@@ -134,7 +147,7 @@ def run(cfg: SpecBenchConfig, json_path: str | None = None, record: bool = False
                         "tokens_per_step": round(st.tokens_per_step, 2),
                     })
                     log(_fmt(rows[-1]))
-    result = {"machine": machine(), "model": cfg.model, "draft": str(draft_path), "eagle": str(eagle_path), "dtype": str(policy.dtype).removeprefix("torch."),
+    result = {"machine": machine(), "json": json_path, "recorded": record, "model": cfg.model, "draft": str(draft_path), "eagle": str(eagle_path), "dtype": str(policy.dtype).removeprefix("torch."),
               "rows": rows, "verify_cost": verify_cost(policy, cfg.verify_batches, cfg.verify_ks)}
     write_json(json_path, result)
     # The table is printed always; it goes into benchmarks/RESULTS.md only with record.
@@ -145,6 +158,18 @@ def run(cfg: SpecBenchConfig, json_path: str | None = None, record: bool = False
     png = speedup_vs_n(rows, results.parent / f"spec_speedup{suffix}.png")
     log(write_section("spec" + suffix.replace("_", "-"), _markdown(result, cfg, png.name), path=results))
     return result
+
+
+def _tree_branches(name: str) -> int:
+    """K of "eagle-treeK" (the default tree width for a bare "eagle-tree")."""
+    from rlhfspec.engine.spec import TREE_BRANCHES
+
+    rest = name.removeprefix("eagle-tree")
+    if rest == "":
+        return TREE_BRANCHES
+    if not rest.isdigit() or int(rest) < 1:
+        raise RlhfspecError(f"bench spec drafter {name!r}: write eagle-treeK with K chains per tree, e.g. eagle-tree3.")
+    return int(rest)
 
 
 def _fmt(r: dict) -> str:
@@ -159,14 +184,14 @@ def _markdown(result: dict, cfg: SpecBenchConfig, png: str) -> str:
         "## Speculative decoding: static settings vs plain decoding"
         + ("" if cfg.drafters == SpecBenchConfig.drafters else f" ({', '.join(cfg.drafters)})"),
         "",
-        f"Command: `rlhfspec bench spec{' --quick' if cfg.quick else ''}"
-        f"{'' if cfg.drafters == ('ngram', 'draft') else ' --drafters ' + ','.join(cfg.drafters)}`  ",
+        f"Command: `{cfg.command(result.get('json'), result.get('recorded', False))}`  ",
         f"Machine: {result['machine']}; policy {result['model']} ({result['dtype']})"
         + (f", draft `{result['draft']}`" if "draft" in cfg.drafters else "")
-        + (f", eagle head `{result['eagle']}`" if "eagle" in cfg.drafters else "") + "  ",
+        + (f", eagle head `{result['eagle']}`" if any(d.startswith("eagle") for d in cfg.drafters) else "") + "  ",
         f"RL-style prompts (arithmetic, short reasoning, code; max(batch, {MIN_PROMPTS}) of them, `batch` live at once), up to "
         f"{cfg.max_new_tokens} new tokens, stopping at EOS; speedup = tokens/s over plain decoding of the same engine "
-        f"measured in the same loop; acceptance = accepted / proposed draft tokens.",
+        f"measured in the same loop; acceptance = accepted / proposed draft tokens (for eagle-treeK, K chains of n share "
+        f"their first position and one forward verifies all K*n drafts; acceptance counts along the accepted chain).",
         "",
         f"![speedup vs n]({png})",
         "",

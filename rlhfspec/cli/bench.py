@@ -24,8 +24,11 @@ def register(sub) -> None:
     s.add_argument("--model", default="default")
     s.add_argument("--draft", default=None, help="draft model directory (default: the distilled default draft)")
     s.add_argument("--eagle", default=None, help="eagle head directory (default: the default eagle head)")
-    s.add_argument("--drafters", default="ngram,draft", help="comma-separated: ngram, draft, eagle")
+    s.add_argument("--drafters", default="ngram,draft", help="comma-separated: ngram, draft, eagle, eagle-treeK (K chains per tree)")
     s.add_argument("--quick", action="store_true", help="batches 1 and 16, n in 1, 2, 4, 8, 32 new tokens")
+    s.add_argument("--batches", default=None, help="comma-separated live batch sizes (default 1,4,16,64)")
+    s.add_argument("--ns", default=None, help="comma-separated draft lengths (default 1..8)")
+    s.add_argument("--temperatures", default=None, help="comma-separated (default 0,1)")
     s.add_argument("--json", default=None)
     s.add_argument("--record", action="store_true", help=RECORD)
     s.add_argument("--repeats", type=int, default=1)
@@ -134,6 +137,9 @@ def run_spec(args) -> int:
         torch.set_num_threads(args.threads)
     kw = dict(model=args.model, draft=args.draft, eagle=args.eagle, repeats=args.repeats,
               drafters=tuple(d.strip() for d in args.drafters.split(",") if d.strip()))
+    for name, cast in (("batches", int), ("ns", int), ("temperatures", float)):
+        if getattr(args, name):
+            kw[name] = tuple(cast(x) for x in getattr(args, name).split(",") if x.strip())
     cfg = SpecBenchConfig.make_quick(**kw) if args.quick else SpecBenchConfig(**kw)
     run(cfg, json_path=args.json, record=args.record)
     return 0

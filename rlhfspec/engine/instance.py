@@ -10,6 +10,7 @@ import torch
 from rlhfspec.engine.drafters.base import Drafter
 from rlhfspec.engine.sampling import SAMPLE, group_rows, processed_logprobs, sample
 from rlhfspec.engine.sequence import Sequence, uniforms
+from rlhfspec.engine.tree import tree_rows, verify_tree
 from rlhfspec.engine.verify import verify
 from rlhfspec.engine.stopping import StopChecker
 from rlhfspec.errors import RlhfspecError
@@ -106,7 +107,11 @@ class GenerationInstance:
         self.model = model
         self.max_batch, self.max_len = max_batch, max_len
         model.ensure_positions(max_len)
-        self.cache = KVCache(model.config, max_batch, max_len, model.dtype, model.device, invariant=batch_invariant)
+        # A tree's rejected branches take rows past the accepted path's: room for the widest tree.
+        from rlhfspec.engine.spec import MAX_DRAFT_TOKENS
+
+        spare = max([(d.branches - 1) * MAX_DRAFT_TOKENS for d in drafters or []], default=0)
+        self.cache = KVCache(model.config, max_batch, max_len + spare, model.dtype, model.device, invariant=batch_invariant)
         eos = model.config.eos_token_ids if eos_ids is None else eos_ids
         if tokenizer is not None and tokenizer.eos_token_id is not None and eos_ids is None:
             eos = tuple(sorted(set(eos) | {tokenizer.eos_token_id}))
@@ -173,7 +178,7 @@ class GenerationInstance:
         return self._emit(seqs, [[t] for t in tokens], [[lp] for lp in logprobs])
 
     def workload(self) -> Workload:
-        return Workload.of(self.live, self.drafters)
+        return Workload.of(self.live, self.drafters, {name: d.branches for name, d in self.drafters.items()})
 
     @torch.inference_mode()
     def step(self, decision: Decision | None = None) -> list[Sequence]:
@@ -201,7 +206,8 @@ class GenerationInstance:
         return self._finish_step(record, seqs, [[t] for t in tokens], [[lp] for lp in logprobs])
 
     def _speculate(self, seqs: list[Sequence], drafter: Drafter, n: list[int], t0: float, decide_s: float) -> list[Sequence]:
-        """Draft, verify every sample's [last, d_1..d_n] in one forward, keep the accepted prefix."""
+        """Draft, verify every sample's [last, d_1..d_n] (or tree, for a branching drafter) in one
+        forward, keep the accepted path."""
         if any(k < 0 for k in n):
             raise RlhfspecError(f"draft lengths must be >= 0; got {min(n)}.")
         n = clipped_draft_lengths(n, [s.remaining for s in seqs])
@@ -209,18 +215,27 @@ class GenerationInstance:
         proposal = drafter.propose(seqs, n)
         t1 = time.perf_counter()
         before = self.cache.lengths[: len(seqs)]
-        logits, hidden = self._forward(list(range(len(seqs))), [[s.tokens[-1]] + d for s, d in zip(seqs, proposal.tokens)], last_only=False)
-        verdict = verify(seqs, logits, proposal.tokens, proposal.q)
-        for b, k in enumerate(verdict.accepted):
-            self.cache.lengths[b] = before[b] + 1 + k  # rejected rows become stale (masked)
+        k = proposal.branches
+        depths = [len(d) // k for d in proposal.tokens]
+        fed = [[s.tokens[-1]] + d for s, d in zip(seqs, proposal.tokens)]
+        if k == 1:
+            logits, hidden = self._forward(list(range(len(seqs))), fed, last_only=False)
+            verdict = verify(seqs, logits, proposal.tokens, proposal.q)
+            paths = [list(range(a + 1)) for a in verdict.accepted]
+            for b, a in enumerate(verdict.accepted):
+                self.cache.lengths[b] = before[b] + 1 + a  # rejected rows become stale (masked)
+        else:
+            logits, hidden = self._forward(list(range(len(seqs))), fed, last_only=False, tree=tree_rows(before, depths, k))
+            verdict, paths = verify_tree(seqs, logits, proposal.tokens, proposal.q, k)
+            for b, path in enumerate(paths):
+                self.cache.keep(b, before[b], [before[b] + r for r in path])
         drafter.accepted(seqs, proposal.tokens, verdict.accepted)
-        self._observe(seqs, hidden, [len(d) + 1 for d in proposal.tokens], [k + 1 for k in verdict.accepted])
-        drafted = [len(d) for d in proposal.tokens]
-        self.stats.proposed += sum(drafted)
+        self._observe(seqs, hidden, [len(t) for t in fed], paths)
+        self.stats.proposed += sum(depths)
         self.stats.accepted += sum(verdict.accepted)
-        record = StepRecord(len(seqs), drafter.name, n, drafted, verdict.accepted, sum(len(t) for t in verdict.tokens),
+        record = StepRecord(len(seqs), drafter.name, n, depths, verdict.accepted, sum(len(t) for t in verdict.tokens),
                             t1 - t_draft, time.perf_counter() - t1, sum(s.length for s in seqs) / len(seqs),
-                            [s.sample_id for s in seqs], t0 - self.started, decide_s=decide_s)
+                            [s.sample_id for s in seqs], t0 - self.started, decide_s=decide_s, branches=k)
         return self._finish_step(record, seqs, verdict.tokens, verdict.logprobs)
 
     def _finish_step(self, record: StepRecord, seqs, tokens, logprobs) -> list[Sequence]:
@@ -234,11 +249,12 @@ class GenerationInstance:
         last row ([B, V]) or of every new row ([sum q, V])."""
         return self._forward(slots, new_tokens, last_only)[0]
 
-    def _forward(self, slots: list[int], new_tokens: list[list[int]], last_only: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`forward`'s logits, and the hidden states of every new row ([sum q, H]) when a drafter reads them (else None)."""
+    def _forward(self, slots: list[int], new_tokens: list[list[int]], last_only: bool, tree=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward`'s logits (new rows laid out as `tree`, if given), and the hidden states of
+        every new row ([sum q, H]) when a drafter reads them (else None)."""
         t0 = time.perf_counter()
         keep = bool(self.readers)
-        hidden = self.cache.forward(self.model, slots, new_tokens, last_only and not keep)
+        hidden = self.cache.forward(self.model, slots, new_tokens, last_only and not keep, tree=tree)
         rows = hidden
         if keep and last_only and max(len(t) for t in new_tokens) > 1:
             rows = hidden[torch.tensor([len(t) for t in new_tokens], device=hidden.device).cumsum(0) - 1]
@@ -246,15 +262,18 @@ class GenerationInstance:
         self.stats.forward_s += time.perf_counter() - t0
         return logits, hidden if keep else None
 
-    def _observe(self, seqs: list[Sequence], hidden: torch.Tensor | None, fed: list[int], kept: list[int] | None = None) -> None:
+    def _observe(self, seqs: list[Sequence], hidden: torch.Tensor | None, fed: list[int], kept: list[list[int]] | None = None) -> None:
         """Hand the drafters that read features the hidden states of the rows the policy's cache
-        keeps: of the fed[b] rows of seqs[b] in `hidden`, the first kept[b] (default all)."""
+        keeps: of the fed[b] rows of seqs[b] in `hidden`, those at kept[b] (default all), in order."""
         if hidden is None:
             return
-        kept = fed if kept is None else kept
         features, start = [], 0
-        for f, k in zip(fed, kept):
-            features.append(hidden[start : start + k])
+        for b, f in enumerate(fed):
+            rows = hidden[start : start + f]
+            if kept is not None:  # ascending rows from 0: a prefix unless a tree's path skips some
+                path = kept[b]
+                rows = rows[: len(path)] if path[-1] == len(path) - 1 else rows[torch.tensor(path, device=rows.device)]
+            features.append(rows)
             start += f
         for d in self.readers:
             d.observe(seqs, features)

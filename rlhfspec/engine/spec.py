@@ -62,25 +62,38 @@ class DraftModel:
             raise RlhfspecError(f"drafter {self.path}: {e}") from None
 
 
+TREE_BRANCHES = 2  # "eagle-tree": chains per sample (measured: RESULTS.md, spec-eagle section)
+
+
 @dataclass(frozen=True)
 class Eagle:
-    """An EAGLE-style head over the policy's own features, loaded from its directory."""
+    """An EAGLE-style head over the policy's own features, loaded from its directory; with
+    branches > 1 it drafts trees of that many chains (engine/tree.py)."""
 
     path: str
     name: str = "eagle"
+    branches: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.branches, int) or isinstance(self.branches, bool) or self.branches < 1:
+            raise RlhfspecError(f"drafter {self.name}: branches is {self.branches!r}; it must be an integer >= 1.")
 
     @classmethod
     def from_text(cls, text: str, taken: tuple[str, ...]) -> Eagle:
-        """"eagle": the default head; else a head directory. Named "eagle", then "eagle:<directory name>"."""
-        path = default_eagle_path() if text == "eagle" else Path(text)
-        return cls(str(path), "eagle" if "eagle" not in taken else f"eagle:{path.name}")
+        """"eagle": the default head; "eagle-tree": the default head drafting trees of
+        TREE_BRANCHES chains; else a head directory. Named by the keyword (or "eagle"), then
+        "<keyword>:<directory name>" when taken."""
+        tree = text == "eagle-tree"
+        path = default_eagle_path() if text in ("eagle", "eagle-tree") else Path(text)
+        base = "eagle-tree" if tree else "eagle"
+        return cls(str(path), base if base not in taken else f"{base}:{path.name}", TREE_BRANCHES if tree else 1)
 
     def build(self, policy, tokenizer=None) -> Drafter:
         if not Path(self.path).exists():
             raise RlhfspecError(f"drafter {self.path}: the eagle head does not exist; create it with: "
                                 f"rlhfspec distill-draft --kind eagle --out {self.path}")
         try:
-            return EagleDrafter.load(self.path, policy, name=self.name)
+            return EagleDrafter.load(self.path, policy, name=self.name, branches=self.branches)
         except RlhfspecError as e:
             raise RlhfspecError(f"drafter {self.path}: {e}") from None
 
@@ -88,7 +101,7 @@ class Eagle:
 DrafterSpec = Ngram | DraftModel | Eagle
 # Keywords a drafter is named by in the CLI and the RL config; anything else is a path, to an
 # eagle head directory or a draft model.
-DRAFTERS: dict[str, type] = {"ngram": Ngram, "draft": DraftModel, "eagle": Eagle}
+DRAFTERS: dict[str, type] = {"ngram": Ngram, "draft": DraftModel, "eagle": Eagle, "eagle-tree": Eagle}
 
 
 def drafter_spec(text: str, taken: tuple[str, ...] = ()) -> DrafterSpec:

@@ -15,6 +15,7 @@ entries is measured once per machine (invariant_attention.py), as for projection
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +41,30 @@ def unfold_output(out: torch.Tensor, batch: int, qlen: int) -> torch.Tensor:
     return out.view(batch, hkv, g, qlen, d).permute(0, 3, 1, 2, 4).reshape(batch * qlen, hkv * g * d)
 
 
-class CacheAttention:
-    """One forward's view of a `KVCache`: sample b writes q_lens[b] new rows at starts[b] of slots[b]."""
+@dataclass(slots=True)
+class TreeRows:
+    """Where one forward's new rows sit in token trees (speculative trees, drafting branches), per
+    sample b: new row t is written at cache row starts[b] + t as usual, but sits at RoPE position
+    positions[b][t] and sees the cache rows [0, base[b]) plus seen[b][t] (rows >= base[b], itself
+    included). A chain is positions start + t, base start, seen [start .. start + t]."""
 
-    def __init__(self, cache, slots: list[int], starts: list[int], q_lens: list[int]):
+    positions: list[list[int]]
+    base: list[int]
+    seen: list[list[list[int]]]
+
+    def visible(self, b: int, t: int, length: int, device) -> torch.Tensor:
+        """[length] bool: the keys new row t of sample b sees."""
+        out = torch.zeros(length, dtype=torch.bool, device=device)
+        out[: self.base[b]] = True
+        out[torch.tensor(self.seen[b][t], device=device)] = True
+        return out
+
+
+class CacheAttention:
+    """One forward's view of a `KVCache`: sample b writes q_lens[b] new rows at starts[b] of slots[b]
+    (causally, or as the token trees `tree` describes)."""
+
+    def __init__(self, cache, slots: list[int], starts: list[int], q_lens: list[int], tree: TreeRows | None = None):
         self.cache = cache
         self.invariant = cache.invariant
         self.batch = len(starts)
@@ -52,15 +73,17 @@ class CacheAttention:
         self.slot_list = slots
         self.qmax = max(q_lens)
         self.kv_len = max(s + q for s, q in zip(starts, q_lens))
-        self.positions = torch.tensor([s + t for s, q in zip(starts, q_lens) for t in range(q)], device=dev)
+        self.tree = tree if tree is not None and self.qmax > 1 else None
+        rows = torch.tensor([s + t for s, q in zip(starts, q_lens) for t in range(q)], device=dev)
+        self.positions = rows if tree is None else torch.tensor([p for ps in tree.positions for p in ps], device=dev)
         hkv, length = cache.num_kv_heads, cache.alloc_len
         slot_t = torch.tensor(slots, device=dev)
         row_slot = torch.repeat_interleave(slot_t, torch.tensor(q_lens, device=dev))
         # Row (token, kv head) -> its place in the cache viewed as [slots*Hkv*len, D].
-        self.write_index = ((row_slot[:, None] * hkv + torch.arange(hkv, device=dev)) * length + self.positions[:, None]).reshape(-1)
+        self.write_index = ((row_slot[:, None] * hkv + torch.arange(hkv, device=dev)) * length + rows[:, None]).reshape(-1)
         self.slots = slice(slots[0], slots[0] + self.batch) if self.contiguous else slot_t
         if self.invariant:
-            self.passes = _passes(cache, slots, starts, q_lens, self.contiguous)
+            self.passes = _passes(cache, slots, starts, q_lens, self.contiguous, self.tree)
         else:
             self._dense_setup(starts, q_lens)
 
@@ -77,6 +100,10 @@ class CacheAttention:
             valid = torch.arange(self.qmax, device=dev)[None, :] < torch.tensor(q_lens, device=dev)[:, None]
             last = torch.where(valid, last, torch.zeros_like(last))
         mask = torch.arange(self.kv_len, device=dev)[None, None, :] <= last[:, :, None]
+        if self.tree is not None:
+            for b, q in enumerate(q_lens):
+                for t in range(q):
+                    mask[b, t] = self.tree.visible(b, t, self.kv_len, dev)
         g = self.cache.num_heads // self.cache.num_kv_heads
         if self.qmax == 1:
             # Decoding samples of equal length need no mask (the common case at batch 1).
@@ -136,7 +163,7 @@ class _Pass:
     __slots__ = ("entries", "queries", "m", "length", "block", "serial", "slots", "rows", "bias", "out_rows", "valid")
 
 
-def _passes(cache, slots, starts, q_lens, contiguous) -> list[_Pass]:
+def _passes(cache, slots, starts, q_lens, contiguous, tree: TreeRows | None = None) -> list[_Pass]:
     dev = cache.device
     hkv, g = cache.num_kv_heads, cache.num_heads // cache.num_kv_heads
     plan, step, block, serial = attention_layout(cache.dtype, dev, cache.head_dim)
@@ -168,6 +195,10 @@ def _passes(cache, slots, starts, q_lens, contiguous) -> list[_Pass]:
         p.rows = None if dense else torch.tensor(idx, device=dev).reshape(-1)
         pos = torch.tensor([[starts[b] + first + t if t < c else 0 for t in range(p.queries)] for b, c in zip(members, counts)], device=dev)
         seen = torch.arange(p.length, device=dev)[None, None, :] <= pos[:, :, None]  # [E, qp, L]
+        if tree is not None:
+            for i, (b, c) in enumerate(zip(members, counts)):
+                for t in range(c):
+                    seen[i, t] = tree.visible(b, first + t, p.length, dev)
         # Rows are ordered (query, group) inside an entry; padding rows see key 0.
         seen = seen[:, :, None, :].expand(-1, -1, g, -1).reshape(e, p.queries * g, p.length)
         if p.m > p.queries * g:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from rlhfspec.errors import RlhfspecError
-from rlhfspec.models.attention import CacheAttention
+from rlhfspec.models.attention import CacheAttention, TreeRows
 from rlhfspec.models.invariant_attention import attention_layout
 from rlhfspec.models.config import ModelConfig
 
@@ -50,25 +50,26 @@ class KVCache:
         """What one token's K and V rows occupy (all layers)."""
         return 2 * self.k.shape[0] * self.num_kv_heads * self.head_dim * self.k.element_size()
 
-    def attend(self, slots: list[int], q_lens: list[int]) -> CacheAttention:
-        """Attention for one forward that appends q_lens[b] tokens to slot slots[b]."""
+    def attend(self, slots: list[int], q_lens: list[int], tree: TreeRows | None = None) -> CacheAttention:
+        """Attention for one forward that appends q_lens[b] tokens to slot slots[b] (as token trees, if given)."""
         starts = [self.lengths[s] for s in slots]
         for slot, s, q in zip(slots, starts, q_lens):
             if s + q > self.max_len:
                 raise RlhfspecError(f"slot {slot} needs {s + q} KV rows but the cache holds {self.max_len}; raise max_len.")
-        return CacheAttention(self, slots, starts, q_lens)
+        return CacheAttention(self, slots, starts, q_lens, tree)
 
     def advance(self, slots: list[int], q_lens: list[int]) -> None:
         """Commit the rows a forward wrote."""
         for slot, q in zip(slots, q_lens):
             self.lengths[slot] += q
 
-    def forward(self, model, slots: list[int], new_tokens: list[list[int]], last_only: bool = True, advance: bool = True) -> torch.Tensor:
-        """Append new_tokens[b] to slots[b] in one packed forward of `model`; the final hidden
-        states of each slot's last new row ([B, H]) or of every new row ([sum q, H]). advance False
-        leaves the lengths as they were (a timing probe)."""
+    def forward(self, model, slots: list[int], new_tokens: list[list[int]], last_only: bool = True, advance: bool = True,
+                tree: TreeRows | None = None) -> torch.Tensor:
+        """Append new_tokens[b] to slots[b] in one packed forward of `model` (laid out as token trees,
+        if given); the final hidden states of each slot's last new row ([B, H]) or of every new row
+        ([sum q, H]). advance False leaves the lengths as they were (a timing probe)."""
         q_lens = [len(t) for t in new_tokens]
-        attention = self.attend(slots, q_lens)
+        attention = self.attend(slots, q_lens, tree)
         flat = torch.tensor([t for ts in new_tokens for t in ts], device=self.device)
         hidden = model(flat, attention.positions, attention)
         if last_only and max(q_lens) > 1:
@@ -76,6 +77,15 @@ class KVCache:
         if advance:
             self.advance(slots, q_lens)
         return hidden
+
+    def keep(self, slot: int, start: int, rows: list[int]) -> None:
+        """Copy the given rows of a slot to rows start, start + 1, ... (a tree's accepted path
+        becomes contiguous) and make start + len(rows) the slot's length."""
+        if rows and rows != list(range(start, start + len(rows))):
+            src = torch.tensor(rows, device=self.device)
+            self.k[:, slot, :, start : start + len(rows)] = self.k[:, slot, :, src]
+            self.v[:, slot, :, start : start + len(rows)] = self.v[:, slot, :, src]
+        self.lengths[slot] = start + len(rows)
 
     def move(self, src: int, dst: int) -> None:
         """Copy slot src's valid rows into slot dst (used to keep live slots packed)."""

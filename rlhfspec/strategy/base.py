@@ -8,22 +8,29 @@ from dataclasses import dataclass, field
 @dataclass(slots=True)
 class Workload:
     """What a strategy knows before a step: the live samples, their context lengths and how many
-    tokens each may still emit, and the drafters the instance has."""
+    tokens each may still emit, and the drafters the instance has (with the chains per sample of
+    those that draft trees: a draft of n then verifies branches * n tokens per sample)."""
 
     sample_ids: list[int]
     context_lens: list[int]
     remaining: list[int]
     drafters: list[str]
+    branches: dict[str, int] = field(default_factory=dict)
 
     @property
     def batch(self) -> int:
         return len(self.sample_ids)
 
+    def width(self, drafter: str) -> int:
+        """Chains per sample `drafter` verifies (1: a chain)."""
+        return self.branches.get(drafter, 1)
+
     @classmethod
-    def of(cls, live, drafters) -> Workload:
+    def of(cls, live, drafters, branches: dict[str, int] | None = None) -> Workload:
         """The workload of live samples (anything with sample_id, length and remaining, in slot
         order) on an instance with these drafters: what the engine and the simulator both decide on."""
-        return cls([s.sample_id for s in live], [s.length for s in live], [s.remaining for s in live], list(drafters))
+        return cls([s.sample_id for s in live], [s.length for s in live], [s.remaining for s in live], list(drafters),
+                   {k: v for k, v in (branches or {}).items() if v != 1})
 
 
 def clipped_draft_lengths(n: list[int], remaining: list[int]) -> list[int]:
@@ -45,8 +52,9 @@ class StepRecord:
     """What one step did and cost; strategies learn from it and plots are drawn from it.
 
     n: draft lengths asked for; drafted: what the drafter proposed (an n-gram drafter may find
-    fewer); accepted: drafts kept per sample; decide_s: the strategy's own time choosing this step
-    (part of the step's cost, not of any forward)."""
+    fewer; for a tree, the depth of each of its `branches` chains); accepted: drafts kept per
+    sample; decide_s: the strategy's own time choosing this step (part of the step's cost, not of
+    any forward)."""
 
     batch: int
     drafter: str | None
@@ -60,6 +68,12 @@ class StepRecord:
     sample_ids: list[int] = field(default_factory=list)
     start_s: float = 0.0  # seconds since the run began
     decide_s: float = 0.0
+    branches: int = 1
+
+    @property
+    def tokens_per_row(self) -> float:
+        """Mean tokens per sample the verification forward fed."""
+        return sum(self.branches * d + 1 for d in self.drafted) / self.batch
 
     @property
     def seconds(self) -> float:

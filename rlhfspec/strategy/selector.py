@@ -17,7 +17,9 @@ class Selector:
     n = 0 (plain decoding) is always a candidate. Per-sample draft lengths: for each (drafter, n)
     the samples whose estimated acceptance is below a threshold draft nothing, and the thresholds
     tried are the distinct estimated rates, so a step can speculate only for the samples it pays
-    for. Verification cost is priced at the mean number of tokens per row.
+    for. Verification cost is priced at the mean number of tokens per row (branches * n + 1
+    for a drafter of trees; its acceptance is counted along the accepted path, so a tree's extra
+    branches show up as a higher rate).
     """
 
     def __init__(self, cost: CostModel, acceptance: AcceptanceEstimator, max_n: int = 8, per_sample: bool = True, max_thresholds: int = 4):
@@ -31,7 +33,8 @@ class Selector:
             return float(b), self.cost.verify(b, 1.0)
         tokens = sum(self.acceptance.expected(drafter, sid, n) for sid, n in zip(workload.sample_ids, ns))
         drafting = self.cost.draft(drafter, sum(1 for n in ns if n), max(ns))
-        return tokens, drafting + self.cost.verify(b, sum(n + 1 for n in ns) / b)
+        width = workload.width(drafter)
+        return tokens, drafting + self.cost.verify(b, sum(width * n + 1 for n in ns) / b)
 
     def choose(self, workload: Workload) -> Decision:
         """The best candidate, visited drafter-major, then n ascending, then threshold; a later
@@ -42,6 +45,7 @@ class Selector:
         caps = [min(max(0, r - 1), self.max_n) for r in workload.remaining]
         verify: dict[int, float] = {}  # total tokens in the forward -> seconds
         for drafter in workload.drafters:
+            width = workload.width(drafter)
             rates = self.acceptance.rates(drafter, workload.sample_ids)
             # values[s][k]: expected tokens of sample s drafting k <= its cap.
             values = [expected_tokens_upto(r, cap) for r, cap in zip(rates, caps)]
@@ -56,7 +60,7 @@ class Selector:
                     key = (g.active, min(n, g.top))
                     if key not in draft:
                         draft[key] = self.cost.draft(drafter, *key)
-                    total = b + g.drafted[n]
+                    total = b + width * g.drafted[n]
                     if total not in verify:
                         verify[total] = self.cost.verify(b, total / b)
                     seconds = draft[key] + verify[total]
@@ -141,7 +145,7 @@ class AdaptiveStrategy(Strategy):
         # Accept counts against the lengths asked for: positions a drafter could not fill count as
         # rejections, so an n-gram drafter's estimate includes how often it finds a match.
         self.acceptance.update(record.drafter, record.sample_ids, record.n, record.accepted)
-        self.cost.observe("verify", record.batch, sum(d + 1 for d in record.drafted) / record.batch, record.verify_s)
+        self.cost.observe("verify", record.batch, record.tokens_per_row, record.verify_s)
         active = sum(1 for n in record.n if n)
         if active:
             self.cost.observe(record.drafter, active, max(record.n), record.draft_s)

@@ -80,7 +80,10 @@ def random_case(rng: random.Random, permuted_twins: bool = False) -> tuple[Selec
         else:
             est.update(rng.choice(drafters), seen, proposed, accepted)
     sel = Selector(cost, est, max_n=rng.randint(1, 8), per_sample=permuted_twins or rng.random() < 0.8, max_thresholds=rng.randint(1, 4))
-    return sel, Workload(sample_ids, [50] * b, remaining, drafters)
+    # Some drafters draft trees of 2 or 3 chains (twins share one width, so their costs stay equal).
+    width = rng.choice([1, 1, 2, 3])
+    branches = {d: width if twins else rng.choice([1, 1, 2, 3]) for d in drafters}
+    return sel, Workload(sample_ids, [50] * b, remaining, drafters, branches)
 
 
 def test_choose_equals_the_reference_selector_exactly():
@@ -95,6 +98,18 @@ def test_choose_equals_the_reference_selector_exactly():
     for _ in range(300):
         sel, work = random_case(rng, permuted_twins=True)
         assert sel.choose(work) == reference_choose(sel, work)
+
+
+def test_a_tree_is_priced_at_all_the_tokens_it_verifies():
+    cost = CostModel(table(lambda b, q: 0.01 + 0.001 * b * q), {"draft": table(lambda b, n: 0.0)})
+    sel = Selector(cost, estimator(0.7))
+    chain = Workload([0, 1], [50, 50], [100, 100], ["draft"])
+    tree = Workload([0, 1], [50, 50], [100, 100], ["draft"], {"draft": 3})
+    drafting = cost.draft("draft", 2, 2)
+    assert sel.evaluate(chain, "draft", [2, 2])[1] == drafting + cost.verify(2, 3.0)
+    assert sel.evaluate(tree, "draft", [2, 2])[1] == drafting + cost.verify(2, 7.0)
+    # Same acceptance, three times the verified drafts: a tree drafts shorter than the chain.
+    assert max(sel.choose(tree).n) < max(sel.choose(chain).n)
 
 
 def test_plain_decoding_when_verification_is_steep_and_acceptance_low():

@@ -14,10 +14,13 @@ from rlhfspec.errors import RlhfspecError
 @dataclass(slots=True)
 class Proposal:
     """Draft tokens per sample (possibly fewer than asked) and their processed probabilities
-    q: [sum of draft lengths, V], or None when drafts are deterministic (one-hot q)."""
+    q: [sum of draft lengths, V], or None when drafts are deterministic (one-hot q). With
+    branches > 1, tokens[b] holds that many chains of equal length, one after the other, that
+    share their first position (a tree; engine/tree.py), and q's rows follow the same order."""
 
     tokens: list[list[int]]
     q: torch.Tensor | None
+    branches: int = 1
 
 
 class Drafter:
@@ -26,6 +29,8 @@ class Drafter:
     keeps drafters across instances and iterations (the RL rollout). A drafter overrides what it needs."""
 
     name = "drafter"
+    # Chains per sample its proposals hold (a tree sharing the first position when > 1).
+    branches = 1
     # Whether the instance hands it the policy's hidden states (`observe`); they cost nothing
     # extra: every forward computes them for the rows it writes.
     reads_features = False

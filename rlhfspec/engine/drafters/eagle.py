@@ -9,8 +9,11 @@ import torch.nn.functional as F
 
 from rlhfspec.engine.drafters.base import Drafter, Proposal
 from rlhfspec.engine.drafters.sampled import draft_logprobs, draw_drafts, spread
-from rlhfspec.engine.sequence import Sequence
+from rlhfspec.engine.sampling import sample
+from rlhfspec.engine.sequence import Sequence, uniforms
+from rlhfspec.engine.tree import branch_purposes
 from rlhfspec.errors import RlhfspecError
+from rlhfspec.models.attention import TreeRows
 from rlhfspec.models.eagle import EagleHead
 from rlhfspec.models.invariance import rowwise
 from rlhfspec.models.kv_cache import KVCache
@@ -22,6 +25,10 @@ class EagleDrafter(Drafter):
     predicted features. Drafts are sampled from the head's processed distribution q (returned,
     zero outside the draft vocabulary), so verification is the exact accept/resample rule.
 
+    With branches = k > 1 it drafts a tree: k first drafts (independent draws from q, or q's top k
+    for greedy samples), each continued as its own chain; the head reads a branch's rows through a
+    tree mask, so one head forward per position serves every branch.
+
     Per slot the head keeps a KV cache of its inputs (f_t, x_{t+1}) for t < `cache.lengths[slot]`,
     built from the policy's real features only (chain rows are rolled back after verification, as
     in EAGLE), and the features the instance handed over that it has not fed yet (`pending`).
@@ -31,9 +38,12 @@ class EagleDrafter(Drafter):
     name = "eagle"
     reads_features = True
 
-    def __init__(self, head: EagleHead, policy=None, *, name: str = "eagle"):
+    def __init__(self, head: EagleHead, policy=None, *, name: str = "eagle", branches: int = 1):
+        if not isinstance(branches, int) or branches < 1:
+            raise RlhfspecError(f"an eagle drafter's branches is {branches!r}; it must be an integer >= 1.")
         self.head = head
         self.name = name
+        self.branches = branches
         if policy is not None:
             head.check_fits(policy)
         self.policy = None
@@ -46,7 +56,7 @@ class EagleDrafter(Drafter):
         return cls(head, policy, **kw)
 
     def replica(self) -> EagleDrafter:
-        return EagleDrafter(self.head, name=self.name)
+        return EagleDrafter(self.head, name=self.name, branches=self.branches)
 
     def state_dict(self) -> dict:
         """The head's weights (RL refreshes them as the policy drifts), for checkpoints."""
@@ -64,7 +74,8 @@ class EagleDrafter(Drafter):
         self.head.check_fits(instance.model)
         self.policy = instance.model
         self.head.ensure_positions(instance.max_len)
-        self.cache = KVCache(self.head.config, instance.max_batch, instance.max_len, self.head.dtype, self.head.device,
+        # The instance's cache length: room for the rows of a tree's branches too.
+        self.cache = KVCache(self.head.config, instance.max_batch, instance.cache.max_len, self.head.dtype, self.head.device,
                              invariant=instance.cache.invariant)
         self.pending = [[] for _ in range(instance.max_batch)]
 
@@ -111,32 +122,62 @@ class EagleDrafter(Drafter):
 
     # --- drafting -------------------------------------------------------------------------------
     def propose(self, seqs: list[Sequence], n: list[int]) -> Proposal:
-        drafts: list[list[int]] = [[] for _ in seqs]
-        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
-        active = [b for b, k in enumerate(n) if k > 0]
+        k = self.branches
+        chains = [[[] for _ in range(k)] for _ in seqs]  # chains[b][i]: branch i's drafts
+        probs = [[[] for _ in range(k)] for _ in seqs]
+        active = [b for b, m in enumerate(n) if m > 0]
         if active:
             with torch.inference_mode():
                 features, tokens = self._catch_up([seqs[b] for b in active])
+                predicted = self._feed([seqs[b] for b in active], features, tokens)
+                base = [self.cache.lengths[seqs[b].slot] for b in active]  # head rows every branch sees
+                width = 1  # rows per sample in `predicted`: one before the first draft, then one per branch
                 for j in range(max(n)):
-                    predicted = self._feed([seqs[b] for b in active], features, tokens)
-                    group = [seqs[b] for b in active]
+                    group = [seqs[b] for b in active for _ in range(width)]
                     logq = draft_logprobs(spread(self.head.logits(predicted, self.cache.invariant), self.head.vocab,
                                                  self.policy.config.vocab_size), group)
-                    drawn = draw_drafts(group, logq, j)
                     q = rowwise(torch.exp, logq)
-                    for i, b in enumerate(active):
-                        drafts[b].append(drawn[i])
-                        probs[b].append(q[i])
-                    keep = [i for i, b in enumerate(active) if n[b] > j + 1]
+                    for i in range(k):
+                        rows = slice(None) if width == 1 else slice(i, None, k)
+                        drawn = self._draw([seqs[b] for b in active], logq[rows], j, i)
+                        for a, b in enumerate(active):
+                            chains[b][i].append(drawn[a])
+                            probs[b][i].append(q[a * width + (i if width > 1 else 0)])
+                    keep = [a for a, b in enumerate(active) if n[b] > j + 1]
                     if not keep:
                         break
-                    # The next link reads the head's own prediction and the token just drafted.
-                    idx = torch.tensor(keep, device=predicted.device)
+                    # The next position reads each branch's own predicted feature and its token just drafted.
+                    idx = torch.tensor([a * width + (i if width > 1 else 0) for a in keep for i in range(k)], device=predicted.device)
                     features = predicted[idx]
-                    active = [active[i] for i in keep]
-                    tokens = [[drafts[b][-1]] for b in active]
-        flat = [p for ps in probs for p in ps]
-        return Proposal(drafts, torch.stack(flat) if flat else None)
+                    active, base = [active[a] for a in keep], [base[a] for a in keep]
+                    tokens = [[chains[b][i][-1]] for b in active for i in range(k)]
+                    predicted = self._feed([seqs[b] for b in active], features, tokens, self._branch_rows(base, j))
+                    width = k
+        drafts = [[t for chain in cs for t in chain] for cs in chains]
+        flat = [p for ps in probs for chain in ps for p in chain]
+        return Proposal(drafts, torch.stack(flat) if flat else None, branches=k)
+
+    def _draw(self, seqs: list[Sequence], logq: torch.Tensor, j: int, branch: int) -> list[int]:
+        """Draft j (0-based) of branch `branch` for each sample (logq [R, V] for seqs[r]): branch 0
+        as a chain draws it; the others with their own uniforms, or q's next best first draft for
+        greedy samples (then the argmax)."""
+        if branch == 0:
+            return draw_drafts(seqs, logq, j)
+        dev = logq.device
+        greedy = torch.tensor([s.params.greedy for s in seqs], device=dev)
+        drawn = sample(logq, uniforms(seqs, [s.length + j for s in seqs], branch_purposes(branch)[0], dev), greedy=False)
+        best = logq.topk(branch + 1, dim=-1).indices[:, branch] if j == 0 else logq.argmax(-1)
+        return torch.where(greedy, best, drawn).tolist()
+
+    def _branch_rows(self, base: list[int], j: int) -> TreeRows | None:
+        """The head rows of the feed after draft j: sample b's branch i at cache row base + j*k + i,
+        position base + j, seeing its own branch's earlier rows (None for one branch: a chain)."""
+        k = self.branches
+        if k == 1:
+            return None
+        positions = [[m + j] * k for m in base]
+        seen = [[[m + jj * k + i for jj in range(j + 1)] for i in range(k)] for m in base]
+        return TreeRows(positions, list(base), seen)
 
     def _catch_up(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[list[int]]]:
         """The inputs each sample's head cache lacks: the policy's features (normed) of positions
@@ -153,16 +194,20 @@ class EagleDrafter(Drafter):
             tokens.append((s.prompt + s.tokens)[m + 1 : last + 1])
         return self.policy.normed(torch.cat(features)), tokens
 
-    def _feed(self, seqs: list[Sequence], features: torch.Tensor, tokens: list[list[int]]) -> torch.Tensor:
-        """Run the head over inputs (features [sum q, H], tokens[b]) appended to each sample's head
-        cache; the predicted feature after each sample's last input [B, H]."""
+    def _feed(self, seqs: list[Sequence], features: torch.Tensor, tokens: list[list[int]], tree: TreeRows | None = None) -> torch.Tensor:
+        """Run the head over inputs (features [sum q, H], tokens) appended to each sample's head
+        cache: tokens[b] for seqs[b], or with a tree, k rows per sample (tokens sample-major); the
+        predicted feature after each sample's last input [B, H], or of every row with a tree."""
+        if tree is not None:
+            k = len(tokens) // len(seqs)
+            tokens = [[t for ts in tokens[a * k : (a + 1) * k] for t in ts] for a in range(len(seqs))]
         slots, q_lens = [s.slot for s in seqs], [len(t) for t in tokens]
-        attention = self.cache.attend(slots, q_lens)
+        attention = self.cache.attend(slots, q_lens, tree)
         ids = torch.tensor([t for ts in tokens for t in ts], device=features.device)
         embeds = F.embedding(ids, self.policy.embed.weight)
         out = self.head(features.to(self.head.dtype), embeds.to(self.head.dtype), attention.positions, attention)
         self.cache.advance(slots, q_lens)
-        if max(q_lens) > 1:
+        if tree is None and max(q_lens) > 1:
             out = out[torch.tensor(q_lens, device=out.device).cumsum(0) - 1]
         return out
 
