@@ -17,9 +17,9 @@ from rlhfspec.models.kv_cache import KVCache
 from rlhfspec.rollout.backend import InprocBackend
 from rlhfspec.rollout.coordinator import Coordinator
 from rlhfspec.strategy.base import StaticStrategy
-from tests.conftest import random_prompts, tiny_hf_model
+from tests.conftest import random_prompts
 from tests.engine.test_spec import MixedN
-from tests.engine.test_spec_statistics import N, PROMPT, SETTINGS, VOCAB, chi_square_p_value, exact_joint
+from tests.engine.test_spec_statistics import N, PROMPT, SETTINGS, chi_square_p_value, exact_joint
 from tests.rollout.test_coordinator import RandomMoves
 
 
@@ -31,11 +31,6 @@ def _head(policy, vocab=None, seed=1, scale=0.3):
         for p in head.parameters():
             p.add_(torch.randn(p.shape, generator=g) * scale * p.std().clamp(min=0.05))
     return head.eval().requires_grad_(False)
-
-
-@pytest.fixture
-def policy(tiny_checkpoint):
-    return load_model(tiny_checkpoint("llama", seed=0), dtype="float32")[0]
 
 
 @pytest.mark.parametrize("n", [1, 3, 5])
@@ -52,14 +47,6 @@ def test_greedy_speculative_equals_greedy_plain(policy, n):
     assert single[0].token_ids == plain[0].token_ids
     assert [o.token_ids for o in mixed] == [o.token_ids for o in plain]
     assert stats[0].proposed > 0
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    overrides = dict(vocab_size=VOCAB, initializer_range=0.6)
-    path = tmp_path_factory.mktemp("policy")
-    tiny_hf_model("llama", seed=0, **overrides).save_pretrained(path)
-    return load_model(path, dtype="float32")[0], tiny_hf_model("llama", seed=0, **overrides)
 
 
 @pytest.mark.parametrize("setting", [0, 2])

@@ -18,7 +18,7 @@ from rlhfspec.rollout.backend import InprocBackend
 from rlhfspec.rollout.coordinator import Coordinator
 from rlhfspec.strategy.base import StaticStrategy
 from tests.conftest import random_prompts
-from tests.engine.test_eagle import _fresh_head_rows, _head, policy, small  # noqa: F401 (fixtures)
+from tests.engine.test_eagle import _fresh_head_rows, _head
 from tests.engine.test_spec import MixedN
 from tests.engine.test_spec_statistics import N, PROMPT, SETTINGS, chi_square_p_value, exact_joint
 from tests.rollout.test_coordinator import RandomMoves
@@ -61,14 +61,14 @@ def test_greedy_tree_speculation_equals_greedy_plain(policy, branches):
     tree = generate(policy, prompts, params, drafter=EagleDrafter(head, policy, branches=branches), num_draft_tokens=3, instance_stats=stats)
     chain = generate(policy, prompts, params, drafter=EagleDrafter(head, policy), num_draft_tokens=3, instance_stats=chain_stats)
     mixed = generate(policy, prompts, params, drafter=EagleDrafter(head, policy, branches=branches), strategy=MixedN("eagle"))
-    assert [o.token_ids for o in tree] == [o.token_ids for o in plain]
+    assert [o.token_ids for o in tree] == [o.token_ids for o in plain] == [o.token_ids for o in chain]
     assert [o.token_ids for o in mixed] == [o.token_ids for o in plain]
     # More first drafts to choose from: more accepted per step than the chain.
     assert stats[0].tokens_per_step > chain_stats[0].tokens_per_step
 
 
 @pytest.mark.parametrize("setting, branches", [(0, 2), (2, 3)])
-def test_tree_sequences_follow_the_exact_distribution(small, setting, branches):  # noqa: F811
+def test_tree_sequences_follow_the_exact_distribution(small, setting, branches):
     policy, hf = small
     params = SETTINGS[setting]
     head = _head(policy, vocab=[0, 1, 2, 3, 5, 6], seed=2, scale=1.0)  # q = 0 on tokens 4 and 7
@@ -79,7 +79,7 @@ def test_tree_sequences_follow_the_exact_distribution(small, setting, branches):
     assert chi_square_p_value([o.token_ids for o in outs], exact_joint(hf, params)) > 0.001
 
 
-def test_a_multi_round_rule_without_residuals_fails_the_same_test(small, monkeypatch):  # noqa: F811
+def test_a_multi_round_rule_without_residuals_fails_the_same_test(small, monkeypatch):
     policy, hf = small
     params = SETTINGS[0]
     # Testing every candidate against p itself (no residual between rounds) over-accepts drafts.
