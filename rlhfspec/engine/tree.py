@@ -4,11 +4,14 @@ forward with a tree mask.
 Layout of a sample's new rows: [last, branch 0's d_1..d_n, branch 1's d_1..d_n, ...]; node (i, j)
 sits at position start + 1 + j and sees the prefix, `last` and branch i's nodes up to itself.
 
-Verification keeps the output distribution exact (SpecInfer's multi-round rejection, Miao et al.
-2024): the k first drafts are independent draws from q_1; candidate i is accepted with probability
-min(1, r_i(c_i) / q_1(c_i)) where r_0 = p_1 and each rejection replaces r by norm(max(0, r - q_1));
-each round is an exact speculative step whose target is the previous round's residual, so the
-token emitted at the first position is distributed as p_1. After an accepted candidate the rest of
+Verification keeps the output distribution exact (multi-round rejection as in SpecInfer, Miao et
+al. 2024, with drafts without replacement as in recursive rejection sampling, Jeon et al. 2024):
+candidate i comes with the distribution q_i it was drawn from given the candidates before it (the
+drafter's q without them, renormalised); it is accepted with probability min(1, r_i(c_i) / q_i(c_i))
+where r_0 = p_1 and each rejection replaces r by norm(max(0, r - q_i)). Each round is an exact
+speculative step whose target is the previous round's residual and whose draft is drawn from the
+q_i it declares, so the token emitted at the first position is distributed as p_1 (a rejected
+candidate has r_{i+1} = 0 there, so drawing the next ones without it loses nothing). After an accepted candidate the rest of
 its branch is an ordinary chain (verify.py's rule). If every candidate is rejected, the token is
 drawn from the last residual. With one branch this is exactly the chain rule, with the same
 uniforms. Greedy: follow the branch whose first draft is p_1's argmax, then the chain rule.

@@ -25,9 +25,11 @@ class EagleDrafter(Drafter):
     predicted features. Drafts are sampled from the head's processed distribution q (returned,
     zero outside the draft vocabulary), so verification is the exact accept/resample rule.
 
-    With branches = k > 1 it drafts a tree: k first drafts (independent draws from q, or q's top k
-    for greedy samples), each continued as its own chain; the head reads a branch's rows through a
-    tree mask, so one head forward per position serves every branch.
+    With branches = k > 1 it drafts a tree: k first drafts drawn from q without replacement (q's
+    top k for greedy samples), each continued as its own chain; the head reads a branch's rows
+    through a tree mask, so one head forward per position serves every branch. Candidate i is
+    handed over with the distribution it was drawn from (q without the earlier candidates,
+    renormalised), which is what makes tree verification's rounds exact (engine/tree.py).
 
     Per slot the head keeps a KV cache of its inputs (f_t, x_{t+1}) for t < `cache.lengths[slot]`,
     built from the policy's real features only (chain rows are rolled back after verification, as
@@ -136,13 +138,18 @@ class EagleDrafter(Drafter):
                     group = [seqs[b] for b in active for _ in range(width)]
                     logq = draft_logprobs(spread(self.head.logits(predicted, self.cache.invariant), self.head.vocab,
                                                  self.policy.config.vocab_size), group)
-                    q = rowwise(torch.exp, logq)
+                    taken = torch.zeros(logq.shape, dtype=torch.bool, device=logq.device) if width == 1 and k > 1 else None
                     for i in range(k):
-                        rows = slice(None) if width == 1 else slice(i, None, k)
-                        drawn = self._draw([seqs[b] for b in active], logq[rows], j, i)
+                        rows = logq if width == 1 else logq[i::k]
+                        if taken is not None and i:  # the first drafts: without replacement
+                            rows = _without(rows, taken)
+                        drawn = self._draw([seqs[b] for b in active], rows, j, i)
+                        q = rowwise(torch.exp, rows)
                         for a, b in enumerate(active):
                             chains[b][i].append(drawn[a])
-                            probs[b][i].append(q[a * width + (i if width > 1 else 0)])
+                            probs[b][i].append(q[a])
+                        if taken is not None:
+                            taken[torch.arange(len(active), device=logq.device), torch.tensor(drawn, device=logq.device)] = True
                     keep = [a for a, b in enumerate(active) if n[b] > j + 1]
                     if not keep:
                         break
@@ -158,16 +165,14 @@ class EagleDrafter(Drafter):
         return Proposal(drafts, torch.stack(flat) if flat else None, branches=k)
 
     def _draw(self, seqs: list[Sequence], logq: torch.Tensor, j: int, branch: int) -> list[int]:
-        """Draft j (0-based) of branch `branch` for each sample (logq [R, V] for seqs[r]): branch 0
-        as a chain draws it; the others with their own uniforms, or q's next best first draft for
-        greedy samples (then the argmax)."""
+        """Draft j (0-based) of branch `branch` for each sample from logq [R, V] (seqs[r]'s row):
+        branch 0 as a chain draws it; the others with their own uniforms (argmax for greedy samples)."""
         if branch == 0:
             return draw_drafts(seqs, logq, j)
         dev = logq.device
         greedy = torch.tensor([s.params.greedy for s in seqs], device=dev)
         drawn = sample(logq, uniforms(seqs, [s.length + j for s in seqs], branch_purposes(branch)[0], dev), greedy=False)
-        best = logq.topk(branch + 1, dim=-1).indices[:, branch] if j == 0 else logq.argmax(-1)
-        return torch.where(greedy, best, drawn).tolist()
+        return torch.where(greedy, logq.argmax(-1), drawn).tolist()
 
     def _branch_rows(self, base: list[int], j: int) -> TreeRows | None:
         """The head rows of the feed after draft j: sample b's branch i at cache row base + j*k + i,
@@ -217,3 +222,12 @@ class EagleDrafter(Drafter):
         for s, d in zip(seqs, drafts):
             if d:
                 self.cache.lengths[s.slot] = s.length - 1
+
+
+def _without(logq: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
+    """log q renormalised without the tokens already taken: logq [R, V], taken [R, V] bool. A row
+    with no mass left keeps all of q (its next draft is then a draw with replacement, which
+    verification takes just as exactly)."""
+    masked = logq.masked_fill(taken, float("-inf"))
+    empty = torch.isinf(masked).all(-1, keepdim=True)
+    return torch.where(empty, logq, torch.log_softmax(masked, dim=-1))
