@@ -10,7 +10,7 @@ from rlhfspec.data.chat import encode_prompt
 from rlhfspec.data.tasks import rl_style_prompts
 from rlhfspec.engine.drafters import NgramDrafter
 from rlhfspec.engine.sampling import SamplingParams
-from rlhfspec.engine.spec import Adaptive, DraftModel, EngineSpec, Ngram, Static, Threshold
+from rlhfspec.engine.spec import TREE_BRANCHES, Adaptive, DraftModel, Eagle, EngineSpec, Ngram, Static, Threshold
 from rlhfspec.models.loader import load_model
 from rlhfspec.paths import default_draft_path
 from rlhfspec.rollout.generate import Placement, live_parts, run_generation
@@ -32,6 +32,11 @@ class RolloutBenchConfig:
     backend: str = "inproc"
     realloc: bool = True
     ray_address: str | None = None
+    eagle: bool = False  # also the default eagle head, as chains ("eagle") and as trees ("eagle-tree")
+
+    def __post_init__(self):
+        if self.eagle and not any(name.startswith("eagle") for name, _ in self.statics):
+            self.statics = self.statics + (("eagle", 1), ("eagle-tree", 1))
 
     @classmethod
     def make_quick(cls, **kw) -> RolloutBenchConfig:
@@ -46,13 +51,21 @@ def run(cfg: RolloutBenchConfig, json_path: str | None = None, record: bool = Fa
     prompts = [encode_prompt(tok, t) for t in texts for _ in range(cfg.samples)]
     params = SamplingParams(temperature=1.0, max_new_tokens=cfg.max_new_tokens)
     drafters = (Ngram(), DraftModel(str(draft_path)))
+    heads = []
+    if cfg.eagle:
+        from rlhfspec.bench.spec import ensure_default_eagle
+
+        path = str(ensure_default_eagle(policy, tok, log))
+        drafters += (Eagle(path), Eagle(path, "eagle-tree", TREE_BRANCHES))
+        heads = [d.build(policy, tok) for d in drafters[2:]]
     placement = Placement(cfg.instances, cfg.backend, realloc=cfg.realloc, ray_address=cfg.ray_address)
 
     def live(strategy) -> list | None:
-        """In-process instances share the loaded draft model (replicas), so no policy reloads it."""
+        """In-process instances share the loaded draft model and heads (replicas), so no policy reloads them."""
         if placement.backend == "ray":
             return None
-        return live_parts([NgramDrafter(), loaded.replica()] if strategy is not None else [], strategy, policy, placement.instances)
+        ds = [NgramDrafter(), loaded.replica()] + [h.replica() for h in heads]
+        return live_parts(ds if strategy is not None else [], strategy, policy, placement.instances)
 
     warm = EngineSpec(drafters, Static("draft", 2), model=cfg.model)
     warm_live = live(Static("draft", 2))
@@ -92,8 +105,9 @@ def run(cfg: RolloutBenchConfig, json_path: str | None = None, record: bool = Fa
     if multi:
         png = realloc_timeline(shown, cfg.instances, results.parent / f"rollout_timeline_k{cfg.instances}.png")
     else:
-        png = rollout_timeline(shown, results.parent / "rollout_timeline.png")
-    log(write_section("rollout" if not multi else f"rollout-k{cfg.instances}", _markdown(result, cfg, png.name, json_path), path=results))
+        png = rollout_timeline(shown, results.parent / f"rollout_timeline{'_eagle' if cfg.eagle else ''}.png")
+    section = ("rollout" if not multi else f"rollout-k{cfg.instances}") + ("-eagle" if cfg.eagle else "")
+    log(write_section(section, _markdown(result, cfg, png.name, json_path), path=results))
     return result
 
 
@@ -120,9 +134,10 @@ def workload_trace(prompt_lens: list[int], outputs, records) -> dict:
 
 def _markdown(result: dict, cfg: RolloutBenchConfig, png: str, json_path: str | None = None) -> str:
     lines = [
-        "## GRPO-style rollout: drafting policies",
+        "## GRPO-style rollout: drafting policies" + (" (with the eagle head, chains and trees)" if cfg.eagle else ""),
         "",
-        f"Command: `rlhfspec bench rollout{' --quick' if cfg.quick else ''} --record{f' --json {json_path}' if json_path else ''}`  ",
+        f"Command: `rlhfspec bench rollout{' --quick' if cfg.quick else ''}{' --eagle' if cfg.eagle else ''} --record"
+        f"{f' --json {json_path}' if json_path else ''}`  ",
         f"Machine: {result['machine']}; policy {result['model']}, draft `{result['draft']}`  ",
         f"{cfg.prompts} RL-style prompts x {cfg.samples} samples at temperature 1, up to {cfg.max_new_tokens} new tokens "
         f"(response length median {result['response_lengths']['median']}, max {result['response_lengths']['max']}), "

@@ -160,6 +160,11 @@ def run(cfg: SpecBenchConfig, json_path: str | None = None, record: bool = False
     return result
 
 
+def _acceptance_n(cfg: SpecBenchConfig) -> int:
+    """The draft length whose acceptance the table shows: 4 if measured, else the shortest."""
+    return 4 if 4 in cfg.ns else min(cfg.ns)
+
+
 def _tree_branches(name: str) -> int:
     """K of "eagle-treeK" (the default tree width for a bare "eagle-tree")."""
     from rlhfspec.engine.spec import TREE_BRANCHES
@@ -195,12 +200,12 @@ def _markdown(result: dict, cfg: SpecBenchConfig, png: str) -> str:
         "",
         f"![speedup vs n]({png})",
         "",
-        "| drafter | T | batch | " + " | ".join(f"n={n}" for n in cfg.ns) + " | acceptance (n=4) |",
+        "| drafter | T | batch | " + " | ".join(f"n={n}" for n in cfg.ns) + f" | acceptance (n={_acceptance_n(cfg)}) |",
         "|---|---:|---:|" + "---:|" * len(cfg.ns) + "---:|",
     ]
     for key in sorted({(r["drafter"], r["temperature"], r["batch"]) for r in rows}):
         cells = {r["n"]: r for r in rows if (r["drafter"], r["temperature"], r["batch"]) == key}
-        acc = cells.get(4, cells[min(cells)])["acceptance"]
+        acc = cells[_acceptance_n(cfg)]["acceptance"]
         lines.append(f"| {key[0]} | {key[1]:g} | {key[2]} | " + " | ".join(f"{cells[n]['speedup']:.2f}" for n in cfg.ns)
                      + f" | {'-' if acc is None else f'{acc:.0%}'} |")
     best = {}

@@ -38,6 +38,7 @@ def register(sub) -> None:
     r.add_argument("--model", default="default")
     r.add_argument("--draft", default=None)
     r.add_argument("--quick", action="store_true")
+    r.add_argument("--eagle", action="store_true", help="also the default eagle head: static eagle n=1 and eagle-tree n=1 rows, and in adaptive's choice")
     r.add_argument("--json", default=None)
     r.add_argument("--record", action="store_true", help=RECORD)
     r.add_argument("--threads", type=int, default=None)
@@ -153,7 +154,7 @@ def run_rollout(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     kw = dict(model=args.model, draft=args.draft, instances=args.instances, backend=args.backend,
-              realloc=args.realloc == "on", ray_address=args.ray_address)
+              realloc=args.realloc == "on", ray_address=args.ray_address, eagle=args.eagle)
     run(RolloutBenchConfig.make_quick(**kw) if args.quick else RolloutBenchConfig(**kw), json_path=args.json, record=args.record)
     return 0
 
