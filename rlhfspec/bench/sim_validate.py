@@ -170,7 +170,7 @@ def run(cfg: SimValidateConfig, json_path: str | None = None, record: bool = Fal
               "tables": {k: c.to_json() for k, c in tables.items()}, "realloc_tables": {} if realloc is None else
               {"profile": forward.to_json(), "steps": one.to_json()}}
     write_json(json_path, result)
-    log(write_section("sim-validate", _markdown(result, cfg, json_path), path=results_file(record)))
+    log(write_section("sim-validate" + ("-full" if cfg.full else ""), _markdown(result, cfg, json_path), path=results_file(record)))
     return result
 
 
@@ -181,7 +181,7 @@ def _line(r: dict) -> str:
 
 def _markdown(result: dict, cfg: SimValidateConfig, json_path: str | None) -> str:
     lines = [
-        "## Simulator vs real runs on this machine",
+        "## Simulator vs real runs on this machine" + (" (the benches at full size)" if cfg.full else ""),
         "",
         f"Command: `rlhfspec bench sim-validate{' --full' if cfg.full else ''}{'' if cfg.realloc else ' --no-realloc'} --record"
         f"{f' --json {json_path}' if json_path else ''}`  ",
