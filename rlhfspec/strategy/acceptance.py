@@ -15,12 +15,15 @@ def expected_tokens(alpha: float, n: int) -> float:
     return (1.0 - alpha ** (n + 1)) / (1.0 - alpha)
 
 
-def expected_tokens_upto(alpha: float, n: int) -> list[float]:
-    """[expected_tokens(alpha, k) for k in 0..n], bit for bit, without a call per k."""
-    if alpha >= 1.0:
-        return [float(k + 1) for k in range(n + 1)]
-    rest = 1.0 - alpha
-    return [1.0] + [(1.0 - alpha**k) / rest for k in range(2, n + 2)]
+def expected_tokens_upto(rates: list[float]) -> list[float]:
+    """Tokens a step emits for drafts of k = 0..len(rates) when draft j is accepted with probability
+    rates[j-1] given all before it were: [1, 1 + a_1, 1 + a_1 + a_1 a_2, ...]."""
+    out, reach, total = [1.0], 1.0, 1.0
+    for a in rates:
+        reach *= a
+        total += reach
+        out.append(total)
+    return out
 
 
 @dataclass(slots=True)
@@ -46,6 +49,12 @@ class _Counts:
         """Pooled per-token acceptance with a Beta prior of mean `prior` and weight `strength`."""
         return (sum(self.accepted) + prior * strength) / (sum(self.reached) + strength)
 
+    def position_rates(self, priors: list[float], strength: float) -> list[float]:
+        """Acceptance at each position j < len(priors) given the ones before it were accepted, each
+        with a Beta prior of mean priors[j] and weight `strength`."""
+        n = len(self.reached)
+        return [(self.accepted[j] + p * strength) / (self.reached[j] + strength) if j < n else p for j, p in enumerate(priors)]
+
     def decay(self, factor: float) -> None:
         self.reached = [x * factor for x in self.reached]
         self.accepted = [x * factor for x in self.accepted]
@@ -64,7 +73,11 @@ class AcceptanceEstimator:
     A sample's rate is shrunk toward its drafter's rate (a Beta prior worth `prior_strength`
     draft tokens), so a new sample starts at the drafter's rate and moves to its own as evidence
     accrues. Old drafter-level evidence decays (`decay` per update) so estimates follow a drifting
-    policy. Tokens per step follow the geometric model, `expected_tokens(rate, n)`.
+    policy. Tokens per step are priced per position (`expected_upto`): a drafter's acceptance at
+    draft j given the ones before it were accepted, shrunk toward its pooled rate (an eagle head
+    accepts its first draft far more often than the next ones; a tree's first position holds
+    several candidates), and a sample's own per position toward the drafter's. The pooled `rate`
+    decides which samples draft at all.
     """
 
     def __init__(self, prior: float = 0.5, prior_strength: float = 8.0, decay: float = 0.995):
@@ -90,9 +103,28 @@ class AcceptanceEstimator:
             out.append(base if c is None else c.rate(base, self.strength))
         return out
 
+    def position_rates(self, drafter: str, sample: int | None, n: int) -> list[float]:
+        """a_1..a_n: acceptance of draft j given drafts 1..j-1 were accepted."""
+        return self.position_rates_of(drafter, [sample], n)[0]
+
+    def position_rates_of(self, drafter: str, samples: list[int | None], n: int) -> list[list[float]]:
+        """position_rates(drafter, s, n) for every s, with the drafter's own computed once."""
+        base = self.rate(drafter)
+        d = self.drafters.get(drafter)
+        own = [base] * n if d is None else d.position_rates([base] * n, self.strength)
+        out = []
+        for sid in samples:
+            c = None if sid is None else self.samples.get(sid, {}).get(drafter)
+            out.append(own if c is None else c.position_rates(own, self.strength))
+        return out
+
+    def expected_upto(self, drafter: str, sample: int | None, n: int) -> list[float]:
+        """Expected tokens of one step drafting k = 0..n tokens for this sample."""
+        return expected_tokens_upto(self.position_rates(drafter, sample, n))
+
     def expected(self, drafter: str, sample: int | None, n: int) -> float:
         """Expected tokens emitted by one step that drafts n tokens for this sample."""
-        return 1.0 if n <= 0 else expected_tokens(self.rate(drafter, sample), n)
+        return 1.0 if n <= 0 else self.expected_upto(drafter, sample, n)[n]
 
     def update(self, drafter: str, sample_ids: list[int], proposed: list[int], accepted: list[int]) -> None:
         """Record one step: sample_ids[b] proposed `proposed[b]` drafts and kept `accepted[b]`."""

@@ -47,8 +47,9 @@ class Selector:
         for drafter in workload.drafters:
             width = workload.width(drafter)
             rates = self.acceptance.rates(drafter, workload.sample_ids)
-            # values[s][k]: expected tokens of sample s drafting k <= its cap.
-            values = [expected_tokens_upto(r, cap) for r, cap in zip(rates, caps)]
+            # values[s][k]: expected tokens of sample s drafting k <= its cap (priced per position).
+            per_position = self.acceptance.position_rates_of(drafter, workload.sample_ids, max(caps, default=0))
+            values = [expected_tokens_upto(r[:cap]) for r, cap in zip(per_position, caps)]
             draft: dict[tuple[int, int], float] = {}
             groups = [_Group(rates, caps, tau, self.max_n) for tau in self._thresholds(rates)]
             for n in range(1, self.max_n + 1):

@@ -1,6 +1,7 @@
 """Acceptance estimates: the geometric model, shrinkage toward the drafter, per-sample state."""
 
 import json
+import random
 
 import pytest
 
@@ -67,7 +68,33 @@ def test_state_dict_keeps_drafter_counts_and_drops_samples():
     assert again.rate("a", 0) == again.rate("a")  # per-sample counts are not persisted
 
 
-def test_expected_tokens_upto_equals_one_call_per_length_exactly():
-    for alpha in (0.0, 1e-17, 0.3, 0.75, 0.99, 1.0):
+def test_expected_upto_equals_one_call_per_length_exactly():
+    est = AcceptanceEstimator(decay=0.97)
+    est.update("a", [0, 1, 2], [4, 6, 2], [1, 6, 0])
+    est.update("a", [1, 3], [3, 8], [3, 2])
+    for sample in (None, 0, 1, 3, 99):
         for n in range(0, 9):
-            assert expected_tokens_upto(alpha, n) == [expected_tokens(alpha, k) for k in range(n + 1)]
+            assert est.expected_upto("a", sample, n) == [est.expected("a", sample, k) for k in range(n + 1)]
+        assert est.position_rates_of("a", [sample, 1], 8) == [est.position_rates("a", sample, 8), est.position_rates("a", 1, 8)]
+    assert expected_tokens_upto([0.5, 0.5, 0.5]) == [expected_tokens(0.5, k) for k in range(4)]
+
+
+def test_acceptance_that_falls_with_the_position_is_priced_per_position():
+    # A head whose first draft is accepted 90% of the time and each later one 20%.
+    est = AcceptanceEstimator(decay=1.0)
+    rng = random.Random(1)
+    for _ in range(400):
+        accepted = []
+        for _ in range(16):
+            k = 0
+            while k < 4 and rng.random() < (0.9 if k == 0 else 0.2):
+                k += 1
+            accepted.append(k)
+        est.update("eagle", list(range(16)), [4] * 16, accepted)
+    a = est.position_rates("eagle", None, 4)
+    assert a[0] == pytest.approx(0.9, abs=0.02) and all(x == pytest.approx(0.2, abs=0.03) for x in a[1:])
+    assert est.expected("eagle", None, 1) == pytest.approx(1.9, abs=0.03)
+    direct = 1 + 0.9 + 0.9 * 0.2 + 0.9 * 0.2**2 + 0.9 * 0.2**3
+    assert est.expected("eagle", None, 4) == pytest.approx(direct, abs=0.05)
+    # The pooled geometric model (one rate for every position, 0.53 here) underprices a draft of 1.
+    assert expected_tokens(est.rate("eagle"), 1) < 1.9 - 0.3
