@@ -10,6 +10,7 @@ import torch
 from rlhfspec.engine.drafters.base import Drafter
 from rlhfspec.engine.sampling import SAMPLE, group_rows, processed_logprobs, sample
 from rlhfspec.engine.sequence import Sequence, uniforms
+from rlhfspec.engine.spec import MAX_DRAFT_TOKENS
 from rlhfspec.engine.tree import tree_rows, verify_tree
 from rlhfspec.engine.verify import verify
 from rlhfspec.engine.stopping import StopChecker
@@ -108,8 +109,6 @@ class GenerationInstance:
         self.max_batch, self.max_len = max_batch, max_len
         model.ensure_positions(max_len)
         # A tree's rejected branches take rows past the accepted path's: room for the widest tree.
-        from rlhfspec.engine.spec import MAX_DRAFT_TOKENS
-
         spare = max([(d.branches - 1) * MAX_DRAFT_TOKENS for d in drafters or []], default=0)
         self.cache = KVCache(model.config, max_batch, max_len + spare, model.dtype, model.device, invariant=batch_invariant)
         eos = model.config.eos_token_ids if eos_ids is None else eos_ids

@@ -23,7 +23,7 @@ import torch
 
 from rlhfspec.engine.sampling import ACCEPT, RESIDUAL, SAMPLE, group_rows, processed_logprobs, sample
 from rlhfspec.engine.sequence import Sequence, uniforms
-from rlhfspec.engine.verify import Verdict, acceptance_probability, residual_distribution
+from rlhfspec.engine.verify import Verdict, _index, _starts, acceptance_probability, residual_distribution
 from rlhfspec.models.attention import TreeRows
 from rlhfspec.models.invariance import rowwise
 
@@ -65,7 +65,7 @@ def verify_tree(seqs: list[Sequence], logits: torch.Tensor, drafts: list[list[in
     qstart = _starts([len(d) for d in drafts])
     lp = torch.empty(logits.shape, dtype=torch.float32, device=dev)
     for params, members in group_rows([s.params for s in seqs]).items():
-        rows = _index([r for b in members for r in range(root[b], root[b] + 1 + len(drafts[b]))], dev)
+        rows = _index([r for b in members for r in range(root[b], root[b] + 1 + len(drafts[b]))], lp)
         lp[rows] = processed_logprobs(logits[rows], params)
     p = rowwise(torch.exp, lp)
     best = lp.argmax(-1).tolist()
@@ -82,11 +82,11 @@ def verify_tree(seqs: list[Sequence], logits: torch.Tensor, drafts: list[list[in
     chain_ok = {}
     if nodes:
         tok = torch.tensor([drafts[b][i * depth[b] + j] for b, i, j in nodes], device=dev)
-        pd = p[_index([parent(*x) for x in nodes], dev), tok]
+        pd = p[_index([parent(*x) for x in nodes], p), tok]
         if q is None:
             acc = pd.clamp(max=1.0)
         else:
-            qd = q[_index([qstart[b] + i * depth[b] + j for b, i, j in nodes], dev), tok]
+            qd = q[_index([qstart[b] + i * depth[b] + j for b, i, j in nodes], q), tok]
             acc = torch.where(qd > 0, (pd / qd.clamp(min=torch.finfo(qd.dtype).tiny)).clamp(max=1.0), torch.ones_like(pd))
         later = [x for x in nodes if x[2] > 0]
         coins = _coins([seqs[b] for b, _, _ in later], [j for _, _, j in later], ACCEPT, dev)
@@ -114,7 +114,7 @@ def verify_tree(seqs: list[Sequence], logits: torch.Tensor, drafts: list[list[in
     for b, (ts, path) in enumerate(zip(tokens, paths)):
         verdict.tokens.append(ts + [last[b]])
         verdict.accepted.append(len(ts))
-    rows = _index([root[b] + r for b, path in enumerate(paths) for r in path], dev)
+    rows = _index([root[b] + r for b, path in enumerate(paths) for r in path], lp)
     chosen = lp[rows, torch.tensor([t for ts in verdict.tokens for t in ts], device=dev)].tolist()
     for start, ts in zip(_starts([len(t) for t in verdict.tokens]), verdict.tokens):
         verdict.logprobs.append(chosen[start : start + len(ts)])
@@ -133,11 +133,11 @@ def _first_position(seqs, p, drafts, q, depth, root, qstart, best, greedy, k) ->
     live = [b for b in range(len(seqs)) if depth[b] and not greedy[b]]
     if not live:
         return branch, {}
-    r = p[_index([root[b] for b in live], dev)]
+    r = p[_index([root[b] for b in live], p)]
     open_ = torch.ones(len(live), dtype=torch.bool, device=dev)
     for i in range(k):
         c = torch.tensor([drafts[b][i * depth[b]] for b in live], device=dev)
-        qi = None if q is None else q[_index([qstart[b] + i * depth[b] for b in live], dev)]
+        qi = None if q is None else q[_index([qstart[b] + i * depth[b] for b in live], q)]
         acc = acceptance_probability(r, qi, c)
         u = uniforms([seqs[b] for b in live], [seqs[b].length for b in live], branch_purposes(i)[1], dev)
         took = open_ & (u < acc)
@@ -158,14 +158,15 @@ def _last_tokens(seqs, p, q, drafts, depth, qstart, best, greedy, residual, bran
     sampled = [b for b in range(len(seqs)) if not greedy[b]]
     if not sampled:
         return out
-    dist = p[_index([finals[b][1] for b in sampled], dev)]
+    dist = p[_index([finals[b][1] for b in sampled], p)]
     purposes = []
     redo = [a for a, b in enumerate(sampled) if finals[b][0] == "residual"]
     if redo:
         xs = [finals[sampled[a]][2] for a in redo]
         tok = torch.tensor([drafts[b][i * depth[b] + j] for b, i, j in xs], device=dev)
-        qr = None if q is None else q[_index([qstart[b] + i * depth[b] + j for b, i, j in xs], dev)]
-        dist[_index(redo, dev)] = residual_distribution(dist[_index(redo, dev)], qr, tok)
+        qr = None if q is None else q[_index([qstart[b] + i * depth[b] + j for b, i, j in xs], q)]
+        at = _index(redo, dist)
+        dist[at] = residual_distribution(dist[at], qr, tok)
     for a, b in enumerate(sampled):
         kind = finals[b][0]
         if kind == "root" and b in residual:
@@ -175,7 +176,7 @@ def _last_tokens(seqs, p, q, drafts, depth, qstart, best, greedy, residual, bran
     for purpose in (SAMPLE, RESIDUAL):
         idx = [a for a, pur in enumerate(purposes) if pur == purpose]
         if idx:
-            u[_index(idx, dev)] = uniforms([seqs[sampled[a]] for a in idx], [seqs[sampled[a]].length + accepted[sampled[a]] for a in idx], purpose, dev)
+            u[_index(idx, u)] = uniforms([seqs[sampled[a]] for a in idx], [seqs[sampled[a]].length + accepted[sampled[a]] for a in idx], purpose, dev)
     drawn = sample(rowwise(torch.log, dist), u, greedy=False).tolist()
     for a, b in enumerate(sampled):
         out[b] = drawn[a]
@@ -187,15 +188,3 @@ def _coins(seqs: list[Sequence], offsets: list[int], purpose: int, dev) -> list[
     if not seqs:
         return []
     return uniforms(seqs, [s.length + j for s, j in zip(seqs, offsets)], purpose, dev).tolist()
-
-
-def _starts(sizes: list[int]) -> list[int]:
-    out, acc = [], 0
-    for k in sizes:
-        out.append(acc)
-        acc += k
-    return out
-
-
-def _index(rows: list[int], dev) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.long, device=dev)
