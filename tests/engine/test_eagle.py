@@ -73,10 +73,11 @@ def _fresh_head_rows(policy, head, tokens):
     return cache.rows(0)
 
 
+@pytest.mark.parametrize("branches", [1, 2])  # chains, and trees of 2
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_the_head_cache_holds_only_rows_from_the_policys_real_features(policy, temperature):
+def test_the_head_cache_holds_only_rows_from_the_policys_real_features(policy, temperature, branches):
     head = _head(policy)
-    drafter = EagleDrafter(head, policy)
+    drafter = EagleDrafter(head, policy, branches=branches)
     params = SamplingParams(temperature=temperature, max_new_tokens=40, ignore_eos=True)
     inst = GenerationInstance(policy, 4, 64, drafters=[drafter], strategy=MixedN("eagle"))
     inst.add([Sequence(i, p, params, seed=1) for i, p in enumerate(random_prompts(4, policy.config.vocab_size, 3, 9, seed=8))])
@@ -88,28 +89,30 @@ def test_the_head_cache_holds_only_rows_from_the_policys_real_features(policy, t
             assert m + drafter._pending(s.slot).shape[0] == len(seq) - 1 == inst.cache.lengths[s.slot]
             fresh = _fresh_head_rows(policy, head, seq[: m + 1])
             assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(drafter.cache.rows(s.slot), fresh))
-    assert any(r.drafted and sum(r.accepted) for r in inst.stats.records)
+    assert any(r.drafted and sum(r.accepted) and r.branches == branches for r in inst.stats.records)
 
 
-def test_eagle_samples_do_not_depend_on_their_batch(policy):
+@pytest.mark.parametrize("branches", [1, 3])
+def test_eagle_samples_do_not_depend_on_their_batch(policy, branches):
     head = _head(policy)
+    drafter = (lambda: head) if branches == 1 else (lambda: EagleDrafter(head, policy, branches=branches))
     params = SamplingParams(temperature=1.0, top_k=20, max_new_tokens=24, ignore_eos=True)
     prompts = random_prompts(12, policy.config.vocab_size, 2, 20, seed=6)
-    batched = generate(policy, prompts, params, seed=9, drafter=head, num_draft_tokens=3)
+    batched = generate(policy, prompts, params, seed=9, drafter=drafter(), num_draft_tokens=3)
     for i in (0, 5, 11):
-        alone = generate(policy, [prompts[i]], params, seed=9, sample_ids=[i], drafter=head, num_draft_tokens=3)[0]
+        alone = generate(policy, [prompts[i]], params, seed=9, sample_ids=[i], drafter=drafter(), num_draft_tokens=3)[0]
         assert alone.token_ids == batched[i].token_ids
 
 
-@pytest.mark.parametrize("ship_kv", [True, False])
-def test_migration_keeps_eagle_outputs_identical(policy, ship_kv):
+@pytest.mark.parametrize("ship_kv, branches", [(True, 1), (False, 1), (True, 2)])
+def test_migration_keeps_eagle_outputs_identical(policy, ship_kv, branches):
     head = _head(policy)
     params = SamplingParams(temperature=1.0, max_new_tokens=30, ignore_eos=True)
     prompts = random_prompts(16, policy.config.vocab_size, 2, 14, seed=0)
 
     def run(moves):
         def make(i):
-            drafter = EagleDrafter(head, policy) if i == 0 else EagleDrafter(head).replica()
+            drafter = EagleDrafter(head, policy, branches=branches) if i == 0 else EagleDrafter(head, branches=branches).replica()
             return GenerationInstance(policy, 4, 64, drafters=[drafter], strategy=StaticStrategy("eagle", 3))
 
         coord = Coordinator(InprocBackend(make, 3), steps_per_call=3, forced_moves=moves)

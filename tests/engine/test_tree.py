@@ -1,7 +1,7 @@
 """Speculative trees: the tree-masked forward scores every node as a causal forward of its own
 path would, the accepted path's cache rows are a chain's, and tree verification is lossless
-(greedy equality, exact sampling statistics, a broken multi-round rule caught), placement
-independent, and kept in the head's cache only as real features."""
+(greedy equality, exact sampling statistics, a broken multi-round rule caught). Placement
+independence, migration and the head's cache under trees are test_eagle.py's tests, run with branches."""
 
 import pytest
 import torch
@@ -9,19 +9,13 @@ import torch
 import rlhfspec.engine.tree as tree_mod
 from rlhfspec import RlhfspecError, SamplingParams, generate
 from rlhfspec.engine.drafters import EagleDrafter
-from rlhfspec.engine.instance import GenerationInstance
-from rlhfspec.engine.sequence import Sequence
 from rlhfspec.engine.spec import TREE_BRANCHES, Eagle, drafter_spec
 from rlhfspec.engine.tree import tree_rows
 from rlhfspec.models.kv_cache import KVCache
-from rlhfspec.rollout.backend import InprocBackend
-from rlhfspec.rollout.coordinator import Coordinator
-from rlhfspec.strategy.base import StaticStrategy
 from tests.conftest import random_prompts
-from tests.engine.test_eagle import _fresh_head_rows, _head
+from tests.engine.test_eagle import _head
 from tests.engine.test_spec import MixedN
 from tests.engine.test_spec_statistics import N, PROMPT, SETTINGS, chi_square_p_value, exact_joint
-from tests.rollout.test_coordinator import RandomMoves
 
 
 @pytest.mark.parametrize("invariant", [True, False])
@@ -87,52 +81,6 @@ def test_a_multi_round_rule_without_residuals_fails_the_same_test(small, monkeyp
     head = _head(policy, vocab=[0, 1, 2, 3, 5, 6], seed=2, scale=1.0)
     outs = generate(policy, [PROMPT] * N, params, seed=12, batch_size=N, drafter=EagleDrafter(head, policy, branches=3), num_draft_tokens=2)
     assert chi_square_p_value([o.token_ids for o in outs], exact_joint(hf, params)) < 1e-6
-
-
-def test_tree_samples_do_not_depend_on_their_batch(policy):
-    head = _head(policy)
-    params = SamplingParams(temperature=1.0, top_k=20, max_new_tokens=24, ignore_eos=True)
-    prompts = random_prompts(12, policy.config.vocab_size, 2, 20, seed=6)
-    batched = generate(policy, prompts, params, seed=9, drafter=EagleDrafter(head, policy, branches=3), num_draft_tokens=3)
-    for i in (0, 5, 11):
-        alone = generate(policy, [prompts[i]], params, seed=9, sample_ids=[i], drafter=EagleDrafter(head, policy, branches=3), num_draft_tokens=3)[0]
-        assert alone.token_ids == batched[i].token_ids
-
-
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_after_tree_steps_the_head_cache_holds_only_real_features(policy, temperature):
-    head = _head(policy)
-    drafter = EagleDrafter(head, policy, branches=2)
-    params = SamplingParams(temperature=temperature, max_new_tokens=40, ignore_eos=True)
-    inst = GenerationInstance(policy, 4, 64, drafters=[drafter], strategy=MixedN("eagle"))
-    inst.add([Sequence(i, p, params, seed=1) for i, p in enumerate(random_prompts(4, policy.config.vocab_size, 3, 9, seed=8))])
-    for _ in range(8):
-        inst.step()
-        for s in inst.live:
-            seq = s.prompt + s.tokens
-            m = drafter.cache.lengths[s.slot]
-            assert m + drafter._pending(s.slot).shape[0] == len(seq) - 1 == inst.cache.lengths[s.slot]
-            fresh = _fresh_head_rows(policy, head, seq[: m + 1])
-            assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(drafter.cache.rows(s.slot), fresh))
-    assert any(r.branches == 2 and sum(r.accepted) for r in inst.stats.records)
-
-
-def test_migration_keeps_tree_outputs_identical(policy):
-    head = _head(policy)
-    params = SamplingParams(temperature=1.0, max_new_tokens=30, ignore_eos=True)
-    prompts = random_prompts(16, policy.config.vocab_size, 2, 14, seed=0)
-
-    def run(moves):
-        def make(i):
-            return GenerationInstance(policy, 4, 64, drafters=[EagleDrafter(head, policy, branches=2)], strategy=StaticStrategy("eagle", 3))
-
-        coord = Coordinator(InprocBackend(make, 3), steps_per_call=3, forced_moves=moves)
-        return coord, coord.run([Sequence(i, p, params, seed=5) for i, p in enumerate(prompts)])
-
-    coord, moved = run(RandomMoves(1, True))
-    _, still = run(None)
-    assert len(coord.timeline.moves) >= 4
-    assert [s.tokens for s in moved] == [s.tokens for s in still]
 
 
 def test_branches_must_be_a_positive_integer(policy):
