@@ -5,16 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-def expected_tokens(alpha: float, n: int) -> float:
-    """Tokens one step emits for a draft of n when each draft token is accepted with probability alpha,
-    independently, until the first rejection: 1 + alpha + ... + alpha^n = (1 - alpha^(n+1)) / (1 - alpha)."""
-    if n <= 0:
-        return 1.0
-    if alpha >= 1.0:
-        return float(n + 1)
-    return (1.0 - alpha ** (n + 1)) / (1.0 - alpha)
-
-
 def expected_tokens_upto(rates: list[float]) -> list[float]:
     """Tokens a step emits for drafts of k = 0..len(rates) when draft j is accepted with probability
     rates[j-1] given all before it were: [1, 1 + a_1, 1 + a_1 + a_1 a_2, ...]."""

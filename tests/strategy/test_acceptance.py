@@ -5,21 +5,26 @@ import random
 
 import pytest
 
-from rlhfspec.strategy.acceptance import AcceptanceEstimator, expected_tokens, expected_tokens_upto
+from rlhfspec.strategy.acceptance import AcceptanceEstimator, expected_tokens_upto
 from tests.strategy.helpers import estimator
 
 
-def test_expected_tokens_equals_the_direct_sum():
+def geometric(alpha: float, n: int) -> float:
+    """1 + alpha + ... + alpha^n: tokens of a draft of n accepted i.i.d. with probability alpha (the reference)."""
+    return float(n + 1) if alpha >= 1.0 else (1.0 - alpha ** (n + 1)) / (1.0 - alpha)
+
+
+def test_equal_rates_give_the_geometric_sum():
     for alpha in (0.0, 0.3, 0.75, 0.99, 1.0):
         for n in range(0, 9):
             direct = sum(alpha**j for j in range(n + 1))
-            assert expected_tokens(alpha, n) == pytest.approx(direct)
+            assert expected_tokens_upto([alpha] * n)[n] == pytest.approx(direct) == pytest.approx(geometric(alpha, n))
 
 
 def test_the_geometric_model_predicts_iid_acceptance():
     est = estimator(0.7)
     assert est.rate("draft") == pytest.approx(0.7, abs=0.03)
-    assert est.expected("draft", None, 4) == pytest.approx(expected_tokens(0.7, 4), abs=0.1)
+    assert est.expected("draft", None, 4) == pytest.approx(geometric(0.7, 4), abs=0.1)
     assert est.expected("draft", 3, 0) == 1.0
 
 
@@ -76,7 +81,7 @@ def test_expected_upto_equals_one_call_per_length_exactly():
         for n in range(0, 9):
             assert est.expected_upto("a", sample, n) == [est.expected("a", sample, k) for k in range(n + 1)]
         assert est.position_rates_of("a", [sample, 1], 8) == [est.position_rates("a", sample, 8), est.position_rates("a", 1, 8)]
-    assert expected_tokens_upto([0.5, 0.5, 0.5]) == [expected_tokens(0.5, k) for k in range(4)]
+    assert expected_tokens_upto([0.5, 0.5, 0.5]) == [1.0, 1.5, 1.75, 1.875]
 
 
 def test_acceptance_that_falls_with_the_position_is_priced_per_position():
@@ -97,4 +102,4 @@ def test_acceptance_that_falls_with_the_position_is_priced_per_position():
     direct = 1 + 0.9 + 0.9 * 0.2 + 0.9 * 0.2**2 + 0.9 * 0.2**3
     assert est.expected("eagle", None, 4) == pytest.approx(direct, abs=0.05)
     # The pooled geometric model (one rate for every position, 0.53 here) underprices a draft of 1.
-    assert expected_tokens(est.rate("eagle"), 1) < 1.9 - 0.3
+    assert geometric(est.rate("eagle"), 1) < 1.9 - 0.3
