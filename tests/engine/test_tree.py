@@ -11,6 +11,7 @@ from rlhfspec import RlhfspecError, SamplingParams, generate
 from rlhfspec.engine.drafters import EagleDrafter
 from rlhfspec.engine.spec import TREE_BRANCHES, Eagle, drafter_spec
 from rlhfspec.engine.tree import tree_rows
+from rlhfspec.models.batch import hidden_states, padded_batch
 from rlhfspec.models.kv_cache import KVCache
 from tests.conftest import random_prompts
 from tests.engine.test_eagle import _head
@@ -55,10 +56,25 @@ def test_greedy_tree_speculation_equals_greedy_plain(policy, branches):
     tree = generate(policy, prompts, params, drafter=EagleDrafter(head, policy, branches=branches), num_draft_tokens=3, instance_stats=stats)
     chain = generate(policy, prompts, params, drafter=EagleDrafter(head, policy), num_draft_tokens=3, instance_stats=chain_stats)
     mixed = generate(policy, prompts, params, drafter=EagleDrafter(head, policy, branches=branches), strategy=MixedN("eagle"))
-    assert [o.token_ids for o in tree] == [o.token_ids for o in plain] == [o.token_ids for o in chain]
-    assert [o.token_ids for o in mixed] == [o.token_ids for o in plain]
+    assert [o.token_ids for o in chain] == [o.token_ids for o in plain]
+    # A tree node sees keys with other branches' rows masked between them, so its logits equal a
+    # chain's up to rounding, not bit for bit: tree and plain may part only at a near-tie.
+    for outs in (tree, mixed):
+        for prompt, got, want in zip(prompts, outs, plain):
+            _same_or_parted_at_a_near_tie(policy, prompt, got.token_ids, want.token_ids)
     # More first drafts to choose from: more accepted per step than the chain.
     assert stats[0].tokens_per_step > chain_stats[0].tokens_per_step
+
+
+def _same_or_parted_at_a_near_tie(policy, prompt, got, want):
+    t = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    if t is None:
+        assert got == want
+        return
+    with torch.inference_mode():
+        logits = policy.logits(hidden_states(policy, *padded_batch([prompt + want[:t]]))[0, -1:])[0]
+    top = logits.topk(2).values
+    assert float(top[0] - top[1]) < 1e-4, f"greedy tree and plain part at token {t} without a near-tie"
 
 
 @pytest.mark.parametrize("setting, branches", [(0, 2), (2, 3)])
