@@ -10,6 +10,7 @@ from rlhfspec.bench.common import machine, median, results_file, write_json, wri
 from rlhfspec.data.chat import encode_prompt
 from rlhfspec.data.tasks import CODE, SHORT, WORD_PROBLEMS, arithmetic_problems
 from rlhfspec.engine.sampling import SamplingParams
+from rlhfspec.engine.sequence import first_with_prompt
 from rlhfspec.models.loader import load_model
 from rlhfspec.engine.spec import EngineSpec
 from rlhfspec.rollout.generate import Placement, make_backend, run_generation
@@ -87,7 +88,8 @@ def run(cfg: ReallocBenchConfig, json_path: str | None = None, record: bool = Fa
         "off_s": round(off, 2), "on_s": round(on, 2), "ideal_s": round(ideal, 2), "speedup": round(off / on, 3),
         "gap_closed": round((off - on) / (off - ideal), 3) if off > ideal else None,
         "on_vs_ideal": round(on / ideal, 3), "moves": median([r["moves"] for r in runs["on"]]), "runs": runs,
-        "workload": {"prompt_lens": [len(p) for p in prompts], "lengths": [len(t) for t in outputs["off"]], "acceptance": {}},
+        "workload": {"prompt_lens": [len(p) for p in prompts], "lengths": [len(t) for t in outputs["off"]], "acceptance": {},
+                     "prompt_ids": first_with_prompt(prompts)},
     }
     write_json(json_path, result)
     log(f"off {off:.1f} s, on {on:.1f} s, ideal {ideal:.1f} s: speedup {off / on:.2f}x, gap closed {result['gap_closed']}, "

@@ -10,6 +10,7 @@ from rlhfspec.data.chat import encode_prompt
 from rlhfspec.data.tasks import rl_style_prompts
 from rlhfspec.engine.drafters import NgramDrafter
 from rlhfspec.engine.sampling import SamplingParams
+from rlhfspec.engine.sequence import first_with_prompt
 from rlhfspec.engine.spec import TREE_BRANCHES, Adaptive, DraftModel, Eagle, EngineSpec, Ngram, Static, Threshold
 from rlhfspec.models.loader import load_model
 from rlhfspec.paths import default_draft_path
@@ -79,7 +80,7 @@ def run(cfg: RolloutBenchConfig, json_path: str | None = None, record: bool = Fa
         outs, wall = result.outputs, result.seconds
         traces[label] = result.timeline if multi else result.stats[0].records
         records = [r for st in result.stats for r in st.records]
-        workloads[label] = workload_trace([len(p) for p in prompts], outs, records)
+        workloads[label] = workload_trace(prompts, outs, records)
         decide = sorted(r.decide_s for r in records)
         tokens = result.tokens
         rows.append({"policy": label, "wall_s": round(wall, 2), "tokens": tokens, "tok_s": round(tokens / wall, 1),
@@ -122,14 +123,14 @@ def policies(cfg: RolloutBenchConfig) -> dict:
     return out
 
 
-def workload_trace(prompt_lens: list[int], outputs, records) -> dict:
+def workload_trace(prompts: list[list[int]], outputs, records) -> dict:
     """What a run generated, without any of its timings: prompt and response lengths in the order
-    the samples were handed out, and the drafts' per-position acceptance (what `bench sim-validate`
-    feeds the simulator)."""
+    the samples were handed out, which samples share a prompt, and the drafts' per-position
+    acceptance (what `bench sim-validate` feeds the simulator)."""
     from rlhfspec.sim.workload import AcceptanceProfile
 
-    return {"prompt_lens": list(prompt_lens), "lengths": [len(o.token_ids) for o in outputs],
-            "acceptance": AcceptanceProfile.from_records(records).rates}
+    return {"prompt_lens": [len(p) for p in prompts], "lengths": [len(o.token_ids) for o in outputs],
+            "prompt_ids": first_with_prompt(prompts), "acceptance": AcceptanceProfile.from_records(records).rates}
 
 
 def _markdown(result: dict, cfg: RolloutBenchConfig, png: str, json_path: str | None = None) -> str:

@@ -27,7 +27,8 @@ from rlhfspec.sim.workload import AcceptanceProfile
 from rlhfspec.strategy.base import Decision
 from rlhfspec.strategy.cost_model import Table
 
-TRACE_KEYS = ("prompt_lens", "lengths", "acceptance")
+# prompt_ids (which samples share a prompt, and so its prefill) is absent from traces written before shared prefills.
+TRACE_KEYS = ("prompt_lens", "lengths", "prompt_ids", "acceptance")
 
 
 class _Repeat(Drafter):
@@ -95,7 +96,7 @@ def predict(trace: dict, cost: TableCost, cluster: Cluster, strategy: StrategySp
     if extra:
         raise ValueError(f"a workload trace holds only {TRACE_KEYS}; got {sorted(extra)} too.")
     rates = {d: trace["acceptance"].get(d, [0.0]) for d in drafters}
-    work = Workload(trace["prompt_lens"], trace["lengths"], max_new_tokens, AcceptanceProfile(rates, seed))
+    work = Workload(trace["prompt_lens"], trace["lengths"], max_new_tokens, AcceptanceProfile(rates, seed), trace.get("prompt_ids"))
     return simulate(cost, work, cluster, strategy, realloc, seed, drafters=drafters)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from rlhfspec.engine.drafters.base import Drafter
 from rlhfspec.engine.sampling import SAMPLE, group_rows, processed_logprobs, sample
-from rlhfspec.engine.sequence import Sequence, uniforms
+from rlhfspec.engine.sequence import Sequence, first_with_prompt, uniforms
 from rlhfspec.engine.spec import MAX_DRAFT_TOKENS
 from rlhfspec.engine.tree import tree_rows, verify_tree
 from rlhfspec.engine.verify import verify
@@ -56,7 +56,8 @@ class InstanceReport:
 @dataclass(slots=True)
 class InstanceStats:
     steps: int = 0
-    prefill_tokens: int = 0
+    prefill_tokens: int = 0  # computed: a prompt shared by samples admitted together counts once
+    shared_prefill_tokens: int = 0  # prompt tokens copied from such a sample instead
     emitted: int = 0
     proposed: int = 0
     accepted: int = 0
@@ -169,12 +170,31 @@ class GenerationInstance:
             self.live.append(s)
         for d in self.drafters.values():
             d.admitted(seqs)
-        logits, hidden = self._forward([s.slot for s in seqs], [s.prompt for s in seqs], last_only=True)
+        leader = first_with_prompt([s.prompt for s in seqs])
+        prefilled = [s for i, s in enumerate(seqs) if leader[i] == i]
+        logits, hidden = self._forward([s.slot for s in prefilled], [s.prompt for s in prefilled], last_only=True)
+        if len(prefilled) < len(seqs):
+            logits, hidden = self._share_prefill(seqs, leader, prefilled, logits, hidden)
         self._observe(seqs, hidden, [len(s.prompt) for s in seqs])
-        self.stats.prefill_tokens += sum(len(s.prompt) for s in seqs)
+        self.stats.prefill_tokens += sum(len(s.prompt) for s in prefilled)
+        self.stats.shared_prefill_tokens += sum(len(s.prompt) for s in seqs) - sum(len(s.prompt) for s in prefilled)
         tokens, logprobs = self.draw(seqs, logits, [s.length for s in seqs])
         self.stats.prefill_s += time.perf_counter() - t0
         return self._emit(seqs, [[t] for t in tokens], [[lp] for lp in logprobs])
+
+    def _share_prefill(self, seqs, leader: list[int], prefilled, logits: torch.Tensor, hidden: torch.Tensor | None):
+        """Give each sample whose prompt an earlier one prefilled that sample's KV rows, last-row
+        logits and features. No bit changes on the batch-invariant path, where a row never
+        depends on what else a forward holds; each sample still draws its own tokens."""
+        row = {i: r for r, i in enumerate(i for i in range(len(seqs)) if leader[i] == i)}
+        for i, s in enumerate(seqs):
+            if leader[i] != i:
+                self.cache.copy(seqs[leader[i]].slot, s.slot)
+        logits = logits[torch.tensor([row[leader[i]] for i in range(len(seqs))], device=logits.device)]
+        if hidden is not None:
+            chunks = hidden.split([len(s.prompt) for s in prefilled])
+            hidden = torch.cat([chunks[row[leader[i]]] for i in range(len(seqs))])
+        return logits, hidden
 
     def workload(self) -> Workload:
         return Workload.of(self.live, self.drafters, {name: d.branches for name, d in self.drafters.items()})

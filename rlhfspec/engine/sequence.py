@@ -37,6 +37,13 @@ class Sequence:
         return self.params.max_new_tokens - len(self.tokens)
 
 
+def first_with_prompt(prompts: list[list[int]]) -> list[int]:
+    """For each prompt, the index of its first occurrence in `prompts`: samples of one prompt (a
+    GRPO/RLOO group) admitted together share one prefill."""
+    first: dict[tuple[int, ...], int] = {}
+    return [first.setdefault(tuple(p), i) for i, p in enumerate(prompts)]
+
+
 def uniforms(seqs: list[Sequence], positions: list[int], purpose: int, device) -> torch.Tensor:
     """The keyed uniform of each sample at its position: (seed, sample_id, position, purpose) alone."""
     return keyed_uniforms(

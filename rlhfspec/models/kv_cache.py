@@ -87,12 +87,16 @@ class KVCache:
             self.v[:, slot, :, start : start + len(rows)] = self.v[:, slot, :, src]
         self.lengths[slot] = start + len(rows)
 
-    def move(self, src: int, dst: int) -> None:
-        """Copy slot src's valid rows into slot dst (used to keep live slots packed)."""
+    def copy(self, src: int, dst: int) -> None:
+        """Make slot dst hold slot src's valid rows (a shared prompt's prefill)."""
         n = self.lengths[src]
         self.k[:, dst, :, :n] = self.k[:, src, :, :n]
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.lengths[dst] = n
+
+    def move(self, src: int, dst: int) -> None:
+        """Move slot src's valid rows into slot dst (used to keep live slots packed)."""
+        self.copy(src, dst)
         self.lengths[src] = 0
 
     def rows(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:

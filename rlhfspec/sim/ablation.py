@@ -76,7 +76,8 @@ def build(cfg: SimConfig) -> tuple[StepCost, Workload, Cluster, str]:
     response = lengths(cfg.lengths, n, cfg.seed, "lengths")
     per_prompt = lengths(cfg.prompt_len, cfg.prompts, cfg.seed + 1, "prompt_len")
     cap = cfg.max_new_tokens or cap_of(cfg.lengths) or max(response)
-    work = Workload([p for p in per_prompt for _ in range(cfg.samples)], response, cap, acceptance)
+    work = Workload([p for p in per_prompt for _ in range(cfg.samples)], response, cap, acceptance,
+                    prompt_ids=[i for i in range(cfg.prompts) for _ in range(cfg.samples)])
     cluster = Cluster(cfg.instances, cfg.max_batch, cfg.steps_per_call, cfg.migration, cfg.link_gb_per_s * 1e9)
     if cfg.table:
         cost = TableCost.load(cfg.table, cfg.table_model)

@@ -16,7 +16,7 @@ import time
 from typing import Iterator
 
 from rlhfspec.engine.instance import InstanceReport, InstanceStats, Migrant
-from rlhfspec.engine.sequence import Sequence
+from rlhfspec.engine.sequence import Sequence, first_with_prompt
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.sim.cost import StepCost
 from rlhfspec.sim.workload import AcceptanceProfile
@@ -51,15 +51,18 @@ class SimInstance:
         return Workload.of(self.live, self.drafters)
 
     def add(self, seqs: list[Sequence]) -> list[Sequence]:
-        """Prefill new samples (one packed forward) and emit their first token."""
+        """Prefill new samples (one packed forward; a prompt several of them share, once) and emit their first token."""
         if len(seqs) > self.free_slots:
             raise RlhfspecError(f"{len(seqs)} samples do not fit: this instance has {self.free_slots} free slots of max_batch {self.max_batch}.")
         if not seqs:
             return []
-        tokens = sum(len(s.prompt) for s in seqs)
-        seconds = self.cost.prefill(tokens, len(seqs))
+        leader = first_with_prompt([s.prompt for s in seqs])
+        prefilled = [s for i, s in enumerate(seqs) if leader[i] == i]
+        tokens = sum(len(s.prompt) for s in prefilled)
+        seconds = self.cost.prefill(tokens, len(prefilled))
         self._work(seconds)
         self.stats.prefill_tokens += tokens
+        self.stats.shared_prefill_tokens += sum(len(s.prompt) for s in seqs) - tokens
         self.stats.prefill_s += seconds
         self.live.extend(seqs)
         return self._emit(seqs, [1] * len(seqs))

@@ -31,11 +31,26 @@ class Workload:
     lengths: list[int]
     max_new_tokens: int
     acceptance: AcceptanceProfile
+    # Which prompt each sample answers (samples of one prompt admitted together share its
+    # prefill, as in the engine); None: every sample has a prompt of its own.
+    prompt_ids: list[int] | None = None
 
     def __post_init__(self):
         if len(self.prompt_lens) != len(self.lengths) or not self.lengths:
             raise RlhfspecError(f"the workload has {len(self.prompt_lens)} prompt lengths for {len(self.lengths)} responses; "
                                 "it needs one of each per sample, and at least one sample.")
+        if self.prompt_ids is not None:
+            if len(self.prompt_ids) != len(self.lengths):
+                raise RlhfspecError(f"the workload has {len(self.prompt_ids)} prompt ids for {len(self.lengths)} samples; it needs one per sample.")
+            length: dict[int, int] = {}
+            for i, (p, n) in enumerate(zip(self.prompt_ids, self.prompt_lens)):
+                if length.setdefault(p, n) != n:
+                    raise RlhfspecError(f"sample {i} answers prompt {p} with a prompt of {n} tokens, but another sample's "
+                                        f"prompt {p} has {length[p]}; samples of one prompt share its length.")
+
+    def prompt(self, i: int) -> list[int]:
+        """Stand-in token ids of sample i's prompt, equal exactly for samples of one prompt."""
+        return [i if self.prompt_ids is None else self.prompt_ids[i]] * self.prompt_lens[i]
 
     def target(self, i: int) -> int:
         return min(self.lengths[i], self.max_new_tokens)
@@ -138,7 +153,7 @@ def simulate(cost: StepCost, work: Workload, cluster: Cluster, strategy: Strateg
     coordinator = Coordinator(backend, rebalancer, steps_per_call=cluster.steps, mode=cluster.migration,
                               max_new_tokens=work.max_new_tokens, clock=backend.clock)
     params = SamplingParams(max_new_tokens=work.max_new_tokens)
-    seqs = [Sequence(i, [0] * p, params, seed) for i, p in enumerate(work.prompt_lens)]
+    seqs = [Sequence(i, work.prompt(i), params, seed) for i in range(len(work.prompt_lens))]
     done = coordinator.run(seqs)
     for s in done:
         if len(s.tokens) != targets[s.sample_id]:

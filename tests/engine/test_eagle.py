@@ -97,9 +97,10 @@ def test_eagle_samples_do_not_depend_on_their_batch(policy, branches):
     head = _head(policy)
     drafter = (lambda: head) if branches == 1 else (lambda: EagleDrafter(head, policy, branches=branches))
     params = SamplingParams(temperature=1.0, top_k=20, max_new_tokens=24, ignore_eos=True)
-    prompts = random_prompts(12, policy.config.vocab_size, 2, 20, seed=6)
+    prompts = random_prompts(9, policy.config.vocab_size, 2, 20, seed=6)
+    prompts += [prompts[0], prompts[0], prompts[5]]  # samples sharing a prompt share its prefill and features
     batched = generate(policy, prompts, params, seed=9, drafter=drafter(), num_draft_tokens=3)
-    for i in (0, 5, 11):
+    for i in (0, 5, 9, 10, 11):
         alone = generate(policy, [prompts[i]], params, seed=9, sample_ids=[i], drafter=drafter(), num_draft_tokens=3)[0]
         assert alone.token_ids == batched[i].token_ids
 

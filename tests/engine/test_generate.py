@@ -31,6 +31,22 @@ def test_a_samples_tokens_do_not_depend_on_its_batch_or_slot(tiny, params):
     assert any(together[i].token_ids != together[j].token_ids for i in range(4) for j in range(4) if i != j)
 
 
+def test_samples_sharing_a_prompt_share_its_prefill_and_draw_their_own_tokens(tiny):
+    distinct = random_prompts(4, tiny.config.vocab_size, 3, 20, seed=12)
+    prompts = [distinct[0]] * 4 + [distinct[1]] + [distinct[2]] * 3 + [distinct[3]] * 2 + [distinct[0]]
+    params = SamplingParams(temperature=1.0, max_new_tokens=20, ignore_eos=True)
+    stats: list = []
+    together = generate(tiny, prompts, params, seed=7, instance_stats=stats)
+    assert stats[0].prefill_tokens == sum(len(p) for p in distinct)  # each prompt computed once
+    assert stats[0].shared_prefill_tokens == sum(len(p) for p in prompts) - sum(len(p) for p in distinct)
+    refilled = generate(tiny, prompts, params, seed=7, batch_size=3)  # groups split over several admissions
+    for i in range(len(prompts)):
+        alone = generate(tiny, [prompts[i]], params, seed=7, sample_ids=[i])[0]
+        assert together[i].token_ids == refilled[i].token_ids == alone.token_ids
+        assert together[i].logprobs == alone.logprobs  # the copied rows are the computed ones, bit for bit
+    assert len({tuple(together[i].token_ids) for i in range(4)}) == 4  # one prompt, four samples
+
+
 def test_different_seeds_give_different_samples(tiny):
     p = random_prompts(1, tiny.config.vocab_size, 5, 5)
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)

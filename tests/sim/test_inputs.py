@@ -6,7 +6,7 @@ import pytest
 
 from rlhfspec.engine.spec import Static
 from rlhfspec.errors import RlhfspecError
-from rlhfspec.sim import AcceptanceProfile, SimConfig, TableCost, accelerator, model_config, simulate
+from rlhfspec.sim import AcceptanceProfile, SimConfig, TableCost, Workload, accelerator, model_config, simulate
 from rlhfspec.sim.ablation import build
 from rlhfspec.sim.workload import lengths, read_trace
 from tests.sim.helpers import cluster, table_cost, workload
@@ -91,3 +91,8 @@ def test_model_that_does_not_fit_the_gpu():
     with pytest.raises(RlhfspecError) as e:
         build(SimConfig(model="70B", tp=1, prompts=2, samples=2))
     one_sentence(e, "70B", "--tp")
+
+
+def test_samples_of_one_prompt_with_different_prompt_lengths():
+    with pytest.raises(RlhfspecError, match="sample 1 answers prompt 0 with a prompt of 12 tokens"):
+        Workload([16, 12], [5, 5], 8, AcceptanceProfile.parse("draft=0.8", 0), prompt_ids=[0, 0])

@@ -7,6 +7,7 @@ from rlhfspec.rollout.rebalance import Rebalancer
 from rlhfspec.sim import simulate
 from rlhfspec.sim.workload import lengths
 from rlhfspec.strategy.selector import AdaptiveStrategy
+from rlhfspec.sim import Workload
 from tests.sim.helpers import cluster, table_cost, workload
 
 EXPENSIVE = dict(f=lambda b, q: 0.01 * b * q)  # verifying q tokens costs q plain steps: speculation never pays
@@ -92,3 +93,13 @@ def test_one_instance_utilisation_is_one_while_samples_are_live():
     run = simulate(table_cost(lambda b, q: 0.01), workload([20] * 4), cluster(1, 4), None)
     assert run.utilisation == [pytest.approx(1.0)]
     assert run.makespan_s == pytest.approx(0.01 + 19 * 0.01)  # one packed prefill, then 19 steps
+
+
+def test_samples_of_one_prompt_admitted_together_share_its_prefill():
+    cost = table_cost(lambda b, q: 0.01)
+    cost.prefill_seconds_per_token = 1e-3
+    alone = workload([20] * 8)  # 16-token prompts, each sample its own
+    grouped = Workload(alone.prompt_lens, alone.lengths, alone.max_new_tokens, alone.acceptance, prompt_ids=[0] * 4 + [1] * 4)
+    runs = [simulate(cost, w, cluster(1, 8), None) for w in (alone, grouped)]
+    assert runs[0].makespan_s - runs[1].makespan_s == pytest.approx(6 * 16 * 1e-3)  # two prompts prefilled, not eight
+    assert runs[0].tokens == runs[1].tokens
