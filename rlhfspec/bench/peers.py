@@ -201,9 +201,10 @@ def differences(c: Config, trl: dict) -> list[str]:
     g = c.generation
     spec = _decoding({"speculative": g.speculative, "strategy": g.strategy, "drafters": g.drafters})
     out = [
-        f"Generation: rlhfspec's engine (ragged KV cache, continuous batching of up to {g.batch_size} samples, {spec}, "
-        f"{'batch-invariant' if g.batch_invariant else 'fused'} kernels, lossless) vs transformers' generate in TRL (all "
-        f"{trl['generation_batch_size']} samples in one left-padded batch that decodes until its longest sample ends). Both sample "
+        f"Generation: rlhfspec's engine (ragged KV cache, continuous batching of up to {g.batch_size} samples, one prefill per "
+        f"prompt shared by its group, {spec}, {'batch-invariant' if g.batch_invariant else 'fused'} kernels, lossless) vs "
+        f"transformers' generate in TRL (all {trl['generation_batch_size']} samples in one left-padded batch, every row's prompt "
+        "prefilled, decoding until its longest sample ends; TRL's vLLM mode would share prefills through vLLM's prefix cache). Both sample "
         "from the policy's own distribution, but from different random streams: the completions differ, so the reward "
         "curves compare only statistically (run several --seed values for their spread).",
         "Training micro-batches: rlhfspec groups samples of similar length up to train.micro_batch_tokens "

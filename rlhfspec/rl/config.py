@@ -12,6 +12,7 @@ import yaml
 
 from rlhfspec.engine.spec import STRATEGIES, DraftModel, EngineSpec, drafter_spec, strategy_spec
 from rlhfspec.errors import RlhfspecError
+from rlhfspec.models.rounding import ROUNDINGS
 from rlhfspec.rl.losses import AGGREGATIONS
 from rlhfspec.rollout.generate import BACKENDS
 
@@ -60,6 +61,9 @@ class GenerationConfig:
     # 1.6x the tokens/s on a CPU with native bf16, but on the default run its 3 seeds never learned the
     # format reward that float32 generation's did (benchmarks/RESULTS.md), so it is not the default.
     dtype: str | None = None
+    # How a bf16 engine copy rounds the float32 weights after each step: "stochastic" (unbiased, so
+    # the engine's policy follows small updates) or "nearest" (lags: see rlhfspec/models/rounding.py).
+    rounding: str = "stochastic"
     speculative: bool = True  # speculative decoding
     strategy: str = "adaptive"  # "adaptive", "static" or "threshold" (static while the live batch <= threshold_batch)
     drafters: list[str] = field(default_factory=lambda: ["ngram"])  # "ngram", "draft" (distilled), "eagle", or draft/head paths
@@ -234,6 +238,7 @@ class Config:
             (t.logprob_check_every >= 1, f"train.logprob_check_every is {t.logprob_check_every}; it must be >= 1."),
             (t.dtype in (None, "float32", "bfloat16"), f"train.dtype {t.dtype!r} is not float32 or bfloat16 (or null: chosen by the hardware)."),
             (g.dtype in (None, "float32", "bfloat16"), f"generation.dtype {g.dtype!r} is not float32 or bfloat16 (or null: the trainer's precision)."),
+            (g.rounding in ROUNDINGS, f"generation.rounding {g.rounding!r} is not one of {', '.join(ROUNDINGS)}."),
             (a.aggregation in AGGREGATIONS, f"algorithm.aggregation {a.aggregation!r} is not one of {', '.join(AGGREGATIONS)}."),
             (a.scale_rewards in ("group", "batch", "none"), f"algorithm.scale_rewards {a.scale_rewards!r} is not group, batch or none."),
             (a.clip_low > 0, f"algorithm.clip_low is {a.clip_low}; it must be > 0."),

@@ -14,6 +14,7 @@ from rlhfspec.data.sources import make_source
 from rlhfspec.engine.sampling import SamplingParams
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.loader import load_model
+from rlhfspec.models.rounding import engine_copy
 from rlhfspec.rewards.compose import RewardSet
 from rlhfspec.rl import checkpoint as ckpt
 from rlhfspec.rl.config import Config
@@ -96,7 +97,8 @@ class Trainer:
         self.old_in_training = c.train.epochs * steps_per_epoch(c) == 1 and self.reference is None
         if resume:
             self._resume()
-            self.rollout.sync(getattr(torch, gen_dtype))  # Ray actors start from the checkpoint's weights
+            # Ray actors start from the checkpoint's weights
+            self.rollout.sync(getattr(torch, gen_dtype), c.generation.rounding, (c.train.seed, self.iteration))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(c.to_dict(), sort_keys=False))
         self.metrics = MetricsLog(self.run_dir, c.run.tensorboard, c.run.wandb, c.to_dict())
@@ -164,14 +166,15 @@ class Trainer:
         if self.old_in_training and self.verified_logprobs is None:
             self._verified(train_stats["rollout_trainer_logprob_gap_max"], train_stats["rollout_trainer_logprob_gap_mean"], reuse)
         if not self.shared:
-            self._sync_engine()
+            self._sync_engine(it + 1)
         t3 = time.perf_counter()
         refresh = {}
         if self.refresher is not None:
             g = c.generation
             budget = None if g.refresh_budget is None else min(g.refresh_seconds, g.refresh_budget * (t3 - t0))
             refresh = self.refresher.refresh(self.policy, batch, rollout.acceptance_by_drafter(), seconds=budget)
-        sync = self.rollout.sync(getattr(torch, self.gen_dtype))  # Ray actors: new weights before the next rollout
+        # Ray actors: new weights before the next rollout
+        sync = self.rollout.sync(getattr(torch, self.gen_dtype), c.generation.rounding, (c.train.seed, it + 1))
         success = self._success(table)
         self.source.observe(success if success is not None else 0.0)
         t4 = time.perf_counter()
@@ -233,11 +236,13 @@ class Trainer:
             use = "the training forward's own" if self.old_in_training else "recomputing with the trainer"
         self.log(f"engine vs trainer logprobs: max difference {diff:.2e}, mean {mean:.2e}; {use} (algorithm.old_logprobs {mode})")
 
-    def _sync_engine(self) -> None:
-        """Copy the trainer's weights into the engine's (lower-precision) copy."""
+    def _sync_engine(self, iteration: int) -> None:
+        """Copy the trainer's weights into the engine's (lower-precision) copy that generates
+        `iteration`'s rollout."""
+        rounding, key = self.config.generation.rounding, (self.config.train.seed, iteration)
         with torch.no_grad():
-            for dst, src in zip(self.engine.parameters(), self.policy.parameters()):
-                dst.copy_(src.to(dst.dtype))
+            for (name, dst), src in zip(self.engine.named_parameters(), self.policy.parameters()):
+                dst.copy_(engine_copy(name, src, dst.dtype, rounding, key))
 
     def _success(self, table: torch.Tensor) -> float | None:
         for j, name in enumerate(self.rewards.names):
@@ -272,9 +277,9 @@ class Trainer:
         self.rollout.load_state_dict(objects["rollout"])
         if self.refresher is not None:
             self.refresher.load_state_dict(objects["refresh"])
-        if not self.shared:
-            self._sync_engine()
         self.iteration = objects["iteration"]
+        if not self.shared:
+            self._sync_engine(self.iteration)
         self.log(f"resumed from {path} at iteration {self.iteration}")
 
 

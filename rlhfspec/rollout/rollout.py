@@ -8,6 +8,7 @@ from rlhfspec.engine.drafters import DraftModelDrafter, Drafter, EagleDrafter
 from rlhfspec.engine.sampling import SamplingParams
 from rlhfspec.engine.spec import EngineSpec
 from rlhfspec.errors import RlhfspecError
+from rlhfspec.models.rounding import engine_copy
 from rlhfspec.rollout.generate import Generation, Live, Placement, live_parts, run_generation
 
 
@@ -43,12 +44,13 @@ class Rollout:
         return run_generation(self.spec, prompts, params, seed, placement=self.placement, model=self.policy, tokenizer=self.tokenizer,
                               sample_ids=sample_ids, live=self.live, backend=self.backend, progress=progress)
 
-    def sync(self, dtype) -> dict:
-        """Ship the policy's current weights (cast to the actors' `dtype`) and the refreshed drafters'
-        to every Ray actor; their measured time and size. In-process instances run the policy itself."""
+    def sync(self, dtype, rounding: str = "nearest", key: tuple[int, ...] = ()) -> dict:
+        """Ship the policy's current weights (cast to the actors' `dtype` with `rounding`, keyed
+        by `key` as `engine_copy` says) and the refreshed drafters' to every Ray actor; their
+        measured time and size. In-process instances run the policy itself."""
         if self.backend is None:
             return {}
-        weights = {k: v.detach().to(dtype) for k, v in self.policy.state_dict().items()}
+        weights = {k: engine_copy(k, v, dtype, rounding, key) for k, v in self.policy.state_dict().items()}
         drafters = {d.name: d.state_dict() for d in self.drafters if isinstance(d, (DraftModelDrafter, EagleDrafter))}
         seconds, size = self.backend.load_weights(weights, drafters)
         return {"weight_sync_s": seconds, "weight_sync_mb": size / 2**20}

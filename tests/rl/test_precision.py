@@ -7,6 +7,7 @@ import torch
 from rlhfspec.engine.sampling import SamplingParams
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.loader import load_model
+from rlhfspec.models.rounding import engine_copy
 from rlhfspec.rl import checkpoint as ckpt
 from rlhfspec.rl.config import TrainConfig
 from rlhfspec.rl.logprobs import Batch, all_logprobs, completion_logprobs
@@ -98,3 +99,22 @@ def test_bfloat16_training_keeps_float32_weights_and_recomputes_old_logprobs(tmp
     records = Trainer(cfg, progress=False, log=lines.append).train()
     assert len(recomputed) == 1
     assert records[0]["rollout_trainer_logprob_gap_max"] > 1e-3 and "rollout_trainer_logprob_gap_max" not in records[1]
+
+
+def test_a_bfloat16_engine_holds_the_keyed_stochastic_rounding_of_the_policy_and_a_resume_rebuilds_it(tmp_path, policy):
+    cfg = config(tmp_path, policy, **{"train.dtype": "float32", "generation.dtype": "bfloat16", "train.iterations": 2})
+    trainer = Trainer(cfg, progress=False, log=lambda m: None)
+    trainer.train()
+    engine = dict(trainer.engine.named_parameters())
+    state = trainer.policy.state_dict()  # what a Ray sync rounds, by the same names
+    rounded = {k: engine_copy(k, state[k], torch.bfloat16, "stochastic", (cfg.train.seed, 2)) for k in engine}
+    assert all(torch.equal(engine[k], rounded[k]) for k in engine)  # the copy that generates iteration 2
+    assert any(not torch.equal(engine[k], state[k].to(torch.bfloat16)) for k in engine)  # not round-to-nearest
+    more = config(tmp_path, policy, **{"train.dtype": "float32", "generation.dtype": "bfloat16", "train.iterations": 3})
+    resumed = Trainer(more, resume=True, progress=False, log=lambda m: None)
+    assert all(torch.equal(p, engine[k]) for k, p in resumed.engine.named_parameters())
+
+
+def test_an_unknown_rounding_is_one_sentence(tmp_path, policy):
+    with pytest.raises(RlhfspecError, match="generation.rounding 'up' is not one of nearest, stochastic."):
+        config(tmp_path, policy, **{"generation.rounding": "up"}).validate()
