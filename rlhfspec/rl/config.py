@@ -58,12 +58,14 @@ class GenerationConfig:
     batch_size: int = 64  # live samples per instance
     # The engine's precision. null: the weights' (model.dtype), so the engine runs the trainer's own
     # parameters. "bfloat16" with float32 weights generates from a bf16 copy synced after every step:
-    # 1.6x the tokens/s on a CPU with native bf16, but on the default run its 3 seeds never learned the
-    # format reward that float32 generation's did (benchmarks/RESULTS.md), so it is not the default.
+    # about 1.5x the tokens/s on a CPU with native bf16; not the default (benchmarks/RESULTS.md, the
+    # default-run section, has its seeds against float32's).
     dtype: str | None = None
-    # How a bf16 engine copy rounds the float32 weights after each step: "stochastic" (unbiased, so
-    # the engine's policy follows small updates) or "nearest" (lags: see rlhfspec/models/rounding.py).
-    rounding: str = "stochastic"
+    # How a bf16 engine copy rounds the float32 weights after each step: "nearest", or "stochastic"
+    # (unbiased: the engine's policy follows small updates that nearest partly drops, see
+    # rlhfspec/models/rounding.py; about 2 s a sync on this CPU, and no reward difference measured on the
+    # default run over five seeds, so not the default).
+    rounding: str = "nearest"
     speculative: bool = True  # speculative decoding
     strategy: str = "adaptive"  # "adaptive", "static" or "threshold" (static while the live batch <= threshold_batch)
     drafters: list[str] = field(default_factory=lambda: ["ngram"])  # "ngram", "draft" (distilled), "eagle", or draft/head paths

@@ -102,7 +102,8 @@ def test_bfloat16_training_keeps_float32_weights_and_recomputes_old_logprobs(tmp
 
 
 def test_a_bfloat16_engine_holds_the_keyed_stochastic_rounding_of_the_policy_and_a_resume_rebuilds_it(tmp_path, policy):
-    cfg = config(tmp_path, policy, **{"train.dtype": "float32", "generation.dtype": "bfloat16", "train.iterations": 2})
+    bf16 = {"train.dtype": "float32", "generation.dtype": "bfloat16", "generation.rounding": "stochastic"}
+    cfg = config(tmp_path, policy, **bf16, **{"train.iterations": 2})
     trainer = Trainer(cfg, progress=False, log=lambda m: None)
     trainer.train()
     engine = dict(trainer.engine.named_parameters())
@@ -110,7 +111,7 @@ def test_a_bfloat16_engine_holds_the_keyed_stochastic_rounding_of_the_policy_and
     rounded = {k: engine_copy(k, state[k], torch.bfloat16, "stochastic", (cfg.train.seed, 2)) for k in engine}
     assert all(torch.equal(engine[k], rounded[k]) for k in engine)  # the copy that generates iteration 2
     assert any(not torch.equal(engine[k], state[k].to(torch.bfloat16)) for k in engine)  # not round-to-nearest
-    more = config(tmp_path, policy, **{"train.dtype": "float32", "generation.dtype": "bfloat16", "train.iterations": 3})
+    more = config(tmp_path, policy, **bf16, **{"train.iterations": 3})
     resumed = Trainer(more, resume=True, progress=False, log=lambda m: None)
     assert all(torch.equal(p, engine[k]) for k, p in resumed.engine.named_parameters())
 
