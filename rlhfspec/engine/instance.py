@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-
 import torch
 
 from rlhfspec.engine.drafters.base import Drafter
 from rlhfspec.engine.sampling import SAMPLE, group_rows, processed_logprobs, sample
-from rlhfspec.engine.sequence import Sequence, first_with_prompt, uniforms
+from rlhfspec.engine.report import InstanceReport, InstanceStats, Migrant
+from rlhfspec.engine.sequence import Sequence, prefill_leaders, uniforms
 from rlhfspec.engine.spec import MAX_DRAFT_TOKENS
 from rlhfspec.engine.tree import tree_rows, verify_tree
 from rlhfspec.engine.verify import verify
@@ -17,79 +16,6 @@ from rlhfspec.engine.stopping import StopChecker
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.kv_cache import KVCache
 from rlhfspec.strategy.base import Decision, StepRecord, Strategy, Workload, clipped_draft_lengths
-
-
-@dataclass(slots=True)
-class Migrant:
-    """A live sample leaving one instance for another: its state, and its KV rows unless the
-    destination is to recompute them (policy rows [layers, n, kv_heads, head_dim] each), what each
-    drafter exported for it (by name) and what the strategy learned about it."""
-
-    seq: Sequence
-    kv: tuple[torch.Tensor, torch.Tensor] | None = None
-    drafters: dict[str, object] = field(default_factory=dict)
-    strategy: dict = field(default_factory=dict)
-
-    @property
-    def nbytes(self) -> int:
-        parts = [self.kv, *self.drafters.values()]
-        tensors = [t for p in parts if isinstance(p, tuple) for t in p if isinstance(t, torch.Tensor)]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-
-@dataclass(slots=True)
-class InstanceReport:
-    """What an instance tells whoever drives it after running some steps: the samples that
-    finished, the live ones (enough to recompute them elsewhere), and its measured costs."""
-
-    finished: list[Sequence]
-    live: list[Sequence]
-    free_slots: int
-    busy_s: float  # seconds spent stepping in this call
-    steps: int
-    step_seconds: dict[int, float]  # mean seconds per step (selector included) by live batch size
-    tokens_per_step: float
-    prefill_seconds_per_token: float | None  # measured over this instance's prefills so far
-    kv_bytes_per_token: float  # policy and draft-model KV rows one token occupies
-
-
-@dataclass(slots=True)
-class InstanceStats:
-    steps: int = 0
-    prefill_tokens: int = 0  # computed: a prompt shared by samples admitted together counts once
-    shared_prefill_tokens: int = 0  # prompt tokens copied from such a sample instead
-    emitted: int = 0
-    proposed: int = 0
-    accepted: int = 0
-    forward_s: float = 0.0
-    prefill_s: float = 0.0  # prefills and recomputed migrants, timed whole
-    records: list[StepRecord] = field(default_factory=list)
-    by_batch: dict[int, list[float]] = field(default_factory=dict)  # live batch -> [seconds, steps]
-    slots: int = 0  # sample-steps: live samples summed over steps
-    step_emitted: int = 0  # tokens emitted by decode steps (prefill draws not counted)
-
-    def record(self, r: StepRecord) -> None:
-        self.steps += 1
-        self.records.append(r)
-        self.slots += r.batch
-        self.step_emitted += r.emitted
-        total = self.by_batch.setdefault(r.batch, [0.0, 0])
-        total[0] += r.seconds
-        total[1] += 1
-
-    @property
-    def step_seconds(self) -> dict[int, float]:
-        """Mean seconds of a step (decision, drafting and verification) by live batch size."""
-        return {b: t / c for b, (t, c) in self.by_batch.items()}
-
-    @property
-    def acceptance(self) -> float | None:
-        return self.accepted / self.proposed if self.proposed else None
-
-    @property
-    def tokens_per_step(self) -> float:
-        """Tokens a sample gains per decode step (1 for plain decoding)."""
-        return self.step_emitted / self.slots if self.slots else 0.0
 
 
 class GenerationInstance:
@@ -170,8 +96,7 @@ class GenerationInstance:
             self.live.append(s)
         for d in self.drafters.values():
             d.admitted(seqs)
-        leader = first_with_prompt([s.prompt for s in seqs])
-        prefilled = [s for i, s in enumerate(seqs) if leader[i] == i]
+        leader, prefilled = prefill_leaders(seqs)
         logits, hidden = self._forward([s.slot for s in prefilled], [s.prompt for s in prefilled], last_only=True)
         if len(prefilled) < len(seqs):
             logits, hidden = self._share_prefill(seqs, leader, prefilled, logits, hidden)

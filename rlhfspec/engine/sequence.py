@@ -44,6 +44,13 @@ def first_with_prompt(prompts: list[list[int]]) -> list[int]:
     return [first.setdefault(tuple(p), i) for i, p in enumerate(prompts)]
 
 
+def prefill_leaders(seqs: list[Sequence]) -> tuple[list[int], list[Sequence]]:
+    """Samples admitted together: for each, the index of the one whose prefill it shares, and the
+    samples whose prompts are computed (the first of each prompt), in order."""
+    leader = first_with_prompt([s.prompt for s in seqs])
+    return leader, [s for i, s in enumerate(seqs) if leader[i] == i]
+
+
 def uniforms(seqs: list[Sequence], positions: list[int], purpose: int, device) -> torch.Tensor:
     """The keyed uniform of each sample at its position: (seed, sample_id, position, purpose) alone."""
     return keyed_uniforms(

@@ -7,7 +7,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from rlhfspec.engine.instance import Migrant
+from rlhfspec.engine.report import Migrant
 from rlhfspec.engine.progress import Progress
 from rlhfspec.engine.sequence import Sequence
 from rlhfspec.errors import RlhfspecError

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rlhfspec.engine.drafters import DraftModelDrafter, Drafter, EagleDrafter
-from rlhfspec.engine.instance import InstanceStats
+from rlhfspec.engine.report import InstanceStats
 from rlhfspec.engine.sampling import SamplingParams
 from rlhfspec.engine.sequence import GenerationOutput, Sequence
 from rlhfspec.engine.spec import DEFAULT_MAX_BATCH, STRATEGIES, EngineSpec, StrategySpec, check_draft_length, drafter_spec, strategy_spec

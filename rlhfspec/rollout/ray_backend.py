@@ -7,7 +7,8 @@ from typing import Iterator
 
 import torch
 
-from rlhfspec.engine.instance import GenerationInstance, InstanceReport, InstanceStats, Migrant
+from rlhfspec.engine.instance import GenerationInstance
+from rlhfspec.engine.report import InstanceReport, InstanceStats, Migrant
 from rlhfspec.engine.sequence import Sequence
 from rlhfspec.engine.spec import EngineSpec
 from rlhfspec.errors import RlhfspecError

@@ -15,8 +15,8 @@ from __future__ import annotations
 import time
 from typing import Iterator
 
-from rlhfspec.engine.instance import InstanceReport, InstanceStats, Migrant
-from rlhfspec.engine.sequence import Sequence, first_with_prompt
+from rlhfspec.engine.report import InstanceReport, InstanceStats, Migrant
+from rlhfspec.engine.sequence import Sequence, prefill_leaders
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.sim.cost import StepCost
 from rlhfspec.sim.workload import AcceptanceProfile
@@ -56,8 +56,7 @@ class SimInstance:
             raise RlhfspecError(f"{len(seqs)} samples do not fit: this instance has {self.free_slots} free slots of max_batch {self.max_batch}.")
         if not seqs:
             return []
-        leader = first_with_prompt([s.prompt for s in seqs])
-        prefilled = [s for i, s in enumerate(seqs) if leader[i] == i]
+        _, prefilled = prefill_leaders(seqs)
         tokens = sum(len(s.prompt) for s in prefilled)
         seconds = self.cost.prefill(tokens, len(prefilled))
         self._work(seconds)
