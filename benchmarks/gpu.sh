@@ -1,20 +1,46 @@
 #!/usr/bin/env bash
-# The engine on a CUDA GPU, a few minutes end to end: step-time tables T(batch, tokens per row)
-# of named architectures with random weights (timing does not depend on the values), a
-# bitwise alone-vs-batched check on the GPU, a sampled generate() alone vs batched, and the
-# default model's whole-step table (plain steps, verifying n drafts, n-gram drafting, prefill)
-# in the form `rlhfspec simulate --table` reads. Writes gpu_steps.json, gpu_checks.json and
-# gpu_step_times.json under $OUT (else benchmarks/). Needs only torch.
-set -euo pipefail
+# The engine on a CUDA GPU, a few minutes end to end. Usage: bash benchmarks/gpu.sh [PART ...]
+# (default: every part, in this order):
+#   validate  the default model (bfloat16): `bench rollout` at full size (every drafting policy)
+#             and the simulator's prediction of each run from the GPU's own step-time tables
+#             (`bench sim-validate --device cuda`: the simulator's GPU validation point)
+#   spec      the default model: `bench spec --device cuda` with the n-gram drafter, the
+#             distilled draft model and the eagle head (temperature 0 and 1, batch 1 to 64)
+#   checks    random weights: a sampled generate() alone vs batched, bitwise, with and
+#             without the batch-invariant path
+#   table     random weights of the default architecture: the whole-step table (plain steps,
+#             verifying n drafts, n-gram drafting, prefill) `rlhfspec simulate --table` reads,
+#             and a simulated rollout from it
+#   steps     random weights of catalogued architectures (0.1B to 14B): step-time tables
+# The default-model parts need the default model and the cached draft and eagle head (`make
+# demo` builds both; otherwise `bench spec` trains them first). The benches record into
+# benchmarks/RESULTS.md; JSON files go under $OUT (else benchmarks/). Needs only torch and the
+# project's requirements.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks}
+parts=${*:-validate spec checks table steps}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 rlhfspec() { python3 -m rlhfspec.cli.main "$@"; }
-rlhfspec bench steps --device cuda --models smollm2-135m --placement --qs 1,2,3,5,9,33 --budget 25 --json "$out/gpu_steps_small.json"
-rlhfspec bench steps --device cuda --models qwen2.5-1.5b,llama-3.1-8b,qwen2.5-14b --qs 1,2,3,5,9,33 --budget 30 --json "$out/gpu_steps.json"
-python3 - "$out/gpu_checks.json" <<'PY'
+failed=()
+part() {  # one part; a failing part is reported and the others still run
+    local name=$1; shift
+    echo "== $name ($(date -u +%T)) =="
+    "$@" || failed+=("$name")
+}
+
+validate() {
+    rlhfspec bench sim-validate --device cuda --full --no-realloc --record --json "$out/sim_validate_cuda.json"
+}
+
+spec() {
+    rlhfspec bench spec --device cuda --drafters ngram,draft,eagle --ns 1,2,4 --record --json "$out/spec_cuda.json"
+}
+
+checks() {
+    python3 - "$out/gpu_checks.json" <<'PY'
 import json, sys, time, torch
 from rlhfspec import SamplingParams, generate
 from rlhfspec.models.catalog import random_model
@@ -37,7 +63,10 @@ for inv in (False, True):
     print("generate bf16 on cuda, batch_invariant", inv, checks[f"invariant={inv}"])
 json.dump(checks, open(sys.argv[1], "w"), indent=2)
 PY
-python3 - "$out/gpu_step_times.json" <<'PY'
+}
+
+table() {
+    python3 - "$out/gpu_step_times.json" <<'PY' || return 1
 import json, sys, torch
 from rlhfspec.bench.sim_validate import step_times
 from rlhfspec.engine.drafters import NgramDrafter
@@ -47,5 +76,20 @@ cost = step_times(model, [NgramDrafter()], batches=(1, 2, 4, 8, 16, 32, 64, 128,
 json.dump(cost.to_json(), open(sys.argv[1], "w"))
 print("whole-step table:", {f"B={b}": f"{t * 1e3:.1f} ms" for (b, q), t in sorted(cost.verify_table.items()) if q == 1})
 PY
-rlhfspec simulate --table "$out/gpu_step_times.json" --instances 1 --max-batch 64 --prompts 8 --samples 8 \
-    --lengths lognormal:200,0.8,1024 --acceptance ngram=0.4 --plot "$out/gpu_simulate.png" --json "$out/gpu_simulate.json"
+    rlhfspec simulate --table "$out/gpu_step_times.json" --instances 1 --max-batch 64 --prompts 8 --samples 8 \
+        --lengths lognormal:200,0.8,1024 --acceptance ngram=0.4 --plot "$out/gpu_simulate.png" --json "$out/gpu_simulate.json"
+}
+
+steps() {
+    rlhfspec bench steps --device cuda --models smollm2-135m --placement --qs 1,2,3,5,9,33 --budget 25 --json "$out/gpu_steps_small.json" &&
+    rlhfspec bench steps --device cuda --models qwen2.5-1.5b,llama-3.1-8b,qwen2.5-14b --qs 1,2,3,5,9,33 --budget 30 --json "$out/gpu_steps.json"
+}
+
+for p in $parts; do
+    case $p in
+        validate|spec|checks|table|steps) part "$p" "$p" ;;
+        *) echo "unknown part $p (validate, spec, checks, table, steps)"; exit 2 ;;
+    esac
+done
+echo "== done ($(date -u +%T)); failed parts: ${failed[*]:-none} =="
+[ ${#failed[@]} -eq 0 ]

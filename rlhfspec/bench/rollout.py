@@ -9,9 +9,11 @@ from rlhfspec.bench.common import machine, results_file, write_json, write_secti
 from rlhfspec.data.chat import encode_prompt
 from rlhfspec.data.tasks import rl_style_prompts
 from rlhfspec.engine.drafters import NgramDrafter
+from rlhfspec.engine.profile import invariant_for
 from rlhfspec.engine.sampling import SamplingParams
 from rlhfspec.engine.sequence import first_with_prompt
 from rlhfspec.engine.spec import TREE_BRANCHES, Adaptive, DraftModel, Eagle, EngineSpec, Ngram, Static, Threshold
+from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.loader import load_model
 from rlhfspec.paths import default_draft_path
 from rlhfspec.rollout.generate import Placement, live_parts, run_generation
@@ -34,8 +36,11 @@ class RolloutBenchConfig:
     realloc: bool = True
     ray_address: str | None = None
     eagle: bool = False  # also the default eagle head, as chains ("eagle") and as trees ("eagle-tree")
+    device: str = "cpu"  # cuda: the policy in bfloat16 on the GPU, the fast (not batch-invariant) forward, in-process
 
     def __post_init__(self):
+        if self.device != "cpu" and (self.backend == "ray" or self.instances > 1):
+            raise RlhfspecError(f"bench rollout on {self.device} runs one in-process instance; drop --instances and --backend.")
         if self.eagle and not any(name.startswith("eagle") for name, _ in self.statics):
             self.statics = self.statics + (("eagle", 1), ("eagle-tree", 1))
 
@@ -45,7 +50,8 @@ class RolloutBenchConfig:
 
 
 def run(cfg: RolloutBenchConfig, json_path: str | None = None, record: bool = False, log=print) -> dict:
-    policy, tok = load_model(cfg.model)
+    policy, tok = load_model(cfg.model, device=cfg.device)
+    invariant = invariant_for(cfg.device)
     draft_path = Path(cfg.draft) if cfg.draft else default_draft_path()
     loaded = DraftModel(str(draft_path)).build(policy, tok)
     texts = rl_style_prompts(cfg.prompts, seed=cfg.seed)
@@ -68,14 +74,14 @@ def run(cfg: RolloutBenchConfig, json_path: str | None = None, record: bool = Fa
         ds = [NgramDrafter(), loaded.replica()] + [h.replica() for h in heads]
         return live_parts(ds if strategy is not None else [], strategy, policy, placement.instances)
 
-    warm = EngineSpec(drafters, Static("draft", 2), model=cfg.model)
+    warm = EngineSpec(drafters, Static("draft", 2), model=cfg.model, batch_invariant=invariant)
     warm_live = live(Static("draft", 2))
     run_generation(warm, prompts[:2], SamplingParams(max_new_tokens=8), model=policy, tokenizer=tok,
                    live=warm_live[:1] if warm_live is not None else None)
     rows, traces, workloads = [], {}, {}
     multi = cfg.instances > 1 or cfg.backend == "ray"
     for label, strategy in policies(cfg).items():
-        spec = EngineSpec(drafters if strategy is not None else (), strategy, cfg.batch_size, model=cfg.model)
+        spec = EngineSpec(drafters if strategy is not None else (), strategy, cfg.batch_size, model=cfg.model, batch_invariant=invariant)
         result = run_generation(spec, prompts, params, cfg.seed, placement=placement, model=policy, tokenizer=tok, live=live(strategy))
         outs, wall = result.outputs, result.seconds
         traces[label] = result.timeline if multi else result.stats[0].records
@@ -94,7 +100,7 @@ def run(cfg: RolloutBenchConfig, json_path: str | None = None, record: bool = Fa
         r["speedup_vs_plain"] = round(r["tok_s"] / plain["tok_s"], 2)
         r["vs_best_static"] = round(r["tok_s"] / best_static_row["tok_s"], 2)
     lengths = sorted(len(o.token_ids) for o in outs)
-    result = {"machine": machine(), "model": cfg.model, "draft": str(draft_path), "prompts": cfg.prompts, "samples": cfg.samples,
+    result = {"machine": machine(), "model": cfg.model, "dtype": str(policy.dtype).removeprefix("torch."), "draft": str(draft_path), "prompts": cfg.prompts, "samples": cfg.samples,
               "max_new_tokens": cfg.max_new_tokens, "response_lengths": {"median": lengths[len(lengths) // 2], "max": lengths[-1]},
               "rows": rows, "workloads": workloads}
     write_json(json_path, result)
@@ -103,11 +109,12 @@ def run(cfg: RolloutBenchConfig, json_path: str | None = None, record: bool = Fa
     from rlhfspec.bench.plots import realloc_timeline, rollout_timeline
 
     shown = {k: v for k, v in traces.items() if k in ("plain", "adaptive")}
+    on = "" if cfg.device == "cpu" else f"_{cfg.device}"
     if multi:
         png = realloc_timeline(shown, cfg.instances, results.parent / f"rollout_timeline_k{cfg.instances}.png")
     else:
-        png = rollout_timeline(shown, results.parent / f"rollout_timeline{'_eagle' if cfg.eagle else ''}.png")
-    section = ("rollout" if not multi else f"rollout-k{cfg.instances}") + ("-eagle" if cfg.eagle else "")
+        png = rollout_timeline(shown, results.parent / f"rollout_timeline{'_eagle' if cfg.eagle else ''}{on}.png")
+    section = ("rollout" if not multi else f"rollout-k{cfg.instances}") + ("-eagle" if cfg.eagle else "") + on.replace("_", "-")
     log(write_section(section, _markdown(result, cfg, png.name, json_path), path=results))
     return result
 
@@ -135,11 +142,12 @@ def workload_trace(prompts: list[list[int]], outputs, records) -> dict:
 
 def _markdown(result: dict, cfg: RolloutBenchConfig, png: str, json_path: str | None = None) -> str:
     lines = [
-        "## GRPO-style rollout: drafting policies" + (" (with the eagle head, chains and trees)" if cfg.eagle else ""),
+        "## GRPO-style rollout: drafting policies" + (" (with the eagle head, chains and trees)" if cfg.eagle else "")
+        + ("" if cfg.device == "cpu" else f" on {cfg.device}"),
         "",
-        f"Command: `rlhfspec bench rollout{' --quick' if cfg.quick else ''}{' --eagle' if cfg.eagle else ''} --record"
-        f"{f' --json {json_path}' if json_path else ''}`  ",
-        f"Machine: {result['machine']}; policy {result['model']}, draft `{result['draft']}`  ",
+        f"Command: `rlhfspec bench rollout{' --quick' if cfg.quick else ''}{' --eagle' if cfg.eagle else ''}"
+        f"{'' if cfg.device == 'cpu' else f' --device {cfg.device}'} --record{f' --json {json_path}' if json_path else ''}`  ",
+        f"Machine: {result['machine']}; policy {result['model']} ({result['dtype']}), draft `{result['draft']}`  ",
         f"{cfg.prompts} RL-style prompts x {cfg.samples} samples at temperature 1, up to {cfg.max_new_tokens} new tokens "
         f"(response length median {result['response_lengths']['median']}, max {result['response_lengths']['max']}), "
         f"{cfg.batch_size} live samples at most, one run per policy"

@@ -20,7 +20,9 @@ from rlhfspec.engine.drafters import Drafter, Proposal
 from rlhfspec.engine.instance import GenerationInstance
 from rlhfspec.engine.sampling import SamplingParams
 from rlhfspec.engine.sequence import Sequence
+from rlhfspec.engine.profile import invariant_for
 from rlhfspec.engine.spec import StrategySpec
+from rlhfspec.errors import RlhfspecError
 from rlhfspec.sim.cost import TableCost
 from rlhfspec.sim.run import Cluster, SimRun, Workload, simulate
 from rlhfspec.sim.workload import AcceptanceProfile
@@ -115,6 +117,11 @@ class SimValidateConfig:
     realloc: bool = True  # also bench realloc (Ray actors)
     repeats: int = 3  # steps timed per table cell
     seed: int = 0
+    device: str = "cpu"  # cuda: bench rollout and the tables on the GPU (bfloat16, fast forward); no realloc rows there
+
+    def __post_init__(self):
+        if self.device != "cpu" and self.realloc:
+            raise RlhfspecError(f"bench sim-validate on {self.device} validates bench rollout only; add --no-realloc.")
 
 
 def run(cfg: SimValidateConfig, json_path: str | None = None, record: bool = False, log=print) -> dict:
@@ -126,18 +133,19 @@ def run(cfg: SimValidateConfig, json_path: str | None = None, record: bool = Fal
     from rlhfspec.models.loader import load_model
     from rlhfspec.paths import default_cache_dir, default_draft_path
 
-    rcfg = rollout_bench.RolloutBenchConfig() if cfg.full else rollout_bench.RolloutBenchConfig.make_quick()
+    kw = dict(device=cfg.device)
+    rcfg = rollout_bench.RolloutBenchConfig(**kw) if cfg.full else rollout_bench.RolloutBenchConfig.make_quick(**kw)
     log("== the real runs (their timings are kept for the comparison only) ==")
     rollout = rollout_bench.run(rcfg, log=log)
     mcfg = realloc_bench.ReallocBenchConfig() if cfg.full else realloc_bench.ReallocBenchConfig.make_quick()
     realloc = realloc_bench.run(mcfg, log=log) if cfg.realloc else None
     log("== this machine's step-time tables, measured apart from the runs ==")
-    policy, tok = load_model(rcfg.model)
+    policy, tok = load_model(rcfg.model, device=cfg.device)
     draft = DraftModel(str(default_draft_path())).build(policy, tok)
     drafters = [NgramDrafter(), draft]
     # The table the engine's selector itself starts from (cached by the adaptive run above).
     profile = cost_model(policy, {d.name: d for d in drafters}, default_cache_dir())
-    steps = step_times(policy, drafters, repeats=cfg.repeats)
+    steps = step_times(policy, drafters, repeats=cfg.repeats, batch_invariant=invariant_for(cfg.device))
     engine = TableCost(profile.verify_table, profile.draft_tables, steps.ngram_seconds_per_row_token, steps.kv_bytes_per_token,
                        "the selector's profile", steps.prefill_seconds_per_token)
     for c in (engine, steps):
@@ -171,7 +179,8 @@ def run(cfg: SimValidateConfig, json_path: str | None = None, record: bool = Fal
               "tables": {k: c.to_json() for k, c in tables.items()}, "realloc_tables": {} if realloc is None else
               {"profile": forward.to_json(), "steps": one.to_json()}}
     write_json(json_path, result)
-    log(write_section("sim-validate" + ("-full" if cfg.full else ""), _markdown(result, cfg, json_path), path=results_file(record)))
+    section = "sim-validate" + ("-full" if cfg.full else "") + ("" if cfg.device == "cpu" else f"-{cfg.device}")
+    log(write_section(section, _markdown(result, cfg, json_path), path=results_file(record)))
     return result
 
 
@@ -182,12 +191,15 @@ def _line(r: dict) -> str:
 
 def _markdown(result: dict, cfg: SimValidateConfig, json_path: str | None) -> str:
     lines = [
-        "## Simulator vs real runs on this machine" + (" (the benches at full size)" if cfg.full else ""),
+        "## Simulator vs real runs " + ("on this machine" if cfg.device == "cpu" else f"on {cfg.device}")
+        + (" (the benches at full size)" if cfg.full else ""),
         "",
-        f"Command: `rlhfspec bench sim-validate{' --full' if cfg.full else ''}{'' if cfg.realloc else ' --no-realloc'} --record"
+        f"Command: `rlhfspec bench sim-validate{' --full' if cfg.full else ''}{'' if cfg.realloc else ' --no-realloc'}"
+        f"{'' if cfg.device == 'cpu' else f' --device {cfg.device}'} --record"
         f"{f' --json {json_path}' if json_path else ''}`  ",
         f"Machine: {result['machine']}  ",
-        f"`bench rollout{'' if cfg.full else ' --quick'}` and `bench realloc{'' if cfg.full else ' --quick'}` ran first; the simulator "
+        f"`bench rollout{'' if cfg.full else ' --quick'}`" + (f" and `bench realloc{'' if cfg.full else ' --quick'}`" if cfg.realloc else "")
+        + " ran first; the simulator "
         "got only their prompt and response lengths and per-position draft acceptance, and a step-time table measured "
         "apart from them: `profile` is the selector's own forward-time profile (forward passes only), `steps` times whole "
         "engine steps (forward, sampling, verification, drafting) on random prompts. Error = predicted / measured - 1.",

@@ -12,6 +12,7 @@ from rlhfspec.bench.plots import speedup_vs_n
 from rlhfspec.data.chat import encode_prompt
 from rlhfspec.data.tasks import rl_style_prompts
 from rlhfspec.engine.drafters import DraftModelDrafter, EagleDrafter, NgramDrafter
+from rlhfspec.engine.profile import invariant_for
 from rlhfspec.rollout.generate import generate
 from rlhfspec.engine.sampling import SamplingParams
 from rlhfspec.errors import RlhfspecError
@@ -58,6 +59,7 @@ class SpecBenchConfig:
     quick: bool = False
     verify_batches: tuple[int, ...] = (1, 4, 16, 64)
     verify_ks: tuple[int, ...] = (1, 2, 4, 8)
+    device: str = "cpu"  # cuda: the policy in bfloat16 on the GPU, the fast (not batch-invariant) forward
 
     @classmethod
     def make_quick(cls, **kw) -> SpecBenchConfig:
@@ -66,7 +68,7 @@ class SpecBenchConfig:
     def command(self, json_path: str | None = None, record: bool = False) -> str:
         """The `rlhfspec bench spec` command line that makes this config (and writes its JSON)."""
         base = SpecBenchConfig.make_quick() if self.quick else SpecBenchConfig()
-        parts = ["rlhfspec bench spec"] + (["--quick"] if self.quick else [])
+        parts = ["rlhfspec bench spec"] + (["--quick"] if self.quick else []) + ([f"--device {self.device}"] if self.device != "cpu" else [])
         if self.drafters != SpecBenchConfig.drafters:
             parts.append("--drafters " + ",".join(self.drafters))
         for name in ("batches", "ns", "temperatures"):
@@ -79,8 +81,9 @@ class SpecBenchConfig:
 def verify_cost(model, batches, ks, context: int = 128, repeats: int = 5) -> list[dict]:
     """Time of one forward of k new tokens per row over a `context`-token cache, relative to k = 1."""
     rows = []
+    invariant = invariant_for(model.device)
     for b in batches:
-        cache = KVCache(model.config, b, context + max(ks) + 1, model.dtype, model.device)
+        cache = KVCache(model.config, b, context + max(ks) + 1, model.dtype, model.device, invariant)
         model.ensure_positions(context + max(ks) + 1)
         slots = list(range(b))
         with torch.inference_mode():
@@ -90,14 +93,15 @@ def verify_cost(model, batches, ks, context: int = 128, repeats: int = 5) -> lis
                 def run():
                     model.logits(cache.forward(model, slots, torch.randint(0, 1000, (b, k)).tolist(), last_only=False, advance=False), cache.invariant)
                 run()
-                t = median([timed(run) for _ in range(repeats)])
+                t = median([timed(run, model.device.type) for _ in range(repeats)])
                 base = base or t
                 rows.append({"batch": b, "k": k, "seconds": round(t, 4), "relative": round(t / base, 2)})
     return rows
 
 
 def run(cfg: SpecBenchConfig, json_path: str | None = None, record: bool = False, log=print) -> dict:
-    policy, tok = load_model(cfg.model)
+    policy, tok = load_model(cfg.model, device=cfg.device)
+    invariant = invariant_for(cfg.device)
     # Loaded once, outside the timing; each measurement gets a fresh drafter over the same weights.
     drafters, draft_path, eagle_path = {}, None, None
     for name in cfg.drafters:
@@ -117,7 +121,8 @@ def run(cfg: SpecBenchConfig, json_path: str | None = None, record: bool = False
             raise RlhfspecError(f"bench spec drafter {name!r} is not ngram, draft, eagle or eagle-treeK (K chains per tree).")
     prompts = [encode_prompt(tok, p) for p in rl_style_prompts(max(max(cfg.batches), MIN_PROMPTS), seed=cfg.seed)]
     for name in drafters:  # warm-up: weight packing, allocator
-        generate(policy, prompts[:2], SamplingParams(max_new_tokens=8), tokenizer=tok, drafter=drafters[name](), num_draft_tokens=2)
+        generate(policy, prompts[:2], SamplingParams(max_new_tokens=8), tokenizer=tok, drafter=drafters[name](), num_draft_tokens=2,
+                 batch_invariant=invariant)
     rows = []
     for temp in cfg.temperatures:
         params = SamplingParams(temperature=temp, max_new_tokens=cfg.max_new_tokens)
@@ -132,7 +137,8 @@ def run(cfg: SpecBenchConfig, json_path: str | None = None, record: bool = False
                     outs: list = []
                     times.append(timed(lambda: outs.extend(generate(
                         policy, batch_prompts, params, seed=cfg.seed + r, tokenizer=tok, batch_size=batch,
-                        drafter=None if drafter is None else drafters[drafter](), num_draft_tokens=n, instance_stats=stats))))
+                        drafter=None if drafter is None else drafters[drafter](), num_draft_tokens=n, instance_stats=stats,
+                        batch_invariant=invariant)), cfg.device))
                     tokens = sum(len(o.token_ids) for o in outs)
                 return tokens / median(times), stats[-1]
 
@@ -154,7 +160,7 @@ def run(cfg: SpecBenchConfig, json_path: str | None = None, record: bool = False
     results = results_file(record)
     # The default drafters' table is the "spec" section; other selections get their own section
     # and plot, so a run over one new drafter does not replace the others' table.
-    suffix = "" if cfg.drafters == SpecBenchConfig.drafters else "_" + "_".join(cfg.drafters)
+    suffix = ("" if cfg.drafters == SpecBenchConfig.drafters else "_" + "_".join(cfg.drafters)) + ("" if cfg.device == "cpu" else f"_{cfg.device}")
     png = speedup_vs_n(rows, results.parent / f"spec_speedup{suffix}.png")
     log(write_section("spec" + suffix.replace("_", "-"), _markdown(result, cfg, png.name), path=results))
     return result
@@ -187,7 +193,8 @@ def _markdown(result: dict, cfg: SpecBenchConfig, png: str) -> str:
     rows = result["rows"]
     lines = [
         "## Speculative decoding: static settings vs plain decoding"
-        + ("" if cfg.drafters == SpecBenchConfig.drafters else f" ({', '.join(cfg.drafters)})"),
+        + ("" if cfg.drafters == SpecBenchConfig.drafters else f" ({', '.join(cfg.drafters)})")
+        + ("" if cfg.device == "cpu" else f" on {cfg.device}"),
         "",
         f"Command: `{cfg.command(result.get('json'), result.get('recorded', False))}`  ",
         f"Machine: {result['machine']}; policy {result['model']} ({result['dtype']})"

@@ -33,6 +33,7 @@ def register(sub) -> None:
     s.add_argument("--record", action="store_true", help=RECORD)
     s.add_argument("--repeats", type=int, default=1)
     s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--device", default="cpu", help="cuda: the policy in bfloat16 on the GPU (fast forward, not batch-invariant)")
     s.set_defaults(run=run_spec)
     r = names.add_parser("rollout", help="a GRPO-style rollout: plain, static, threshold and adaptive drafting")
     r.add_argument("--model", default="default")
@@ -42,6 +43,7 @@ def register(sub) -> None:
     r.add_argument("--json", default=None)
     r.add_argument("--record", action="store_true", help=RECORD)
     r.add_argument("--threads", type=int, default=None)
+    r.add_argument("--device", default="cpu", help="cuda: the policy in bfloat16 on the GPU (fast forward, not batch-invariant), one instance")
     add_instance_args(r)
     r.set_defaults(run=run_rollout)
     m = names.add_parser("realloc", help="a long-tailed rollout on several instances: reallocation off vs on vs ideal")
@@ -82,6 +84,7 @@ def register(sub) -> None:
     v.add_argument("--full", action="store_true", help="the benches' default sizes (default: their --quick sizes)")
     v.add_argument("--no-realloc", action="store_true", help="skip bench realloc (it starts Ray actors)")
     v.add_argument("--repeats", type=int, default=3, help="steps timed per step-time table cell")
+    v.add_argument("--device", default="cpu", help="cuda: bench rollout and the step-time tables on the GPU (needs --no-realloc)")
     v.add_argument("--json", default=None)
     v.add_argument("--record", action="store_true", help=RECORD)
     v.set_defaults(run=run_sim_validate)
@@ -136,7 +139,7 @@ def run_spec(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    kw = dict(model=args.model, draft=args.draft, eagle=args.eagle, repeats=args.repeats,
+    kw = dict(model=args.model, draft=args.draft, eagle=args.eagle, repeats=args.repeats, device=args.device,
               drafters=tuple(d.strip() for d in args.drafters.split(",") if d.strip()))
     for name, cast in (("batches", int), ("ns", int), ("temperatures", float)):
         if getattr(args, name):
@@ -154,7 +157,7 @@ def run_rollout(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     kw = dict(model=args.model, draft=args.draft, instances=args.instances, backend=args.backend,
-              realloc=args.realloc == "on", ray_address=args.ray_address, eagle=args.eagle)
+              realloc=args.realloc == "on", ray_address=args.ray_address, eagle=args.eagle, device=args.device)
     run(RolloutBenchConfig.make_quick(**kw) if args.quick else RolloutBenchConfig(**kw), json_path=args.json, record=args.record)
     return 0
 
@@ -210,7 +213,8 @@ def run_steps(args) -> int:
 def run_sim_validate(args) -> int:
     from rlhfspec.bench.sim_validate import SimValidateConfig, run
 
-    run(SimValidateConfig(full=args.full, realloc=not args.no_realloc, repeats=args.repeats), json_path=args.json, record=args.record)
+    run(SimValidateConfig(full=args.full, realloc=not args.no_realloc, repeats=args.repeats, device=args.device),
+        json_path=args.json, record=args.record)
     return 0
 
 

@@ -56,15 +56,23 @@ def profile_key(policy, drafters: dict[str, Drafter]) -> str:
     """Identity of what the profile measured: architectures, dtypes, device, thread count."""
     parts = {
         "policy": policy.config.hf, "dtype": str(policy.dtype), "device": str(policy.device), "threads": torch.get_num_threads(),
-        "invariant": True,
+        "invariant": invariant_for(policy.device),
         "drafts": {k: d.model.config.hf for k, d in sorted(drafters.items()) if isinstance(d, DraftModelDrafter)},
     }
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def invariant_for(device: torch.device | str) -> bool:
+    """Which forward the selector's profile and the benchmarks run on this device: the
+    batch-invariant one on the CPU (the engine's default there), the fast one on a GPU (no
+    batch-invariant attention has passed the start-up check on cuBLAS yet)."""
+    return torch.device(device).type == "cpu"
+
+
 def cost_model(policy, drafters: dict[str, Drafter], cache_dir: Path | None = None) -> CostModel:
     """A CostModel from a profile of this policy and these drafters (about 10 s), cached per
     model, device and thread count under cache_dir/profiles."""
+    invariant = invariant_for(policy.device)
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / "profiles" / f"{profile_key(policy, drafters)}.json"
@@ -73,9 +81,9 @@ def cost_model(policy, drafters: dict[str, Drafter], cache_dir: Path | None = No
     drafts: dict[str, Table] = {}
     for name, d in drafters.items():
         if isinstance(d, DraftModelDrafter):
-            per_token = forward_times(d.model, qs=(1,), budget_s=2.0)
+            per_token = forward_times(d.model, qs=(1,), budget_s=2.0, invariant=invariant)
             drafts[name] = {(b, n): t * n for (b, _), t in per_token.items() for n in (1, 8)}
-    model = CostModel(forward_times(policy), drafts)
+    model = CostModel(forward_times(policy, invariant=invariant), drafts)
     if path is not None:
         model.save(path)
     return model

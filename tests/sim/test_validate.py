@@ -62,3 +62,18 @@ def test_the_step_table_covers_plain_and_speculative_steps(measured):
     assert {(b, q) for b in (1, 2, 4, 8) for q in (1, 3)} == set(table.verify_table)  # plain, and verifying n = 2
     assert table.prefill_seconds_per_token > 0 and table.ngram_seconds_per_row_token > 0
     assert dataclasses.asdict(table)["source"] == "whole engine steps"
+
+
+def test_gpu_benches_say_what_they_cannot_run():
+    from rlhfspec.bench.rollout import RolloutBenchConfig
+    from rlhfspec.bench.sim_validate import SimValidateConfig
+    from rlhfspec.engine.profile import invariant_for
+    from rlhfspec.errors import RlhfspecError
+
+    with pytest.raises(RlhfspecError, match="add --no-realloc"):
+        SimValidateConfig(device="cuda")
+    with pytest.raises(RlhfspecError, match="one in-process instance"):
+        RolloutBenchConfig(device="cuda", backend="ray")
+    assert SimValidateConfig(device="cuda", realloc=False).device == "cuda"
+    # The selector's profile and the benches time the batch-invariant forward on the CPU only.
+    assert invariant_for("cpu") and not invariant_for("cuda")
