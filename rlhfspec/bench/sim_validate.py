@@ -18,9 +18,9 @@ import torch
 from rlhfspec.bench.common import machine, results_file, write_json, write_section
 from rlhfspec.engine.drafters import Drafter, Proposal
 from rlhfspec.engine.instance import GenerationInstance
+from rlhfspec.engine.profile import invariant_for
 from rlhfspec.engine.sampling import SamplingParams
 from rlhfspec.engine.sequence import Sequence
-from rlhfspec.engine.profile import invariant_for
 from rlhfspec.engine.spec import StrategySpec
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.sim.cost import TableCost
