@@ -133,8 +133,7 @@ def run(cfg: SimValidateConfig, json_path: str | None = None, record: bool = Fal
     from rlhfspec.models.loader import load_model
     from rlhfspec.paths import default_cache_dir, default_draft_path
 
-    kw = dict(device=cfg.device)
-    rcfg = rollout_bench.RolloutBenchConfig(**kw) if cfg.full else rollout_bench.RolloutBenchConfig.make_quick(**kw)
+    rcfg = rollout_bench.RolloutBenchConfig(device=cfg.device) if cfg.full else rollout_bench.RolloutBenchConfig.make_quick(device=cfg.device)
     log("== the real runs (their timings are kept for the comparison only) ==")
     rollout = rollout_bench.run(rcfg, log=log)
     mcfg = realloc_bench.ReallocBenchConfig() if cfg.full else realloc_bench.ReallocBenchConfig.make_quick()
