@@ -177,7 +177,7 @@ def run_precision(config_path: str | None, iterations: int, overrides: list[str]
     return result
 
 
-PLACEMENT_STAGES = (*STAGES, "weight_sync_s")
+PLACEMENT_STAGES = (*STAGES, "weight_sync_s", "allreduce_s", "allreduce_wait_s", "weights_back_s")
 
 
 def run_placement(config_path: str | None, iterations: int, overrides: list[str] | None, json_path: str | None,
@@ -232,13 +232,17 @@ def placement_markdown(r: dict, cmd: str, iterations: int) -> str:
         f"Machine: {r['machine']}  ",
         f"Same config and seed in every row; the rows ran one after another. Medians over iterations 1..{iterations - 1} "
         "(iteration 0 pays warm-ups); K = generation instances, N = trainer processes; sync = the drafter refresh plus the "
-        f"weight sync to the actors ({r['weight_sync_mb']} MB a time); x = the row's iteration time over in-process K=1's.",
+        f"weight sync to the actors ({r['weight_sync_mb']} MB a time); with N trainers, training includes the gradient "
+        "all-reduce (the last rank's seconds in it), the ranks' waiting for each other there, and rank 0's weights copied "
+        "back into the driver; x = the row's iteration time over in-process K=1's.",
         "",
-        "| setting | generation s | inference s | training s | sync s | of which weight sync s | iteration s | x |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| setting | generation s | inference s | training s | of which all-reduce s | ranks waiting s | weights back s | "
+        "sync s | of which weight sync s | iteration s | x |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, m in r["stages"].items():
-        lines.append(f"| {label} | {m['generation_s']} | {m['inference_s']} | {m['training_s']} | {m['sync_s']} | {m['weight_sync_s']} | "
+        lines.append(f"| {label} | {m['generation_s']} | {m['inference_s']} | {m['training_s']} | {m.get('allreduce_s', 0.0)} | "
+                     f"{m.get('allreduce_wait_s', 0.0)} | {m.get('weights_back_s', 0.0)} | {m['sync_s']} | {m['weight_sync_s']} | "
                      f"{m['iteration_s']} | {r['relative_to_in_process'][label]:.2f} |")
     return "\n".join(lines)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import time
 
 import torch
 
@@ -87,6 +88,7 @@ class Learner:
         losses, grad_norms, lr = [], [], None
         counts = dict.fromkeys(COUNTS, 0.0)
         counts["gap_max"] = 0.0
+        self.reduce_s = 0.0
         for epoch in range(c.train.epochs):
             rng.shuffle(order)
             # Mini-batches of near-equal size (they differ by at most one sample), so no step runs
@@ -115,6 +117,8 @@ class Learner:
                "entropy": counts["entropy_sum"] / max(counts["entropy_tokens"], 1), "lr": lr}
         if c.algorithm.beta > 0 and not c.algorithm.kl_in_reward:
             out["kl_loss_term"] = counts["kl_sum"] / max(counts["tokens"], 1)
+        if self.world > 1:  # this rank's seconds in the all-reduces, waiting for slower ranks included
+            out["allreduce_s"] = self.reduce_s
         if counts["gap_tokens"]:  # the engine's logprobs against this forward's (Targets.rollout_logprobs)
             out["rollout_trainer_logprob_gap_max"] = counts["gap_max"]
             out["rollout_trainer_logprob_gap_mean"] = counts["gap_sum"] / counts["gap_tokens"]
@@ -179,6 +183,7 @@ class Learner:
             return total
         import torch.distributed as dist
 
+        start = time.perf_counter()
         params = self.trained_parameters()
         device = params[0].device
         flat = torch.cat([*(p.grad.reshape(-1).float() if p.grad is not None else torch.zeros(p.numel(), device=device) for p in params),
@@ -189,7 +194,9 @@ class Learner:
         for p, has in zip(params, flags):
             p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype) if has else None
             offset += p.numel()
-        return flat[-1].item()
+        total = flat[-1].item()
+        self.reduce_s += time.perf_counter() - start
+        return total
 
     def _sum_counts(self, counts: dict) -> dict:
         """The statistics' sums over all ranks (float64, as the Python floats they are)."""
