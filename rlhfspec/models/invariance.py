@@ -179,7 +179,7 @@ def rowwise(fn: RowFn, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([fn(x[i : i + per_call]) for i in range(0, n, per_call)])
 
 
-VERDICT_FORMAT = 9  # bump when what a verdict holds or how it is checked changes
+VERDICT_FORMAT = 10  # bump when what a verdict holds or how it is checked changes
 _ISA_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "MKL_DEBUG_CPU_TYPE")
 
 
