@@ -270,7 +270,10 @@ class Trainer:
         self.learner.load_state_dict(tensors, objects)
         ckpt.set_rng_state(objects["rng"])
         self.source.load_state_dict(objects["source"])
-        self.verified_logprobs = None  # checked again on the first iteration after a resume
+        # The last check's verdict, as the uninterrupted run holds it: checking again here would take
+        # the old logprobs from another forward than the uninterrupted run's, which differ in the
+        # last bits wherever the engine's and the trainer's kernels round apart (an AVX2 EPYC did).
+        self.verified_logprobs = objects.get("verified_logprobs")
         if "rollout" not in objects:
             raise RlhfspecError(f"checkpoint {path} was written by an older rlhfspec, before the generation state was kept per "
                                 "instance; resume it with that version, or start a new run.")
