@@ -112,7 +112,7 @@ class RayLearners:
         load_weights(self.policy, self.critic, self.weights(when))
         # The rank that reached the all-reduces last waited for no other: its time there is the
         # transfer; the others' extra time is waiting for the slowest rank's backward passes.
-        reduce = [r.pop("allreduce_s") for r in ranks]
+        reduce = [r.pop("allreduce_s", 0.0) for r in ranks]
         return {**ranks[0], "allreduce_s": min(reduce), "allreduce_wait_s": max(reduce) - min(reduce),
                 "weights_back_s": time.perf_counter() - start}
 
