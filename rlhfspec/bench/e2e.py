@@ -241,8 +241,8 @@ def placement_markdown(r: dict, cmd: str, iterations: int) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, m in r["stages"].items():
-        lines.append(f"| {label} | {m['generation_s']} | {m['inference_s']} | {m['training_s']} | {m.get('allreduce_s', 0.0)} | "
-                     f"{m.get('allreduce_wait_s', 0.0)} | {m.get('weights_back_s', 0.0)} | {m['sync_s']} | {m['weight_sync_s']} | "
+        lines.append(f"| {label} | {m['generation_s']} | {m['inference_s']} | {m['training_s']} | {m['allreduce_s']} | "
+                     f"{m['allreduce_wait_s']} | {m['weights_back_s']} | {m['sync_s']} | {m['weight_sync_s']} | "
                      f"{m['iteration_s']} | {r['relative_to_in_process'][label]:.2f} |")
     return "\n".join(lines)
 
