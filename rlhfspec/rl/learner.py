@@ -59,7 +59,7 @@ def steps_per_epoch(c: Config) -> int:
 class Learner:
     """The policy's AdamW optimizer and LR schedule (and the critic's optimizer under PPO) and the
     loop of optimizer steps. As rank `rank` of `world` (torch.distributed already joined) it takes
-    every `world`-th sample of each mini-batch and all-reduces the gradients, so every rank steps
+    every `world`-th row of each micro-batch and all-reduces the gradients, so every rank steps
     alike (replicated optimizer state); world 1 is the in-process trainer."""
 
     def __init__(self, config: Config, policy, critic=None, rank: int = 0, world: int = 1):
@@ -133,21 +133,26 @@ class Learner:
         # The whole mini-batch's token and sequence counts normalise every share, so the ranks'
         # gradients add up to the mini-batch's.
         n_tokens = targets.mask[mb].sum().item()
-        share = mb[self.rank::self.world]
-        sub = Batch([batch.prompts[i] for i in share], [batch.completions[i] for i in share])
+        sub = Batch([batch.prompts[i] for i in mb], [batch.completions[i] for i in mb])
         total = 0.0
         with self.compute():  # one autocast region per step: each weight is cast once for all micro-batches
-            for micro in sub.micro_batches(c.train.micro_batch_tokens):
-                total += self._micro_backward(sub, share, micro, targets, mb, n_tokens, counts, first_epoch)
+            # Each rank takes every world-th row of each length-sorted group, starting one row later
+            # from group to group: the ranks get equal shares of the padded tokens and of the
+            # completion tokens (the output layer's), which a split of the samples does not give.
+            for j, group in enumerate(sub.micro_batches(c.train.micro_batch_tokens, self.world)):
+                micro = group[(self.rank + j) % self.world::self.world]
+                if micro:
+                    total += self._micro_backward(sub, mb, micro, targets, n_tokens, counts, first_epoch)
                 if not math.isfinite(total):
                     return total
         return total
 
-    def _micro_backward(self, sub: Batch, share: list[int], micro: list[int], targets: Targets, mb: list[int],
-                        n_tokens: float, counts: dict, first_epoch: bool) -> float:
-        """One micro-batch's forward and backward; its loss (not backpropagated if not finite)."""
+    def _micro_backward(self, sub: Batch, mb: list[int], micro: list[int], targets: Targets, n_tokens: float,
+                        counts: dict, first_epoch: bool) -> float:
+        """One micro-batch's forward and backward (rows `micro` of `sub`, mini-batch `mb`'s samples);
+        its loss (not backpropagated if not finite)."""
         c, algo = self.config, self.config.algorithm
-        idx = [share[i] for i in micro]
+        idx = [mb[i] for i in micro]
         lp, _, ent = completion_logprobs(self.policy, sub, micro, self.score_params, entropy=True, entropy_grad=bool(algo.entropy_coef))
         with self.plain():
             loss, st = policy_objective(lp, idx, targets, algo, n_tokens, len(mb), c.generation.max_new_tokens, ent)

@@ -25,13 +25,15 @@ class Batch:
         t = max(1, max(len(c) for c in self.completions))
         return torch.tensor([[1.0] * len(c) + [0.0] * (t - len(c)) for c in self.completions])
 
-    def micro_batches(self, max_tokens: int) -> list[list[int]]:
-        """Sample indices grouped so each group's padded length x size stays under max_tokens."""
+    def micro_batches(self, max_tokens: int, ranks: int = 1) -> list[list[int]]:
+        """Sample indices grouped by length (each group shortest first) so each group's padded length
+        x size stays under max_tokens; with ranks > 1, its padded length x its size / ranks (rounded
+        up): the budget of one rank's every-ranks-th row of the group."""
         order = sorted(range(len(self)), key=lambda i: len(self.prompts[i]) + len(self.completions[i]))
         groups, current, width = [], [], 0
         for i in order:
             w = max(width, len(self.prompts[i]) + len(self.completions[i]))
-            if current and w * (len(current) + 1) > max_tokens:
+            if current and w * -(-(len(current) + 1) // ranks) > max_tokens:
                 groups.append(current)
                 current, w = [], len(self.prompts[i]) + len(self.completions[i])
             current.append(i)
