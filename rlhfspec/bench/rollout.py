@@ -10,6 +10,7 @@ from rlhfspec.data.chat import encode_prompt
 from rlhfspec.data.tasks import rl_style_prompts
 from rlhfspec.engine.drafters import NgramDrafter
 from rlhfspec.engine.profile import invariant_for
+from rlhfspec.engine.report import time_split
 from rlhfspec.engine.sampling import SamplingParams
 from rlhfspec.engine.sequence import first_with_prompt
 from rlhfspec.engine.spec import TREE_BRANCHES, Adaptive, DraftModel, Eagle, EngineSpec, Ngram, Static, Threshold
@@ -92,7 +93,8 @@ def run(cfg: RolloutBenchConfig, json_path: str | None = None, record: bool = Fa
         rows.append({"policy": label, "wall_s": round(wall, 2), "tokens": tokens, "tok_s": round(tokens / wall, 1),
                      "acceptance": None if result.acceptance is None else round(result.acceptance, 3),
                      "decide_ms": round(1e3 * decide[len(decide) // 2], 3) if decide else None,
-                     "decide_share": round(sum(decide) / sum(r.seconds for r in records), 4) if decide else None})
+                     "decide_share": round(sum(decide) / sum(r.seconds for r in records), 4) if decide else None,
+                     "split": {k: round(v, 3) for k, v in time_split(result.stats).items()}})
         log(f"{label:50} {wall:7.1f} s  {tokens / wall:7.1f} tok/s  ({tokens} tokens)")
     plain = next(r for r in rows if r["policy"] == "plain")
     best_static_row = max((r for r in rows if r["policy"].startswith("static")), key=lambda r: r["tok_s"])

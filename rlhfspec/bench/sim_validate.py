@@ -102,13 +102,24 @@ def predict(trace: dict, cost: TableCost, cluster: Cluster, strategy: StrategySp
     return simulate(cost, work, cluster, strategy, realloc, seed, drafters=drafters)
 
 
-def row(run: str, policy: str, measured_s: float, predictions: dict[str, SimRun]) -> dict:
+def row(run: str, policy: str, measured_s: float, predictions: dict[str, SimRun], measured_split: dict | None = None) -> dict:
+    """A table row; with the real run's `time_split`, also each prediction's, to show where a miss lies
+    (compared after the simulation, which never saw them)."""
     out = {"run": run, "policy": policy, "measured_s": round(measured_s, 2)}
     for table, sim in predictions.items():
         out[f"{table}_s"] = round(sim.makespan_s, 2)
         out[f"{table}_error"] = round(sim.makespan_s / measured_s - 1, 3)
         out[f"{table}_moves"] = sim.moves
+    if measured_split:
+        out["split"] = {"measured": _unrecorded(measured_split, measured_s),
+                        **{table: _unrecorded(sim.split, sim.makespan_s) for table, sim in predictions.items()}}
     return out
+
+
+def _unrecorded(split: dict, wall_s: float) -> dict:
+    """The split with the wall seconds no step or prefill recorded (the engine's loop around them)."""
+    recorded = sum(v for k, v in split.items() if k.endswith("_s"))
+    return {k: round(v, 3) for k, v in {**split, "unrecorded_s": wall_s - recorded}.items()}
 
 
 @dataclass
@@ -153,11 +164,11 @@ def run(cfg: SimValidateConfig, json_path: str | None = None, record: bool = Fal
     rows = []
     names = [d.name for d in drafters]
     for label, strategy in rollout_bench.policies(rcfg).items():
-        measured = next(r["wall_s"] for r in rollout["rows"] if r["policy"] == label)
+        real = next(r for r in rollout["rows"] if r["policy"] == label)
         trace = rollout["workloads"][label]
         sims = {k: predict(trace, c, Cluster(1, rcfg.batch_size), strategy, rcfg.max_new_tokens, names, seed=cfg.seed)
                 for k, c in tables.items()}
-        rows.append(row("rollout", label, measured, sims))
+        rows.append(row("rollout", label, real["wall_s"], sims, real["split"]))
         log(_line(rows[-1]))
     if realloc is not None:
         threads = torch.get_num_threads()
@@ -209,4 +220,15 @@ def _markdown(result: dict, cfg: SimValidateConfig, json_path: str | None) -> st
     for r in result["rows"]:
         lines.append(f"| {r['run']} | {r['policy']} | {r['measured_s']} | {r['profile_s']} | {r['profile_error']:+.1%} | "
                      f"{r['steps_s']} | {r['steps_error']:+.1%} |")
+    split = [r for r in result["rows"] if "split" in r]
+    if split:
+        lines += ["", "Where the seconds went, measured / predicted from whole steps (compared after the simulation; "
+                  "unrecorded = wall time outside every step and prefill: the engine's loop around them):", "",
+                  "| policy | steps | speculative steps | prefill s | draft s | verify s | unrecorded s |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in split:
+            m, p = r["split"]["measured"], r["split"]["steps"]
+            cells = [f"{m[k]:g} / {p[k]:g}" if k.endswith("steps") else f"{m[k]:.2f} / {p[k]:.2f}"
+                     for k in ("steps", "speculative_steps", "prefill_s", "draft_s", "verify_s", "unrecorded_s")]
+            lines.append(f"| {r['policy']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -82,3 +82,13 @@ class InstanceStats:
     def tokens_per_step(self) -> float:
         """Tokens a sample gains per decode step (1 for plain decoding)."""
         return self.step_emitted / self.slots if self.slots else 0.0
+
+
+def time_split(stats: list[InstanceStats]) -> dict:
+    """Where a rollout's recorded seconds went, summed over its instances: steps (and speculative
+    ones), prefills, drafting, verification (a plain step's forward and sampling included) and the
+    strategy's decisions. A real run's and a simulated one's come out alike, so they compare."""
+    records = [r for st in stats for r in st.records]
+    return {"steps": len(records), "speculative_steps": sum(1 for r in records if r.drafter is not None),
+            "prefill_s": sum(st.prefill_s for st in stats), "draft_s": sum(r.draft_s for r in records),
+            "verify_s": sum(r.verify_s for r in records), "decide_s": sum(r.decide_s for r in records)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rlhfspec.engine.report import time_split
 from rlhfspec.engine.sampling import SamplingParams
 from rlhfspec.engine.sequence import Sequence
 from rlhfspec.engine.spec import Adaptive, Static, StrategySpec, Threshold
@@ -96,6 +97,7 @@ class SimRun:
     decide_wall_s: float  # the real selector's CPU time in this process (not part of simulated time)
     timeline: Timeline = field(repr=False)
     busy: list[list[tuple[float, float]]] = field(repr=False)  # per instance, (start, seconds) of all its work
+    split: dict = field(default_factory=dict)  # engine.report.time_split of the simulated steps
 
     @property
     def tokens_per_s(self) -> float:
@@ -166,4 +168,5 @@ def simulate(cost: StepCost, work: Workload, cluster: Cluster, strategy: Strateg
                   sum(1 for st in stats for r in st.records if r.drafter is not None),
                   sum(st.proposed for st in stats), sum(st.accepted for st in stats),
                   sum(st.step_emitted for st in stats) / max(1, sum(st.slots for st in stats)),
-                  sum(inst.decide_wall_s for inst in instances), coordinator.timeline, [inst.busy for inst in instances])
+                  sum(inst.decide_wall_s for inst in instances), coordinator.timeline, [inst.busy for inst in instances],
+                  time_split(stats))

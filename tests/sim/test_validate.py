@@ -9,6 +9,7 @@ from rlhfspec import SamplingParams, load_model
 from rlhfspec.bench.rollout import workload_trace
 from rlhfspec.bench.sim_validate import TRACE_KEYS, predict, row, step_times
 from rlhfspec.engine.drafters import NgramDrafter
+from rlhfspec.engine.report import time_split
 from rlhfspec.engine.spec import Adaptive, EngineSpec, Ngram, Static
 from rlhfspec.rollout.generate import run_generation
 from rlhfspec.sim import Cluster
@@ -40,6 +41,16 @@ def test_a_run_is_predicted_from_its_lengths_and_acceptance_alone(measured, real
     cluster = Cluster(1, 8)
     sim = predict(trace, table, cluster, strategy, 24, ["ngram"], seed=0)
     assert sim.tokens == gen.tokens and sim.makespan_s > 0
+    # Beside the prediction, where the seconds went in the real run and in the simulated one.
+    split = row("rollout", "x", gen.seconds, {"steps": sim}, time_split(gen.stats))["split"]
+    m, p = split["measured"], split["steps"]
+    assert m["steps"] == len(records) and p["steps"] == sim.steps and m["prefill_s"] > 0 and p["prefill_s"] > 0
+    assert m["speculative_steps"] == sum(1 for r in records if r.drafter)
+    if strategy is None or isinstance(strategy, Static):  # the adaptive selector may or may not draft on this machine's table
+        assert (p["speculative_steps"] > 0) == (strategy is not None)
+    assert m["unrecorded_s"] >= 0 and p["unrecorded_s"] == pytest.approx(0, abs=1e-6)  # a simulated instance only steps and prefills
+    if real is None:  # plain decoding: the same lengths take the same steps
+        assert m["steps"] == p["steps"]
     # The prediction does not move when every timing of the real run does.
     for r in records:
         r.verify_s, r.draft_s, r.decide_s = 1e3 * r.verify_s, 1e3 * r.draft_s, 1.0
