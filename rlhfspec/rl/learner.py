@@ -59,8 +59,8 @@ def steps_per_epoch(c: Config) -> int:
 class Learner:
     """The policy's AdamW optimizer and LR schedule (and the critic's optimizer under PPO) and the
     loop of optimizer steps. As rank `rank` of `world` (torch.distributed already joined) it takes
-    every `world`-th row of each micro-batch and all-reduces the gradients, so every rank steps
-    alike (replicated optimizer state); world 1 is the in-process trainer."""
+    its share of each mini-batch's micro-batches (`_share`) and all-reduces the gradients, so every
+    rank steps alike (replicated optimizer state); world 1 is the in-process trainer."""
 
     def __init__(self, config: Config, policy, critic=None, rank: int = 0, world: int = 1):
         c = self.config = config
@@ -129,23 +129,35 @@ class Learner:
     def _backward(self, batch: Batch, targets: Targets, mb: list[int], counts: dict, first_epoch: bool) -> float:
         """Accumulate this rank's share of mini-batch `mb`'s gradients; its share of the loss, or the
         first non-finite micro-batch loss (nothing of which is backpropagated)."""
-        c = self.config
         # The whole mini-batch's token and sequence counts normalise every share, so the ranks'
         # gradients add up to the mini-batch's.
         n_tokens = targets.mask[mb].sum().item()
         sub = Batch([batch.prompts[i] for i in mb], [batch.completions[i] for i in mb])
         total = 0.0
         with self.compute():  # one autocast region per step: each weight is cast once for all micro-batches
-            # Each rank takes every world-th row of each length-sorted group, starting one row later
-            # from group to group: the ranks get equal shares of the padded tokens and of the
-            # completion tokens (the output layer's), which a split of the samples does not give.
-            for j, group in enumerate(sub.micro_batches(c.train.micro_batch_tokens, self.world)):
-                micro = group[(self.rank + j) % self.world::self.world]
-                if micro:
-                    total += self._micro_backward(sub, mb, micro, targets, n_tokens, counts, first_epoch)
+            for micro in self._share(sub):
+                total += self._micro_backward(sub, mb, micro, targets, n_tokens, counts, first_epoch)
                 if not math.isfinite(total):
                     return total
         return total
+
+    def _share(self, sub: Batch) -> list[list[int]]:
+        """This rank's micro-batches of `sub`: each length-sorted group is dealt into `world` parts
+        (every world-th row), the part with the most padded tokens to the rank with the fewest so
+        far. Every rank computes the same deal, and the ranks' padded tokens end up at most about
+        one row apart (a split of the samples left their completion tokens 9% apart)."""
+        groups = sub.micro_batches(self.config.train.micro_batch_tokens, self.world)
+        if self.world == 1:
+            return groups
+        padded = lambda rows: len(rows) * max((len(sub.prompts[i]) + len(sub.completions[i]) for i in rows), default=0)  # noqa: E731
+        loads, mine = [0] * self.world, []
+        for group in groups:
+            parts = sorted((group[o::self.world] for o in range(self.world)), key=padded, reverse=True)
+            for rank, part in zip(sorted(range(self.world), key=lambda r: (loads[r], r)), parts):
+                loads[rank] += padded(part)
+                if rank == self.rank and part:
+                    mine.append(part)
+        return mine
 
     def _micro_backward(self, sub: Batch, mb: list[int], micro: list[int], targets: Targets, n_tokens: float,
                         counts: dict, first_epoch: bool) -> float:
