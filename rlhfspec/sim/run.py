@@ -162,11 +162,11 @@ def simulate(cost: StepCost, work: Workload, cluster: Cluster, strategy: Strateg
             raise RlhfspecError(f"simulated sample {s.sample_id} ended with {len(s.tokens)} tokens, not its {targets[s.sample_id]}; "
                                 "the simulation lost track of it.")
     stats = backend.stats()
+    split = time_split(stats)
     makespan = max([backend.now] + [inst.clock for inst in instances])
     return SimRun(label, makespan, sum(len(s.tokens) for s in done), [sum(t for _, t in inst.busy) for inst in instances],
-                  len(coordinator.timeline.moves), sum(st.steps for st in stats),
-                  sum(1 for st in stats for r in st.records if r.drafter is not None),
+                  len(coordinator.timeline.moves), split["steps"], split["speculative_steps"],
                   sum(st.proposed for st in stats), sum(st.accepted for st in stats),
                   sum(st.step_emitted for st in stats) / max(1, sum(st.slots for st in stats)),
                   sum(inst.decide_wall_s for inst in instances), coordinator.timeline, [inst.busy for inst in instances],
-                  time_split(stats))
+                  split)

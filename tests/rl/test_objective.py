@@ -165,7 +165,7 @@ def test_k1_in_the_loss_is_refused():
 
 @pytest.mark.parametrize("ranks", [1, 2, 3])
 def test_micro_batches_keep_every_ranks_rows_under_the_budget_and_cover_each_sample_once(ranks):
-    """A group's rows sorted by length; each rank's every-ranks-th row of it pads to at most
+    """A group's rows sorted by length; each of its parts of every ranks-th row pads to at most
     max_tokens (one row longer than the budget goes alone), and the groups cover every sample once."""
     rng = random.Random(ranks)
     lengths = [(rng.randint(1, 40), rng.randint(0, 90)) for _ in range(61)]
@@ -173,9 +173,9 @@ def test_micro_batches_keep_every_ranks_rows_under_the_budget_and_cover_each_sam
     groups = batch.micro_batches(150, ranks)
     assert sorted(i for g in groups for i in g) == list(range(61))
     width = [sum(lengths[i]) for i in range(61)]
-    for j, g in enumerate(groups):
+    for g in groups:
         assert [width[i] for i in g] == sorted(width[i] for i in g)
-        for rank in range(ranks):
-            rows = g[(rank + j) % ranks::ranks]
+        for offset in range(ranks):  # whichever part of the deal a rank gets
+            rows = g[offset::ranks]
             assert len(g) == 1 or max((width[i] for i in rows), default=0) * len(rows) <= 150
     assert batch.micro_batches(150) == batch.micro_batches(150, 1)
