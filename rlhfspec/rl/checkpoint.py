@@ -100,11 +100,14 @@ def save(run_dir: Path, iteration: int, tensors: dict[str, dict[str, torch.Tenso
 
 
 def latest(run_dir: Path) -> Path | None:
-    pointer = Path(run_dir) / "checkpoints" / LATEST
-    if not pointer.is_file():
+    """The newest checkpoint directory. Each appears whole (renamed from its temporary), so the
+    newest is read from the directories themselves, not from the `latest` pointer (kept for people
+    and tools), which a kill between the rename and the pointer's update leaves one behind."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
         return None
-    path = pointer.parent / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter-"))
+    return done[-1] if done else None
 
 
 def check_loadable(run_dir: Path) -> Path:

@@ -129,6 +129,19 @@ def test_a_run_killed_after_a_checkpoint_resumes_bitwise_as_the_uninterrupted_ru
     assert all(torch.equal(w[k], r[k]) for k in w)
 
 
+def test_a_kill_between_the_rename_and_the_pointer_resumes_from_the_renamed_checkpoint(tmp_path):
+    """The CI failure of stop 30: killed after iter-000002 was renamed into place but before the
+    `latest` pointer moved; the newest whole checkpoint is the directory, not the pointer."""
+    state = {"policy": {"w": torch.arange(3.0)}}
+    ckpt.save(tmp_path, 1, state, {"iteration": 1})
+    ckpt.save(tmp_path, 2, state, {"iteration": 2})
+    (tmp_path / "checkpoints" / ckpt.LATEST).write_text("iter-000001")  # the pointer a kill leaves behind
+    assert ckpt.latest(tmp_path).name == "iter-000002"
+    assert ckpt.load(ckpt.latest(tmp_path))[1] == {"iteration": 2}
+    (tmp_path / "checkpoints" / ".iter-000003.tmpxyz").mkdir()  # a temporary of a kill while writing
+    assert ckpt.latest(tmp_path).name == "iter-000002"
+
+
 def test_a_checkpoint_holding_a_pickle_is_refused(tmp_path, policy):
     Trainer(config(tmp_path, policy, **{"train.iterations": 1}), progress=False, log=lambda m: None).train()
     path = ckpt.latest(tmp_path / "run")
