@@ -31,13 +31,16 @@ PLACEMENTS = {
 
 def run(config_path: str | None = None, iterations: int = 4, overrides: list[str] | None = None,
         json_path: str | None = None, record: bool = False, log=print, compare: str = "features") -> dict:
-    """compare "features" (below), "precision" (`run_precision`) or "placement" (`run_placement`)."""
+    """compare "features" (below), "precision" (`run_precision`), "placement" (`run_placement`) or
+    "prompts" (`run_sharing`)."""
     if compare == "precision":
         return run_precision(config_path, iterations, overrides, json_path, record, log)
     if compare == "placement":
         return run_placement(config_path, iterations, overrides, json_path, record, log)
+    if compare == "prompts":
+        return run_sharing(config_path, iterations, overrides, json_path, record, log)
     if compare != "features":
-        raise ValueError(f"bench e2e compares features, precision or placement, not {compare!r}")
+        raise ValueError(f"bench e2e compares features, precision, placement or prompts, not {compare!r}")
     return run_features(config_path, iterations, overrides, json_path, record, log)
 
 
@@ -134,27 +137,12 @@ def run_precision(config_path: str | None, iterations: int, overrides: list[str]
     them alike. Stage times are medians over iterations 1.. ; the gap between the engine's and the
     trainer's logprobs is iteration 0's check."""
     from rlhfspec.models.hardware import native_bf16
-    from rlhfspec.rl.trainer import Trainer
 
     base = load_config(config_path, overrides or [])
-    all_records: dict[str, list[dict]] = {label: [] for label in PRECISIONS}
-    with tempfile.TemporaryDirectory(prefix="rlhfspec-bench-") as tmp:
-        trainers = {}
-        for i, (label, (train_dtype, gen_dtype, old)) in enumerate(PRECISIONS.items()):
-            cfg = replace(base, generation=replace(base.generation, dtype=gen_dtype),
-                          train=replace(base.train, dtype=train_dtype, iterations=iterations),
-                          algorithm=replace(base.algorithm, old_logprobs=old),
-                          run=replace(base.run, output_dir=str(Path(tmp) / f"run{i}"), tensorboard=False, wandb=False))
-            trainers[label] = Trainer(cfg, progress=False, log=lambda m: None)
-        for it in range(iterations):
-            for label, trainer in trainers.items():
-                release_memory()  # what the last trainer's step freed, back to the OS before the next one's
-                r = trainer.step()
-                trainer.iteration += 1
-                all_records[label].append(r)
-                log(f"iteration {it} {label:40} {r['iteration_s']:.1f} s (generation {r['generation_s']:.1f}, inference "
-                    f"{r['inference_s']:.1f}, training {r['training_s']:.1f}), {r['gen_tokens']} tokens, reward {r['reward']:.3f}")
-        del trainers
+    configs = {label: replace(base, generation=replace(base.generation, dtype=gen_dtype),
+                              train=replace(base.train, dtype=train_dtype), algorithm=replace(base.algorithm, old_logprobs=old))
+               for label, (train_dtype, gen_dtype, old) in PRECISIONS.items()}
+    all_records = round_robin(configs, iterations, log)
     medians, runs, gaps = {}, {}, {}
     for label, records in all_records.items():
         kept = records[1:] or records
@@ -175,6 +163,79 @@ def run_precision(config_path: str | None, iterations: int, overrides: list[str]
     cmd = bench_command("e2e --compare precision", config_path, iterations, overrides, json_path, record)
     log(write_section("e2e-precision", _precision_markdown(result, cmd, iterations), path=results_file(record)))
     return result
+
+
+def round_robin(configs: dict, iterations: int, log) -> dict[str, list[dict]]:
+    """Each config's first `iterations` iterations (scratch run directories), one iteration of each
+    in turn in this process, so that a shared machine's slow spells fall on all of them alike."""
+    from rlhfspec.rl.trainer import Trainer
+
+    all_records: dict[str, list[dict]] = {label: [] for label in configs}
+    with tempfile.TemporaryDirectory(prefix="rlhfspec-bench-") as tmp:
+        trainers = {}
+        for i, (label, cfg) in enumerate(configs.items()):
+            cfg = replace(cfg, train=replace(cfg.train, iterations=iterations),
+                          run=replace(cfg.run, output_dir=str(Path(tmp) / f"run{i}"), tensorboard=False, wandb=False))
+            trainers[label] = Trainer(cfg, progress=False, log=lambda m: None)
+        for it in range(iterations):
+            for label, trainer in trainers.items():
+                release_memory()  # what the last trainer's step freed, back to the OS before the next one's
+                r = trainer.step()
+                trainer.iteration += 1
+                all_records[label].append(r)
+                log(f"iteration {it} {label:40} {r['iteration_s']:.1f} s (generation {r['generation_s']:.1f}, inference "
+                    f"{r['inference_s']:.1f}, training {r['training_s']:.1f}), {r['gen_tokens']} tokens, reward {r['reward']:.3f}")
+        del trainers
+    return all_records
+
+
+# `--compare prompts`: label -> train.share_prompts
+SHARING = {"a row per sample": False, "prompts shared": True}
+
+
+def run_sharing(config_path: str | None, iterations: int, overrides: list[str] | None, json_path: str | None,
+                record: bool, log) -> dict:
+    """The same iterations from the same seed with the trainer's forwards repeating each prompt for
+    every sample or computing it once for its samples (train.share_prompts), round-robin in one
+    process; stage times are medians over iterations 1.. , with the forward tokens each trains on."""
+    base = load_config(config_path, overrides or [])
+    configs = {label: replace(base, train=replace(base.train, share_prompts=share)) for label, share in SHARING.items()}
+    all_records = round_robin(configs, iterations, log)
+    medians = {label: {k: median([r[k] for r in (records[1:] or records)]) for k in (*STAGES, "train_tokens")}
+               for label, records in all_records.items()}
+    ref = medians["a row per sample"]
+    result = {
+        "machine": machine(), "iterations": iterations, "settings": {k: {"train.share_prompts": v} for k, v in SHARING.items()},
+        "stages": {k: {s: round(x, 2) for s, x in m.items()} for k, m in medians.items()},
+        "relative_to_a_row_per_sample": {k: {s: round(m[s] / ref[s], 3) for s in ("training_s", "iteration_s", "train_tokens")}
+                                         for k, m in medians.items()},
+        "runs": {label: [{k: round(r[k], 4 if k == "reward" else 2) for k in (*STAGES, "reward", "gen_tokens", "train_tokens")
+                          if r.get(k) is not None} for r in records] for label, records in all_records.items()},
+    }
+    write_json(json_path, result)
+    cmd = bench_command("e2e --compare prompts", config_path, iterations, overrides, json_path, record)
+    log(write_section("e2e-prompts", _sharing_markdown(result, cmd, iterations), path=results_file(record)))
+    return result
+
+
+def _sharing_markdown(r: dict, cmd: str, iterations: int) -> str:
+    lines = [
+        "## End to end: the trainer repeating each prompt per sample vs computing it once per group",
+        "",
+        f"Command: `{cmd}`  ",
+        f"Machine: {r['machine']}  ",
+        f"Same config and seed in both rows; the rows ran round-robin (one iteration of each in turn, one process). Medians over "
+        f"iterations 1..{iterations - 1} (iteration 0 pays warm-ups); forward tokens = the tokens the training forwards "
+        "run (padding included); x = the row's figure over a row per sample's.",
+        "",
+        "| setting | generation s | inference s | training s | forward tokens | iteration s | training x | forward tokens x | iteration x |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, m in r["stages"].items():
+        x = r["relative_to_a_row_per_sample"][label]
+        lines.append(f"| {label} | {m['generation_s']} | {m['inference_s']} | {m['training_s']} | {m['train_tokens']:.0f} | "
+                     f"{m['iteration_s']} | {x['training_s']:.2f} | {x['train_tokens']:.2f} | {x['iteration_s']:.2f} |")
+    return "\n".join(lines)
 
 
 PLACEMENT_STAGES = (*STAGES, "weight_sync_s", "allreduce_s", "allreduce_wait_s", "weights_back_s")

@@ -207,8 +207,12 @@ def differences(c: Config, trl: dict) -> list[str]:
         "prefilled, decoding until its longest sample ends; TRL's vLLM mode would share prefills through vLLM's prefix cache). Both sample "
         "from the policy's own distribution, but from different random streams: the completions differ, so the reward "
         "curves compare only statistically (run several --seed values for their spread).",
-        "Training micro-batches: rlhfspec groups samples of similar length up to train.micro_batch_tokens "
-        f"({c.train.micro_batch_tokens}) tokens per forward, padded to each group's longest; TRL runs {trl['per_device_train_batch_size']} "
+        ("Training micro-batches: rlhfspec computes each prompt once for its samples (a forward runs the distinct prompts and "
+         "the completions packed without padding, each completion seeing its prompt and itself: train.share_prompts), a prompt's "
+         f"samples grouped with others of similar width up to train.micro_batch_tokens ({c.train.micro_batch_tokens}) tokens per forward"
+         if c.train.share_prompts else "Training micro-batches: rlhfspec groups samples of similar length up to train.micro_batch_tokens "
+         f"({c.train.micro_batch_tokens}) tokens per forward, padded to each group's longest") +
+        f"; TRL runs {trl['per_device_train_batch_size']} "
         f"samples per forward, padded to the longest, accumulating over {trl['gradient_accumulation_steps']} of them. Both take "
         "one optimizer step per iteration over all its samples.",
     ]

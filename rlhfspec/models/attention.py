@@ -281,20 +281,79 @@ class DenseAttention:
         hkv = k.shape[1]
         keys = k.view(b, t, hkv, -1).transpose(1, 2)
         values = v.view(b, t, hkv, -1).transpose(1, 2)
-        queries = fold_queries(q, b, t, hkv)
-        if _bf16_cpu(q) and b * q.shape[1] * t * t <= MATH_ATTENTION_ELEMENTS:
-            return unfold_output(self._math(queries, keys, values), b, t)
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=self.mask)
-        return unfold_output(out, b, t)
+        return unfold_output(self._attend(fold_queries(q, b, t, hkv), keys, values, q.shape[1]), b, t)
 
-    def _math(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, heads: int) -> torch.Tensor:
+        """Masked attention: queries [B, Hkv, G*Q, D], keys, values [B, Hkv, K, D] -> [B, Hkv, G*Q, D]."""
+        b, qlen, klen = queries.shape[0], self.mask.shape[2] // (heads // keys.shape[1]), keys.shape[2]
+        if _bf16_cpu(queries) and b * heads * qlen * klen <= MATH_ATTENTION_ELEMENTS:
+            return self._math(queries, keys, values, qlen)
+        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=self.mask)
+
+    def _math(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qlen: int) -> torch.Tensor:
         """The same attention as three bf16-friendly steps (scores, float32 softmax, value
-        product): q [B, Hkv, G*T, D], k, v [B, Hkv, T, D] -> [B, Hkv, G*T, D]."""
-        b, hkv, gt, d = q.shape
-        t = self.qlen
+        product): q [B, Hkv, G*Q, D], k, v [B, Hkv, K, D] -> [B, Hkv, G*Q, D]."""
+        b, hkv, gq, d = q.shape
+        klen = k.shape[2]
         if self._bias is None:
-            self._bias = torch.zeros(self.mask.shape, device=self.mask.device).masked_fill_(~self.mask, float("-inf")).view(b, 1, -1, t, t)
+            self._bias = torch.zeros(self.mask.shape, device=self.mask.device).masked_fill_(~self.mask, float("-inf")).view(b, 1, -1, qlen, klen)
         low = torch.bfloat16
-        scores = torch.matmul(q.to(low).view(b, hkv, -1, t, d), k.to(low).unsqueeze(2).transpose(-1, -2))
+        scores = torch.matmul(q.to(low).view(b, hkv, -1, qlen, d), k.to(low).unsqueeze(2).transpose(-1, -2))
         probs = scores.float().mul_(d ** -0.5).add_(self._bias).softmax(-1)
-        return torch.matmul(probs.to(low), v.to(low).unsqueeze(2)).view(b, hkv, gt, d)
+        return torch.matmul(probs.to(low), v.to(low).unsqueeze(2)).view(b, hkv, gq, d)
+
+
+class SharedPromptAttention:
+    """Attention over prompts and the completions that continue them, packed without padding (the
+    trainer's forward with train.share_prompts): each prompt is computed once, causally; each
+    completion sees its prompt and itself, causally. `prompt_rows` [P, Tp] and `completion_rows`
+    [B, Tc] hold the packed indices of each prompt's and completion's tokens (-1 past its end);
+    completion b continues prompt `prompt_of[b]`; `positions` [N] are the packed tokens' positions."""
+
+    invariant = False
+
+    def __init__(self, prompt_rows: torch.Tensor, completion_rows: torch.Tensor, prompt_of: torch.Tensor,
+                 positions: torch.Tensor, num_heads: int, num_kv_heads: int):
+        dev = positions.device
+        self.positions = positions
+        n = positions.numel()
+        g = num_heads // num_kv_heads
+        pv, cv = prompt_rows >= 0, completion_rows >= 0
+        (p, tp), (b, tc) = prompt_rows.shape, completion_rows.shape
+        # Padding reads row n, a zero row appended to the packed tensors.
+        self.prompt_index = torch.where(pv, prompt_rows, n).reshape(-1)
+        self.completion_index = torch.where(cv, completion_rows, n).reshape(-1)
+        self.prompt_of = prompt_of
+        causal = lambda t: torch.ones(t, t, dtype=torch.bool, device=dev).tril()  # noqa: E731
+        # Padding queries see their first key only, so no row is empty.
+        first = lambda q, k: torch.zeros(q, k, dtype=torch.bool, device=dev).index_fill_(1, torch.tensor([0], device=dev), True)  # noqa: E731
+        prompt_mask = (causal(tp)[None] & pv[:, None, :]) | (~pv[:, :, None] & first(tp, tp)[None])
+        own = causal(tc)[None] & cv[:, None, :]
+        completion_mask = torch.cat((pv[prompt_of][:, None, :].expand(-1, tc, -1), own), dim=2)
+        self.prompts = DenseAttention.__new__(DenseAttention)
+        self.completions = DenseAttention.__new__(DenseAttention)
+        for part, mask in ((self.prompts, prompt_mask), (self.completions, completion_mask)):
+            part.batch, part.qlen, part._bias = mask.shape[0], mask.shape[1], None
+            part.mask = mask[:, None].repeat(1, 1, g, 1)
+        # Packed token i's output sits at row back[i] of the prompts' outputs followed by the completions'.
+        back = torch.empty(n + 1, dtype=torch.long, device=dev)
+        back[self.prompt_index] = torch.arange(p * tp, device=dev)
+        back[self.completion_index] = torch.arange(p * tp, p * tp + b * tc, device=dev)
+        self.back = back[:n]
+        self.shapes = (p, tp, b, tc)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        p, tp, b, tc = self.shapes
+        hkv, d = k.shape[1], k.shape[2]
+        zero = lambda x: torch.cat((x, x.new_zeros(1, *x.shape[1:])))  # noqa: E731
+        q, k, v = zero(q), zero(k), zero(v)
+        pk = k.index_select(0, self.prompt_index).view(p, tp, hkv, d)
+        pv = v.index_select(0, self.prompt_index).view(p, tp, hkv, d)
+        pq = q.index_select(0, self.prompt_index)
+        out_p = self.prompts._attend(fold_queries(pq, p, tp, hkv), pk.transpose(1, 2), pv.transpose(1, 2), q.shape[1])
+        ck = torch.cat((pk.index_select(0, self.prompt_of), k.index_select(0, self.completion_index).view(b, tc, hkv, d)), dim=1)
+        cv = torch.cat((pv.index_select(0, self.prompt_of), v.index_select(0, self.completion_index).view(b, tc, hkv, d)), dim=1)
+        cq = q.index_select(0, self.completion_index)
+        out_c = self.completions._attend(fold_queries(cq, b, tc, hkv), ck.transpose(1, 2), cv.transpose(1, 2), q.shape[1])
+        out = torch.cat((unfold_output(out_p, p, tp), unfold_output(out_c, b, tc)))
+        return out.index_select(0, self.back)

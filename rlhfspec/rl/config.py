@@ -145,6 +145,9 @@ class TrainConfig:
     mini_batches: int = 1  # optimizer steps per iteration (per epoch)
     epochs: int = 1  # passes over each iteration's samples (TRL's num_iterations)
     micro_batch_tokens: int = 2048  # gradient accumulation: at most this many tokens per forward
+    # Compute each prompt once for its samples in the trainer's forwards (a row holds the prompt,
+    # then its completions, each seeing the prompt and itself); false: a row per sample, prompt repeated.
+    share_prompts: bool = True
     seed: int = 0
     logprob_check_every: int = 10  # iterations between checks that the engine's logprobs still match the trainer's
     # The trainer's compute precision: "bfloat16" runs its forwards under autocast over float32

@@ -18,7 +18,7 @@ from rlhfspec.rl.logprobs import Batch, completion_logprobs, values_at
 from rlhfspec.rl.objective import Targets, policy_objective, value_objective
 
 # What a mini-batch's ranks add up besides gradients, in the order optimize keeps them.
-COUNTS = ("clipped", "tokens", "kl_sum", "entropy_sum", "entropy_tokens", "gap_sum", "gap_tokens")
+COUNTS = ("clipped", "tokens", "kl_sum", "entropy_sum", "entropy_tokens", "gap_sum", "gap_tokens", "forward_tokens")
 
 
 def load_critic(c: Config) -> tuple[torch.nn.Module, torch.nn.Parameter]:
@@ -114,7 +114,8 @@ class Learner:
         counts = self._sum_counts(counts)
         out = {"loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms),
                "clip_frac": counts["clipped"] / max(counts["tokens"], 1),
-               "entropy": counts["entropy_sum"] / max(counts["entropy_tokens"], 1), "lr": lr}
+               "entropy": counts["entropy_sum"] / max(counts["entropy_tokens"], 1), "lr": lr,
+               "train_tokens": counts["forward_tokens"]}  # the tokens the training forwards ran, padding included
         if c.algorithm.beta > 0 and not c.algorithm.kl_in_reward:
             out["kl_loss_term"] = counts["kl_sum"] / max(counts["tokens"], 1)
         if self.world > 1:  # this rank's seconds in the all-reduces, waiting for slower ranks included
@@ -132,7 +133,7 @@ class Learner:
         # The whole mini-batch's token and sequence counts normalise every share, so the ranks'
         # gradients add up to the mini-batch's.
         n_tokens = targets.mask[mb].sum().item()
-        sub = Batch([batch.prompts[i] for i in mb], [batch.completions[i] for i in mb])
+        sub = batch.subset(mb)
         total = 0.0
         with self.compute():  # one autocast region per step: each weight is cast once for all micro-batches
             for micro in self._share(sub):
@@ -142,21 +143,23 @@ class Learner:
         return total
 
     def _share(self, sub: Batch) -> list[list[int]]:
-        """This rank's micro-batches of `sub`: each length-sorted group is dealt into `world` parts
-        (every world-th row), the part with the most padded tokens to the rank with the fewest so
-        far. Every rank computes the same deal, and the ranks' padded tokens end up at most about
-        one row apart (a split of the samples left their completion tokens 9% apart)."""
-        groups = sub.micro_batches(self.config.train.micro_batch_tokens, self.world)
+        """This rank's micro-batches of `sub`: each width-sorted group of units (samples, or a
+        prompt's samples with share_prompts) is dealt into `world` parts (every world-th unit), the
+        part with the most padded tokens to the rank with the fewest so far. Every rank computes the
+        same deal, and the ranks' padded tokens end up at most about one unit apart (a split of the
+        samples left their completion tokens 9% apart)."""
+        groups = sub.unit_groups(self.config.train.micro_batch_tokens, self.world)
+        rows = lambda units: [i for unit in units for i in unit]  # noqa: E731
         if self.world == 1:
-            return groups
-        padded = lambda rows: len(rows) * max((len(sub.prompts[i]) + len(sub.completions[i]) for i in rows), default=0)  # noqa: E731
+            return [rows(group) for group in groups]
+        padded = lambda units: len(units) * max((sub.width(u) for u in units), default=0)  # noqa: E731
         loads, mine = [0] * self.world, []
         for group in groups:
             parts = sorted((group[o::self.world] for o in range(self.world)), key=padded, reverse=True)
             for rank, part in zip(sorted(range(self.world), key=lambda r: (loads[r], r)), parts):
                 loads[rank] += padded(part)
                 if rank == self.rank and part:
-                    mine.append(part)
+                    mine.append(rows(part))
         return mine
 
     def _micro_backward(self, sub: Batch, mb: list[int], micro: list[int], targets: Targets, n_tokens: float,
@@ -180,6 +183,7 @@ class Learner:
             loss.backward()
         counts["clipped"] += st["clipped"]
         counts["tokens"] += st["tokens"]
+        counts["forward_tokens"] += sub.forward_tokens(micro)
         counts["kl_sum"] += st.get("kl_sum", 0.0)
         if self.critic is not None:
             model, head = self.critic

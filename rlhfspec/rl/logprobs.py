@@ -8,43 +8,89 @@ from dataclasses import dataclass
 import torch
 
 from rlhfspec.engine.sampling import SamplingParams, processed_logprobs
+from rlhfspec.models.attention import SharedPromptAttention
 from rlhfspec.models.batch import hidden_states, padded_batch
 
 
 @dataclass(slots=True)
 class Batch:
-    """Samples as prompt + completion; response-aligned tensors are [N, T] with T the longest completion."""
+    """Samples as prompt + completion; response-aligned tensors are [N, T] with T the longest completion.
+
+    With `share_prompts` (train.share_prompts) the trainer's forwards compute each prompt once for
+    its samples: a forward runs each distinct prompt once and every completion after it, packed
+    without padding, each completion seeing its prompt and itself (positions continue from the
+    prompt's end), so a group of G samples costs one prompt plus G completions instead of G of each.
+    """
 
     prompts: list[list[int]]
     completions: list[list[int]]
+    share_prompts: bool = False
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def subset(self, idx: list[int]) -> Batch:
+        return Batch([self.prompts[i] for i in idx], [self.completions[i] for i in idx], self.share_prompts)
 
     def mask(self) -> torch.Tensor:
         t = max(1, max(len(c) for c in self.completions))
         return torch.tensor([[1.0] * len(c) + [0.0] * (t - len(c)) for c in self.completions])
 
-    def micro_batches(self, max_tokens: int, ranks: int = 1) -> list[list[int]]:
-        """Sample indices grouped by length (each group shortest first) so each group's padded length
-        x size stays under max_tokens; with ranks > 1, its padded length x its size / ranks (rounded
-        up): the budget of one rank's every-ranks-th row of the group."""
-        order = sorted(range(len(self)), key=lambda i: len(self.prompts[i]) + len(self.completions[i]))
+    def units(self, max_tokens: int) -> list[list[int]]:
+        """What micro-batches are made of: a sample; with share_prompts, samples of one prompt
+        (shortest completions first), as many as fit in max_tokens with their prompt once."""
+        if not self.share_prompts:
+            return [[i] for i in range(len(self))]
+        by_prompt: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(self.prompts):
+            by_prompt.setdefault(tuple(p), []).append(i)
+        out = []
+        for rows in by_prompt.values():
+            unit, width = [], len(self.prompts[rows[0]])
+            for i in sorted(rows, key=lambda i: len(self.completions[i])):
+                if unit and width + len(self.completions[i]) > max_tokens:
+                    out.append(unit)
+                    unit, width = [], len(self.prompts[i])
+                unit.append(i)
+                width += len(self.completions[i])
+            out.append(unit)
+        return out
+
+    def width(self, unit: list[int]) -> int:
+        """A unit's tokens: its prompt (once) and its completions."""
+        return len(self.prompts[unit[0]]) + sum(len(self.completions[i]) for i in unit)
+
+    def forward_tokens(self, idx: list[int]) -> int:
+        """Tokens one forward over samples `idx` runs through the model, padding included."""
+        if self.share_prompts:
+            return sum(map(len, {tuple(self.prompts[i]) for i in idx})) + sum(len(self.completions[i]) for i in idx)
+        return len(idx) * max(len(self.prompts[i]) + len(self.completions[i]) for i in idx)
+
+    def unit_groups(self, max_tokens: int, ranks: int = 1) -> list[list[list[int]]]:
+        """Units grouped by width (each group narrowest first) so each group's widest x its size
+        stays under max_tokens; with ranks > 1, its widest x its size / ranks (rounded up): the
+        budget of one rank's every-ranks-th unit of the group."""
         groups, current, width = [], [], 0
-        for i in order:
-            w = max(width, len(self.prompts[i]) + len(self.completions[i]))
+        for unit in sorted(self.units(max_tokens), key=self.width):
+            w = max(width, self.width(unit))
             if current and w * -(-(len(current) + 1) // ranks) > max_tokens:
                 groups.append(current)
-                current, w = [], len(self.prompts[i]) + len(self.completions[i])
-            current.append(i)
+                current, w = [], self.width(unit)
+            current.append(unit)
             width = w
         if current:
             groups.append(current)
         return groups
 
+    def micro_batches(self, max_tokens: int, ranks: int = 1) -> list[list[int]]:
+        """Sample indices of each of unit_groups' groups (a unit's samples in a row)."""
+        return [[i for unit in group for i in unit] for group in self.unit_groups(max_tokens, ranks)]
+
 
 def response_hidden(model, batch: Batch, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Final hidden states at the rows that predict each completion token: [b, T, H] and mask [b, T]."""
+    if batch.share_prompts:
+        return _shared_response_hidden(model, batch, idx)
     seqs = [batch.prompts[i] + batch.completions[i] for i in idx]
     hidden = hidden_states(model, *padded_batch(seqs))
     t = max(1, max(len(batch.completions[i]) for i in idx))
@@ -56,6 +102,45 @@ def response_hidden(model, batch: Batch, idx: list[int]) -> tuple[torch.Tensor, 
         mask[r, :c] = 1
     picked = hidden.gather(1, rows[:, :, None].expand(-1, -1, hidden.shape[-1]).to(hidden.device))
     return picked, mask
+
+
+def _shared_response_hidden(model, batch: Batch, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """response_hidden computing each prompt once for the samples of `idx` that share it: the
+    forward's tokens are the distinct prompts and the completions, packed without padding, and a
+    completion continues its prompt's positions and sees the prompt and itself (SharedPromptAttention)."""
+    prompt_of: dict[tuple[int, ...], int] = {}
+    for i in idx:
+        prompt_of.setdefault(tuple(batch.prompts[i]), len(prompt_of))
+    prompts = list(prompt_of)
+    tokens: list[int] = [t for p in prompts for t in p]
+    positions: list[int] = [j for p in prompts for j in range(len(p))]
+    tp = max(map(len, prompts))
+    tc = max(1, max(len(batch.completions[i]) for i in idx))
+    prompt_rows = torch.full((len(prompts), tp), -1)
+    at = 0
+    for j, p in enumerate(prompts):
+        prompt_rows[j, : len(p)] = torch.arange(at, at + len(p))
+        at += len(p)
+    completion_rows = torch.full((len(idx), tc), -1)
+    rows = torch.zeros(len(idx), tc, dtype=torch.long)  # the packed token whose hidden state predicts each completion token
+    mask = torch.zeros(len(idx), tc)
+    for r, i in enumerate(idx):
+        p, comp = prompt_of[tuple(batch.prompts[i])], batch.completions[i]
+        n, c = len(prompts[p]), len(comp)
+        completion_rows[r, :c] = torch.arange(at, at + c)
+        # token 0 is predicted at the prompt's last token, token j > 0 at the completion's token j - 1
+        rows[r, :c] = torch.cat((prompt_rows[p, n - 1: n], torch.arange(at, at + c - 1)))
+        mask[r, :c] = 1
+        tokens += comp
+        positions += range(n, n + c)
+        at += c
+    dev, cfg = model.device, model.config
+    model.ensure_positions(tp + tc)
+    att = SharedPromptAttention(prompt_rows.to(dev), completion_rows.to(dev),
+                                torch.tensor([prompt_of[tuple(batch.prompts[i])] for i in idx], device=dev),
+                                torch.tensor(positions, device=dev), cfg.num_heads, cfg.num_kv_heads)
+    hidden = model(torch.tensor(tokens, device=dev), att.positions, att)
+    return hidden.index_select(0, rows.reshape(-1).to(dev)).view(len(idx), tc, -1), mask
 
 
 def completion_logprobs(model, batch: Batch, idx: list[int], params: SamplingParams, entropy: bool = False,

@@ -150,7 +150,7 @@ class Trainer:
         completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(row_prompts, texts)]
         columns = {k: [r.get(k) for r in rows for _ in range(g)] for k in rows[0] if k != "prompt"}
         table, totals = self.rewards.score(row_prompts, completions, [o.token_ids for o in outs], columns)
-        batch = Batch(prompts, [o.token_ids or [self.tokenizer.eos_token_id or 0] for o in outs])
+        batch = Batch(prompts, [o.token_ids or [self.tokenizer.eos_token_id or 0] for o in outs], self.config.train.share_prompts)
         logprobs = [o.logprobs or [0.0] for o in outs]
         self.logprob_gap: dict = {}
         self.checked_logprobs = None  # the trainer's logprobs of this batch, if the check computed them

@@ -1,20 +1,23 @@
-"""`rlhfspec bench e2e --compare precision`: every precision setting runs the same job and the table comes out."""
+"""`rlhfspec bench e2e --compare precision` and `--compare prompts`: every setting runs the same job and the table comes out."""
 
 from __future__ import annotations
 
 import json
 
-from rlhfspec.bench.e2e import PRECISIONS, run
+from rlhfspec.bench.e2e import PRECISIONS, SHARING, run
 from tests.rl.helpers import tiny_policy_dir
 
 
-def test_the_precision_comparison_runs_every_setting_and_writes_its_table(tmp_path):
+def _overrides(tmp_path) -> list[str]:
     policy = tiny_policy_dir(tmp_path / "policy")
     overrides = {"model.policy": policy, "data.prompts_per_iteration": 2, "generation.num_generations": 2,
                  "generation.max_new_tokens": 6, "generation.speculative": "false", "reward.functions": "[tests.rl.rewards:digit_count]"}
+    return [a for k, v in overrides.items() for a in (f"--{k}", str(v))]
+
+
+def test_the_precision_comparison_runs_every_setting_and_writes_its_table(tmp_path):
     lines = []
-    result = run(None, 2, [a for k, v in overrides.items() for a in (f"--{k}", str(v))], json_path=str(tmp_path / "e2e.json"),
-                 log=lines.append, compare="precision")
+    result = run(None, 2, _overrides(tmp_path), json_path=str(tmp_path / "e2e.json"), log=lines.append, compare="precision")
     assert list(result["stages"]) == list(PRECISIONS)
     assert result["relative_to_float32"]["float32"] == {"generation_s": 1.0, "training_s": 1.0, "iteration_s": 1.0}
     for label, runs in result["runs"].items():
@@ -24,3 +27,15 @@ def test_the_precision_comparison_runs_every_setting_and_writes_its_table(tmp_pa
     assert json.loads((tmp_path / "e2e.json").read_text())["stages"] == result["stages"]
     table = lines[-1]
     assert "<!-- bench" not in table and "| bf16 train + generation |" in table and "--compare precision" in table
+
+
+def test_the_prompt_sharing_comparison_trains_fewer_tokens_on_the_same_samples(tmp_path):
+    lines = []
+    result = run(None, 2, _overrides(tmp_path), json_path=str(tmp_path / "e2e.json"), log=lines.append, compare="prompts")
+    assert list(result["stages"]) == list(SHARING)
+    plain, shared = (result["runs"][label] for label in SHARING)
+    assert plain[0]["gen_tokens"] == shared[0]["gen_tokens"] and plain[0]["reward"] == shared[0]["reward"]  # the same first rollout
+    assert shared[0]["train_tokens"] < plain[0]["train_tokens"]  # 2 samples a prompt: each prompt computed once, not twice
+    assert result["relative_to_a_row_per_sample"]["a row per sample"]["training_s"] == 1.0
+    table = lines[-1]
+    assert "| prompts shared |" in table and "--compare prompts" in table

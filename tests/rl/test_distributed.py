@@ -87,6 +87,7 @@ def test_two_workers_step_as_one_process_does(cluster, tmp_path, policy, algo):
         learners.close()
     timings = {k: two.pop(k) for k in ("allreduce_s", "allreduce_wait_s", "weights_back_s")}  # the transfer's own seconds
     assert all(t >= 0 for t in timings.values()) and timings["allreduce_s"] > 0
+    assert two.pop("train_tokens") > 0 and one.pop("train_tokens") > 0  # (not equal: each rank pads to its own rows)
     assert one.keys() == two.keys() and one == pytest.approx(two, **STATISTICS)
     assert one["grad_norm"] > 0 and one["clip_frac"] > 0  # real steps, off the trust region's centre
     diff = max((a - b).abs().max().item() for a, b in zip(models[0][0].parameters(), models[1][0].parameters()))

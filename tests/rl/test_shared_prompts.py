@@ -1,0 +1,118 @@
+"""train.share_prompts: the trainer's forwards compute each prompt once for its samples. The logprobs,
+entropies, values and gradients equal those of a row per sample up to float32 rounding, every sample is
+trained once, and each forward stays within train.micro_batch_tokens."""
+
+import random
+
+import pytest
+import torch
+
+from rlhfspec.engine.sampling import SamplingParams
+from rlhfspec.models.loader import load_model
+from rlhfspec.rl.logprobs import Batch, completion_logprobs, values_at
+from rlhfspec.rl.trainer import Trainer
+from tests.rl.test_trainer import config
+
+PARAMS = SamplingParams(temperature=0.7)
+
+
+def _batch(vocab: int, share: bool, seed: int = 0) -> Batch:
+    """3 prompts of different lengths x 4 samples of different lengths, interleaved as a shuffle leaves them."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(1, vocab) for _ in range(n)] for n in (5, 9, 3)]
+    rows = [(p, [rng.randrange(1, vocab) for _ in range(rng.randint(1, 12))]) for p in prompts for _ in range(4)]
+    rng.shuffle(rows)
+    return Batch([p for p, _ in rows], [c for _, c in rows], share)
+
+
+def _logprobs_and_grads(model, batch: Batch, max_tokens: int):
+    model.zero_grad(set_to_none=True)
+    out = torch.zeros(len(batch), 12)
+    ent = torch.zeros(len(batch), 12)
+    total = 0
+    for idx in batch.micro_batches(max_tokens):
+        lp, mask, h = completion_logprobs(model, batch, idx, PARAMS, entropy=True)
+        (lp * mask * torch.arange(1.0, 1.0 + mask.shape[1])).sum().backward()  # a loss that weighs every position differently
+        out[idx, : lp.shape[1]] = lp.detach()
+        ent[idx, : h.shape[1]] = h
+        total += len(idx)
+    assert total == len(batch)
+    return out, ent, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("max_tokens", [1 << 20, 24])
+def test_shared_prompts_give_the_logprobs_entropies_and_gradients_of_a_row_per_sample(policy, max_tokens):
+    model, _ = load_model(policy, dtype="float32")
+    model.train().requires_grad_(True)
+    vocab = model.config.vocab_size
+    plain_lp, plain_ent, plain_grad = _logprobs_and_grads(model, _batch(vocab, False), max_tokens)
+    shared = _batch(vocab, True)
+    if max_tokens == 24:  # a prompt's samples spread over several rows, as a long group's do
+        assert len(shared.units(max_tokens)) > 3
+    shared_lp, shared_ent, shared_grad = _logprobs_and_grads(model, shared, max_tokens)
+    assert plain_lp.abs().sum() > 0 and plain_grad.norm() > 0
+    torch.testing.assert_close(shared_lp, plain_lp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(shared_ent, plain_ent, rtol=0, atol=1e-5)
+    assert (shared_grad - plain_grad).norm() <= 1e-5 * plain_grad.norm()  # the gradient as a whole, to float32 rounding
+    # A prompt's samples that do not sit next to each other each get their own row, with the same numbers.
+    order = list(range(len(shared)))
+    lp, _ = completion_logprobs(model, shared, order, PARAMS)
+    torch.testing.assert_close(lp.detach(), plain_lp[:, : lp.shape[1]], rtol=0, atol=1e-5)
+
+
+def test_shared_prompts_under_bfloat16_autocast_stay_within_its_rounding(policy):
+    """The bf16 trainer's attention (plain products on the CPU) with prompts and completions of different lengths."""
+    model, _ = load_model(policy, dtype="float32")
+    plain, shared = _batch(model.config.vocab_size, False), _batch(model.config.vocab_size, True)
+    idx = shared.micro_batches(1 << 20)[0]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, mask = completion_logprobs(model, shared, idx, PARAMS)
+        b, _ = completion_logprobs(model, plain, idx, PARAMS)
+    exact, _ = completion_logprobs(model, plain, idx, PARAMS)
+    assert ((a - exact).abs() * mask).max() <= 2 * ((b - exact).abs() * mask).max() + 1e-3
+
+
+def test_a_critic_reads_the_same_values_from_shared_rows(policy):
+    model, _ = load_model(policy, dtype="float32")
+    head = torch.randn(model.config.hidden_size, 1)
+    plain, shared = _batch(model.config.vocab_size, False), _batch(model.config.vocab_size, True)
+    with torch.no_grad():
+        for idx in shared.micro_batches(1 << 20):
+            torch.testing.assert_close(values_at(model, head, shared, idx), values_at(model, head, plain, idx), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_units_hold_one_prompt_within_the_budget_and_every_sample_once(ranks):
+    """The default job's shape: 8 prompts of 50-70 tokens x 8 completions of up to 128."""
+    rng = random.Random(ranks)
+    prompts = [[rng.randrange(50) for _ in range(rng.randint(50, 70))] for _ in range(8)]
+    completions = [[1] * min(128, max(5, int(rng.lognormvariate(4.2, 0.5)))) for _ in range(64)]
+    batch = Batch([p for p in prompts for _ in range(8)], completions, True)
+    budget = 700  # below a whole group's row: prompts' samples split over rows
+    groups = batch.unit_groups(budget, ranks)
+    units = [u for g in groups for u in g]
+    assert len(units) > len(prompts)
+    assert sorted(i for u in units for i in u) == list(range(64))
+    for unit in units:
+        assert len({tuple(batch.prompts[i]) for i in unit}) == 1
+        assert batch.width(unit) <= budget
+    for group in groups:
+        assert max(batch.width(u) for u in group) * -(-len(group) // ranks) <= budget
+    # Sharing costs fewer padded tokens than a row per sample (about 40% fewer here): the point of it.
+    plain = Batch(batch.prompts, batch.completions)
+    cost = lambda b: sum(len(g) * max(b.width(u) for u in g) for g in b.unit_groups(2048, ranks))  # noqa: E731
+    assert cost(batch) < 0.7 * cost(plain)
+
+
+def test_a_run_with_shared_prompts_trains_as_one_without(tmp_path, policy):
+    """Same seed, same rollouts: the first iteration's loss and gradient norm agree to float32 rounding."""
+    runs = {}
+    for share in (True, False):
+        c = config(tmp_path / str(share), policy, **{"train.iterations": 1, "train.share_prompts": share})
+        trainer = Trainer(c, progress=False, log=lambda m: None)
+        runs[share] = trainer.train()[0]
+    a, b = runs[True], runs[False]
+    assert a["completion_len"] == b["completion_len"] and a["reward"] == b["reward"]
+    assert a["grad_norm"] > 0
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
