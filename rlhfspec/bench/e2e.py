@@ -93,18 +93,12 @@ def run_features(config_path: str | None, iterations: int, overrides: list[str] 
 
 def _markdown(r: dict, cmd: str, iterations: int) -> str:
     g = r["generation"]
-    lines = [
-        "## End to end: RL iterations with generation features off vs on",
-        "",
-        f"Command: `{cmd}`  ",
-        f"Machine: {r['machine']}  ",
+    lines = markdown_head(
+        "End to end: RL iterations with generation features off vs on", cmd, r["machine"],
         f"Same config and seed; vanilla = plain decoding on one instance; full = spec {g['spec']}, strategy {g['strategy']}, "
         f"drafters {g['drafters']}, instances {g['instances']}, realloc {g['realloc']}. Medians over iterations 1..{iterations - 1} "
         "(iteration 0 pays warm-ups).",
-        "",
-        "| setting | generation s | inference s | training s | refresh/sync s | iteration s |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
+        ["setting", "generation s", "inference s", "training s", "refresh/sync s", "iteration s"])
     for label, m in r["stages"].items():
         lines.append(f"| {label} | {m['generation_s']} | {m['inference_s']} | {m['training_s']} | {m['sync_s']} | {m['iteration_s']} |")
     lines += [
@@ -143,12 +137,10 @@ def run_precision(config_path: str | None, iterations: int, overrides: list[str]
                               train=replace(base.train, dtype=train_dtype), algorithm=replace(base.algorithm, old_logprobs=old))
                for label, (train_dtype, gen_dtype, old) in PRECISIONS.items()}
     all_records = round_robin(configs, iterations, log)
-    medians, runs, gaps = {}, {}, {}
+    medians, gaps = {}, {}
     for label, records in all_records.items():
         kept = records[1:] or records
         medians[label] = {**{k: median([r[k] for r in kept]) for k in STAGES}, "gen_tok_s": median([r["gen_tok_s"] for r in kept])}
-        runs[label] = [{k: round(r[k], 4 if k == "reward" else 2) for k in (*STAGES, "reward", "gen_tokens", "gen_tok_s") if r.get(k) is not None}
-                       for r in records]
         gaps[label] = {k.removeprefix("rollout_trainer_logprob_gap_"): round(records[0][k], 5)
                        for k in ("rollout_trainer_logprob_gap_max", "rollout_trainer_logprob_gap_mean") if k in records[0]}
     ref = medians["float32"]
@@ -157,12 +149,24 @@ def run_precision(config_path: str | None, iterations: int, overrides: list[str]
         "settings": {k: {"train.dtype": t, "generation.dtype": g, "algorithm.old_logprobs": o} for k, (t, g, o) in PRECISIONS.items()},
         "stages": {k: {s: round(x, 2) for s, x in m.items()} for k, m in medians.items()},
         "relative_to_float32": {k: {s: round(m[s] / ref[s], 3) for s in ("generation_s", "training_s", "iteration_s")} for k, m in medians.items()},
-        "logprob_gap": gaps, "runs": runs,
+        "logprob_gap": gaps, "runs": rounded_runs(all_records, (*STAGES, "reward", "gen_tokens", "gen_tok_s")),
     }
     write_json(json_path, result)
     cmd = bench_command("e2e --compare precision", config_path, iterations, overrides, json_path, record)
     log(write_section("e2e-precision", _precision_markdown(result, cmd, iterations), path=results_file(record)))
     return result
+
+
+def rounded_runs(all_records: dict[str, list[dict]], keys: tuple) -> dict[str, list[dict]]:
+    """Each row's per-iteration records, `keys` only (those present), rounded for the JSON."""
+    return {label: [{k: round(r[k], 4 if k == "reward" else 2) for k in keys if r.get(k) is not None} for r in records]
+            for label, records in all_records.items()}
+
+
+def markdown_head(title: str, cmd: str, machine_line: str, text: str, columns: list[str]) -> list[str]:
+    """A bench section's title, command, machine, how to read it, and its table's header."""
+    return [f"## {title}", "", f"Command: `{cmd}`  ", f"Machine: {machine_line}  ", text, "",
+            "| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
 
 
 def round_robin(configs: dict, iterations: int, log) -> dict[str, list[dict]]:
@@ -209,8 +213,7 @@ def run_sharing(config_path: str | None, iterations: int, overrides: list[str] |
         "stages": {k: {s: round(x, 2) for s, x in m.items()} for k, m in medians.items()},
         "relative_to_a_row_per_sample": {k: {s: round(m[s] / ref[s], 3) for s in ("training_s", "iteration_s", "train_tokens")}
                                          for k, m in medians.items()},
-        "runs": {label: [{k: round(r[k], 4 if k == "reward" else 2) for k in (*STAGES, "reward", "gen_tokens", "train_tokens")
-                          if r.get(k) is not None} for r in records] for label, records in all_records.items()},
+        "runs": rounded_runs(all_records, (*STAGES, "reward", "gen_tokens", "train_tokens")),
     }
     write_json(json_path, result)
     cmd = bench_command("e2e --compare prompts", config_path, iterations, overrides, json_path, record)
@@ -219,18 +222,12 @@ def run_sharing(config_path: str | None, iterations: int, overrides: list[str] |
 
 
 def _sharing_markdown(r: dict, cmd: str, iterations: int) -> str:
-    lines = [
-        "## End to end: the trainer repeating each prompt per sample vs computing it once per group",
-        "",
-        f"Command: `{cmd}`  ",
-        f"Machine: {r['machine']}  ",
+    lines = markdown_head(
+        "End to end: the trainer repeating each prompt per sample vs computing it once per group", cmd, r["machine"],
         f"Same config and seed in both rows; the rows ran round-robin (one iteration of each in turn, one process). Medians over "
         f"iterations 1..{iterations - 1} (iteration 0 pays warm-ups); forward tokens = the tokens the training forwards "
         "run (padding included); x = the row's figure over a row per sample's.",
-        "",
-        "| setting | generation s | inference s | training s | forward tokens | iteration s | training x | forward tokens x | iteration x |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+        ["setting", "generation s", "inference s", "training s", "forward tokens", "iteration s", "training x", "forward tokens x", "iteration x"])
     for label, m in r["stages"].items():
         x = r["relative_to_a_row_per_sample"][label]
         lines.append(f"| {label} | {m['generation_s']} | {m['inference_s']} | {m['training_s']} | {m['train_tokens']:.0f} | "
@@ -276,8 +273,7 @@ def run_placement(config_path: str | None, iterations: int, overrides: list[str]
         "stages": {k: {s: round(x, 2) for s, x in m.items()} for k, m in medians.items()},
         "relative_to_in_process": {k: round(m["iteration_s"] / ref["iteration_s"], 3) for k, m in medians.items()},
         "weight_sync_mb": next((round(r["weight_sync_mb"], 1) for rs in all_records.values() for r in rs if "weight_sync_mb" in r), None),
-        "runs": {label: [{k: round(r[k], 4 if k == "reward" else 2) for k in (*PLACEMENT_STAGES, "reward", "gen_tokens") if r.get(k) is not None}
-                         for r in records] for label, records in all_records.items()},
+        "runs": rounded_runs(all_records, (*PLACEMENT_STAGES, "reward", "gen_tokens")),
     }
     write_json(json_path, result)
     cmd = bench_command("e2e --compare placement", config_path, iterations, overrides, json_path, record)
@@ -286,21 +282,15 @@ def run_placement(config_path: str | None, iterations: int, overrides: list[str]
 
 
 def placement_markdown(r: dict, cmd: str, iterations: int) -> str:
-    lines = [
-        "## End to end: RL iterations in this process vs on Ray",
-        "",
-        f"Command: `{cmd}`  ",
-        f"Machine: {r['machine']}  ",
+    lines = markdown_head(
+        "End to end: RL iterations in this process vs on Ray", cmd, r["machine"],
         f"Same config and seed in every row; the rows ran one after another. Medians over iterations 1..{iterations - 1} "
         "(iteration 0 pays warm-ups); K = generation instances, N = trainer processes; sync = the drafter refresh plus the "
         f"weight sync to the actors ({r['weight_sync_mb']} MB a time); with N trainers, training includes the gradient "
         "all-reduce (the last rank's seconds in it), the ranks' waiting for each other there, and rank 0's weights copied "
         "back into the driver; x = the row's iteration time over in-process K=1's.",
-        "",
-        "| setting | generation s | inference s | training s | of which all-reduce s | ranks waiting s | weights back s | "
-        "sync s | of which weight sync s | iteration s | x |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+        ["setting", "generation s", "inference s", "training s", "of which all-reduce s", "ranks waiting s", "weights back s",
+         "sync s", "of which weight sync s", "iteration s", "x"])
     for label, m in r["stages"].items():
         lines.append(f"| {label} | {m['generation_s']} | {m['inference_s']} | {m['training_s']} | {m['allreduce_s']} | "
                      f"{m['allreduce_wait_s']} | {m['weights_back_s']} | {m['sync_s']} | {m['weight_sync_s']} | "
@@ -309,20 +299,15 @@ def placement_markdown(r: dict, cmd: str, iterations: int) -> str:
 
 
 def _precision_markdown(r: dict, cmd: str, iterations: int) -> str:
-    lines = [
-        "## End to end: RL iterations in float32 vs bfloat16",
-        "",
-        f"Command: `{cmd}`  ",
-        f"Machine: {r['machine']}; native bf16: {r['native_bf16']}  ",
+    lines = markdown_head(
+        "End to end: RL iterations in float32 vs bfloat16", cmd, f"{r['machine']}; native bf16: {r['native_bf16']}",
         f"Same config and seed in every row; the rows ran round-robin (one iteration of each in turn, one process). "
         f"Medians over iterations 1..{iterations - 1} (iteration 0 pays warm-ups); "
         "x = the row's time over float32's; the rows' policies drift apart after iteration 0, so their completions (and "
         "token counts) differ: generation tok/s compares the engines; logprob gap = |engine - trainer| at iteration 0's "
         "check (nats, max / mean).",
-        "",
-        "| setting | generation s | generation tok/s | inference s | training s | iteration s | generation x | training x | iteration x | logprob gap |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+        ["setting", "generation s", "generation tok/s", "inference s", "training s", "iteration s", "generation x", "training x",
+         "iteration x", "logprob gap"])
     for label, m in r["stages"].items():
         x, gap = r["relative_to_float32"][label], r["logprob_gap"].get(label, {})
         gap_text = f"{gap['max']:.2g} / {gap['mean']:.2g}" if gap else ""

@@ -273,7 +273,19 @@ class DenseAttention:
         causal = torch.ones(t, t, dtype=torch.bool, device=valid.device).tril()
         # Padding queries attend to themselves only, so no row is empty.
         mask = (causal[None] & valid[:, None, :]) | torch.eye(t, dtype=torch.bool, device=valid.device)[None]
-        self.mask = mask[:, None].repeat(1, 1, num_heads // num_kv_heads, 1)
+        self._see(mask, num_heads // num_kv_heads)
+
+    @classmethod
+    def over(cls, visible: torch.Tensor, group: int) -> DenseAttention:
+        """Queries over keys as `visible` [B, Q, K] says (`group` query heads per KV head), for
+        `_attend`; no positions (SharedPromptAttention's parts)."""
+        self = cls.__new__(cls)
+        self._see(visible, group)
+        return self
+
+    def _see(self, visible: torch.Tensor, group: int) -> None:
+        self.batch, self.qlen = visible.shape[:2]
+        self.mask = visible[:, None].repeat(1, 1, group, 1)
         self._bias = None  # the mask as an additive float32 bias, built on first use by _math
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -285,16 +297,15 @@ class DenseAttention:
 
     def _attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, heads: int) -> torch.Tensor:
         """Masked attention: queries [B, Hkv, G*Q, D], keys, values [B, Hkv, K, D] -> [B, Hkv, G*Q, D]."""
-        b, qlen, klen = queries.shape[0], self.mask.shape[2] // (heads // keys.shape[1]), keys.shape[2]
-        if _bf16_cpu(queries) and b * heads * qlen * klen <= MATH_ATTENTION_ELEMENTS:
-            return self._math(queries, keys, values, qlen)
+        if _bf16_cpu(queries) and self.batch * heads * self.qlen * keys.shape[2] <= MATH_ATTENTION_ELEMENTS:
+            return self._math(queries, keys, values)
         return F.scaled_dot_product_attention(queries, keys, values, attn_mask=self.mask)
 
-    def _math(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qlen: int) -> torch.Tensor:
+    def _math(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The same attention as three bf16-friendly steps (scores, float32 softmax, value
         product): q [B, Hkv, G*Q, D], k, v [B, Hkv, K, D] -> [B, Hkv, G*Q, D]."""
         b, hkv, gq, d = q.shape
-        klen = k.shape[2]
+        qlen, klen = self.qlen, k.shape[2]
         if self._bias is None:
             self._bias = torch.zeros(self.mask.shape, device=self.mask.device).masked_fill_(~self.mask, float("-inf")).view(b, 1, -1, qlen, klen)
         low = torch.bfloat16
@@ -330,11 +341,7 @@ class SharedPromptAttention:
         prompt_mask = (causal(tp)[None] & pv[:, None, :]) | (~pv[:, :, None] & first(tp, tp)[None])
         own = causal(tc)[None] & cv[:, None, :]
         completion_mask = torch.cat((pv[prompt_of][:, None, :].expand(-1, tc, -1), own), dim=2)
-        self.prompts = DenseAttention.__new__(DenseAttention)
-        self.completions = DenseAttention.__new__(DenseAttention)
-        for part, mask in ((self.prompts, prompt_mask), (self.completions, completion_mask)):
-            part.batch, part.qlen, part._bias = mask.shape[0], mask.shape[1], None
-            part.mask = mask[:, None].repeat(1, 1, g, 1)
+        self.prompts, self.completions = DenseAttention.over(prompt_mask, g), DenseAttention.over(completion_mask, g)
         # Packed token i's output sits at row back[i] of the prompts' outputs followed by the completions'.
         back = torch.empty(n + 1, dtype=torch.long, device=dev)
         back[self.prompt_index] = torch.arange(p * tp, device=dev)

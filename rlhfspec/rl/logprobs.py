@@ -108,10 +108,9 @@ def _shared_response_hidden(model, batch: Batch, idx: list[int]) -> tuple[torch.
     """response_hidden computing each prompt once for the samples of `idx` that share it: the
     forward's tokens are the distinct prompts and the completions, packed without padding, and a
     completion continues its prompt's positions and sees the prompt and itself (SharedPromptAttention)."""
-    prompt_of: dict[tuple[int, ...], int] = {}
-    for i in idx:
-        prompt_of.setdefault(tuple(batch.prompts[i]), len(prompt_of))
-    prompts = list(prompt_of)
+    number: dict[tuple[int, ...], int] = {}  # distinct prompt -> its index
+    prompt_of = [number.setdefault(tuple(batch.prompts[i]), len(number)) for i in idx]
+    prompts = list(number)
     tokens: list[int] = [t for p in prompts for t in p]
     positions: list[int] = [j for p in prompts for j in range(len(p))]
     tp = max(map(len, prompts))
@@ -124,8 +123,8 @@ def _shared_response_hidden(model, batch: Batch, idx: list[int]) -> tuple[torch.
     completion_rows = torch.full((len(idx), tc), -1)
     rows = torch.zeros(len(idx), tc, dtype=torch.long)  # the packed token whose hidden state predicts each completion token
     mask = torch.zeros(len(idx), tc)
-    for r, i in enumerate(idx):
-        p, comp = prompt_of[tuple(batch.prompts[i])], batch.completions[i]
+    for r, (i, p) in enumerate(zip(idx, prompt_of)):
+        comp = batch.completions[i]
         n, c = len(prompts[p]), len(comp)
         completion_rows[r, :c] = torch.arange(at, at + c)
         # token 0 is predicted at the prompt's last token, token j > 0 at the completion's token j - 1
@@ -137,7 +136,7 @@ def _shared_response_hidden(model, batch: Batch, idx: list[int]) -> tuple[torch.
     dev, cfg = model.device, model.config
     model.ensure_positions(tp + tc)
     att = SharedPromptAttention(prompt_rows.to(dev), completion_rows.to(dev),
-                                torch.tensor([prompt_of[tuple(batch.prompts[i])] for i in idx], device=dev),
+                                torch.tensor(prompt_of, device=dev),
                                 torch.tensor(positions, device=dev), cfg.num_heads, cfg.num_kv_heads)
     hidden = model(torch.tensor(tokens, device=dev), att.positions, att)
     return hidden.index_select(0, rows.reshape(-1).to(dev)).view(len(idx), tc, -1), mask
