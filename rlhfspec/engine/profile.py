@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from rlhfspec.engine.drafters import DraftModelDrafter, Drafter
+from rlhfspec.models.invariance import machine_key
 from rlhfspec.models.kv_cache import KVCache
 from rlhfspec.strategy.cost_model import CostModel, Table
 
@@ -53,8 +54,10 @@ def forward_times(model, batches=BATCHES, qs=TOKENS_PER_ROW, context: int = 128,
 
 
 def profile_key(policy, drafters: dict[str, Drafter]) -> str:
-    """Identity of what the profile measured: architectures, dtypes, device, thread count."""
+    """Identity of what the profile measured: architectures, dtypes, device, thread count, and
+    the machine's kernel choices (a new verdict format re-measures)."""
     parts = {
+        "machine": machine_key(),
         "policy": policy.config.hf, "dtype": str(policy.dtype), "device": str(policy.device), "threads": torch.get_num_threads(),
         "invariant": invariant_for(policy.device),
         "drafts": {k: d.model.config.hf for k, d in sorted(drafters.items()) if isinstance(d, DraftModelDrafter)},

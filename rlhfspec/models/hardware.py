@@ -1,4 +1,4 @@
-"""What the running CPU offers, read once: its model name and whether it computes bfloat16 natively."""
+"""What the running CPU offers, read once: its model name, vendor and whether it computes bfloat16 natively."""
 
 from __future__ import annotations
 
@@ -12,24 +12,29 @@ import torch
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The flags of the first CPU in /proc/cpuinfo (empty where there is no such file)."""
+    return frozenset((_cpuinfo("flags") or "").split())
+
+
+def _cpuinfo(field: str) -> str | None:
+    """The value of the first CPU's `field` in /proc/cpuinfo, or None."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return None
 
 
 @functools.cache
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """'AuthenticAMD', 'GenuineIntel', ... ('' where /proc/cpuinfo does not say)."""
+    return _cpuinfo("vendor_id") or ""
 
 
 def native_bf16() -> bool:

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from rlhfspec.models.hardware import cpu_flags, cpu_model
+from rlhfspec.models.hardware import cpu_flags, cpu_model, cpu_vendor
 from rlhfspec.paths import default_cache_dir
 
 RowFn = Callable[[torch.Tensor], torch.Tensor]
@@ -179,7 +179,7 @@ def rowwise(fn: RowFn, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([fn(x[i : i + per_call]) for i in range(0, n, per_call)])
 
 
-VERDICT_FORMAT = 10  # bump when what a verdict holds or how it is checked changes
+VERDICT_FORMAT = 11  # bump when what a verdict holds or how it is checked changes
 _ISA_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "MKL_DEBUG_CPU_TYPE")
 
 
@@ -191,7 +191,7 @@ def machine_key() -> str:
 
 @functools.cache
 def _machine_key(env: tuple, threads: int) -> str:
-    parts = [VERDICT_FORMAT, cpu_model(), sorted(cpu_flags()), torch.__version__, env, threads]
+    parts = [VERDICT_FORMAT, cpu_vendor(), cpu_model(), sorted(cpu_flags()), torch.__version__, env, threads]
     if torch.cuda.is_available():
         parts.append([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]

@@ -6,6 +6,7 @@ DRAM at small batch sizes that repacking costs as much as the product itself. Pa
 small-batch decoding (see benchmarks/RESULTS.md). On CPUs without native bfloat16, oneDNN's
 bf16 path is several times slower than float32, so there a bf16 weight is computed through a
 packed float32 copy of it (bf16 products are exact in float32; the result is rounded to bf16).
+On AMD CPUs oneDNN's float32 kernels come before MKL's (see `candidates`).
 
 For batch-invariant generation each kernel is used only with the call sizes `plan_rows`
 verified on this machine (see invariance.py).
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlhfspec.models.hardware import native_bf16
+from rlhfspec.models.hardware import cpu_vendor, native_bf16
 from rlhfspec.models.invariance import VERDICTS, RowPlan, apply_rows, cancelling_probe, plan_rows
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
@@ -64,12 +65,22 @@ def _mkl_f32_apply(x, packed, w, b):
     return torch.ops.mkl._mkl_linear(x.float(), p, w32, None if b is None else b.float(), x.numel() // x.shape[-1]).to(x.dtype)
 
 
+def _dnnl_pack(w):
+    return torch.ops.mkldnn._reorder_linear_weight(w, _PACK_HINT)
+
+
+def _dnnl_apply(x, packed, w, b):
+    return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+
+
+def _dnnl_f32_apply(x, packed, w, b):
+    return _dnnl_apply(x.float(), packed, w, None if b is None else b.float()).to(x.dtype)
+
+
 MKL = Kernel("mkl-packed", lambda w: torch.ops.mkl._mkl_reorder_linear_weight(w, _PACK_HINT), _mkl_apply)
 MKL_F32 = Kernel("mkl-packed-f32", _mkl_f32_pack, _mkl_f32_apply)
-DNNL = Kernel(
-    "onednn-packed", lambda w: torch.ops.mkldnn._reorder_linear_weight(w, _PACK_HINT),
-    lambda x, packed, w, b: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], ""),
-)
+DNNL = Kernel("onednn-packed", _dnnl_pack, _dnnl_apply)
+DNNL_F32 = Kernel("onednn-packed-f32", lambda w: _dnnl_pack(w.float()), _dnnl_f32_apply)
 LINEAR = Kernel("F.linear", lambda w: None, lambda x, packed, w, b: F.linear(x, w, b))
 
 
@@ -77,14 +88,19 @@ def candidates(dtype: torch.dtype, device: torch.device) -> list[Kernel]:
     """Kernels to try for this dtype and device, fastest first on the CPUs measured (RESULTS.md).
 
     A fixed order rather than a timing race: every process on a machine must pick the same
-    kernel, or two instances would round differently.
+    kernel, or two instances would round differently. On AMD CPUs MKL's float32 GEMM takes
+    generic code paths (measured on an AMD EPYC: 8-15 GFLOP/s at 8 rows where oneDNN's packed
+    kernel runs 34-45, and 1.3-1.8x oneDNN's time at 64 rows), so oneDNN comes first there.
     """
     if device.type != "cpu":
         return [LINEAR]
+    amd = cpu_vendor() == "AuthenticAMD"
     if dtype == torch.float32:
-        return [MKL, LINEAR]
+        return [DNNL, MKL, LINEAR] if amd else [MKL, LINEAR]
     if dtype == torch.bfloat16:
-        return [DNNL, LINEAR, MKL_F32] if native_bf16() else [MKL_F32, DNNL, LINEAR]
+        if native_bf16():
+            return [DNNL, LINEAR, MKL_F32]
+        return [DNNL_F32, MKL_F32, DNNL, LINEAR] if amd else [MKL_F32, DNNL, LINEAR]
     return [LINEAR]
 
 
@@ -94,13 +110,14 @@ class KernelChoice:
     plan: RowPlan | None  # None: no invariance asked for
 
 
-KERNELS = {k.name: k for k in (MKL, MKL_F32, DNNL, LINEAR)}
+KERNELS = {k.name: k for k in (MKL, MKL_F32, DNNL, DNNL_F32, LINEAR)}
 
 
 def choose(shape: tuple[int, int], bias: bool, dtype: torch.dtype, device: torch.device, invariant: bool) -> KernelChoice:
     """The first candidate kernel that computes x @ w.T (+ b) correctly for this weight shape and,
     when asked, has verified batch-invariant call sizes (remembered per machine)."""
-    key = f"linear {shape[0]}x{shape[1]} bias={bias} {dtype} {device} invariant={invariant}"
+    names = ",".join(k.name for k in candidates(dtype, device))
+    key = f"linear {shape[0]}x{shape[1]} bias={bias} {dtype} {device} invariant={invariant} from {names}"
     verdict = VERDICTS.get(key, lambda: _verdict(shape, bias, dtype, device, invariant))
     return KernelChoice(KERNELS[verdict["kernel"]], None if verdict["sizes"] is None else RowPlan(tuple(verdict["sizes"])))
 
