@@ -10,31 +10,33 @@ import torch
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The flags of the first CPU in /proc/cpuinfo (empty where there is no such file)."""
-    return frozenset((_cpuinfo("flags") or "").split())
-
-
-def _cpuinfo(field: str) -> str | None:
-    """The value of the first CPU's `field` in /proc/cpuinfo, or None."""
+def _first_cpu() -> dict[str, str]:
+    """The first CPU's fields in /proc/cpuinfo (empty where there is no such file), read once."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(field):
-                return line.split(":", 1)[1].strip()
+            if not line.strip():
+                break
+            name, _, value = line.partition(":")
+            fields.setdefault(name.strip(), value.strip())
     except OSError:
         pass
-    return None
+    return fields
 
 
 @functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The flags of the first CPU in /proc/cpuinfo (empty where there is no such file)."""
+    return frozenset(_first_cpu().get("flags", "").split())
+
+
 def cpu_model() -> str:
-    return _cpuinfo("model name") or platform.processor() or platform.machine()
+    return _first_cpu().get("model name") or platform.processor() or platform.machine()
 
 
-@functools.cache
 def cpu_vendor() -> str:
     """'AuthenticAMD', 'GenuineIntel', ... ('' where /proc/cpuinfo does not say)."""
-    return _cpuinfo("vendor_id") or ""
+    return _first_cpu().get("vendor_id", "")
 
 
 def native_bf16() -> bool:

@@ -89,8 +89,8 @@ def candidates(dtype: torch.dtype, device: torch.device) -> list[Kernel]:
 
     A fixed order rather than a timing race: every process on a machine must pick the same
     kernel, or two instances would round differently. On AMD CPUs MKL's float32 GEMM takes
-    generic code paths (measured on an AMD EPYC: 8-15 GFLOP/s at 8 rows where oneDNN's packed
-    kernel runs 34-45, and 1.3-1.8x oneDNN's time at 64 rows), so oneDNN comes first there.
+    generic code paths (measured on an AMD EPYC: 9-21 GFLOP/s at 8 rows where oneDNN's packed
+    kernel runs 34-45, and 1.2-1.8x oneDNN's time at 64 rows), so oneDNN comes first there.
     """
     if device.type != "cpu":
         return [LINEAR]
