@@ -74,8 +74,17 @@ class CostModel:
     """t_verify(B, q): one policy forward of q tokens per row for B rows; t_draft(drafter, B, n).
 
     Starts from profiled tables and multiplies each prediction by a correction learned online per
-    (drafter or "verify", batch bucket): an exponential moving average of measured / predicted,
-    so changes in context length, machine load or weights are followed within a few steps.
+    (drafter or "verify", batch bucket, bucket of q or n): an exponential moving average of
+    measured / predicted, so changes in context length, machine load or weights are followed within
+    a few steps. A prediction takes the most specific correction measured: its (batch, q) bucket,
+    else the nearest shorter bucket measured at that batch (a profile that underprices some rows
+    likely underprices longer ones as much), else its batch bucket's, else the kind's overall one.
+    For verification the last two
+    learn from plain steps (one token per row) only, and a forward of longer rows corrects its own
+    bucket alone: a profile that underprices longer rows relative to plain steps (one measured in a
+    bad minute, or extrapolated past the batches it reached) is then corrected by the speculative
+    steps themselves without making plain steps look dearer too, which would keep the selector from
+    ever trying plain decoding again.
     The tables are fixed once given (their sorted grids are cached); a drafter without a profile
     gets a per-row-token table learned from its first measured step.
     """
@@ -84,20 +93,36 @@ class CostModel:
         self.verify_table = dict(verify)
         self.draft_tables = {k: dict(v) for k, v in (drafts or {}).items()}
         self.smoothing = smoothing
-        self.correction: dict[tuple[str, int], float] = {}
+        self.correction: dict[tuple[str, int, int], float] = {}  # (kind, batch bucket, k bucket); 0: any
         self.learned: set[str] = set()  # drafters whose table was learned online, not profiled
         self._grids = {"verify": _Grid(self.verify_table)} | {k: _Grid(v) for k, v in self.draft_tables.items() if v}
 
     @staticmethod
-    def _bucket(batch: int) -> int:
-        return 1 << max(0, (batch - 1).bit_length())
+    def _bucket(x: float) -> int:
+        """The power of two at or above x (1 for x <= 1)."""
+        return 1 << max(0, math.ceil(x) - 1).bit_length()
 
-    def _fix(self, kind: str, batch: int) -> float:
-        return self.correction.get((kind, self._bucket(batch)), self.correction.get((kind, 0), 1.0))
+    def _keys(self, kind: str, batch: int, k: float) -> tuple[tuple[str, int, int], ...]:
+        """The corrections an observation updates: its own bucket, its batch's, the kind's."""
+        b = self._bucket(batch)
+        return (kind, b, self._bucket(k)), (kind, b, 0), (kind, 0, 0)
+
+    def _fix(self, kind: str, batch: int, k: float) -> float:
+        b, kb = self._bucket(batch), self._bucket(k)
+        while kb > 1:
+            value = self.correction.get((kind, b, kb))
+            if value is not None:
+                return value
+            kb //= 2
+        for key in ((kind, b, 1), (kind, b, 0), (kind, 0, 0)):
+            value = self.correction.get(key)
+            if value is not None:
+                return value
+        return 1.0
 
     def verify(self, batch: int, q: float) -> float:
         """Seconds for a forward of q (mean) new tokens per row over `batch` rows."""
-        return self._grids["verify"](batch, q) * self._fix("verify", batch)
+        return self._grids["verify"](batch, q) * self._fix("verify", batch, q)
 
     def draft(self, drafter: str, batch: int, n: int) -> float:
         """Seconds for `drafter` to propose n tokens for `batch` rows (0 if n is 0)."""
@@ -105,7 +130,7 @@ class CostModel:
             return 0.0
         grid = self._grids.get(drafter)
         base = grid(batch, n) if grid else 2e-5 * batch * n
-        return base * self._fix(drafter, batch)
+        return base * self._fix(drafter, batch, n)
 
     def observe(self, kind: str, batch: int, k: float, seconds: float) -> None:
         """A measured time for `kind` ("verify" or a drafter name) at (batch, k)."""
@@ -119,7 +144,10 @@ class CostModel:
             self.learned.add(kind)
             return
         ratio = seconds / grid(batch, k)
-        for key in ((kind, self._bucket(batch)), (kind, 0)):
+        keys = self._keys(kind, batch, k)
+        if kind == "verify" and self._bucket(k) > 1:
+            keys = keys[:1]
+        for key in keys:
             old = self.correction.get(key, ratio)
             self.correction[key] = old + self.smoothing * (ratio - old)
 
@@ -130,12 +158,14 @@ class CostModel:
     def state_dict(self) -> dict:
         """What was learned online (corrections, tables of unprofiled drafters), as plain JSON."""
         return {
-            "correction": [[kind, bucket, v] for (kind, bucket), v in sorted(self.correction.items())],
+            "correction": [[kind, batch, k, v] for (kind, batch, k), v in sorted(self.correction.items())],
             "learned": {k: _encode(self.draft_tables[k]) for k in sorted(self.learned)},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.correction = {(str(kind), int(bucket)): float(v) for kind, bucket, v in state.get("correction", [])}
+        # Rows of three (kind, batch bucket, value) come from runs before corrections were kept per q.
+        self.correction = {(str(row[0]), int(row[1]), int(row[2]) if len(row) == 4 else 0): float(row[-1])
+                           for row in state.get("correction", [])}
         for name, rows in state.get("learned", {}).items():
             self._set_draft_table(name, _decode(rows))
             self.learned.add(name)

@@ -82,9 +82,34 @@ def test_the_cost_model_refits_when_timings_change():
     cost = CostModel(table(lambda b, q: 0.01 * q))
     assert cost.verify(4, 3) == pytest.approx(0.03)
     for _ in range(30):
-        cost.observe("verify", 4, 3, 0.06)
-    assert cost.verify(4, 3) == pytest.approx(0.06, rel=0.02)
-    assert cost.verify(4, 5) == pytest.approx(0.10, rel=0.05)  # the correction carries to other lengths
+        cost.observe("verify", 4, 1, 0.02)
+    assert cost.verify(4, 1) == pytest.approx(0.02, rel=0.02)
+    assert cost.verify(4, 5) == pytest.approx(0.10, rel=0.05)  # a plain step's correction carries to other lengths
+    assert cost.verify(40, 3) == pytest.approx(0.06, rel=0.05)  # and to other batches until they are measured
+    for _ in range(30):
+        cost.observe("verify", 4, 3, 0.09)
+    assert cost.verify(4, 3) == pytest.approx(0.09, rel=0.02)
+    assert cost.verify(4, 1) == pytest.approx(0.02, rel=0.02)
+
+
+def test_speculative_steps_dearer_than_profiled_correct_their_own_price_not_plain_steps():
+    """A profile flat in q at a large batch (verification looks free) and a machine where three
+    tokens a row cost 2.5x a plain step: the measured steps price speculation right, and plain
+    steps, never measured, keep the profile's price, so the selector can go back to them."""
+    cost = CostModel(table(lambda b, q: 0.1))
+    for _ in range(30):
+        cost.observe("verify", 64, 2.2, 0.25)
+    assert cost.verify(64, 2.2) == pytest.approx(0.25, rel=0.02)
+    assert cost.verify(64, 1) == pytest.approx(0.1)
+    for _ in range(30):
+        cost.observe("verify", 64, 1, 0.12)
+    assert cost.verify(64, 1) == pytest.approx(0.12, rel=0.02) and cost.verify(64, 2.2) == pytest.approx(0.25, rel=0.02)
+
+
+def test_corrections_saved_before_they_were_kept_per_length_still_load():
+    cost = CostModel(table(lambda b, q: 0.01 * q))
+    cost.load_state_dict({"correction": [["verify", 8, 1.5], ["verify", 0, 2.0]]})
+    assert cost.verify(8, 3) == pytest.approx(0.045) and cost.verify(64, 1) == pytest.approx(0.02)
 
 
 def test_an_unprofiled_drafter_is_priced_from_its_first_step():

@@ -172,6 +172,19 @@ def test_adaptive_strategy_learns_from_step_records():
     assert strat.decide(workload(2)).drafter is None
 
 
+def test_speculation_measured_dearer_than_a_flat_profile_said_goes_back_to_plain_decoding():
+    """The profile says verifying two tokens a row at batch 64 costs what a plain step does (a
+    profile that never reached batch 64); the steps measure 2.5x. Half the drafts are accepted
+    (1.5 tokens a row for 2.5x the time): plain decoding wins once the steps are seen."""
+    strat = AdaptiveStrategy(CostModel(table(lambda b, q: 0.1), {"draft": table(lambda b, n: 0.0)}))
+    ids = list(range(64))
+    assert strat.decide(workload(64)).drafter == "draft"
+    for _ in range(20):
+        strat.observe(StepRecord(64, "draft", [1] * 64, [1] * 64, [1, 0] * 32, 96, 0.0, 0.25, 100, ids))
+    assert 0.4 < strat.acceptance.rate("draft") < 0.6
+    assert strat.decide(workload(64)).drafter is None
+
+
 def test_decision_time_counts_in_the_step_but_not_in_the_cost_model():
     record = StepRecord(2, "draft", [4, 4], [4, 4], [1, 2], 5, 0.004, 0.05, 30, [0, 1], 1.5)
     assert record.decide_s == 0.0 and record.start_s == 1.5
