@@ -1,6 +1,8 @@
-"""`rlhfspec bench trl`: TRL's GRPOTrainer and rlhfspec's trainer on the same job, back to back in one process.
+"""`rlhfspec bench trl`: TRL's GRPOTrainer and rlhfspec's trainer on the same job, taking turns.
 
-Both read one checkpoint (rlhfspec's export of model.policy, as `rlhfspec export` writes it), see
+rlhfspec's trainer runs in this process and TRL's in a process of its own; one computes while the
+other waits, iteration by iteration (`turn_order`), so that both see the machine in the same state
+however its speed drifts over the hour a run takes. Both read one checkpoint (rlhfspec's export of model.policy, as `rlhfspec export` writes it), see
 the same prompts in the same order (rlhfspec's own prompt source, handed to TRL as a dataset, both
 checked at run time) and the same settings as far as TRL has them; what cannot be matched is listed
 in the output (`differences`).
@@ -29,6 +31,7 @@ class PeersBenchConfig:
     seed: int = 0
     overrides: list[str] = field(default_factory=list)  # --section.key value, applied last
     trl_micro_batch: int | None = None  # TRL's per_device_train_batch_size; None: rlhfspec's train.micro_batch_tokens worth
+    interleave: bool = True  # the sides take turns iteration by iteration (turn_order); False: all of rlhfspec's, then TRL's
     quick: bool = False
 
     @classmethod
@@ -48,61 +51,66 @@ class PeersBenchConfig:
         cmd = "rlhfspec bench trl" + (" --quick" if self.quick else "") + (f" --config {self.config}" if self.config else "")
         cmd += f" --iterations {self.iterations} --seed {self.seed}"
         cmd += f" --trl-micro-batch {self.trl_micro_batch}" if self.trl_micro_batch else ""
+        cmd += "" if self.interleave else " --sequential"
         return cmd + "".join(f" {o}" for o in self.overrides)
 
 
 def run(cfg: PeersBenchConfig, json_path: str | None = None, record: bool = False, log=print, out_dir: Path | None = None) -> dict:
-    """rlhfspec's trainer, then TRL's GRPOTrainer, on job cfg.job(); per-iteration stage times,
-    tokens and rewards of both, a table (RESULTS.md section "trl"), a PNG and optionally JSON."""
+    """rlhfspec's trainer and TRL's GRPOTrainer (in a process of its own) on job cfg.job(), taking
+    turns iteration by iteration (`turn_order`); per-iteration stage times, tokens and rewards of
+    both, a table (RESULTS.md section "trl"), a PNG and optionally JSON."""
     try:
         import trl
     except ImportError:
         raise RlhfspecError("bench trl needs TRL: pip install -e '.[peers]'") from None
     from rlhfspec.bench import trl_grpo
     from rlhfspec.rl.trainer import prompt_source
-    from rlhfspec.rewards.compose import resolve
 
     c = cfg.job()
     trl_grpo.check_mappable(c)
     p, g, n = c.data.prompts_per_iteration, c.generation.num_generations, c.train.iterations
     source = prompt_source(c)
     rows = [source.next(p) for _ in range(n)]  # what both sides should see, iteration by iteration
-    threads = torch.get_num_threads()
+    order = turn_order(n, cfg.interleave)
     with tempfile.TemporaryDirectory(prefix="rlhfspec-bench-trl-") as tmp:
         model_dir, tokenizer = export_policy(c.model.policy, c.model.dtype, Path(tmp) / "policy")
         longest = max(len(_prompt_ids(tokenizer, r["prompt"])) for batch in rows for r in batch)
         micro = cfg.trl_micro_batch or default_micro_batch(p * g, longest + c.generation.max_new_tokens, c.train.micro_batch_tokens)
         log(f"job: {p} prompts x {g} completions, {c.generation.max_new_tokens} new tokens, {n} iterations, {c.train.dtype} on both sides; "
-            f"TRL micro-batches of {micro} samples")
-        log("rlhfspec:")
-        ours, our_rows = _run_rlhfspec(c, model_dir, Path(tmp) / "rlhfspec", lambda m: log(f"  {m}"))
-        torch.set_num_threads(threads)
-        log(f"TRL {trl.__version__} GRPOTrainer:")
-        funcs = [resolve(f) for f in c.reward.functions]
-        trainer = trl_grpo.train(c, model_dir, [r for batch in rows for r in batch], funcs, c.train.dtype, micro,
-                                 Path(tmp) / "trl", lambda m: log(f"  {m}"))
-        torch.set_num_threads(threads)
-        theirs = [{k: v for k, v in r.items() if k != "generate_and_score_s"} for r in trainer.records]
-        texts = [[_text(r["prompt"]) for r in batch] for batch in rows]
-        checks = {
-            "same_prompts_in_order": [[_text(r["prompt"]) for r in b] for b in our_rows] == texts == [s["prompts"] for s in trainer.seen],
-            "same_prompt_ids": all(ids == _prompt_ids(tokenizer, t) for s in trainer.seen for t, ids in zip(s["prompts"], s["prompt_ids"])),
-        }
-        args = trainer.args
-        trl_batching = {"per_device_train_batch_size": args.per_device_train_batch_size,
-                        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                        "steps_per_generation": args.steps_per_generation, "generation_batch_size": args.generation_batch_size,
-                        "loss_type": args.loss_type, "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing}
-        del trainer
+            f"TRL micro-batches of {micro} samples; iterations {_order_text(order)}")
+        log(f"TRL {trl.__version__} GRPOTrainer: setting up in its own process")
+        theirs = trl_grpo.TrlProcess(c, model_dir, [r for batch in rows for r in batch], c.train.dtype, micro, Path(tmp) / "trl",
+                                     torch.get_num_threads(), lambda m: log(f"  TRL {m}"))
+        try:
+            ours = _Rlhfspec(c, model_dir, Path(tmp) / "rlhfspec", lambda m: log(f"  rlhfspec {m}"))
+            try:
+                for side in order:
+                    if side == "rlhfspec":
+                        ours.step()
+                    else:
+                        theirs.turn()
+                our_runs, our_rows = ours.finish()
+            finally:
+                ours.close()
+        finally:
+            theirs.close()
+    trl_result = theirs.result
+    trl_runs = [{k: v for k, v in r.items() if k != "generate_and_score_s"} for r in trl_result["records"]]
+    texts = [[_text(r["prompt"]) for r in batch] for batch in rows]
+    checks = {
+        "same_prompts_in_order": [[_text(r["prompt"]) for r in b] for b in our_rows] == texts == [s["prompts"] for s in trl_result["seen"]],
+        "same_prompt_ids": all(ids == _prompt_ids(tokenizer, t) for s in trl_result["seen"] for t, ids in zip(s["prompts"], s["prompt_ids"])),
+    }
+    trl_batching = trl_result["batching"]
     import transformers
 
-    runs = {"rlhfspec": ours, "trl": theirs}
+    runs = {"rlhfspec": our_runs, "trl": trl_runs}
     kept = {side: (rs[1:] or rs) for side, rs in runs.items()}
     medians = {side: {k: round(median([r[k] for r in rs]), 2) for k in STAGES} for side, rs in kept.items()}
     result = {
         "machine": machine(), "command": cfg.command() + (f" --json {json_path}" if json_path else "") + (" --record" if record and out_dir is None else ""),
         "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
-        "job": _job(c), "precision": c.train.dtype, "trl": trl_batching, "checks": checks,
+        "job": _job(c), "precision": c.train.dtype, "trl": trl_batching, "checks": checks, "order": order,
         "medians_over": f"iterations 1..{n - 1}" if n > 2 else "iteration 1" if n == 2 else "iteration 0",
         "medians": medians,
         "speedup": {k: round(medians["trl"][k] / max(medians["rlhfspec"][k], 1e-9), 2) for k in ("generation_s", "training_s", "iteration_s")},
@@ -142,21 +150,53 @@ def default_micro_batch(samples: int, longest: int, token_budget: int) -> int:
     return max(fits, default=1)
 
 
-def _run_rlhfspec(c: Config, model_dir: Path, run_dir: Path, log) -> tuple[list[dict], list[list[dict]]]:
-    """c's iterations with rlhfspec's Trainer; (per-iteration records in bench terms, the rows it drew)."""
-    from rlhfspec.rl.trainer import Trainer
+def turn_order(iterations: int, interleave: bool) -> list[str]:
+    """Which side computes each turn of bench trl (one iteration a turn). Interleaved, each
+    iteration's pair in ABBA order (rlhfspec, TRL, TRL, rlhfspec, ...), so that a machine that grows
+    slower or faster during the run weighs on both sides alike, and neither always goes first;
+    otherwise all of rlhfspec's iterations, then all of TRL's."""
+    if not interleave:
+        return ["rlhfspec"] * iterations + ["trl"] * iterations
+    pairs = [("rlhfspec", "trl") if i % 2 == 0 else ("trl", "rlhfspec") for i in range(iterations)]
+    return [side for pair in pairs for side in pair]
 
-    cfg = replace(c, model=replace(c.model, policy=str(model_dir)),
-                  run=replace(c.run, output_dir=str(run_dir), tensorboard=False, wandb=False, checkpoint_every=c.train.iterations))
-    trainer = Trainer(cfg, progress=False, log=log)
-    trainer.source = _Recorded(trainer.source)
-    records = trainer.train()
-    drawn = trainer.source.batches
-    del trainer
-    out = [{"iteration": r["iteration"], "generation_s": r["generation_s"], "scoring_s": r["inference_s"], "training_s": r["training_s"],
-            "other_s": r["sync_s"], "iteration_s": r["iteration_s"], "gen_tokens": r["gen_tokens"],
-            "completion_len_max": r["completion_len_max"], "reward": r["reward"]} for r in records]
-    return out, drawn
+
+def _order_text(order: list[str]) -> str:
+    n = len(order) // 2
+    if order == turn_order(n, False):
+        return "back to back: all of rlhfspec's, then all of TRL's"
+    return "interleaved, each pair in ABBA order: " + ", ".join(_LABELS[side] for side in order[:4]) + (", ..." if n > 2 else "")
+
+
+_LABELS = {"rlhfspec": "rlhfspec", "trl": "TRL"}
+
+
+class _Rlhfspec:
+    """rlhfspec's Trainer on job c from the exported checkpoint, one iteration per `step()`;
+    `finish()` gives its records in bench terms and the prompt rows it drew."""
+
+    def __init__(self, c: Config, model_dir: Path, run_dir: Path, log):
+        from rlhfspec.rl.trainer import Trainer
+
+        cfg = replace(c, model=replace(c.model, policy=str(model_dir)),
+                      run=replace(c.run, output_dir=str(run_dir), tensorboard=False, wandb=False, checkpoint_every=c.train.iterations))
+        self.trainer = Trainer(cfg, progress=False, log=log)
+        self.trainer.source = _Recorded(self.trainer.source)
+        self.iterations, self.records = self.trainer.iterate(), []
+
+    def step(self) -> None:
+        self.records.append(next(self.iterations))
+
+    def finish(self) -> tuple[list[dict], list[list[dict]]]:
+        if next(self.iterations, None) is not None:
+            raise RlhfspecError("bench trl gave rlhfspec's trainer fewer turns than its iterations.")
+        out = [{"iteration": r["iteration"], "generation_s": r["generation_s"], "scoring_s": r["inference_s"], "training_s": r["training_s"],
+                "other_s": r["sync_s"], "iteration_s": r["iteration_s"], "gen_tokens": r["gen_tokens"],
+                "completion_len_max": r["completion_len_max"], "reward": r["reward"]} for r in self.records]
+        return out, self.trainer.source.batches
+
+    def close(self) -> None:
+        self.iterations.close()  # the trainer's own close, when its run ended early
 
 
 class _Recorded:
@@ -268,7 +308,8 @@ def _markdown(r: dict, png: str) -> str:
         f"{_decoding(rg)}; TRL trains {t['per_device_train_batch_size']} samples per forward x {t['gradient_accumulation_steps']} "
         "accumulated forwards, gradient checkpointing off.  ",
         f"Checked at run time: same prompts in the same order on both sides: {'yes' if checks['same_prompts_in_order'] else 'NO'}; "
-        f"same prompt token ids: {'yes' if checks['same_prompt_ids'] else 'NO'}.",
+        f"same prompt token ids: {'yes' if checks['same_prompt_ids'] else 'NO'}.  ",
+        f"Order: iterations {_order_text(r['order'])}; TRL in a process of its own, one side computing at a time.",
         "",
         "| side | iteration | generation s | scoring s | training s | other s | iteration s | tokens | tokens/s | reward |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

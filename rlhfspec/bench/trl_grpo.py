@@ -1,14 +1,21 @@
-"""TRL's GRPOTrainer on an rlhfspec job: the settings mapped one to one, and its stages timed.
+"""TRL's GRPOTrainer on an rlhfspec job: the settings mapped one to one, its stages timed, and the
+whole run in a process of its own that computes only in the turns it is given.
 
 TRL times its phases only for trackers, so the subclass here wraps the methods that bound them
 (TRL 1.16): `_generate` (prompt tokenization, `transformers.generate`, decoding),
 `_generate_and_score_completions` (that plus rewards, advantages and any no-grad forwards) and
-`_calculate_rewards`; a callback marks each optimizer step's start and end.
+`_calculate_rewards`; a callback marks each optimizer step's start and end, and waits there for
+the step's turn.
 """
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import time
+import traceback
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
@@ -76,11 +83,12 @@ class TimedGRPOTrainer(trl.GRPOTrainer):
     """GRPOTrainer recording, per optimizer step, the seconds of its stages, the tokens it
     generated, the mean total reward and the prompts (text and token ids) it saw."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, turn: "_PipeTurn | None" = None, log=print, **kwargs):
         super().__init__(*args, **kwargs)
         self.records: list[dict] = []
         self.seen: list[dict] = []  # per generation: {"prompts": [text per group], "prompt_ids": [ids per group]}
-        self.add_callback(_StepClock(self))
+        self.remove_callback(PrinterCallback)  # it prints every step's log dict; _StepClock logs one line
+        self.add_callback(_StepClock(self, turn, log))
 
     def _generate(self, prompts: list):
         t = time.perf_counter()
@@ -113,12 +121,21 @@ class TimedGRPOTrainer(trl.GRPOTrainer):
 
 
 class _StepClock(TrainerCallback):
-    """Marks the start and end of each optimizer step (all its micro-batches, the step and clipping)."""
+    """Marks the start and end of each optimizer step (all its micro-batches, the step and clipping)
+    and logs the step's line; with a turn, waits for it before the clock starts and hands it back
+    after the line (the last step's turn is handed back by the end of the run, so TRL's closing work
+    is in it)."""
 
-    def __init__(self, trainer: TimedGRPOTrainer):
-        self.trainer = trainer
+    def __init__(self, trainer: TimedGRPOTrainer, turn: "_PipeTurn | None", log):
+        self.trainer, self.turn, self.log = trainer, turn, log
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.turn:
+            self.turn.ready()
 
     def on_step_begin(self, args, state, control, **kwargs):
+        if self.turn:
+            self.turn.take()
         self.trainer.records.append({"iteration": state.global_step, "_start": time.perf_counter()})
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -127,6 +144,10 @@ class _StepClock(TrainerCallback):
         r["scoring_s"] = r["generate_and_score_s"] - r["generation_s"]
         r["training_s"] = r["iteration_s"] - r["generate_and_score_s"]
         r["other_s"] = 0.0
+        self.log(f"iteration {r['iteration']}: reward {r['reward']:.3f}, {r['iteration_s']:.1f} s (generation "
+                 f"{r['generation_s']:.1f} s, {r['gen_tokens']} tokens; scoring {r['scoring_s']:.1f} s; training {r['training_s']:.1f} s)")
+        if self.turn and state.global_step < args.max_steps:
+            self.turn.give()
 
 
 def _text(prompt) -> str | list:
@@ -137,9 +158,10 @@ def _text(prompt) -> str | list:
 
 
 def train(c: Config, model_dir: Path, rows: list[dict], reward_funcs: list, precision: str, micro_batch: int,
-          out_dir: Path, log=print) -> TimedGRPOTrainer:
+          out_dir: Path, log=print, turn: "_PipeTurn | None" = None) -> TimedGRPOTrainer:
     """Runs c.train.iterations GRPO steps of TRL on `rows` (P rows per iteration, in order) from
-    the checkpoint in `model_dir`; returns the trainer with its records."""
+    the checkpoint in `model_dir`, each step in its `turn` when one is given; returns the trainer
+    with its records."""
     import datasets
 
     check_mappable(c)
@@ -150,18 +172,111 @@ def train(c: Config, model_dir: Path, rows: list[dict], reward_funcs: list, prec
     data = datasets.Dataset.from_list([{**r, "prompt": r["prompt"] if isinstance(r["prompt"], list)
                                         else [{"role": "user", "content": r["prompt"]}]} for r in rows])
     trainer = TimedGRPOTrainer(model=model, reward_funcs=reward_funcs, args=trl_args(c, out_dir, precision, micro_batch),
-                               train_dataset=data, processing_class=tokenizer)
-    trainer.remove_callback(PrinterCallback)  # it prints every step's log dict; _Progress prints one line
-    trainer.add_callback(_Progress(trainer, log))
+                               train_dataset=data, processing_class=tokenizer, turn=turn, log=log)
     trainer.train()
     return trainer
 
 
-class _Progress(TrainerCallback):
-    def __init__(self, trainer: TimedGRPOTrainer, log):
-        self.trainer, self.log = trainer, log
+def batching(args: trl.GRPOConfig) -> dict:
+    """The settings that say how TRL batched the run, for the report."""
+    return {"per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "steps_per_generation": args.steps_per_generation, "generation_batch_size": args.generation_batch_size,
+            "loss_type": args.loss_type, "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing}
 
-    def on_step_end(self, args, state, control, **kwargs):
-        r = self.trainer.records[-1]
-        self.log(f"iteration {r['iteration']}: reward {r['reward']:.3f}, {r['iteration_s']:.1f} s (generation "
-                 f"{r['generation_s']:.1f} s, {r['gen_tokens']} tokens; scoring {r['scoring_s']:.1f} s; training {r['training_s']:.1f} s)")
+
+class TrlProcess:
+    """`train` in a process of its own (`python -m rlhfspec.bench.trl_grpo`, a fresh interpreter)
+    that computes only in the turns this side gives it (`turn()`: one optimizer step while the
+    caller waits), so that the two trainers of bench trl can take turns iteration by iteration on
+    one machine, each with its own random streams and thread pool as if it ran alone. Its log lines
+    come through `log`; its failure is raised here, with its traceback. The process has set itself
+    up (weights, trainer, TRL's start of training) by the time the constructor returns."""
+
+    def __init__(self, c: Config, model_dir: Path, rows: list[dict], precision: str, micro_batch: int, out_dir: Path,
+                 threads: int, log=print):
+        ours, theirs = socket.socketpair()
+        self.process = subprocess.Popen([sys.executable, "-m", __name__, str(theirs.fileno())], pass_fds=[theirs.fileno()])
+        theirs.close()
+        self.conn = Connection(ours.detach())
+        self.log, self.steps_left, self.result = log, c.train.iterations, None
+        try:
+            self.conn.send((c, model_dir, rows, precision, micro_batch, out_dir, threads))
+            self._until("ready")
+        except BaseException:
+            self.close()
+            raise
+
+    def turn(self) -> None:
+        """TRL's next optimizer step, this process waiting; after its last, the rest of its run and
+        its records (`result`: records, prompts seen, batching)."""
+        if not self.steps_left:
+            raise RlhfspecError("TRL's run has no step left to take; bench trl gave it more turns than iterations.")
+        self.conn.send("go")
+        self.steps_left -= 1
+        self._until("done" if self.steps_left else "result")
+
+    def close(self) -> None:
+        self.conn.close()  # a process still waiting for a turn reads the end of its connection and stops
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def _until(self, kind: str) -> None:
+        while True:
+            try:
+                message = self.conn.recv()
+            except (EOFError, ConnectionResetError):
+                raise RlhfspecError(f"TRL's process ended without reporting (exit code {self.process.wait()}); what it printed "
+                                    "above says why, and a kill by the kernel (-9) means the machine ran out of memory.") from None
+            if message[0] == "log":
+                self.log(message[1])
+            elif message[0] == "error":
+                raise RlhfspecError(f"TRL's GRPOTrainer failed in its process:\n{message[1]}")
+            elif message[0] == kind:
+                if kind == "result":
+                    self.result = message[1]
+                return
+            else:
+                raise RlhfspecError(f"TRL's process said {message[0]!r} where bench trl waited for {kind!r}.")
+
+
+class _PipeTurn:
+    """The TRL process's end of the turns: says it is ready, waits for "go", says "done"."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def ready(self) -> None:
+        self.conn.send(("ready",))
+
+    def take(self) -> None:
+        if self.conn.recv() != "go":
+            raise RlhfspecError("bench trl's process sent something other than a turn.")
+
+    def give(self) -> None:
+        self.conn.send(("done",))
+
+
+def _serve(conn: Connection) -> None:
+    """TrlProcess's process: the job from `conn`, then the whole TRL run, its records sent back at
+    the end, or its traceback."""
+    from rlhfspec.rewards.compose import resolve
+
+    c, model_dir, rows, precision, micro_batch, out_dir, threads = conn.recv()
+    torch.set_num_threads(threads)
+    try:
+        funcs = [resolve(f) for f in c.reward.functions]
+        trainer = train(c, model_dir, rows, funcs, precision, micro_batch, out_dir,
+                        log=lambda m: conn.send(("log", m)), turn=_PipeTurn(conn))
+        conn.send(("result", {"records": trainer.records, "seen": trainer.seen, "batching": batching(trainer.args)}))
+    except BaseException:  # reported to the bench, which raises it; this process ends either way
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+if __name__ == "__main__":
+    _serve(Connection(int(sys.argv[1])))

@@ -108,13 +108,15 @@ def register(sub) -> None:
     f.add_argument("--json", default=None)
     f.add_argument("--record", action="store_true", help=RECORD)
     f.set_defaults(run=run_refresh, overrides=True)
-    q = names.add_parser("trl", help="TRL's GRPOTrainer and rlhfspec on the same job, back to back (needs pip install -e '.[peers]')")
+    q = names.add_parser("trl", help="TRL's GRPOTrainer and rlhfspec on the same job, taking turns (needs pip install -e '.[peers]')")
     q.add_argument("--config", default=None, help="YAML job (default: the default run, configs/grpo_arith.yaml)")
     q.add_argument("--iterations", type=int, default=None, help="iterations on each side (default 4; 2 with --quick)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--trl-micro-batch", type=int, default=None,
                    help="samples per TRL forward (default: as many as fit rlhfspec's train.micro_batch_tokens)")
     q.add_argument("--quick", action="store_true", help="2 iterations of 4 prompts x 4 completions, at most 64 new tokens")
+    q.add_argument("--sequential", action="store_true",
+                   help="all of rlhfspec's iterations, then all of TRL's (default: interleaved, each pair in ABBA order)")
     q.add_argument("--json", default=None)
     q.add_argument("--record", action="store_true", help=RECORD)
     q.set_defaults(run=run_trl, overrides=True)
@@ -189,7 +191,8 @@ def run_refresh(args) -> int:
 def run_trl(args) -> int:
     from rlhfspec.bench.peers import PeersBenchConfig, run
 
-    kw = dict(config=args.config, seed=args.seed, overrides=args.extra, trl_micro_batch=args.trl_micro_batch)
+    kw = dict(config=args.config, seed=args.seed, overrides=args.extra, trl_micro_batch=args.trl_micro_batch,
+              interleave=not args.sequential)
     if args.iterations is not None:
         kw["iterations"] = args.iterations
     run(PeersBenchConfig.make_quick(**kw) if args.quick else PeersBenchConfig(**kw), json_path=args.json, record=args.record)

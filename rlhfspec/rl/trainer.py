@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -106,21 +107,26 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
     def train(self) -> list[dict]:
-        records = []
+        """Every remaining iteration; their records."""
+        return list(self.iterate())
+
+    def iterate(self) -> Iterator[dict]:
+        """The remaining iterations one at a time, each record yielded once it is logged and any
+        checkpoint due is written, so that a caller can do other work between iterations (bench trl
+        interleaves TRL's); the run closes when the last is taken, or when the iterator is closed."""
         try:
             while self.iteration < self.config.train.iterations:
                 record = self.step()
-                records.append(record)
                 self.metrics.write(record)
                 self.log(_summary(record))
                 self.iteration += 1
                 last = self.iteration == self.config.train.iterations
                 if self.iteration % self.config.run.checkpoint_every == 0 or last:
                     self.save()
+                yield record
         finally:
             self.metrics.close()
             self.close()
-        return records
 
     def close(self) -> None:
         """Stop the Ray actors and training workers this run started (and the Ray connection, when the run made it)."""

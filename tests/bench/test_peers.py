@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("trl", reason="bench trl compares against TRL: pip install -e '.[peers]' (make test installs it)")
 
 from rlhfspec.bench import trl_grpo  # noqa: E402
-from rlhfspec.bench.peers import PeersBenchConfig, default_micro_batch, run  # noqa: E402
+from rlhfspec.bench.peers import PeersBenchConfig, default_micro_batch, run, turn_order  # noqa: E402
 from rlhfspec.errors import RlhfspecError  # noqa: E402
 from rlhfspec.rl.config import load_config  # noqa: E402
 from tests.rl.helpers import tiny_policy_dir  # noqa: E402
@@ -43,6 +43,33 @@ def test_both_trainers_run_the_same_prompts_and_the_table_json_and_png_come_out(
     table = (tmp_path / "out" / "RESULTS.md").read_text()
     assert "<!-- bench:trl -->" in table and "| TRL | 1 |" in table and "| rlhfspec | 1 |" in table
     assert "Differences the bench does not remove" in table and 'loss_type "dapo"' in table
+    assert result["order"] == ["rlhfspec", "trl", "trl", "rlhfspec"] and "interleaved, each pair in ABBA order" in table
+
+
+def test_taking_turns_changes_nothing_either_side_samples(tmp_path):
+    """Each side draws from its own random streams (TRL in its own process), so the order of the
+    turns moves no token: interleaved and back-to-back runs generate and score alike."""
+    policy = tiny_policy_dir(tmp_path / "policy")
+    runs = [run(tiny(policy, interleave=interleave), out_dir=tmp_path / str(interleave), log=lambda m: None)
+            for interleave in (True, False)]
+    assert runs[1]["order"] == ["rlhfspec", "rlhfspec", "trl", "trl"]
+    for side in ("rlhfspec", "trl"):
+        facts = [[(r["gen_tokens"], r["completion_len_max"], r["reward"]) for r in result["runs"][side]] for result in runs]
+        assert facts[0] == facts[1], side
+
+
+def test_a_failure_in_trls_process_is_raised_with_its_cause(tmp_path):
+    policy = tiny_policy_dir(tmp_path / "policy")
+    with pytest.raises(RlhfspecError, match="(?s)failed in its process.*does not divide"):
+        run(tiny(policy, trl_micro_batch=3), out_dir=tmp_path / "out", log=lambda m: None)
+
+
+def test_turns_alternate_in_abba_pairs_or_run_back_to_back():
+    assert turn_order(3, True) == ["rlhfspec", "trl", "trl", "rlhfspec", "rlhfspec", "trl"]
+    assert turn_order(2, False) == ["rlhfspec", "rlhfspec", "trl", "trl"]
+    for n in (1, 4, 5):
+        order = turn_order(n, True)
+        assert order.count("rlhfspec") == order.count("trl") == n
 
 
 def test_the_default_job_is_the_default_run():
