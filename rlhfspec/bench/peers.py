@@ -2,10 +2,10 @@
 
 rlhfspec's trainer runs in this process and TRL's in a process of its own; one computes while the
 other waits, iteration by iteration (`turn_order`), so that both see the machine in the same state
-however its speed drifts over the hour a run takes. Both read one checkpoint (rlhfspec's export of model.policy, as `rlhfspec export` writes it), see
-the same prompts in the same order (rlhfspec's own prompt source, handed to TRL as a dataset, both
-checked at run time) and the same settings as far as TRL has them; what cannot be matched is listed
-in the output (`differences`).
+however its speed drifts over the hour a run takes. Both read one checkpoint (rlhfspec's export of
+model.policy, as `rlhfspec export` writes it), see the same prompts in the same order (rlhfspec's
+own prompt source, handed to TRL as a dataset, both checked at run time) and the same settings as
+far as TRL has them; what cannot be matched is listed in the output (`differences`).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def forward_times(model, batches=BATCHES, qs=TOKENS_PER_ROW, context: int = 128,
     caches: dict[int, KVCache] = {}
     first = [(b, q) for b in batches for q in qs if q in always]
     for b, q in first + [(b, q) for b in batches for q in qs if q not in always]:
-        if (b, q) not in first and table and time.perf_counter() - start > budget_s:
+        if q not in always and table and time.perf_counter() - start > budget_s:
             break
         if b not in caches:
             caches[b] = KVCache(model.config, b, context + max(qs) + 1, model.dtype, model.device, invariant=invariant)

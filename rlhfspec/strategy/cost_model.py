@@ -79,12 +79,11 @@ class CostModel:
     a few steps. A prediction takes the most specific correction measured: its (batch, q) bucket,
     else the nearest shorter bucket measured at that batch (a profile that underprices some rows
     likely underprices longer ones as much), else its batch bucket's, else the kind's overall one.
-    For verification the last two
-    learn from plain steps (one token per row) only, and a forward of longer rows corrects its own
-    bucket alone: a profile that underprices longer rows relative to plain steps (one measured in a
-    bad minute, or extrapolated past the batches it reached) is then corrected by the speculative
-    steps themselves without making plain steps look dearer too, which would keep the selector from
-    ever trying plain decoding again.
+    For verification the last two learn from plain steps (one token per row) only, and a forward of
+    longer rows corrects its own bucket alone: a profile that underprices longer rows relative to
+    plain steps (one measured in a bad minute, or extrapolated past the batches it reached) is then
+    corrected by the speculative steps themselves without making plain steps look dearer too, which
+    would keep the selector from ever trying plain decoding again.
     The tables are fixed once given (their sorted grids are cached); a drafter without a profile
     gets a per-row-token table learned from its first measured step.
     """
@@ -109,16 +108,8 @@ class CostModel:
 
     def _fix(self, kind: str, batch: int, k: float) -> float:
         b, kb = self._bucket(batch), self._bucket(k)
-        while kb > 1:
-            value = self.correction.get((kind, b, kb))
-            if value is not None:
-                return value
-            kb //= 2
-        for key in ((kind, b, 1), (kind, b, 0), (kind, 0, 0)):
-            value = self.correction.get(key)
-            if value is not None:
-                return value
-        return 1.0
+        shorter = [(kind, b, kb >> i) for i in range(kb.bit_length())]  # its own bucket, then each shorter one
+        return next((self.correction[key] for key in (*shorter, (kind, b, 0), (kind, 0, 0)) if key in self.correction), 1.0)
 
     def verify(self, batch: int, q: float) -> float:
         """Seconds for a forward of q (mean) new tokens per row over `batch` rows."""
