@@ -31,16 +31,16 @@ PLACEMENTS = {
 
 def run(config_path: str | None = None, iterations: int = 4, overrides: list[str] | None = None,
         json_path: str | None = None, record: bool = False, log=print, compare: str = "features") -> dict:
-    """compare "features" (below), "precision" (`run_precision`), "placement" (`run_placement`) or
-    "prompts" (`run_sharing`)."""
+    """compare "features" (below), "precision" (`run_precision`), "placement" (`run_placement`),
+    "prompts" or "skip" (`run_trainer_setting`)."""
     if compare == "precision":
         return run_precision(config_path, iterations, overrides, json_path, record, log)
     if compare == "placement":
         return run_placement(config_path, iterations, overrides, json_path, record, log)
-    if compare == "prompts":
-        return run_sharing(config_path, iterations, overrides, json_path, record, log)
+    if compare in TRAINER_SETTINGS:
+        return run_trainer_setting(compare, config_path, iterations, overrides, json_path, record, log)
     if compare != "features":
-        raise ValueError(f"bench e2e compares features, precision, placement or prompts, not {compare!r}")
+        raise ValueError(f"bench e2e compares features, precision, placement, prompts or skip, not {compare!r}")
     return run_features(config_path, iterations, overrides, json_path, record, log)
 
 
@@ -193,45 +193,62 @@ def round_robin(configs: dict, iterations: int, log) -> dict[str, list[dict]]:
     return all_records
 
 
-# `--compare prompts`: label -> train.share_prompts
-SHARING = {"a row per sample": False, "prompts shared": True}
+# `--compare prompts` and `--compare skip`: two values of one train.* field, the first the reference.
+TRAINER_SETTINGS = {
+    "prompts": {"field": "share_prompts", "section": "e2e-prompts", "values": {"a row per sample": False, "prompts shared": True},
+                "title": "the trainer repeating each prompt per sample vs computing it once per group"},
+    "skip": {"field": "skip_zero_advantage", "section": "e2e-skip", "values": {"every sample": False, "zero-advantage skipped": True},
+             "title": "the trainer running every sample vs none for samples with zero advantage"},
+}
+SHARING = TRAINER_SETTINGS["prompts"]["values"]
 
 
-def run_sharing(config_path: str | None, iterations: int, overrides: list[str] | None, json_path: str | None,
-                record: bool, log) -> dict:
-    """The same iterations from the same seed with the trainer's forwards repeating each prompt for
-    every sample or computing it once for its samples (train.share_prompts), round-robin in one
-    process; stage times are medians over iterations 1.. , with the forward tokens each trains on."""
+def run_trainer_setting(compare: str, config_path: str | None, iterations: int, overrides: list[str] | None,
+                        json_path: str | None, record: bool, log) -> dict:
+    """The same iterations from the same seed under each value of one trainer setting
+    (TRAINER_SETTINGS[compare]: train.share_prompts or train.skip_zero_advantage), round-robin in
+    one process; stage times are medians over iterations 1.. , with the forward tokens each trains
+    on, the samples it skipped and its training seconds summed over those iterations (what a setting
+    saves can grow as the run goes on)."""
+    spec = TRAINER_SETTINGS[compare]
     base = load_config(config_path, overrides or [])
-    configs = {label: replace(base, train=replace(base.train, share_prompts=share)) for label, share in SHARING.items()}
+    configs = {label: replace(base, train=replace(base.train, **{spec["field"]: v})) for label, v in spec["values"].items()}
     all_records = round_robin(configs, iterations, log)
-    medians = {label: {k: median([r[k] for r in (records[1:] or records)]) for k in (*STAGES, "train_tokens")}
-               for label, records in all_records.items()}
-    ref = medians["a row per sample"]
+    later = {label: records[1:] or records for label, records in all_records.items()}
+    medians = {label: {k: median([r[k] for r in rs]) for k in (*STAGES, "train_tokens")} for label, rs in later.items()}
+    for label, rs in later.items():
+        medians[label].update(training_s_sum=sum(r["training_s"] for r in rs), iteration_s_sum=sum(r["iteration_s"] for r in rs),
+                              skipped_samples=sum(r.get("skipped_samples", 0) for r in rs))
+    ref = medians[next(iter(configs))]
     result = {
-        "machine": machine(), "iterations": iterations, "settings": {k: {"train.share_prompts": v} for k, v in SHARING.items()},
+        "machine": machine(), "iterations": iterations, "settings": {k: {f"train.{spec['field']}": v} for k, v in spec["values"].items()},
         "stages": {k: {s: round(x, 2) for s, x in m.items()} for k, m in medians.items()},
-        "relative_to_a_row_per_sample": {k: {s: round(m[s] / ref[s], 3) for s in ("training_s", "iteration_s", "train_tokens")}
-                                         for k, m in medians.items()},
-        "runs": rounded_runs(all_records, (*STAGES, "reward", "gen_tokens", "train_tokens")),
+        "relative_to_reference": {k: {s: round(m[s] / ref[s], 3) if ref[s] else None
+                                      for s in ("training_s", "iteration_s", "train_tokens", "training_s_sum", "iteration_s_sum")}
+                                  for k, m in medians.items()},
+        "runs": rounded_runs(all_records, (*STAGES, "reward", "gen_tokens", "train_tokens", "skipped_samples")),
     }
     write_json(json_path, result)
-    cmd = bench_command("e2e --compare prompts", config_path, iterations, overrides, json_path, record)
-    log(write_section("e2e-prompts", _sharing_markdown(result, cmd, iterations), path=results_file(record)))
+    cmd = bench_command(f"e2e --compare {compare}", config_path, iterations, overrides, json_path, record)
+    log(write_section(spec["section"], _trainer_setting_markdown(result, cmd, iterations, spec), path=results_file(record)))
     return result
 
 
-def _sharing_markdown(r: dict, cmd: str, iterations: int) -> str:
+def _trainer_setting_markdown(r: dict, cmd: str, iterations: int, spec: dict) -> str:
+    reference = next(iter(spec["values"]))
     lines = markdown_head(
-        "End to end: the trainer repeating each prompt per sample vs computing it once per group", cmd, r["machine"],
-        f"Same config and seed in both rows; the rows ran round-robin (one iteration of each in turn, one process). Medians over "
-        f"iterations 1..{iterations - 1} (iteration 0 pays warm-ups); forward tokens = the tokens the training forwards "
-        "run (padding included); x = the row's figure over a row per sample's.",
-        ["setting", "generation s", "inference s", "training s", "forward tokens", "iteration s", "training x", "forward tokens x", "iteration x"])
+        f"End to end: {spec['title']}", cmd, r["machine"],
+        f"Same config and seed in both rows (train.{spec['field']} as the setting says); the rows ran round-robin (one iteration "
+        f"of each in turn, one process). Medians and sums over iterations 1..{iterations - 1} (iteration 0 pays warm-ups); "
+        f"forward tokens = the tokens the training forwards run (padding included); skipped = samples with zero advantage "
+        f"that got no forward; x = the row's figure over {reference}'s.",
+        ["setting", "generation s", "inference s", "training s", "forward tokens", "iteration s", "skipped", "training s, sum",
+         "iteration s, sum", "training x", "forward tokens x", "iteration x", "iteration sum x"])
     for label, m in r["stages"].items():
-        x = r["relative_to_a_row_per_sample"][label]
+        x = r["relative_to_reference"][label]
         lines.append(f"| {label} | {m['generation_s']} | {m['inference_s']} | {m['training_s']} | {m['train_tokens']:.0f} | "
-                     f"{m['iteration_s']} | {x['training_s']:.2f} | {x['train_tokens']:.2f} | {x['iteration_s']:.2f} |")
+                     f"{m['iteration_s']} | {m['skipped_samples']:.0f} | {m['training_s_sum']:.1f} | {m['iteration_s_sum']:.1f} | "
+                     f"{x['training_s']:.2f} | {x['train_tokens']:.2f} | {x['iteration_s']:.2f} | {x['iteration_s_sum']:.2f} |")
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ import torch
 from rlhfspec.bench.common import machine, median, results_file, write_json, write_section
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.rl.config import Config, load_config
+from rlhfspec.rl.learner import skips_zero_advantage
 
 STAGES = ("generation_s", "scoring_s", "training_s", "other_s", "iteration_s")
 QUICK = ["--data.prompts_per_iteration", "4", "--generation.num_generations", "4", "--generation.max_new_tokens", "64"]
@@ -192,7 +193,8 @@ class _Rlhfspec:
             raise RlhfspecError("bench trl gave rlhfspec's trainer fewer turns than its iterations.")
         out = [{"iteration": r["iteration"], "generation_s": r["generation_s"], "scoring_s": r["inference_s"], "training_s": r["training_s"],
                 "other_s": r["sync_s"], "iteration_s": r["iteration_s"], "gen_tokens": r["gen_tokens"],
-                "completion_len_max": r["completion_len_max"], "reward": r["reward"]} for r in self.records]
+                "completion_len_max": r["completion_len_max"], "reward": r["reward"],
+                "skipped_samples": r.get("skipped_samples", 0)} for r in self.records]
         return out, self.trainer.source.batches
 
     def close(self) -> None:
@@ -254,7 +256,11 @@ def differences(c: Config, trl: dict) -> list[str]:
          f"({c.train.micro_batch_tokens}) tokens per forward, padded to each group's longest") +
         f"; TRL runs {trl['per_device_train_batch_size']} "
         f"samples per forward, padded to the longest, accumulating over {trl['gradient_accumulation_steps']} of them. Both take "
-        "one optimizer step per iteration over all its samples.",
+        "one optimizer step per iteration over all its samples" + (
+            "; rlhfspec runs no forward or backward for the samples of a group that all scored alike (zero advantage, "
+            "so exactly zero gradient here: train.skip_zero_advantage; the table's 'skipped' column), TRL runs them all: the same "
+            "update, to float32 summation order, and rlhfspec's logged entropy covers the trained samples only."
+            if skips_zero_advantage(c, critic=False) else "."),
     ]
     if c.train.dtype == "bfloat16":
         gen_dtype = c.generation_dtype()
@@ -311,14 +317,15 @@ def _markdown(r: dict, png: str) -> str:
         f"same prompt token ids: {'yes' if checks['same_prompt_ids'] else 'NO'}.  ",
         f"Order: iterations {_order_text(r['order'])}; TRL in a process of its own, one side computing at a time.",
         "",
-        "| side | iteration | generation s | scoring s | training s | other s | iteration s | tokens | tokens/s | reward |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| side | iteration | generation s | scoring s | training s | other s | iteration s | tokens | tokens/s | reward | skipped |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for side, label in (("rlhfspec", "rlhfspec"), ("trl", "TRL")):
         for x in r["runs"][side]:
             lines.append(f"| {label} | {x['iteration']} | {x['generation_s']:.1f} | {x['scoring_s']:.1f} | {x['training_s']:.1f} | "
                          f"{x['other_s']:.1f} | {x['iteration_s']:.1f} | {x['gen_tokens']} | "
-                         f"{x['gen_tokens'] / max(x['generation_s'], 1e-9):.0f} | {x['reward']:.3f} |")
+                         f"{x['gen_tokens'] / max(x['generation_s'], 1e-9):.0f} | {x['reward']:.3f} | "
+                         f"{x.get('skipped_samples', 0) if side == 'rlhfspec' else 0} |")
     s = r["speedup"]
     lines += [
         "",

@@ -148,6 +148,12 @@ class TrainConfig:
     # Compute each prompt once for its samples in the trainer's forwards (a row holds the prompt,
     # then its completions, each seeing the prompt and itself); false: a row per sample, prompt repeated.
     share_prompts: bool = True
+    # Run no forward or backward for samples whose every advantage is zero (a GRPO or RLOO group
+    # that all scored alike) when nothing else in the loss reads them (no critic, no entropy bonus,
+    # no KL term in the loss): their gradient is exactly zero, so every update is the same (to
+    # float32 summation order), and the loss's normalisation still counts their tokens. The logged
+    # entropy, clip fraction and engine/trainer logprob gap then cover the trained samples.
+    skip_zero_advantage: bool = True
     seed: int = 0
     logprob_check_every: int = 10  # iterations between checks that the engine's logprobs still match the trainer's
     # The trainer's compute precision: "bfloat16" runs its forwards under autocast over float32

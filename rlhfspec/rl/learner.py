@@ -51,6 +51,14 @@ def load_weights(policy, critic, tensors: dict) -> None:
             critic[1].copy_(tensors["critic"]["value_head"])
 
 
+def skips_zero_advantage(c: Config, critic: bool) -> bool:
+    """Whether the learner runs no forward for samples with zero advantage (train.skip_zero_advantage):
+    when nothing but the advantage-weighted surrogate reads them, that is with no critic, no
+    entropy bonus and no KL term in the loss (kl_in_reward null counts as in the loss)."""
+    a = c.algorithm
+    return c.train.skip_zero_advantage and not critic and not a.entropy_coef and not (a.beta > 0 and not a.kl_in_reward)
+
+
 def steps_per_epoch(c: Config) -> int:
     """Optimizer steps per epoch: mini_batches, or fewer when an iteration has fewer samples."""
     return min(c.train.mini_batches, c.data.prompts_per_iteration * c.generation.num_generations)
@@ -66,6 +74,7 @@ class Learner:
         c = self.config = config
         self.policy, self.critic, self.rank, self.world = policy, critic, rank, world
         self.compute_dtype = c.train.compute_dtype(str(policy.device))
+        self.skips_flat = skips_zero_advantage(c, critic=critic is not None)
         self.score_params = score_params(c)
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=c.train.learning_rate, betas=c.train.adam_betas, weight_decay=c.train.weight_decay)
         total = c.train.iterations * c.train.epochs * steps_per_epoch(c)
@@ -89,14 +98,20 @@ class Learner:
         counts = dict.fromkeys(COUNTS, 0.0)
         counts["gap_max"] = 0.0
         self.reduce_s = 0.0
+        skipped = 0
         for epoch in range(c.train.epochs):
             rng.shuffle(order)
             # Mini-batches of near-equal size (they differ by at most one sample), so no step runs
             # on a small remainder at full weight, and the schedule counts exactly these steps.
             for mb in (m.tolist() for m in torch.tensor_split(torch.tensor(order), min(c.train.mini_batches, len(order)))):
                 self.optimizer.zero_grad(set_to_none=True)
-                total = self._backward(batch, targets, mb, counts, epoch == 0)
+                trained = self._trained(targets, mb)
+                skipped += (len(mb) - len(trained)) * (epoch == 0)
+                total = self._backward(batch, targets, mb, trained, counts, epoch == 0)
                 total = self._all_reduce(total)
+                if all(p.grad is None for p in self.policy.parameters()):
+                    for p in self.policy.parameters():  # every sample skipped: the zero gradient their forwards give
+                        p.grad = torch.zeros_like(p)
                 if not math.isfinite(total):
                     raise RlhfspecError(f"the policy loss became {total} at iteration {iteration}; the iteration was not committed (try a lower learning rate).")
                 norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.train.max_grad_norm)
@@ -113,9 +128,11 @@ class Learner:
                 grad_norms.append(norm.item())
         counts = self._sum_counts(counts)
         out = {"loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms),
-               "clip_frac": counts["clipped"] / max(counts["tokens"], 1),
-               "entropy": counts["entropy_sum"] / max(counts["entropy_tokens"], 1), "lr": lr,
-               "train_tokens": counts["forward_tokens"]}  # the tokens the training forwards ran, padding included
+               "clip_frac": counts["clipped"] / max(counts["tokens"], 1), "lr": lr,
+               "train_tokens": counts["forward_tokens"],  # the tokens the training forwards ran, padding included
+               "skipped_samples": skipped}  # samples with no advantage, no forward (train.skip_zero_advantage)
+        if counts["entropy_tokens"]:  # over the trained samples' tokens (none when every sample was skipped)
+            out["entropy"] = counts["entropy_sum"] / counts["entropy_tokens"]
         if c.algorithm.beta > 0 and not c.algorithm.kl_in_reward:
             out["kl_loss_term"] = counts["kl_sum"] / max(counts["tokens"], 1)
         if self.world > 1:  # this rank's seconds in the all-reduces, waiting for slower ranks included
@@ -127,17 +144,29 @@ class Learner:
                 out["rollout_trainer_logprob_diff"] = counts["gap_max"]
         return out
 
-    def _backward(self, batch: Batch, targets: Targets, mb: list[int], counts: dict, first_epoch: bool) -> float:
-        """Accumulate this rank's share of mini-batch `mb`'s gradients; its share of the loss, or the
-        first non-finite micro-batch loss (nothing of which is backpropagated)."""
+    def _trained(self, targets: Targets, mb: list[int]) -> list[int]:
+        """The samples of mini-batch `mb` the step runs forwards for: all of them, or with
+        `skips_flat` those with an advantage other than zero. A sample whose every advantage is
+        zero (its group all scored alike) adds exactly nothing to the loss or its gradient then, so
+        skipping it changes no update; the mini-batch's normalisation still counts its tokens."""
+        if not self.skips_flat:
+            return mb
+        adv = targets.advantages[mb]
+        live = adv != 0 if adv.dim() == 1 else (adv != 0).any(-1)
+        return [i for i, keep in zip(mb, live.tolist()) if keep]
+
+    def _backward(self, batch: Batch, targets: Targets, mb: list[int], trained: list[int], counts: dict, first_epoch: bool) -> float:
+        """Accumulate this rank's share of mini-batch `mb`'s gradients, running forwards over its
+        samples `trained` only; its share of the loss, or the first non-finite micro-batch loss
+        (nothing of which is backpropagated)."""
         # The whole mini-batch's token and sequence counts normalise every share, so the ranks'
         # gradients add up to the mini-batch's.
-        n_tokens = targets.mask[mb].sum().item()
-        sub = batch.subset(mb)
+        n_tokens, n_seqs = targets.mask[mb].sum().item(), len(mb)
+        sub = batch.subset(trained)
         total = 0.0
         with self.compute():  # one autocast region per step: each weight is cast once for all micro-batches
             for micro in self._share(sub):
-                total += self._micro_backward(sub, mb, micro, targets, n_tokens, counts, first_epoch)
+                total += self._micro_backward(sub, trained, micro, targets, n_tokens, n_seqs, counts, first_epoch)
                 if not math.isfinite(total):
                     return total
         return total
@@ -162,15 +191,15 @@ class Learner:
                     mine.append(rows(part))
         return mine
 
-    def _micro_backward(self, sub: Batch, mb: list[int], micro: list[int], targets: Targets, n_tokens: float,
-                        counts: dict, first_epoch: bool) -> float:
-        """One micro-batch's forward and backward (rows `micro` of `sub`, mini-batch `mb`'s samples);
-        its loss (not backpropagated if not finite)."""
+    def _micro_backward(self, sub: Batch, rows: list[int], micro: list[int], targets: Targets, n_tokens: float,
+                        n_seqs: int, counts: dict, first_epoch: bool) -> float:
+        """One micro-batch's forward and backward (rows `micro` of `sub`, samples `rows` of the
+        iteration); its loss (not backpropagated if not finite)."""
         c, algo = self.config, self.config.algorithm
-        idx = [mb[i] for i in micro]
+        idx = [rows[i] for i in micro]
         lp, _, ent = completion_logprobs(self.policy, sub, micro, self.score_params, entropy=True, entropy_grad=bool(algo.entropy_coef))
         with self.plain():
-            loss, st = policy_objective(lp, idx, targets, algo, n_tokens, len(mb), c.generation.max_new_tokens, ent)
+            loss, st = policy_objective(lp, idx, targets, algo, n_tokens, n_seqs, c.generation.max_new_tokens, ent)
             if not torch.isfinite(loss):
                 return loss.item()
             if first_epoch:  # the policy's entropy on its own rollout tokens, and its gap to the engine's logprobs

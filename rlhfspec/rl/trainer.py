@@ -169,7 +169,7 @@ class Trainer:
                                      trainer_logprobs=self.checked_logprobs, in_training=self.old_in_training)
         t2 = time.perf_counter()
         train_stats = self.learner.optimize(batch, inference.targets, it)
-        if self.old_in_training and self.verified_logprobs is None:
+        if self.old_in_training and self.verified_logprobs is None and "rollout_trainer_logprob_gap_max" in train_stats:
             self._verified(train_stats["rollout_trainer_logprob_gap_max"], train_stats["rollout_trainer_logprob_gap_mean"], reuse)
         if not self.shared:
             self._sync_engine(it + 1)

@@ -11,3 +11,8 @@ def digit_count(prompts, completions, **_):
 def explode(prompts, completions, **_):
     """A reward function with a bug."""
     raise ValueError("cannot score this")
+
+
+def per_prompt(prompts, completions, **_):
+    """A score that reads only the prompt: every sample of a group gets the same one."""
+    return [float(len(str(p)) % 3) for p in prompts]
