@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from rlhfspec.bench.e2e import PRECISIONS, SHARING, TRAINER_SETTINGS, run
+from rlhfspec.rl.config import load_config
+from rlhfspec.rl.trainer import Trainer
 from tests.rl.helpers import tiny_policy_dir
 
 
@@ -29,26 +33,32 @@ def test_the_precision_comparison_runs_every_setting_and_writes_its_table(tmp_pa
     assert "<!-- bench" not in table and "| bf16 train + generation |" in table and "--compare precision" in table
 
 
-def test_the_prompt_sharing_comparison_trains_fewer_tokens_on_the_same_samples(tmp_path):
+def test_the_prompt_sharing_comparison_trains_the_same_samples_on_fewer_tokens(tmp_path):
     lines = []
     result = run(None, 2, _overrides(tmp_path), json_path=str(tmp_path / "e2e.json"), log=lines.append, compare="prompts")
-    assert list(result["stages"]) == list(SHARING)
-    plain, shared = (result["runs"][label] for label in SHARING)
-    assert plain[0]["gen_tokens"] == shared[0]["gen_tokens"] and plain[0]["reward"] == shared[0]["reward"]  # the same first rollout
-    assert shared[0]["train_tokens"] < plain[0]["train_tokens"]  # 2 samples a prompt: each prompt computed once, not twice
+    assert list(result["training"]) == list(SHARING)
+    for x in result["runs"]:  # each iteration's samples trained both ways from one state: the same update to rounding
+        plain, shared = (x[label] for label in SHARING)
+        assert shared["train_tokens"] < plain["train_tokens"]  # 2 samples a prompt: each prompt computed once, not twice
+        assert shared["loss"] == pytest.approx(plain["loss"], rel=1e-4, abs=1e-6) and 0 < x["weight_diff_max"] < 1e-5
     assert result["relative_to_reference"]["a row per sample"]["training_s"] == 1.0
     table = lines[-1]
     assert "| prompts shared |" in table and "--compare prompts" in table
+    # The run goes on from the config's own setting's update whichever order the settings ran in.
+    c = load_config(None, [*_overrides(tmp_path), "--train.iterations", "2", "--run.output_dir", str(tmp_path / "plain")])
+    plain = Trainer(c, progress=False, log=lambda m: None).train()
+    assert [r["loss"] for r in plain] == [x["prompts shared"]["loss"] for x in result["runs"]]
 
 
 def test_the_skip_comparison_trains_no_sample_of_a_group_that_scored_alike(tmp_path):
-    """A reward that only reads the prompt: every group scores alike, so the skipping row runs no
-    training forward at all, and both rows sample the same completions."""
+    """A reward that only reads the prompt: every group scores alike, so the skipping setting runs
+    no training forward at all, and its update (on zero gradients) is the other's exactly."""
     lines = []
     result = run(None, 2, _overrides(tmp_path, "per_prompt"), json_path=str(tmp_path / "e2e.json"), log=lines.append, compare="skip")
-    every, skipping = (result["runs"][label] for label in TRAINER_SETTINGS["skip"]["values"])
-    assert [r["gen_tokens"] for r in every] == [r["gen_tokens"] for r in skipping]
-    assert all(r["train_tokens"] > 0 and r["skipped_samples"] == 0 for r in every)
-    assert all(r["train_tokens"] == 0 and r["skipped_samples"] == 4 for r in skipping)
+    every, skipping = TRAINER_SETTINGS["skip"]["values"]
+    for x in result["runs"]:
+        assert x[every]["train_tokens"] > 0 and x[every]["skipped_samples"] == 0
+        assert x[skipping]["train_tokens"] == 0 and x[skipping]["skipped_samples"] == 4
+    assert result["weight_diff_max"] == 0
     table = lines[-1]
     assert "| zero-advantage skipped |" in table and "--compare skip" in table
