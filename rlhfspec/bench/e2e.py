@@ -194,7 +194,7 @@ def round_robin(configs: dict, iterations: int, log) -> dict[str, list[dict]]:
 
 
 # `--compare prompts` and `--compare skip`: two values of one train.* field, the reference first and
-# the config's own value (what the run goes on with) second.
+# the value the run goes on with second.
 TRAINER_SETTINGS = {
     "prompts": {"field": "share_prompts", "section": "e2e-prompts", "values": {"a row per sample": False, "prompts shared": True},
                 "title": "the trainer repeating each prompt per sample vs computing it once per group"},
@@ -239,8 +239,8 @@ class _Replay:
 
         labels = list(self.values)
         before, row, weights = self._snapshot(), {"iteration": iteration}, {}
-        last = labels[-1]  # the config's own value: the run goes on from its update
-        for k, label in enumerate(labels if iteration % 2 else labels[::-1]):  # own value first at even iterations
+        last = labels[-1]  # the run goes on from this value's update
+        for k, label in enumerate(labels if iteration % 2 else labels[::-1]):  # the second value first at even iterations
             if k:
                 self.learner.load_state_dict(*before)
             release_memory()
@@ -253,7 +253,7 @@ class _Replay:
                 kept = stats
                 if k == 0:  # the reference runs next: the run goes back to this update after it
                     after = self._snapshot()
-        if labels[-1] != label:
+        if label != last:
             self.learner.load_state_dict(*after)
         first, second = (weights[label] for label in labels)
         row["weight_diff_max"] = max((a - b).abs().max().item() for a, b in zip(first, second))
@@ -273,7 +273,8 @@ def run_trainer_setting(compare: str, config_path: str | None, iterations: int, 
     spec = TRAINER_SETTINGS[compare]
     base = load_config(config_path, overrides or [])
     with tempfile.TemporaryDirectory(prefix="rlhfspec-bench-") as tmp:
-        cfg = replace(base, train=replace(base.train, iterations=iterations),
+        own = list(spec["values"].values())[-1]  # the run goes on from the second setting's updates
+        cfg = replace(base, train=replace(base.train, iterations=iterations, **{spec["field"]: own}),
                       run=replace(base.run, output_dir=str(Path(tmp) / "run"), tensorboard=False, wandb=False, checkpoint_every=iterations))
         trainer = Trainer(cfg, progress=False, log=lambda m: None)
         replay = trainer.learner.optimize = _Replay(trainer.learner, spec["field"], spec["values"])

@@ -44,7 +44,7 @@ def test_the_prompt_sharing_comparison_trains_the_same_samples_on_fewer_tokens(t
     assert result["relative_to_reference"]["a row per sample"]["training_s"] == 1.0
     table = lines[-1]
     assert "| prompts shared |" in table and "--compare prompts" in table
-    # The run goes on from the config's own setting's update whichever order the settings ran in.
+    # The run goes on from the second setting's update whichever order the settings ran in.
     c = load_config(None, [*_overrides(tmp_path), "--train.iterations", "2", "--run.output_dir", str(tmp_path / "plain")])
     plain = Trainer(c, progress=False, log=lambda m: None).train()
     assert [r["loss"] for r in plain] == [x["prompts shared"]["loss"] for x in result["runs"]]
