@@ -85,7 +85,9 @@ class CostModel:
     corrected by the speculative steps themselves without making plain steps look dearer too, which
     would keep the selector from ever trying plain decoding again.
     The tables are fixed once given (their sorted grids are cached); a drafter without a profile
-    gets a per-row-token table learned from its first measured step.
+    gets a per-row-token table learned from its first measured step. `smoothing` is each
+    observation's weight in the moving average (a bucket's first observation sets it); 0 learns no
+    correction, keeping the profiled prices.
     """
 
     def __init__(self, verify: Table, drafts: dict[str, Table] | None = None, smoothing: float = 0.2):
@@ -133,6 +135,8 @@ class CostModel:
             rows = batch * max(k, 1)
             self._set_draft_table(kind, {(1, 1): seconds / rows, (64, 1): 64 * seconds / rows})
             self.learned.add(kind)
+            return
+        if not self.smoothing:  # the profiled prices, kept as given
             return
         ratio = seconds / grid(batch, k)
         keys = self._keys(kind, batch, k)

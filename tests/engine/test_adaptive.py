@@ -43,7 +43,9 @@ def run_with_costs(greedy, verify_seconds):
     verify_seconds(b, q) as its cost profile; returns (token ids, step records)."""
     policy, prompts, params, plain = greedy
     oracle = OracleDrafter({o.sample_id: o.token_ids for o in plain})
-    strategy = AdaptiveStrategy(CostModel(grid(verify_seconds), {"oracle": grid(lambda b, n: 1e-6 * n)}))
+    # smoothing 0: the decisions follow these prices alone. Corrected by this machine's measured step
+    # times, one slow step (another process, a page fault) could price a draft length out for good.
+    strategy = AdaptiveStrategy(CostModel(grid(verify_seconds), {"oracle": grid(lambda b, n: 1e-6 * n)}, smoothing=0))
     stats = []
     out = generate(policy, prompts, params, batch_size=2, drafter=oracle, strategy=strategy, instance_stats=stats)
     return [o.token_ids for o in out], stats[0].records

@@ -92,6 +92,15 @@ def test_the_cost_model_refits_when_timings_change():
     assert cost.verify(4, 1) == pytest.approx(0.02, rel=0.02)
 
 
+def test_smoothing_zero_keeps_the_profiled_prices():
+    cost = CostModel(table(lambda b, q: 0.01 * q), smoothing=0)
+    for q in (1, 3):
+        cost.observe("verify", 4, q, 0.5)
+    assert cost.verify(4, 1) == pytest.approx(0.01) and cost.verify(4, 3) == pytest.approx(0.03)
+    cost.observe("fresh", 4, 2, 0.08)  # a drafter with no profile is still priced from its first step
+    assert "fresh" in cost.learned and cost.correction == {}
+
+
 def test_speculative_steps_dearer_than_profiled_correct_their_own_price_not_plain_steps():
     """A profile flat in q at a large batch (verification looks free) and a machine where three
     tokens a row cost 2.5x a plain step: the measured steps price speculation right, and plain
