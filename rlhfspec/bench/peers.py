@@ -46,6 +46,7 @@ class PeersBenchConfig:
         c = load_config(self.config, extra)
         c.validate()
         c.train.dtype = c.train.compute_dtype("cpu")  # one precision, resolved once, for both sides
+        c.run.device = "cpu"  # TRL's side runs with use_cpu
         return c
 
     def command(self) -> str:

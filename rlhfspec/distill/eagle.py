@@ -57,17 +57,19 @@ class EagleDistiller(Distiller):
         times the smooth-L1 distance of every predicted feature to the policy's; with `unroll`, the
         same again for the second link of a chain (input: the head's own predicted feature)."""
         head, cfg = self.head, self.config
+        dev = head.device  # the examples stay on the CPU; the head may not
         ids, mask = padded_batch([e.tokens for e in batch])
         b, t = ids.shape
         feats = torch.zeros(b, t, head.hidden_size)
         for r, e in enumerate(batch):
             feats[r, : len(e.tokens)] = e.features
+        ids, mask, feats = ids.to(dev), mask.to(dev), feats.to(dev)
         # Head input t is (f_t, x_{t+1}); it predicts f_{t+1} and the distribution of x_{t+2}.
         inputs, targets, valid = feats[:, :-1], feats[:, 1:], mask[:, 1:]
         if cfg.feature_noise and head.training:
-            inputs = inputs + torch.randn(inputs.shape, generator=self.noise) * cfg.feature_noise
+            inputs = inputs + torch.randn(inputs.shape, generator=self.noise).to(dev) * cfg.feature_noise
         head.ensure_positions(t)
-        embeds = F.embedding(ids[:, 1:], self.policy.embed.weight.detach().float().cpu()).reshape(-1, head.hidden_size)
+        embeds = F.embedding(ids[:, 1:], self.policy.embed.weight.detach().float().to(dev)).reshape(-1, head.hidden_size)
         out, out2 = chain_links(head, inputs, embeds, valid, cfg.unroll)
         ce, regression = self._terms(batch, out, targets, valid.bool(), skip=0)
         self.parts = {"ce": ce.item(), "feature": regression.item()}
@@ -91,8 +93,8 @@ class EagleDistiller(Distiller):
             top_ids.append(e.top_ids[first - (e.start - 2) :])
             top_lp.append(e.top_logprobs[first - (e.start - 2) :])
         rows = torch.cat(rows)
-        local = _to_local(torch.cat(top_ids), self.vocab)
-        p = torch.cat(top_lp).exp()
+        local = _to_local(torch.cat(top_ids).to(rows.device), self.vocab)
+        p = torch.cat(top_lp).to(rows.device).exp()
         logq = torch.log_softmax(self.head.logits(rows), dim=-1).gather(-1, local.clamp(min=0))
         return -(p * logq * (local >= 0)).sum() / max(rows.shape[0], 1), regression
 
@@ -163,8 +165,8 @@ class _SecondLink:
     def __init__(self, first: _Recording, valid: torch.Tensor):
         b, t = valid.shape
         self.batch, self.qlen, self.first, self.positions = b, t, first, first.positions
-        before = torch.ones(t, t, dtype=torch.bool).tril(-1)[None] & valid.bool()[:, None, :]
-        own = torch.eye(t, dtype=torch.bool)[None].expand(b, t, t)
+        before = torch.ones(t, t, dtype=torch.bool, device=valid.device).tril(-1)[None] & valid.bool()[:, None, :]
+        own = torch.eye(t, dtype=torch.bool, device=valid.device)[None].expand(b, t, t)
         self.mask = torch.cat((before, own), dim=-1)[:, None]
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,7 @@ class Distiller:
 
     def __init__(self, draft: Transformer, config: DistillConfig | None = None, draft_vocab: list[int] | None = None):
         self.draft, self.config = draft, config or DistillConfig()
-        self.vocab = None if draft_vocab is None else torch.tensor(sorted(draft_vocab))
+        self.vocab = None if draft_vocab is None else torch.tensor(sorted(draft_vocab), device=draft.device)
         self.optimizer = torch.optim.AdamW(draft.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
         self.rng = random.Random(self.config.seed)
         self.steps = 0
@@ -91,8 +91,8 @@ class Distiller:
         hidden = hidden_states(self.draft, ids, mask)
         # One output-layer matmul over every response position of the batch (it dominates the cost).
         rows = torch.cat([hidden[r, e.start - 1 : len(e.tokens) - 1] for r, e in enumerate(batch)])
-        top_ids = torch.cat([e.top_ids for e in batch])
-        p = torch.cat([e.top_logprobs for e in batch]).exp()
+        top_ids = torch.cat([e.top_ids for e in batch]).to(rows.device)  # the examples stay on the CPU
+        p = torch.cat([e.top_logprobs for e in batch]).to(rows.device).exp()
         if self.vocab is not None:
             top_ids = _to_local(top_ids, self.vocab)
         valid = top_ids >= 0

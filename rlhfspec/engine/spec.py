@@ -199,6 +199,7 @@ class EngineSpec:
     batch_invariant: bool = True
     threads: int | None = None
     model: str | None = None
+    device: str = "cpu"  # where an instance that loads `model` puts it
 
     def __post_init__(self):
         self.check()
@@ -259,7 +260,7 @@ class EngineSpec:
                 raise RlhfspecError("the engine spec names no model to load, and none was handed to it.")
             from rlhfspec.models.loader import load_model
 
-            model, tokenizer = load_model(self.model, dtype=self.dtype)
+            model, tokenizer = load_model(self.model, dtype=self.dtype, device=self.device)
         if drafters is None:
             drafters = [d.build(model, tokenizer) for d in self.drafters]
         if strategy is None and self.strategy is not None:

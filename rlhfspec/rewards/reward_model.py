@@ -45,8 +45,8 @@ class RewardModel:
     @torch.no_grad()
     def scores(self, token_ids: list[list[int]]) -> list[float]:
         hidden = hidden_states(self.model, *padded_batch(token_ids))
-        last = torch.tensor([len(t) - 1 for t in token_ids])
-        h = self.model.normed(hidden[torch.arange(len(token_ids)), last])
+        last = torch.tensor([len(t) - 1 for t in token_ids], device=hidden.device)
+        h = self.model.normed(hidden[torch.arange(len(token_ids), device=hidden.device), last])
         return (h @ self.score_weight.T).squeeze(-1).float().tolist()
 
     def encode(self, prompt, completion: str) -> list[int]:

@@ -84,10 +84,15 @@ class GenerationConfig:
     realloc: bool = False  # sample reallocation across instances
     instances: int = 1
     backend: str = "inproc"  # "inproc" (this process) or "ray" (one actor per instance; run.ray_address)
-    batch_invariant: bool = True  # a sample's tokens never depend on its batch or instance (see README)
+    # A sample's tokens never depend on its batch or instance (see README). null: on the CPU, not on
+    # a GPU (no batch-invariant CUDA attention has passed the start-up check yet).
+    batch_invariant: bool | None = None
+    # backend "ray": the GPUs each generation actor reserves, and it runs on its GPU when this is
+    # above 0 (0.5: two actors share one). null: 1 when run.device is a GPU, else 0.
+    gpus_per_instance: float | None = None
 
-    def engine_spec(self) -> EngineSpec:
-        """The generation instance this section describes (one per generation.instances)."""
+    def engine_spec(self, device: str = "cpu") -> EngineSpec:
+        """The generation instance this section describes (one per generation.instances) on `device`."""
         drafters: list = []
         for text in (self.drafters if self.speculative else []):
             d = drafter_spec(text, tuple(x.name for x in drafters))
@@ -95,7 +100,14 @@ class GenerationConfig:
                 d = DraftModel(self.draft_path, d.name)
             drafters.append(d)
         strategy = strategy_spec(self.strategy, tuple(drafters), self.num_draft_tokens, self.threshold_batch, self.max_draft_tokens)
-        return EngineSpec(tuple(drafters), strategy, self.batch_size, dtype=self.dtype, batch_invariant=self.batch_invariant)
+        invariant = self.batch_invariant if self.batch_invariant is not None else device == "cpu"
+        return EngineSpec(tuple(drafters), strategy, self.batch_size, dtype=self.dtype, batch_invariant=invariant)
+
+    def actor_gpus(self, device: str) -> float:
+        """gpus_per_instance resolved for a run on `device`."""
+        if self.gpus_per_instance is not None:
+            return self.gpus_per_instance
+        return 1.0 if device.startswith("cuda") else 0.0
 
 
 @dataclass
@@ -184,6 +196,11 @@ class RunConfig:
     threads: int | None = None
     # The Ray cluster to join (generation.backend ray, train.workers > 1); null: a local one started by the run
     ray_address: str | None = None
+    # Where the policy, reference, critic, reward model and in-process engine run: "auto" (a CUDA GPU
+    # when torch sees one, else the CPU), "cpu", "cuda" or "cuda:N". On a GPU run each Ray training
+    # worker (train.workers > 1) takes a GPU of its own and each generation actor
+    # generation.gpus_per_instance of one.
+    device: str = "auto"
 
 
 @dataclass
@@ -198,6 +215,18 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def device(self) -> str:
+        """run.device resolved: "auto" is "cuda" when torch sees a CUDA GPU, else "cpu"."""
+        return check_device(self.run.device)
+
+    def engine_device(self) -> str:
+        """Where the generation instances run: run.device in this process; on Ray, an actor's own
+        GPU ("cuda", the one Ray gave it) when it reserves one, else its CPUs."""
+        device = self.device()
+        if self.generation.backend != "ray":
+            return device
+        return "cuda" if self.generation.actor_gpus(device) else "cpu"
 
     def generation_dtype(self, device: str = "cpu") -> str:
         """The precision the engine generates in (generation.dtype, else the weights')."""
@@ -271,12 +300,41 @@ class Config:
         SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, max_new_tokens=g.max_new_tokens)
         if g.backend not in BACKENDS:
             raise RlhfspecError(f"generation.backend {g.backend!r} is not one of {', '.join(BACKENDS)}.")
-        g.engine_spec()  # one sentence for a drafter or strategy setting no instance could run
+        check_device(r.device)
+        if g.gpus_per_instance is not None and g.gpus_per_instance < 0:
+            raise RlhfspecError(f"generation.gpus_per_instance is {g.gpus_per_instance}; it must be >= 0 (or null: 1 on a GPU run, 0 on the CPU).")
+        if g.gpus_per_instance and g.backend != "ray":
+            raise RlhfspecError(f"generation.gpus_per_instance is {g.gpus_per_instance}, but only Ray actors reserve GPUs; "
+                                "in-process instances run on run.device (set generation.backend ray, or drop gpus_per_instance).")
+        engine = self.engine_device()
+        if g.batch_invariant and engine.startswith("cuda"):
+            raise RlhfspecError("generation.batch_invariant is true, but no batch-invariant attention has passed the start-up check "
+                                "on CUDA yet; set it false (or null: on the CPU only) for generation on a GPU.")
+        g.engine_spec(engine)  # one sentence for a drafter or strategy setting no instance could run
         if r.wandb:
             import importlib.util
 
             if importlib.util.find_spec("wandb") is None:
                 raise RlhfspecError("run.wandb is true but wandb is not installed; pip install 'rlhfspec[wandb]' (or set run.wandb false).")
+
+
+def check_device(device: str) -> str:
+    """run.device resolved ("auto": a CUDA GPU when torch sees one), or one sentence on why a run
+    cannot use it."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = device.partition(":")
+    if device != "cpu" and (kind != "cuda" or (index and not index.isdigit())):
+        raise RlhfspecError(f"run.device {device!r} is not auto, cpu, cuda or cuda:N.")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RlhfspecError(f"run.device is {device!r}, but this torch ({torch.__version__}) sees no CUDA GPU; "
+                                "use cpu (or auto, which picks a GPU only where there is one).")
+        if index and int(index) >= torch.cuda.device_count():
+            raise RlhfspecError(f"run.device is {device!r}, but torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0.")
+    return device
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -15,7 +15,7 @@ from rlhfspec.rl.config import Config
 from rlhfspec.rl.learner import Learner, load_critic, load_weights, weight_tensors
 from rlhfspec.rl.logprobs import Batch
 from rlhfspec.rl.objective import Targets
-from rlhfspec.rollout.ray_backend import connect, free_cpus, pack_weights, unpack_weights
+from rlhfspec.rollout.ray_backend import connect, free_resource, pack_weights, unpack_weights
 
 # After one rank fails, how long the others get to report their own end before they are taken to
 # be stuck in a collective that waits for the failed one.
@@ -46,8 +46,9 @@ class _Worker:
         import torch.distributed as dist
 
         c = self.config
-        policy = load_model(c.model.policy, dtype=c.model.dtype, tokenizer=False)[0].train().requires_grad_(True)
-        critic = load_critic(c) if c.algorithm.name == "ppo" else None
+        device = c.device()  # "cuda" on a GPU run: the one GPU Ray gave this worker
+        policy = load_model(c.model.policy, dtype=c.model.dtype, device=device, tokenizer=False)[0].train().requires_grad_(True)
+        critic = load_critic(c, device) if c.algorithm.name == "ppo" else None
         backend = "nccl" if policy.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=address, rank=self.rank, world_size=self.world)
         self.learner = Learner(c, policy, critic, self.rank, self.world)
@@ -64,7 +65,8 @@ class _Worker:
         return pack_weights({f"{model}/{name}": t for model, state in tensors.items() for name, t in state.items()})
 
     def objects(self) -> dict:
-        return self.learner.state_dict()[1]
+        """The optimizer and scheduler states, their tensors on the CPU (the driver may have no GPU)."""
+        return _on_cpu(self.learner.state_dict()[1])
 
     def load_state_dict(self, tensors: dict, objects: dict) -> None:
         self.learner.load_state_dict(tensors, objects)
@@ -86,15 +88,22 @@ class RayLearners:
         import ray
 
         self.ray, self.workers = ray, []
-        cpus = free_cpus(n)
+        gpu = policy.device.type == "cuda"  # a GPU run: each worker takes a GPU of its own
+        cpus, gpus = free_resource(n), free_resource(n, kind="GPU") if gpu else 0
+        problem = None
         if cpus < n:
+            problem = f"train.workers is {n} but the Ray cluster has {cpus:g} free CPUs; each training worker takes one."
+        elif gpu and gpus < n:
+            problem = f"train.workers is {n} on a GPU run but the Ray cluster has {gpus:g} free GPUs; each training worker takes one."
+        if problem:
             self.close()
-            raise RlhfspecError(f"train.workers is {n} but the Ray cluster has {cpus:g} free CPUs; each training worker takes one.")
+            raise RlhfspecError(problem)
         threads = max(1, (config.run.threads or torch.get_num_threads()) // n)
         # The precision is resolved here, once: a worker's own hardware check could pick another.
         shipped = copy.deepcopy(config)
         shipped.train.dtype = config.train.compute_dtype(str(policy.device))
-        remote = ray.remote(num_cpus=1)(_Worker)
+        shipped.run.device = "cuda" if gpu else "cpu"
+        remote = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(_Worker)
         self.workers = [remote.remote(shipped, rank, n, threads) for rank in range(n)]
         starting = "while loading its models and joining the process group; its log is in the Ray session directory"
         address = self._gather([self.workers[0].rendezvous.remote()], starting)[0]
@@ -175,3 +184,14 @@ class RayLearners:
         if isinstance(cause, RlhfspecError):
             raise RlhfspecError(str(cause)) from None
         raise RlhfspecError(f"training worker {rank} of {self.size} failed {when}: {type(cause).__name__}: {cause}") from None
+
+
+def _on_cpu(obj):
+    """A (nested) state with its tensors moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj

@@ -21,10 +21,10 @@ from rlhfspec.rl.objective import Targets, policy_objective, value_objective
 COUNTS = ("clipped", "tokens", "kl_sum", "entropy_sum", "entropy_tokens", "gap_sum", "gap_tokens", "forward_tokens")
 
 
-def load_critic(c: Config) -> tuple[torch.nn.Module, torch.nn.Parameter]:
-    """The PPO critic: model.critic (or the policy) with a zero value head, both trainable."""
-    model = load_model(c.model.critic or c.model.policy, dtype=c.model.dtype, tokenizer=False)[0].train().requires_grad_(True)
-    return model, torch.nn.Parameter(torch.zeros(model.config.hidden_size, 1))
+def load_critic(c: Config, device: str = "cpu") -> tuple[torch.nn.Module, torch.nn.Parameter]:
+    """The PPO critic on `device`: model.critic (or the policy) with a zero value head, both trainable."""
+    model = load_model(c.model.critic or c.model.policy, dtype=c.model.dtype, device=device, tokenizer=False)[0].train().requires_grad_(True)
+    return model, torch.nn.Parameter(torch.zeros(model.config.hidden_size, 1, device=model.device))
 
 
 def compute_context(compute_dtype: str, device: torch.device):
@@ -92,6 +92,7 @@ class Learner:
         """train.epochs passes of train.mini_batches optimizer steps over the iteration's samples, in
         the order random.Random(seed * 7919 + iteration) shuffles them; the steps' statistics."""
         c = self.config
+        targets = targets.to(self.policy.device)  # the inference stage leaves them on the CPU
         order = list(range(len(batch)))
         rng = random.Random(c.train.seed * 7919 + iteration)
         losses, grad_norms, lr = [], [], None

@@ -156,7 +156,7 @@ def completion_logprobs(model, batch: Batch, idx: list[int], params: SamplingPar
     for r, i in enumerate(idx):
         targets[r, : len(batch.completions[i])] = torch.tensor(batch.completions[i])
     out = torch.zeros(b * t, dtype=torch.float32, device=hidden.device)
-    lp = processed_logprobs(model.logits(flat[keep]), params)
+    lp = processed_logprobs(model.logits(flat[keep.to(flat.device)]), params)
     out = out.masked_scatter(keep.to(out.device), lp.gather(-1, targets.reshape(-1)[keep][:, None].to(lp.device)).squeeze(-1))
     if not entropy:
         return out.view(b, t), mask

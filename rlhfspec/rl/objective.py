@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -27,6 +27,11 @@ class Targets:
     tis: tuple[float, str] | None = None
     returns: torch.Tensor | None = None
     old_values: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> Targets:
+        """These targets with every tensor on `device` (a tensor already there is not copied)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Targets(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
 
 
 def policy_objective(logprobs: torch.Tensor, idx: list[int], t: Targets, algo: AlgorithmConfig, n_tokens: float, n_seqs: float,

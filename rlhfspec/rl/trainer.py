@@ -59,33 +59,35 @@ class Trainer:
         functions = list(reward_funcs if reward_funcs is not None else c.reward.functions)
         self.rewards = RewardSet(functions, None if c.reward.reward_model else c.reward.weights)
         self.source = prompt_source(c, train_dataset)
-        self.policy, self.tokenizer = load_model(c.model.policy, dtype=c.model.dtype)
+        self.device = device = c.device()
+        self.policy, self.tokenizer = load_model(c.model.policy, dtype=c.model.dtype, device=device)
         if self.tokenizer is None:
             raise RlhfspecError(f"{c.model.policy} has no tokenizer; RL needs one to encode prompts and decode completions.")
         self.policy.train().requires_grad_(True)
         self.compute_dtype = c.train.compute_dtype(str(self.policy.device))
         weights = str(self.policy.dtype).removeprefix("torch.")
-        log(f"training in {self.compute_dtype}" + (f" (autocast over {weights} weights)" if self.compute_dtype == "bfloat16" else ""))
+        log(f"training on {device} in {self.compute_dtype}" + (f" (autocast over {weights} weights)" if self.compute_dtype == "bfloat16" else ""))
         # The engine runs the trainer's own parameters when it generates in the trainer's precision
         # (its packed weights are rebuilt whenever the optimizer changes them); otherwise it holds a copy.
         self.gen_dtype = gen_dtype = c.generation_dtype(str(self.policy.device))
         self.shared = gen_dtype in (c.model.dtype, str(self.policy.dtype).removeprefix("torch."))
         # On Ray the actors hold the engine's copies; this process keeps none.
         ray = c.generation.backend == "ray"
-        self.engine = self.policy if self.shared or ray else load_model(c.model.policy, dtype=gen_dtype, tokenizer=False)[0]
+        self.engine = self.policy if self.shared or ray else load_model(c.model.policy, dtype=gen_dtype, device=device, tokenizer=False)[0]
         self.owns_ray = _connect_ray(c) if ray or c.train.workers > 1 else False
         needs_ref = c.algorithm.beta > 0
-        self.reference = load_model(c.model.reference or c.model.policy, dtype=c.model.dtype, tokenizer=False)[0] if needs_ref else None
-        self.critic = load_critic(c) if c.algorithm.name == "ppo" else None
+        self.reference = load_model(c.model.reference or c.model.policy, dtype=c.model.dtype, device=device, tokenizer=False)[0] if needs_ref else None
+        self.critic = load_critic(c, device) if c.algorithm.name == "ppo" else None
         if c.reward.reward_model:
-            self.rewards = RewardSet(self.rewards.functions + [_reward_model(c)], c.reward.weights)
+            self.rewards = RewardSet(self.rewards.functions + [_reward_model(c, device)], c.reward.weights)
         # The learner trains this process's policy and critic, or (train.workers > 1) trains its
         # own copies on Ray workers and copies rank 0's weights into these after every iteration.
         self.learner = RayLearners(c, self.policy, self.critic) if c.train.workers > 1 else Learner(c, self.policy, self.critic)
-        spec = c.generation.engine_spec()
-        placement = Placement(c.generation.instances, c.generation.backend, realloc=c.generation.realloc, ray_address=c.run.ray_address)
+        spec = c.generation.engine_spec(c.engine_device())
+        placement = Placement(c.generation.instances, c.generation.backend, realloc=c.generation.realloc, ray_address=c.run.ray_address,
+                              gpus_per_instance=c.generation.actor_gpus(device))
         self.rollout = Rollout(self.engine, self.tokenizer, spec, placement, model=str(c.model.policy), dtype=gen_dtype,
-                               threads=_actor_threads(c))
+                               threads=_actor_threads(c), device=c.engine_device())
         for d in spec.drafters:
             log(f"drafting with {d.name}" + (f" ({d.path})" if isinstance(d, (DraftModel, Eagle)) else ""))
         self.refresher = DraftRefresher(self.rollout.drafters, c.generation.refresh_seconds, c.generation.refresh_drop) if c.generation.refresh_draft else None
@@ -318,10 +320,10 @@ def _nanmean(x: torch.Tensor) -> float | None:
     return x.mean().item() if len(x) else None
 
 
-def _reward_model(c: Config):
+def _reward_model(c: Config, device: str):
     from rlhfspec.rewards.reward_model import RewardModel
 
-    return RewardModel(c.reward.reward_model)
+    return RewardModel(c.reward.reward_model, device=device)
 
 
 def _summary(r: dict) -> str:

@@ -40,13 +40,13 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     return True
 
 
-def free_cpus(need: float, wait: float = 5.0) -> float:
-    """The Ray cluster's unreserved CPUs, once at least `need` are (actors just killed give theirs
-    back a moment later), or after `wait` seconds."""
+def free_resource(need: float, wait: float = 5.0, kind: str = "CPU") -> float:
+    """The Ray cluster's unreserved CPUs (or resources of another `kind`: "GPU"), once at least
+    `need` are (actors just killed give theirs back a moment later), or after `wait` seconds."""
     ray = _ray()
     deadline = time.perf_counter() + wait
     while True:
-        free = ray.available_resources().get("CPU", 0)
+        free = ray.available_resources().get(kind, 0)
         if free >= need or time.perf_counter() > deadline:
             return free
         time.sleep(0.2)
@@ -125,11 +125,18 @@ class RayBackend:
         self.ray, self.spec, self.size = ray, spec, size
         need = size * (spec.threads or 1)
         self.owns_cluster = connect(address, num_cpus=need)
-        free = free_cpus(need)
-        if free < need:  # the actors would wait for CPUs forever
+        free = free_resource(need)
+        gpus = free_resource(size * gpus_per_actor, kind="GPU") if gpus_per_actor else 0
+        problem = None  # the actors would wait for CPUs or GPUs forever
+        if free < need:
+            problem = f"{size} generation actors of {spec.threads or 1} threads need {need} CPUs, but the Ray cluster has {free:g} free."
+        elif gpus < size * gpus_per_actor:
+            problem = (f"{size} generation actors of {gpus_per_actor:g} GPU each need {size * gpus_per_actor:g} GPUs, but the Ray cluster "
+                       f"has {gpus:g} free (generation.gpus_per_instance below 1 lets actors share a GPU).")
+        if problem:
             if self.owns_cluster:
                 ray.shutdown()
-            raise RlhfspecError(f"{size} generation actors of {spec.threads or 1} threads need {need} CPUs, but the Ray cluster has {free:g} free.")
+            raise RlhfspecError(problem)
         self.remote = ray.remote(num_cpus=spec.threads or 1, num_gpus=gpus_per_actor)(_Host)
         self.actors = [self.remote.remote(spec) for _ in range(size)]
         self.inflight: dict[int, object] = {}

@@ -22,10 +22,11 @@ class Rollout:
     drafts with `drafters` (the RL loop refreshes them), the others with replicas over the same
     draft weights. On Ray, each of the K actors loads the model `model` names in `dtype` and
     builds its own drafters; `sync` ships the policy's weights and the refreshed drafters' to
-    every actor after each update (`drafters` here are the copies the RL loop refreshes)."""
+    every actor after each update (`drafters` here are the copies the RL loop refreshes); an actor
+    runs on `device` ("cuda": the GPU Ray gave it, placement.gpus_per_instance of one)."""
 
     def __init__(self, policy, tokenizer, spec: EngineSpec, placement: Placement | None = None, *,
-                 model: str | None = None, dtype: str | None = None, threads: int | None = None):
+                 model: str | None = None, dtype: str | None = None, threads: int | None = None, device: str = "cpu"):
         self.policy, self.tokenizer, self.spec = policy, tokenizer, spec
         self.placement = placement or Placement()
         self.drafters: list[Drafter] = [d.build(policy, tokenizer) for d in spec.drafters]
@@ -34,7 +35,7 @@ class Rollout:
         if self.placement.backend == "ray":
             from rlhfspec.rollout.ray_backend import RayBackend
 
-            self.spec = replace(spec, model=model, dtype=dtype, threads=threads)
+            self.spec = replace(spec, model=model, dtype=dtype, threads=threads, device=device)
             p = self.placement
             self.backend = RayBackend(self.spec, p.instances, address=p.ray_address, gpus_per_actor=p.gpus_per_instance)
         else:

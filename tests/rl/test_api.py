@@ -2,6 +2,7 @@
 settings rejected with one sentence before any model loads."""
 
 import pytest
+import torch
 
 from rlhfspec import Config, RlhfspecError, Trainer
 from tests.rl.helpers import rl_config
@@ -55,6 +56,10 @@ def test_a_module_function_reward_imports_from_the_current_directory(tmp_path, m
     ({"data.task": "/nonexistent.jsonl"}, "neither 'arithmetic' nor an existing file"),
     ({"reward.functions": "[no_such_reward]"}, "is not built in"),
     ({"train.workers": 0}, "train.workers is 0; it must be >= 1 (1 trains in this process)"),
+    ({"run.device": "tpu"}, "run.device 'tpu' is not auto, cpu, cuda or cuda:N."),
+    ({"run.device": "cuda:x"}, "run.device 'cuda:x' is not auto, cpu, cuda or cuda:N."),
+    ({"generation.gpus_per_instance": -1}, "generation.gpus_per_instance is -1.0; it must be >= 0"),
+    ({"generation.gpus_per_instance": 1}, "generation.gpus_per_instance is 1.0, but only Ray actors reserve GPUs"),
 ])
 def test_bad_settings_fail_before_the_model_loads(tmp_path, overrides, message):
     # The policy path does not exist: reaching load_model would raise a different error.
@@ -62,8 +67,21 @@ def test_bad_settings_fail_before_the_model_loads(tmp_path, overrides, message):
         Trainer(_config(tmp_path, tmp_path / "no-such-policy", **overrides), progress=False, log=lambda m: None)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_a_gpu_run_without_a_gpu_is_one_sentence(tmp_path, device):
+    with pytest.raises(RlhfspecError, match=rf"^run.device is '{device}', but this torch \(.*\) sees no CUDA GPU; use cpu \(or auto"):
+        Trainer(_config(tmp_path, tmp_path / "no-such-policy", **{"run.device": device}), progress=False, log=lambda m: None)
+
+
 def test_public_api_exports_the_trainer_and_its_config():
-    assert Config().generation.batch_invariant is True and callable(Trainer)
+    assert callable(Trainer)
+    c = Config()
+    # Batch-invariant generation where it has been verified (the CPU), the fast forward on a GPU.
+    assert c.run.device == "auto" and c.generation.batch_invariant is None
+    assert c.generation.engine_spec("cpu").batch_invariant and not c.generation.engine_spec("cuda").batch_invariant
+    assert (c.generation.actor_gpus("cpu"), c.generation.actor_gpus("cuda:1")) == (0.0, 1.0)
+    assert c.device() == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_generate_rejects_text_where_token_ids_belong(tiny_checkpoint):

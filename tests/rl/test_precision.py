@@ -78,7 +78,7 @@ def test_bfloat16_training_keeps_float32_weights_and_recomputes_old_logprobs(tmp
     lines = []
     trainer = Trainer(cfg, progress=False, log=lines.append)
     records = trainer.train()
-    assert "training in bfloat16 (autocast over float32 weights)" in lines
+    assert "training on cpu in bfloat16 (autocast over float32 weights)" in lines
     # The float32 engine's logprobs are not the bfloat16 trainer's: old logprobs are recomputed
     # by the trainer (and truncated importance weights correct the rollout for the gap).
     assert trainer.verified_logprobs is False

@@ -107,3 +107,9 @@ def test_ray_actors_and_two_training_workers_give_the_in_process_run(cluster, tm
 def test_more_generation_actors_than_free_cpus_is_one_sentence(cluster, tmp_path, policy):
     with pytest.raises(RlhfspecError, match=r"^8 generation actors of 1 threads need 8 CPUs, but the Ray cluster has 4 free\.$"):
         Trainer(config(tmp_path, policy, **{**ON_RAY, "generation.instances": 8, "run.threads": 8}), progress=False)
+
+
+def test_generation_actors_asking_for_gpus_the_cluster_lacks_is_one_sentence(cluster, tmp_path, policy):
+    """Actors that reserve GPUs on a cluster without them would wait forever: refused, naming the shortfall."""
+    with pytest.raises(RlhfspecError, match=r"^2 generation actors of 0\.5 GPU each need 1 GPUs, but the Ray cluster has 0 free "):
+        Trainer(config(tmp_path, policy, **{**ON_RAY, "generation.gpus_per_instance": 0.5}), progress=False)
