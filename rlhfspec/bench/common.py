@@ -37,6 +37,48 @@ def timed(fn: Callable[[], object], device: str = "cpu") -> float:
     return time.perf_counter() - t
 
 
+class PeakMemory:
+    """The most memory a block of code took above what the process held when it began, in MB: on a
+    GPU torch's peak allocation, on the CPU the resident set sampled every `every` seconds from a
+    thread (so a peak shorter than that can be missed). `with PeakMemory(device) as m: ...; m.mb`."""
+
+    def __init__(self, device: torch.device | str = "cpu", every: float = 0.005):
+        self.device, self.every, self.mb = torch.device(device), every, 0.0
+
+    def __enter__(self) -> PeakMemory:
+        import threading
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+            return self
+        self.start, self.peak, self.done = _resident(), 0, threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.done.wait(self.every):
+            self.peak = max(self.peak, _resident())
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.done.set()
+            self.thread.join()
+            peak = max(self.peak, _resident())
+        self.mb = max(0, peak - self.start) / 2**20
+
+
+def _resident() -> int:
+    """This process's resident set, bytes (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

@@ -9,7 +9,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from rlhfspec.bench.common import bench_command, machine, median, results_file, write_json, write_section
+from rlhfspec.bench.common import PeakMemory, bench_command, machine, median, results_file, write_json, write_section
 from rlhfspec.bench.e2e import markdown_head
 from rlhfspec.models.hardware import release_memory
 from rlhfspec.rl.config import load_config
@@ -22,6 +22,9 @@ TRAINER_SETTINGS = {
                 "title": "the trainer repeating each prompt per sample vs computing it once per group"},
     "skip": {"field": "skip_zero_advantage", "section": "e2e-skip", "values": {"every sample": False, "zero-advantage skipped": True},
              "title": "the trainer running every sample vs none for samples with zero advantage"},
+    "checkpointing": {"field": "gradient_checkpointing", "section": "e2e-checkpointing",
+                      "values": {"activations kept": False, "layers recomputed": True},
+                      "title": "the trainer keeping every activation vs recomputing each layer in the backward pass"},
 }
 SHARING = TRAINER_SETTINGS["prompts"]["values"]
 
@@ -46,7 +49,11 @@ class _Replay:
         """The learner set to `value` and the batch it trains on."""
         if self.field == "share_prompts":
             return Batch(batch.prompts, batch.completions, value)
-        self.learner.skips_flat = value and self.can_skip
+        if self.field == "gradient_checkpointing":
+            for model in (self.learner.policy, *(self.learner.critic or ())[:1]):
+                model.checkpointing = value
+        else:
+            self.learner.skips_flat = value and self.can_skip
         return batch
 
     def __call__(self, batch, targets, iteration: int) -> dict:
@@ -57,9 +64,12 @@ class _Replay:
             if k:
                 self.learner.load_state_dict(*before)
             release_memory()
-            start = time.perf_counter()
-            stats = self.optimize(self._apply(batch, self.values[label]), targets, iteration)
-            row[label] = {"training_s": time.perf_counter() - start, "train_tokens": stats["train_tokens"],
+            work = self._apply(batch, self.values[label])
+            with PeakMemory(self.learner.policy.device) as memory:
+                start = time.perf_counter()
+                stats = self.optimize(work, targets, iteration)
+                seconds = time.perf_counter() - start
+            row[label] = {"training_s": seconds, "peak_mb": memory.mb, "train_tokens": stats["train_tokens"],
                           "skipped_samples": stats.get("skipped_samples", 0), "loss": stats["loss"], "grad_norm": stats["grad_norm"]}
             weights[label] = [p.detach().clone() for p in self.learner.policy.parameters()]
             if label == last:
@@ -102,18 +112,21 @@ def run_trainer_setting(compare: str, config_path: str | None, iterations: int, 
             log(f"iteration {it}: {r['gen_tokens']} tokens, reward {r['reward']:.3f}; " + "; ".join(
                 f"{label} {row[label]['training_s']:.1f} s over {row[label]['train_tokens']:.0f} tokens" for label in spec["values"]) +
                 f"; weights differ by {row['weight_diff_max']:.1e}")
+        device = trainer.policy.device
         del trainer
     later = runs[1:] or runs
     stats = {label: {"training_s": median([x[label]["training_s"] for x in later]), "training_s_sum": sum(x[label]["training_s"] for x in later),
+                     "peak_mb": median([x[label]["peak_mb"] for x in later]),
                      "train_tokens": median([x[label]["train_tokens"] for x in later]),
                      "train_tokens_sum": sum(x[label]["train_tokens"] for x in later),
                      "skipped_samples": sum(x[label]["skipped_samples"] for x in later)} for label in spec["values"]}
     ref = stats[next(iter(spec["values"]))]
     result = {
         "machine": machine(), "iterations": iterations, "settings": {k: {f"train.{spec['field']}": v} for k, v in spec["values"].items()},
+        "peak_memory": "torch's peak GPU allocation" if device.type == "cuda" else "the resident set, sampled every 5 ms",
         "generation_s_sum": round(sum(x["generation_s"] for x in later), 2), "weight_diff_max": max(x["weight_diff_max"] for x in runs),
         "training": {k: {s: round(x, 2) for s, x in m.items()} for k, m in stats.items()},
-        "relative_to_reference": {k: {s: round(m[s] / ref[s], 3) if ref[s] else None for s in ("training_s", "training_s_sum", "train_tokens_sum")}
+        "relative_to_reference": {k: {s: round(m[s] / ref[s], 3) if ref[s] else None for s in ("training_s", "training_s_sum", "train_tokens_sum", "peak_mb")}
                                   for k, m in stats.items()},
         "runs": runs,
     }
@@ -131,14 +144,15 @@ def _trainer_setting_markdown(r: dict, cmd: str, iterations: int, spec: dict) ->
         f"same weights and optimizer state, in alternating order, so both rows train on exactly the same samples. Medians and "
         f"sums over iterations 1..{iterations - 1} (iteration 0 pays warm-ups); forward tokens = the tokens the training forwards "
         f"run (padding included); skipped = samples with zero advantage that got no forward; x = the row's figure over "
-        f"{reference}'s. The generation stage took {r['generation_s_sum']} s over those iterations (run once, for both); "
+        f"{reference}'s; peak memory = the most the training stage held above what the process held before it ({r['peak_memory']}). "
+        f"The generation stage took {r['generation_s_sum']} s over those iterations (run once, for both); "
         f"the two settings' updated weights differed by at most {r['weight_diff_max']:.1e}.",
         ["setting", "training s (median)", "training s (sum)", "forward tokens (median)", "forward tokens (sum)", "skipped (sum)",
-         "training x (median)", "training x (sum)"])
+         "peak memory MB (median)", "training x (median)", "training x (sum)", "memory x"])
     for label, m in r["training"].items():
         x = r["relative_to_reference"][label]
         lines.append(f"| {label} | {m['training_s']} | {m['training_s_sum']:.1f} | {m['train_tokens']:.0f} | {m['train_tokens_sum']:.0f} | "
-                     f"{m['skipped_samples']:.0f} | {x['training_s']:.2f} | {x['training_s_sum']:.2f} |")
+                     f"{m['skipped_samples']:.0f} | {m['peak_mb']:.0f} | {x['training_s']:.2f} | {x['training_s_sum']:.2f} | {x['peak_mb']:.2f} |")
     lines += ["", "| iteration | tokens generated | reward | " + " | ".join(f"{label} s / tokens / skipped" for label in spec["values"]) + " |",
               "|---:|---:|---:|" + "---:|" * len(spec["values"])]
     for x in r["runs"]:

@@ -235,17 +235,18 @@ def _job(c: Config) -> dict:
             "aggregation": a.aggregation, "scale_rewards": a.scale_rewards, "rewards": c.reward.functions, "seed": t.seed,
             "iterations": t.iterations, "policy": c.model.policy,
             "rlhfspec_generation": {"speculative": g.speculative, "strategy": g.strategy, "drafters": g.drafters,
-                                    "batch_invariant": g.batch_invariant, "instances": g.instances},
+                                    "batch_invariant": g.engine_spec(c.engine_device()).batch_invariant, "instances": g.instances},
             "rlhfspec_micro_batch_tokens": t.micro_batch_tokens}
 
 
 def differences(c: Config, trl: dict) -> list[str]:
     """Every semantic difference between the two runs that the bench does not remove."""
     g = c.generation
+    invariant = g.engine_spec(c.engine_device()).batch_invariant
     spec = _decoding({"speculative": g.speculative, "strategy": g.strategy, "drafters": g.drafters})
     out = [
         f"Generation: rlhfspec's engine (ragged KV cache, continuous batching of up to {g.batch_size} samples, one prefill per "
-        f"prompt shared by its group, {spec}, {'batch-invariant' if g.batch_invariant else 'fused'} kernels, lossless) vs "
+        f"prompt shared by its group, {spec}, {'batch-invariant' if invariant else 'fused'} kernels, lossless) vs "
         f"transformers' generate in TRL (all {trl['generation_batch_size']} samples in one left-padded batch, every row's prompt "
         "prefilled, decoding until its longest sample ends; TRL's vLLM mode would share prefills through vLLM's prefix cache). Both sample "
         "from the policy's own distribution, but from different random streams: the completions differ, so the reward "
@@ -280,8 +281,10 @@ def differences(c: Config, trl: dict) -> list[str]:
                    "training forward's own, which makes that check); TRL takes the training forward's own detached logprobs "
                    "(ratio exactly 1).")
     out += [
-        "Gradient checkpointing: off on both (TRL's default is on; rlhfspec has none), so both keep activations for "
-        "the backward pass.",
+        "Gradient checkpointing: off on both (TRL's default is on), so both keep activations for the backward pass."
+        if not c.train.gradient_checkpointing else
+        "Gradient checkpointing: on on both (train.gradient_checkpointing; TRL's default), so both recompute each layer "
+        "in the backward pass.",
         "Stage boundaries: scoring is rlhfspec's inference stage (rewards, advantages, any old-logprob forward) and, for "
         "TRL, the part of _generate_and_score_completions after _generate (padding, rewards, advantages, metrics); "
         "training is the rest of the iteration (TRL: its optimizer step, from on_step_begin to on_step_end); rlhfspec's "
@@ -313,7 +316,7 @@ def _markdown(r: dict, png: str) -> str:
         f"\"{t['loss_type']}\"), rewards {', '.join(j['rewards'])}, {r['precision']} on both, one optimizer step per iteration, "
         f"{j['iterations']} iterations, policy {j['policy']} (exported once, read by both). rlhfspec generates with "
         f"{_decoding(rg)}; TRL trains {t['per_device_train_batch_size']} samples per forward x {t['gradient_accumulation_steps']} "
-        "accumulated forwards, gradient checkpointing off.  ",
+        f"accumulated forwards, gradient checkpointing {'on' if t.get('gradient_checkpointing') else 'off'}.  ",
         f"Checked at run time: same prompts in the same order on both sides: {'yes' if checks['same_prompts_in_order'] else 'NO'}; "
         f"same prompt token ids: {'yes' if checks['same_prompt_ids'] else 'NO'}.  ",
         f"Order: iterations {_order_text(r['order'])}; TRL in a process of its own, one side computing at a time.",

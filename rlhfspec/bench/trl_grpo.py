@@ -63,9 +63,9 @@ def trl_args(c: Config, out_dir: Path, precision: str, micro_batch: int) -> trl.
     schedule = "constant_with_warmup" if t.lr_schedule == "constant" and t.warmup_steps else SCHEDULES[t.lr_schedule]
     return trl.GRPOConfig(
         output_dir=str(out_dir), use_cpu=True, bf16=precision == "bfloat16", fp16=False,
-        # rlhfspec keeps activations too; TRL's default (on) trades speed for memory. activation_checkpointing is
-        # transformers' new name for it (the old one, still read by TRL, mirrors it).
-        gradient_checkpointing=False, activation_checkpointing=False,
+        # As rlhfspec's train.gradient_checkpointing (default off; TRL's default, on, trades speed for memory).
+        # activation_checkpointing is transformers' new name for it (the old one, still read by TRL, mirrors it).
+        gradient_checkpointing=t.gradient_checkpointing, activation_checkpointing=t.gradient_checkpointing,
         per_device_train_batch_size=micro_batch, gradient_accumulation_steps=steps, steps_per_generation=steps,
         num_iterations=1, max_steps=t.iterations, num_generations=g.num_generations, max_completion_length=g.max_new_tokens,
         temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,

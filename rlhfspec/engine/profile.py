@@ -55,11 +55,11 @@ def forward_times(model, batches=BATCHES, qs=TOKENS_PER_ROW, context: int = 128,
             times = []
             for _ in range(repeats):
                 if cuda:
-                    torch.cuda.synchronize()
+                    torch.cuda.synchronize(model.device)
                 t = time.perf_counter()
                 run()
                 if cuda:
-                    torch.cuda.synchronize()
+                    torch.cuda.synchronize(model.device)
                 times.append(time.perf_counter() - t)
             table[(b, q)] = sorted(times)[len(times) // 2]
     return table

@@ -16,6 +16,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from rlhfspec.models.config import ModelConfig
 from rlhfspec.models.invariance import rowwise, rowwise_
@@ -136,6 +137,10 @@ class Transformer(nn.Module):
         self._rope_len = 0
         self._plans: dict[tuple[bool, bool], Plan] = {}
         self._param_list: list[nn.Parameter] | None = None  # walking the modules each forward costs ~0.5 ms
+        # Gradient checkpointing: a forward that records autograd keeps only each layer's input and
+        # runs the layer again in the backward pass (about a third more compute, a fraction of the
+        # activation memory); forwards without autograd (generation, scoring) are not affected.
+        self.checkpointing = False
         self.register_buffer("rope_cos", torch.empty(0, dtype=dtype, device=device), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0, dtype=dtype, device=device), persistent=False)
 
@@ -198,8 +203,12 @@ class Transformer(nn.Module):
         x = F.embedding(tokens, self.embed.weight)
         cos = self.rope_cos[positions].unsqueeze(1)
         sin = self.rope_sin[positions].unsqueeze(1)
+        recompute = self.checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(plan.layers):
-            x = decoder_layer(x, layer, i, cos, sin, attention, self.config)
+            if recompute:
+                x = checkpoint(decoder_layer, x, layer, i, cos, sin, attention, self.config, use_reentrant=False)
+            else:
+                x = decoder_layer(x, layer, i, cos, sin, attention, self.config)
         return x
 
     def normed(self, hidden: torch.Tensor) -> torch.Tensor:

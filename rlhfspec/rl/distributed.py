@@ -15,7 +15,7 @@ from rlhfspec.rl.config import Config
 from rlhfspec.rl.learner import Learner, load_critic, load_weights, weight_tensors
 from rlhfspec.rl.logprobs import Batch
 from rlhfspec.rl.objective import Targets
-from rlhfspec.rollout.ray_backend import connect, free_resource, pack_weights, unpack_weights
+from rlhfspec.rollout.ray_backend import connect, free_resource, on_cpu, pack_weights, unpack_weights
 
 # After one rank fails, how long the others get to report their own end before they are taken to
 # be stuck in a collective that waits for the failed one.
@@ -66,7 +66,7 @@ class _Worker:
 
     def objects(self) -> dict:
         """The optimizer and scheduler states, their tensors on the CPU (the driver may have no GPU)."""
-        return _on_cpu(self.learner.state_dict()[1])
+        return on_cpu(self.learner.state_dict()[1])
 
     def load_state_dict(self, tensors: dict, objects: dict) -> None:
         self.learner.load_state_dict(tensors, objects)
@@ -185,13 +185,3 @@ class RayLearners:
             raise RlhfspecError(str(cause)) from None
         raise RlhfspecError(f"training worker {rank} of {self.size} failed {when}: {type(cause).__name__}: {cause}") from None
 
-
-def _on_cpu(obj):
-    """A (nested) state with its tensors moved to the CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: _on_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_on_cpu(v) for v in obj)
-    return obj

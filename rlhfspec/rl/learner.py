@@ -73,6 +73,9 @@ class Learner:
     def __init__(self, config: Config, policy, critic=None, rank: int = 0, world: int = 1):
         c = self.config = config
         self.policy, self.critic, self.rank, self.world = policy, critic, rank, world
+        for model in (policy, critic[0] if critic is not None else None):
+            if model is not None:
+                model.checkpointing = c.train.gradient_checkpointing
         self.compute_dtype = c.train.compute_dtype(str(policy.device))
         self.skips_flat = skips_zero_advantage(c, critic=critic is not None)
         self.score_params = score_params(c)

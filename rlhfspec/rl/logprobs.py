@@ -100,7 +100,7 @@ def response_hidden(model, batch: Batch, idx: list[int]) -> tuple[torch.Tensor, 
         p, c = len(batch.prompts[i]), len(batch.completions[i])
         rows[r, :c] = torch.arange(p - 1, p + c - 1)
         mask[r, :c] = 1
-    picked = hidden.gather(1, rows[:, :, None].expand(-1, -1, hidden.shape[-1]).to(hidden.device))
+    picked = hidden.gather(1, rows.to(hidden.device)[:, :, None].expand(-1, -1, hidden.shape[-1]))
     return picked, mask
 
 

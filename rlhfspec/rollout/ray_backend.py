@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Iterator
 
 import torch
@@ -81,7 +82,9 @@ class _Host:
         return self.instance.run(steps)
 
     def export(self, sample_ids: list[int], with_kv: bool) -> list[Migrant]:
-        return self.instance.export(sample_ids, with_kv)
+        """The samples leaving, their tensors on the CPU (Ray would otherwise hand a GPU actor's
+        tensors to the next process on the same device number)."""
+        return [replace(m, kv=on_cpu(m.kv), drafters=on_cpu(m.drafters)) for m in self.instance.export(sample_ids, with_kv)]
 
     def adopt(self, migrants: list[Migrant]) -> None:
         self.instance.adopt(migrants)
@@ -101,7 +104,7 @@ class _Host:
 
     def state_dict(self) -> dict:
         """What the drafters and the strategy learned (n-gram histories, acceptance estimates, cost corrections)."""
-        return {"drafters": [d.state_dict() for d in self.drafters], "strategy": self.strategy.state_dict() if self.strategy else {}}
+        return on_cpu({"drafters": [d.state_dict() for d in self.drafters], "strategy": self.strategy.state_dict() if self.strategy else {}})
 
     def load_state_dict(self, state: dict) -> None:
         for d, st in zip(self.drafters, state["drafters"]):
@@ -260,6 +263,18 @@ class RayBackend:
         self.actors = []
         if self.owns_cluster:
             self.ray.shutdown()
+
+
+def on_cpu(obj):
+    """A (nested dict, list or tuple) state with its tensors on the CPU: what crosses a process
+    boundary through Ray, which would rebuild a GPU tensor on the same device number elsewhere."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
 
 
 def _tensors(state) -> Iterator[torch.Tensor]:

@@ -9,6 +9,7 @@ from rlhfspec.engine.sampling import SamplingParams
 from rlhfspec.engine.spec import EngineSpec
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.rounding import engine_copy
+from rlhfspec.rollout.ray_backend import on_cpu
 from rlhfspec.rollout.generate import Generation, Live, Placement, live_parts, run_generation
 
 
@@ -52,7 +53,7 @@ class Rollout:
         if self.backend is None:
             return {}
         weights = {k: engine_copy(k, v, dtype, rounding, key) for k, v in self.policy.state_dict().items()}
-        drafters = {d.name: d.state_dict() for d in self.drafters if isinstance(d, (DraftModelDrafter, EagleDrafter))}
+        drafters = {d.name: on_cpu(d.state_dict()) for d in self.drafters if isinstance(d, (DraftModelDrafter, EagleDrafter))}
         seconds, size = self.backend.load_weights(weights, drafters)
         return {"weight_sync_s": seconds, "weight_sync_mb": size / 2**20}
 
