@@ -1,5 +1,5 @@
-"""`rlhfspec bench e2e --compare prompts` and `--compare skip`: one run whose every iteration's
-samples are trained under both values of one trainer setting from the same state."""
+"""`rlhfspec bench e2e --compare prompts`, `skip`, `checkpointing` and `logits`: one run whose every
+iteration's samples are trained under both values of one trainer setting from the same state."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from rlhfspec.models.hardware import release_memory
 from rlhfspec.rl.config import load_config
 from rlhfspec.rl.logprobs import Batch
 
-# `--compare prompts` and `--compare skip`: two values of one train.* field, the reference first and
-# the value the run goes on with second.
+# `--compare prompts|skip|checkpointing|logits`: two values of one train.* field, the reference first
+# and the value the run goes on with second.
 TRAINER_SETTINGS = {
     "prompts": {"field": "share_prompts", "section": "e2e-prompts", "values": {"a row per sample": False, "prompts shared": True},
                 "title": "the trainer repeating each prompt per sample vs computing it once per group"},
@@ -25,6 +25,8 @@ TRAINER_SETTINGS = {
     "checkpointing": {"field": "gradient_checkpointing", "section": "e2e-checkpointing",
                       "values": {"activations kept": False, "layers recomputed": True},
                       "title": "the trainer keeping every activation vs recomputing each layer in the backward pass"},
+    "logits": {"field": "logits_chunk", "section": "e2e-logits", "values": {"logits at once": None, "logits in pieces of 256": 256},
+               "title": "the trainer's output layer over all rows at once vs in pieces recomputed in the backward pass"},
 }
 SHARING = TRAINER_SETTINGS["prompts"]["values"]
 
@@ -49,11 +51,13 @@ class _Replay:
         """The learner set to `value` and the batch it trains on."""
         if self.field == "share_prompts":
             return Batch(batch.prompts, batch.completions, value)
-        if self.field == "gradient_checkpointing":
+        if self.field == "skip_zero_advantage":
+            self.learner.skips_flat = value and self.can_skip
+        elif self.field == "gradient_checkpointing":
             for model in (self.learner.policy, *(self.learner.critic or ())[:1]):
                 model.checkpointing = value
-        else:
-            self.learner.skips_flat = value and self.can_skip
+        else:  # read from the config at every step
+            setattr(self.learner.config.train, self.field, value)
         return batch
 
     def __call__(self, batch, targets, iteration: int) -> dict:
@@ -87,7 +91,7 @@ class _Replay:
 def run_trainer_setting(compare: str, config_path: str | None, iterations: int, overrides: list[str] | None,
                         json_path: str | None, record: bool, log) -> dict:
     """One run of `iterations` iterations whose every experience is trained under both values of a
-    trainer setting (TRAINER_SETTINGS[compare]: train.share_prompts or train.skip_zero_advantage)
+    trainer setting (TRAINER_SETTINGS[compare]: one train.* field)
     from the same state (`_Replay`), so both train on exactly the same samples: a setting that
     changes float32 rounding would otherwise part the two runs' samples after an update or two.
     Medians and sums over iterations 1.. of each setting's training seconds and forward tokens."""

@@ -138,8 +138,8 @@ class Transformer(nn.Module):
         self._plans: dict[tuple[bool, bool], Plan] = {}
         self._param_list: list[nn.Parameter] | None = None  # walking the modules each forward costs ~0.5 ms
         # Gradient checkpointing: a forward that records autograd keeps only each layer's input and
-        # runs the layer again in the backward pass (about a third more compute, a fraction of the
-        # activation memory); forwards without autograd (generation, scoring) are not affected.
+        # runs the layer again in the backward pass; forwards without autograd (generation,
+        # scoring) are not affected.
         self.checkpointing = False
         self.register_buffer("rope_cos", torch.empty(0, dtype=dtype, device=device), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0, dtype=dtype, device=device), persistent=False)

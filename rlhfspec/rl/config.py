@@ -162,8 +162,13 @@ class TrainConfig:
     share_prompts: bool = True
     # Keep only each decoder layer's input for the backward pass and run the layer again there
     # (TRL's gradient_checkpointing, on by default there): a fraction of the activation memory for
-    # about a third more training compute; the gradients are the same.
+    # about a tenth more training time here; the same gradients.
     gradient_checkpointing: bool = False
+    # Run the trainer's output layer this many completion rows at a time and compute each piece's
+    # [rows, vocabulary] logits again in the backward pass instead of keeping them (as Liger's fused
+    # linear cross-entropy, TRL's use_liger_kernel): what large vocabularies need (Qwen's 152k: 0.6 MB
+    # of float32 logits a token); costs one more output-layer forward. null: all rows at once.
+    logits_chunk: int | None = None
     # Run no forward or backward for samples whose every advantage is zero (a GRPO or RLOO group
     # that all scored alike) when nothing else in the loss reads them (no critic, no entropy bonus,
     # no KL term in the loss): their gradient is exactly zero, so every update is the same (to
@@ -258,6 +263,7 @@ class Config:
             (t.mini_batches >= 1, f"train.mini_batches is {t.mini_batches}; it must be >= 1."),
             (t.micro_batch_tokens >= 1, f"train.micro_batch_tokens is {t.micro_batch_tokens}; it must be >= 1."),
             (t.workers >= 1, f"train.workers is {t.workers}; it must be >= 1 (1 trains in this process)."),
+            (t.logits_chunk is None or t.logits_chunk >= 1, f"train.logits_chunk is {t.logits_chunk}; it must be >= 1 (or null: all rows at once)."),
             (t.warmup_steps >= 0, f"train.warmup_steps is {t.warmup_steps}; it must be >= 0."),
             (t.lr_schedule in ("constant", "linear", "cosine"), f"train.lr_schedule {t.lr_schedule!r} is not constant, linear or cosine."),
             (g.temperature > 0, "generation.temperature must be > 0 for RL (greedy rollouts have no exploration)."),

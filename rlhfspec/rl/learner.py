@@ -201,7 +201,8 @@ class Learner:
         iteration); its loss (not backpropagated if not finite)."""
         c, algo = self.config, self.config.algorithm
         idx = [rows[i] for i in micro]
-        lp, _, ent = completion_logprobs(self.policy, sub, micro, self.score_params, entropy=True, entropy_grad=bool(algo.entropy_coef))
+        lp, _, ent = completion_logprobs(self.policy, sub, micro, self.score_params, entropy=True, entropy_grad=bool(algo.entropy_coef),
+                                         logits_chunk=c.train.logits_chunk)
         with self.plain():
             loss, st = policy_objective(lp, idx, targets, algo, n_tokens, n_seqs, c.generation.max_new_tokens, ent)
             if not torch.isfinite(loss):

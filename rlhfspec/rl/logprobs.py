@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from rlhfspec.engine.sampling import SamplingParams, processed_logprobs
 from rlhfspec.models.attention import SharedPromptAttention
@@ -143,11 +144,13 @@ def _shared_response_hidden(model, batch: Batch, idx: list[int]) -> tuple[torch.
 
 
 def completion_logprobs(model, batch: Batch, idx: list[int], params: SamplingParams, entropy: bool = False,
-                        entropy_grad: bool = False):
+                        entropy_grad: bool = False, logits_chunk: int | None = None):
     """log p(token) of each completion token under the processed distribution: [b, T] (0 where
     masked) and the mask; with entropy=True also each row's entropy H(p) = -sum p log p [b, T],
     differentiable only with entropy_grad (an entropy bonus); otherwise a statistic, computed
-    without recording it for the backward pass."""
+    without recording it for the backward pass. With `logits_chunk` and autograd on, the output
+    layer runs that many rows at a time and the backward pass computes each piece's logits again
+    instead of keeping them (train.logits_chunk)."""
     hidden, mask = response_hidden(model, batch, idx)
     b, t, _ = hidden.shape
     flat = hidden.reshape(b * t, -1)
@@ -155,19 +158,33 @@ def completion_logprobs(model, batch: Batch, idx: list[int], params: SamplingPar
     targets = torch.zeros(b, t, dtype=torch.long)
     for r, i in enumerate(idx):
         targets[r, : len(batch.completions[i])] = torch.tensor(batch.completions[i])
-    out = torch.zeros(b * t, dtype=torch.float32, device=hidden.device)
-    lp = processed_logprobs(model.logits(flat[keep.to(flat.device)]), params)
-    out = out.masked_scatter(keep.to(out.device), lp.gather(-1, targets.reshape(-1)[keep][:, None].to(lp.device)).squeeze(-1))
+    rows, tokens = flat[keep.to(flat.device)], targets.reshape(-1)[keep].to(flat.device)
+    if logits_chunk and torch.is_grad_enabled() and len(rows):
+        parts = [checkpoint(token_logprobs, model, r, k, params, entropy, entropy_grad, use_reentrant=False)
+                 for r, k in zip(rows.split(logits_chunk), tokens.split(logits_chunk))]
+        picked, h = torch.cat([p for p, _ in parts]), torch.cat([e for _, e in parts]) if entropy else None
+    else:
+        picked, h = token_logprobs(model, rows, tokens, params, entropy, entropy_grad)
+    out = torch.zeros(b * t, dtype=torch.float32, device=hidden.device).masked_scatter(keep.to(hidden.device), picked)
     if not entropy:
         return out.view(b, t), mask
-    if entropy_grad:
-        h = -(lp.exp() * lp.masked_fill(torch.isinf(lp), 0.0)).sum(-1)
-    else:
-        with torch.no_grad():  # two passes over the [rows, vocabulary] logprobs instead of five
-            finite = lp.detach().clamp(min=torch.finfo(lp.dtype).min)  # p log p = 0 where p = 0
-            h = -finite.mul_(lp.detach().exp()).sum(-1)
     ent = torch.zeros(b * t, dtype=torch.float32, device=hidden.device).masked_scatter(keep.to(hidden.device), h)
     return out.view(b, t), mask, ent.view(b, t)
+
+
+def token_logprobs(model, hidden: torch.Tensor, tokens: torch.Tensor, params: SamplingParams, entropy: bool = False,
+                   entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """From final hidden rows [R, H]: log p of each row's token [R] under the processed
+    distribution, and (with `entropy`) each row's entropy [R], differentiable with `entropy_grad`."""
+    lp = processed_logprobs(model.logits(hidden), params)
+    picked = lp.gather(-1, tokens[:, None]).squeeze(-1)
+    if not entropy:
+        return picked, None
+    if entropy_grad:
+        return picked, -(lp.exp() * lp.masked_fill(torch.isinf(lp), 0.0)).sum(-1)
+    with torch.no_grad():  # two passes over the [rows, vocabulary] logprobs instead of five
+        finite = lp.detach().clamp(min=torch.finfo(lp.dtype).min)  # p log p = 0 where p = 0
+        return picked, -finite.mul_(lp.detach().exp()).sum(-1)
 
 
 @torch.no_grad()

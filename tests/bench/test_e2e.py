@@ -65,14 +65,15 @@ def test_the_skip_comparison_trains_no_sample_of_a_group_that_scored_alike(tmp_p
     assert "| zero-advantage skipped |" in table and "--compare skip" in table
 
 
-def test_the_checkpointing_comparison_trains_the_same_update_with_less_kept(tmp_path):
-    """Recomputing each layer in the backward pass changes no gradient (the same kernels on the same
-    inputs), so the two settings' updates agree; the table reports both settings' peak memory."""
+@pytest.mark.parametrize("compare", ["checkpointing", "logits"])
+def test_the_recomputing_comparisons_train_the_same_update(tmp_path, compare):
+    """Recomputing each layer, or the output layer's logits, in the backward pass changes no gradient
+    beyond rounding, so the two settings' updates agree; the table reports both settings' peak memory."""
     lines = []
-    result = run(None, 2, _overrides(tmp_path), json_path=str(tmp_path / "e2e.json"), log=lines.append, compare="checkpointing")
-    kept, recomputed = TRAINER_SETTINGS["checkpointing"]["values"]
+    result = run(None, 2, _overrides(tmp_path), json_path=str(tmp_path / "e2e.json"), log=lines.append, compare=compare)
+    kept, recomputed = TRAINER_SETTINGS[compare]["values"]
     for x in result["runs"]:
         assert x[recomputed]["loss"] == pytest.approx(x[kept]["loss"], rel=1e-6) and x["weight_diff_max"] < 1e-6
         assert x[kept]["train_tokens"] == x[recomputed]["train_tokens"] and x[kept]["peak_mb"] >= 0
     table = lines[-1]
-    assert "| layers recomputed |" in table and "--compare checkpointing" in table and "peak memory MB" in table
+    assert f"| {recomputed} |" in table and f"--compare {compare}" in table and "peak memory MB" in table

@@ -57,6 +57,7 @@ def test_a_module_function_reward_imports_from_the_current_directory(tmp_path, m
     ({"reward.functions": "[no_such_reward]"}, "is not built in"),
     ({"train.workers": 0}, "train.workers is 0; it must be >= 1 (1 trains in this process)"),
     ({"run.device": "tpu"}, "run.device 'tpu' is not auto, cpu, cuda or cuda:N."),
+    ({"train.logits_chunk": 0}, "train.logits_chunk is 0; it must be >= 1 (or null: all rows at once)."),
     ({"run.device": "cuda:x"}, "run.device 'cuda:x' is not auto, cpu, cuda or cuda:N."),
     ({"generation.gpus_per_instance": -1}, "generation.gpus_per_instance is -1.0; it must be >= 0"),
     ({"generation.gpus_per_instance": 1}, "generation.gpus_per_instance is 1.0, but only Ray actors reserve GPUs"),
