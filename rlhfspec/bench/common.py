@@ -39,11 +39,14 @@ def timed(fn: Callable[[], object], device: str = "cpu") -> float:
 
 class PeakMemory:
     """The most memory a block of code took above what the process held when it began, in MB: on a
-    GPU torch's peak allocation, on the CPU the resident set sampled every `every` seconds from a
-    thread (so a peak shorter than that can be missed). `with PeakMemory(device) as m: ...; m.mb`."""
+    GPU torch's peak allocation; on the CPU the kernel's peak resident set (VmHWM, reset on entry
+    through /proc/self/clear_refs), or where that cannot be reset the resident set sampled every
+    `every` seconds from a thread (a peak shorter than that can be missed).
+    `with PeakMemory(device) as m: ...; m.mb`."""
 
     def __init__(self, device: torch.device | str = "cpu", every: float = 0.005):
         self.device, self.every, self.mb = torch.device(device), every, 0.0
+        self.how = "torch's peak GPU allocation" if self.device.type == "cuda" else "the kernel's peak resident set"
 
     def __enter__(self) -> PeakMemory:
         import threading
@@ -53,9 +56,15 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
             return self
-        self.start, self.peak, self.done = _resident(), 0, threading.Event()
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
+        self.start, self.thread = _resident(), None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # the peak resident set starts again from the current one
+        except OSError:
+            self.how = f"the resident set sampled every {self.every * 1e3:g} ms"
+            self.peak, self.done = 0, threading.Event()
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
         return self
 
     def _sample(self) -> None:
@@ -66,6 +75,8 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.thread is None:
+            peak = _peak_resident()
         else:
             self.done.set()
             self.thread.join()
@@ -77,6 +88,12 @@ def _resident() -> int:
     """This process's resident set, bytes (Linux)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_resident() -> int:
+    """This process's peak resident set since start or the last reset (VmHWM), bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def median(xs: list[float]) -> float:

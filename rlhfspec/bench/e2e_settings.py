@@ -73,6 +73,7 @@ class _Replay:
                 start = time.perf_counter()
                 stats = self.optimize(work, targets, iteration)
                 seconds = time.perf_counter() - start
+            self.memory = memory.how
             row[label] = {"training_s": seconds, "peak_mb": memory.mb, "train_tokens": stats["train_tokens"],
                           "skipped_samples": stats.get("skipped_samples", 0), "loss": stats["loss"], "grad_norm": stats["grad_norm"]}
             weights[label] = [p.detach().clone() for p in self.learner.policy.parameters()]
@@ -82,6 +83,7 @@ class _Replay:
                     after = self._snapshot()
         if label != last:
             self.learner.load_state_dict(*after)
+            self._apply(batch, self.values[last])  # and its setting, as the run goes on with it
         first, second = (weights[label] for label in labels)
         row["weight_diff_max"] = max((a - b).abs().max().item() for a, b in zip(first, second))
         self.records.append(row)
@@ -116,7 +118,6 @@ def run_trainer_setting(compare: str, config_path: str | None, iterations: int, 
             log(f"iteration {it}: {r['gen_tokens']} tokens, reward {r['reward']:.3f}; " + "; ".join(
                 f"{label} {row[label]['training_s']:.1f} s over {row[label]['train_tokens']:.0f} tokens" for label in spec["values"]) +
                 f"; weights differ by {row['weight_diff_max']:.1e}")
-        device = trainer.policy.device
         del trainer
     later = runs[1:] or runs
     stats = {label: {"training_s": median([x[label]["training_s"] for x in later]), "training_s_sum": sum(x[label]["training_s"] for x in later),
@@ -127,7 +128,7 @@ def run_trainer_setting(compare: str, config_path: str | None, iterations: int, 
     ref = stats[next(iter(spec["values"]))]
     result = {
         "machine": machine(), "iterations": iterations, "settings": {k: {f"train.{spec['field']}": v} for k, v in spec["values"].items()},
-        "peak_memory": "torch's peak GPU allocation" if device.type == "cuda" else "the resident set, sampled every 5 ms",
+        "peak_memory": replay.memory,
         "generation_s_sum": round(sum(x["generation_s"] for x in later), 2), "weight_diff_max": max(x["weight_diff_max"] for x in runs),
         "training": {k: {s: round(x, 2) for s, x in m.items()} for k, m in stats.items()},
         "relative_to_reference": {k: {s: round(m[s] / ref[s], 3) if ref[s] else None for s in ("training_s", "training_s_sum", "train_tokens_sum", "peak_mb")}
@@ -156,7 +157,8 @@ def _trainer_setting_markdown(r: dict, cmd: str, iterations: int, spec: dict) ->
     for label, m in r["training"].items():
         x = r["relative_to_reference"][label]
         lines.append(f"| {label} | {m['training_s']} | {m['training_s_sum']:.1f} | {m['train_tokens']:.0f} | {m['train_tokens_sum']:.0f} | "
-                     f"{m['skipped_samples']:.0f} | {m['peak_mb']:.0f} | {x['training_s']:.2f} | {x['training_s_sum']:.2f} | {x['peak_mb']:.2f} |")
+                     f"{m['skipped_samples']:.0f} | {m['peak_mb']:.0f} | {x['training_s']:.2f} | {x['training_s_sum']:.2f} | "
+                     f"{'-' if x['peak_mb'] is None else format(x['peak_mb'], '.2f')} |")
     lines += ["", "| iteration | tokens generated | reward | " + " | ".join(f"{label} s / tokens / skipped" for label in spec["values"]) + " |",
               "|---:|---:|---:|" + "---:|" * len(spec["values"])]
     for x in r["runs"]:

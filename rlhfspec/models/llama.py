@@ -206,7 +206,7 @@ class Transformer(nn.Module):
         recompute = self.checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(plan.layers):
             if recompute:
-                x = checkpoint(decoder_layer, x, layer, i, cos, sin, attention, self.config, use_reentrant=False)
+                x = checkpoint(decoder_layer, x, layer, i, cos, sin, attention, self.config, use_reentrant=False, preserve_rng_state=False)
             else:
                 x = decoder_layer(x, layer, i, cos, sin, attention, self.config)
         return x

@@ -160,7 +160,7 @@ def completion_logprobs(model, batch: Batch, idx: list[int], params: SamplingPar
         targets[r, : len(batch.completions[i])] = torch.tensor(batch.completions[i])
     rows, tokens = flat[keep.to(flat.device)], targets.reshape(-1)[keep].to(flat.device)
     if logits_chunk and torch.is_grad_enabled() and len(rows):
-        parts = [checkpoint(token_logprobs, model, r, k, params, entropy, entropy_grad, use_reentrant=False)
+        parts = [checkpoint(token_logprobs, model, r, k, params, entropy, entropy_grad, use_reentrant=False, preserve_rng_state=False)
                  for r, k in zip(rows.split(logits_chunk), tokens.split(logits_chunk))]
         picked, h = torch.cat([p for p, _ in parts]), torch.cat([e for _, e in parts]) if entropy else None
     else:

@@ -95,13 +95,15 @@ def test_forwards_without_autograd_are_untouched(policy):
     assert torch.equal(all_logprobs(model, batch, SCORING, 1 << 20), plain)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("setting", [{"train.gradient_checkpointing": True}, {"train.logits_chunk": 3}])
-def test_the_learner_steps_alike_with_and_without_it(tmp_path, policy, setting):
-    """Two optimizer steps over micro-batches of a few rows, from the same weights: the same losses,
-    gradient norms and updated weights."""
+def test_the_learner_steps_alike_with_and_without_it(tmp_path, policy, setting, dtype):
+    """Two optimizer steps over micro-batches of a few rows, from the same weights, in float32 and
+    under bf16 autocast (the backward pass, and so the recompute, inside the learner's autocast
+    region): the same losses, gradient norms and updated weights."""
     out = {}
     for flag in (False, True):
-        c = _config(tmp_path / str(flag), policy, **(setting if flag else {}))
+        c = _config(tmp_path / str(flag), policy, **{"train.dtype": dtype, **(setting if flag else {})})
         model = load_model(c.model.policy, dtype="float32", tokenizer=False)[0].train().requires_grad_(True)
         learner = Learner(c, model)
         assert model.checkpointing is c.train.gradient_checkpointing
@@ -110,6 +112,11 @@ def test_the_learner_steps_alike_with_and_without_it(tmp_path, policy, setting):
         stats = learner.optimize(batch, Targets(batch.mask(), old, torch.tensor([1.0, -0.5, 0.2, -0.7, 0.9, -0.1, 0.3, -1.1])), 0)
         out[flag] = stats, [p.detach().clone() for p in model.parameters()]
     (a, wa), (b, wb) = out[False], out[True]
-    assert b["loss"] == pytest.approx(a["loss"], rel=1e-6) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    # Under bf16 autocast the pieces' smaller bf16 products round otherwise (measured: loss 4e-5 and
+    # gradient norm 3.5e-4 apart), and AdamW's first steps, which divide a gradient by its own size,
+    # turn that into up to a whole step (lr = 1e-3) where a gradient is nearly zero (measured 9.9e-4).
+    loose = dtype == "bfloat16" and "train.logits_chunk" in setting
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-4 if loose else 1e-6)
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=2e-3 if loose else 1e-5)
     for x, y in zip(wa, wb):
-        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(y, x, rtol=0, atol=2e-3 if loose else 1e-6)
