@@ -18,7 +18,8 @@ import torch
 
 from rlhfspec.bench.common import machine, median, results_file, write_json, write_section
 from rlhfspec.errors import RlhfspecError
-from rlhfspec.rl.config import Config, load_config
+from rlhfspec.rl.config import Config
+from rlhfspec.rl.config_files import load_config
 from rlhfspec.rl.learner import skips_zero_advantage
 
 STAGES = ("generation_s", "scoring_s", "training_s", "other_s", "iteration_s")

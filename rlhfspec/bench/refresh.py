@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from rlhfspec.bench.common import bench_command, machine, median, results_file, write_json, write_section
-from rlhfspec.rl.config import load_config
+from rlhfspec.rl.config_files import load_config
 
 # label -> (drafter, refreshed)
 SETTINGS = {

@@ -24,7 +24,7 @@ def register(sub) -> None:
 
 
 def run_train(args) -> int:
-    from rlhfspec.rl.config import load_config
+    from rlhfspec.rl.config_files import load_config
     from rlhfspec.rl.plots import plot_run
     from rlhfspec.rl.trainer import Trainer
 

@@ -9,7 +9,7 @@ import pytest
 
 from rlhfspec.bench.e2e import PRECISIONS, run
 from rlhfspec.bench.e2e_settings import SHARING, TRAINER_SETTINGS
-from rlhfspec.rl.config import load_config
+from rlhfspec.rl.config_files import load_config
 from rlhfspec.rl.trainer import Trainer
 from tests.rl.helpers import tiny_policy_dir
 

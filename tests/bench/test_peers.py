@@ -12,7 +12,7 @@ pytest.importorskip("trl", reason="bench trl compares against TRL: pip install -
 from rlhfspec.bench import trl_grpo  # noqa: E402
 from rlhfspec.bench.peers import PeersBenchConfig, default_micro_batch, run, turn_order  # noqa: E402
 from rlhfspec.errors import RlhfspecError  # noqa: E402
-from rlhfspec.rl.config import load_config  # noqa: E402
+from rlhfspec.rl.config_files import load_config  # noqa: E402
 from tests.rl.helpers import tiny_policy_dir  # noqa: E402
 
 DEFAULT_RUN = Path(__file__).parents[2] / "configs" / "grpo_arith.yaml"

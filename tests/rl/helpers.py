@@ -33,7 +33,7 @@ def tiny_policy_dir(path: Path, seed: int = 0) -> Path:
 def rl_config(tmp_path: Path, policy: Path, **overrides):
     """A small run of the tiny policy: 2 prompts per iteration, no TensorBoard, no speculation,
     then `overrides` ({"section.key": value})."""
-    from rlhfspec.rl.config import load_config
+    from rlhfspec.rl.config_files import load_config
 
     settings = {"model.policy": policy, "run.output_dir": tmp_path / "run", "data.prompts_per_iteration": 2,
                 "run.tensorboard": "false", "generation.speculative": "false", **overrides}

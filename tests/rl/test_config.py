@@ -3,7 +3,8 @@
 import pytest
 
 from rlhfspec import RlhfspecError
-from rlhfspec.rl.config import Config, load_config
+from rlhfspec.rl.config import Config
+from rlhfspec.rl.config_files import load_config
 
 
 def test_the_default_config_file_equals_the_built_in_defaults():

@@ -10,7 +10,8 @@ import torch
 
 from rlhfspec import RlhfspecError
 from rlhfspec.rl import experience
-from rlhfspec.rl.config import AlgorithmConfig, Config, load_config
+from rlhfspec.rl.config import AlgorithmConfig, Config
+from rlhfspec.rl.config_files import load_config
 from rlhfspec.rl.logprobs import Batch
 from rlhfspec.rl.objective import Targets, policy_objective
 
