@@ -53,10 +53,7 @@ class _Replay:
             return Batch(batch.prompts, batch.completions, value)
         if self.field == "skip_zero_advantage":
             self.learner.skips_flat = value and self.can_skip
-        elif self.field == "gradient_checkpointing":
-            for model in (self.learner.policy, *(self.learner.critic or ())[:1]):
-                model.checkpointing = value
-        else:  # read from the config at every step
+        else:  # the learner reads it from its config at every step
             setattr(self.learner.config.train, self.field, value)
         return batch
 

@@ -308,13 +308,12 @@ class Config:
         SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, max_new_tokens=g.max_new_tokens)
         if g.backend not in BACKENDS:
             raise RlhfspecError(f"generation.backend {g.backend!r} is not one of {', '.join(BACKENDS)}.")
-        check_device(r.device)
+        engine = self.engine_device()  # run.device checked on the way
         if g.gpus_per_instance is not None and g.gpus_per_instance < 0:
             raise RlhfspecError(f"generation.gpus_per_instance is {g.gpus_per_instance}; it must be >= 0 (or null: 1 on a GPU run, 0 on the CPU).")
         if g.gpus_per_instance and g.backend != "ray":
             raise RlhfspecError(f"generation.gpus_per_instance is {g.gpus_per_instance}, but only Ray actors reserve GPUs; "
                                 "in-process instances run on run.device (set generation.backend ray, or drop gpus_per_instance).")
-        engine = self.engine_device()
         if g.batch_invariant and engine.startswith("cuda"):
             raise RlhfspecError("generation.batch_invariant is true, but no batch-invariant attention has passed the start-up check "
                                 "on CUDA yet; set it false (or null: on the CPU only) for generation on a GPU.")

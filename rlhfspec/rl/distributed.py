@@ -184,4 +184,3 @@ class RayLearners:
         if isinstance(cause, RlhfspecError):
             raise RlhfspecError(str(cause)) from None
         raise RlhfspecError(f"training worker {rank} of {self.size} failed {when}: {type(cause).__name__}: {cause}") from None
-

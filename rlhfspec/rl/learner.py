@@ -73,9 +73,7 @@ class Learner:
     def __init__(self, config: Config, policy, critic=None, rank: int = 0, world: int = 1):
         c = self.config = config
         self.policy, self.critic, self.rank, self.world = policy, critic, rank, world
-        for model in (policy, critic[0] if critic is not None else None):
-            if model is not None:
-                model.checkpointing = c.train.gradient_checkpointing
+        self._checkpointing()
         self.compute_dtype = c.train.compute_dtype(str(policy.device))
         self.skips_flat = skips_zero_advantage(c, critic=critic is not None)
         self.score_params = score_params(c)
@@ -87,6 +85,11 @@ class Learner:
             self.critic_opt = torch.optim.AdamW([*critic[0].parameters(), critic[1]], lr=c.train.critic_learning_rate,
                                                 betas=c.train.adam_betas, weight_decay=c.train.weight_decay)
 
+    def _checkpointing(self) -> None:
+        """The models recompute their layers in the backward pass as train.gradient_checkpointing says."""
+        for model in (self.policy, *(self.critic or ())[:1]):
+            model.checkpointing = self.config.train.gradient_checkpointing
+
     def compute(self):
         """The training forwards' context: bfloat16 autocast or plain."""
         return compute_context(self.compute_dtype, self.policy.device)
@@ -95,6 +98,7 @@ class Learner:
         """train.epochs passes of train.mini_batches optimizer steps over the iteration's samples, in
         the order random.Random(seed * 7919 + iteration) shuffles them; the steps' statistics."""
         c = self.config
+        self._checkpointing()
         targets = targets.to(self.policy.device)  # the inference stage leaves them on the CPU
         order = list(range(len(batch)))
         rng = random.Random(c.train.seed * 7919 + iteration)

@@ -83,11 +83,12 @@ class Trainer:
         # The learner trains this process's policy and critic, or (train.workers > 1) trains its
         # own copies on Ray workers and copies rank 0's weights into these after every iteration.
         self.learner = RayLearners(c, self.policy, self.critic) if c.train.workers > 1 else Learner(c, self.policy, self.critic)
-        spec = c.generation.engine_spec(c.engine_device())
+        engine_device = c.engine_device()
+        spec = c.generation.engine_spec(engine_device)
         placement = Placement(c.generation.instances, c.generation.backend, realloc=c.generation.realloc, ray_address=c.run.ray_address,
                               gpus_per_instance=c.generation.actor_gpus(device))
         self.rollout = Rollout(self.engine, self.tokenizer, spec, placement, model=str(c.model.policy), dtype=gen_dtype,
-                               threads=_actor_threads(c), device=c.engine_device())
+                               threads=_actor_threads(c), device=engine_device)
         for d in spec.drafters:
             log(f"drafting with {d.name}" + (f" ({d.path})" if isinstance(d, (DraftModel, Eagle)) else ""))
         self.refresher = DraftRefresher(self.rollout.drafters, c.generation.refresh_seconds, c.generation.refresh_drop) if c.generation.refresh_draft else None
