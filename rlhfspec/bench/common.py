@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from rlhfspec.models.hardware import describe
+from rlhfspec.models.hardware import describe, peak_resident
 
 RESULTS = Path("benchmarks") / "RESULTS.md"
 
@@ -76,7 +76,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
         elif self.thread is None:
-            peak = _peak_resident()
+            peak = peak_resident()
         else:
             self.done.set()
             self.thread.join()
@@ -88,12 +88,6 @@ def _resident() -> int:
     """This process's resident set, bytes (Linux)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_resident() -> int:
-    """This process's peak resident set since start or the last reset (VmHWM), bytes (Linux)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def median(xs: list[float]) -> float:

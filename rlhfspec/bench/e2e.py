@@ -27,6 +27,11 @@ PLACEMENTS = {
     "Ray, K=2 actors, N=1": RAY,
     "Ray, K=2 actors, N=2 trainers": [*RAY, "--train.workers", "2"],
 }
+# `--compare sharding`: N = 2 trainer processes with the optimizer state replicated vs sharded, generation in this process.
+SHARDINGS = {
+    "N=2 trainers, optimizer state replicated": ["--train.workers", "2", "--train.shard_optimizer", "false"],
+    "N=2 trainers, optimizer state sharded": ["--train.workers", "2", "--train.shard_optimizer", "true"],
+}
 
 
 def run(config_path: str | None = None, iterations: int = 4, overrides: list[str] | None = None,
@@ -35,14 +40,14 @@ def run(config_path: str | None = None, iterations: int = 4, overrides: list[str
     "prompts" or "skip" (`run_trainer_setting`)."""
     if compare == "precision":
         return run_precision(config_path, iterations, overrides, json_path, record, log)
-    if compare == "placement":
-        return run_placement(config_path, iterations, overrides, json_path, record, log)
+    if compare in ("placement", "sharding"):
+        return run_placement(config_path, iterations, overrides, json_path, record, log, compare)
     from rlhfspec.bench.e2e_settings import TRAINER_SETTINGS, run_trainer_setting
 
     if compare in TRAINER_SETTINGS:
         return run_trainer_setting(compare, config_path, iterations, overrides, json_path, record, log)
     if compare != "features":
-        raise ValueError(f"bench e2e compares features, precision, placement, prompts or skip, not {compare!r}")
+        raise ValueError(f"bench e2e compares features, precision, placement, sharding, prompts, skip, checkpointing or logits, not {compare!r}")
     return run_features(config_path, iterations, overrides, json_path, record, log)
 
 
@@ -195,20 +200,23 @@ def round_robin(configs: dict, iterations: int, log) -> dict[str, list[dict]]:
     return all_records
 
 
-PLACEMENT_STAGES = (*STAGES, "weight_sync_s", "allreduce_s", "allreduce_wait_s", "weights_back_s")
+PLACEMENT_STAGES = (*STAGES, "weight_sync_s", "allreduce_s", "allreduce_wait_s", "weights_back_s", "optimizer_state_mb", "worker_peak_mb")
 
 
 def run_placement(config_path: str | None, iterations: int, overrides: list[str] | None, json_path: str | None,
-                  record: bool, log) -> dict:
+                  record: bool, log, compare: str = "placement") -> dict:
     """The same iterations from the same seed with the generation instances and the trainer in
-    this process or on Ray (PLACEMENTS). The rows run one after another (each row's trainers and
-    actors together would not fit in memory beside another's); stage times are medians over
-    iterations 1.. . Batch-invariant generation makes every row's rollouts the same samples."""
+    this process or on Ray (compare "placement": PLACEMENTS), or with N = 2 trainers keeping the
+    optimizer state replicated or sharded ("sharding": SHARDINGS). The rows run one after another
+    (each row's trainers and actors together would not fit in memory beside another's); stage times
+    are medians over iterations 1.. . Batch-invariant generation makes every row's rollouts the same
+    samples (the sharding rows' updates are equal too, so their samples stay the same throughout)."""
     from rlhfspec.rl.trainer import Trainer
 
+    rows = SHARDINGS if compare == "sharding" else PLACEMENTS
     all_records: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="rlhfspec-bench-") as tmp:
-        for i, (label, extra) in enumerate(PLACEMENTS.items()):
+        for i, (label, extra) in enumerate(rows.items()):
             cfg = load_config(config_path, [*(overrides or []), *extra, "--train.iterations", str(iterations),
                                             "--run.output_dir", str(Path(tmp) / f"run{i}"), "--run.tensorboard", "false",
                                             "--run.checkpoint_every", str(iterations)])
@@ -225,20 +233,43 @@ def run_placement(config_path: str | None, iterations: int, overrides: list[str]
                         f"inference {r['inference_s']:.1f}, training {r['training_s']:.1f}, sync {r['sync_s']:.2f}), reward {r['reward']:.3f}")
             finally:
                 trainer.close()
-    medians = {label: {k: median([r.get(k, 0.0) for r in (records[1:] or records)]) for k in PLACEMENT_STAGES}
+    medians = {label: {k: median([r.get(k) or 0.0 for r in (records[1:] or records)]) for k in PLACEMENT_STAGES}
                for label, records in all_records.items()}
-    ref = medians["in-process, K=1"]
+    ref = medians[next(iter(rows))]
     result = {
-        "machine": machine(), "iterations": iterations, "settings": PLACEMENTS,
+        "machine": machine(), "iterations": iterations, "settings": rows,
         "stages": {k: {s: round(x, 2) for s, x in m.items()} for k, m in medians.items()},
         "relative_to_in_process": {k: round(m["iteration_s"] / ref["iteration_s"], 3) for k, m in medians.items()},
         "weight_sync_mb": next((round(r["weight_sync_mb"], 1) for rs in all_records.values() for r in rs if "weight_sync_mb" in r), None),
-        "runs": rounded_runs(all_records, (*PLACEMENT_STAGES, "reward", "gen_tokens")),
+        "runs": rounded_runs(all_records, (*PLACEMENT_STAGES, "reward", "gen_tokens", "loss")),
     }
+    if compare == "sharding":  # equal updates: every iteration's tokens, reward and loss the same in both rows
+        first, second = (all_records[label] for label in rows)
+        result["same_runs"] = all((a["gen_tokens"], a["reward"], a["loss"]) == (b["gen_tokens"], b["reward"], b["loss"])
+                                  for a, b in zip(first, second))
     write_json(json_path, result)
-    cmd = bench_command("e2e --compare placement", config_path, iterations, overrides, json_path, record)
-    log(write_section("e2e-placement", placement_markdown(result, cmd, iterations), path=results_file(record)))
+    cmd = bench_command(f"e2e --compare {compare}", config_path, iterations, overrides, json_path, record)
+    markdown = sharding_markdown if compare == "sharding" else placement_markdown
+    log(write_section(f"e2e-{compare}", markdown(result, cmd, iterations), path=results_file(record)))
     return result
+
+
+def sharding_markdown(r: dict, cmd: str, iterations: int) -> str:
+    lines = markdown_head(
+        "End to end: data-parallel training with the optimizer state replicated vs sharded", cmd, r["machine"],
+        f"Same config and seed in both rows, run one after the other, generation in the driver, N = 2 training workers. "
+        f"Medians over iterations 1..{iterations - 1} (iteration 0 pays warm-ups); training includes the gradient sum over "
+        "the ranks (all-reduce, or reduce-scatter plus the all-gather of the updated weights when sharded: the last rank's "
+        "seconds there), the ranks' waiting for each other and rank 0's weights back into the driver; optimizer state = the "
+        "AdamW moments one worker holds; worker peak = the largest worker's peak resident set; x = the row's iteration time "
+        f"over the first row's. Every iteration's tokens, reward and loss equal in both rows: {r['same_runs']}.",
+        ["setting", "generation s", "training s", "of which gradient sum s", "ranks waiting s", "weights back s",
+         "optimizer state MB per worker", "worker peak MB", "iteration s", "x"])
+    for label, m in r["stages"].items():
+        lines.append(f"| {label} | {m['generation_s']} | {m['training_s']} | {m['allreduce_s']} | {m['allreduce_wait_s']} | "
+                     f"{m['weights_back_s']} | {m['optimizer_state_mb']:.0f} | {m['worker_peak_mb']:.0f} | {m['iteration_s']} | "
+                     f"{r['relative_to_in_process'][label]:.2f} |")
+    return "\n".join(lines)
 
 
 def placement_markdown(r: dict, cmd: str, iterations: int) -> str:

@@ -59,9 +59,10 @@ def register(sub) -> None:
     x = names.add_parser("e2e", help="RL iterations with every generation feature off vs on (stage times, speedup)")
     x.add_argument("--config", default=None, help="YAML config (default: the default run, configs/grpo_arith.yaml)")
     x.add_argument("--iterations", type=int, default=4)
-    x.add_argument("--compare", choices=("features", "precision", "placement", "prompts", "skip", "checkpointing", "logits"), default="features",
+    x.add_argument("--compare", choices=("features", "precision", "placement", "sharding", "prompts", "skip", "checkpointing", "logits"), default="features",
                    help="features: generation features off vs on; precision: float32 vs bfloat16 training and generation; "
-                        "placement: in-process vs Ray generation actors and trainers; prompts: the trainer repeating each "
+                        "placement: in-process vs Ray generation actors and trainers; sharding: 2 trainers with the optimizer state "
+                        "replicated vs sharded (train.shard_optimizer); prompts: the trainer repeating each "
                         "prompt per sample vs computing it once per group (train.share_prompts); skip: the trainer running every "
                         "sample vs none for samples with zero advantage (train.skip_zero_advantage); checkpointing: the trainer "
                         "keeping every activation vs recomputing each layer in the backward pass (train.gradient_checkpointing); logits: "

@@ -1,4 +1,5 @@
-"""What the running CPU offers, read once: its model name, vendor and whether it computes bfloat16 natively."""
+"""What the running machine offers, read once: its CPU model name, vendor and whether it computes bfloat16
+natively; and what this process holds in memory."""
 
 from __future__ import annotations
 
@@ -67,3 +68,20 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def peak_resident() -> int:
+    """This process's peak resident set since it started or the last reset (VmHWM), bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """The most memory this process has held: torch's peak allocation on a GPU, the kernel's peak
+    resident set on the CPU; MB, None where the system does not say."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        return peak_resident() / 2**20
+    except (OSError, StopIteration):
+        return None

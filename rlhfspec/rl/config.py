@@ -183,6 +183,10 @@ class TrainConfig:
     # Trainer processes: 1 trains in this process; N > 1 runs N Ray actors (torch.distributed, gloo
     # on CPU, NCCL on GPU), each on its share of every mini-batch, gradients all-reduced.
     workers: int = 1
+    # With workers > 1: each worker keeps the AdamW state of its share of the parameters only
+    # (ZeRO stage 1: 1/N of the 8 bytes a parameter) and the updated shares are gathered; false:
+    # every worker keeps and steps all of it. The updates are the same either way.
+    shard_optimizer: bool = True
 
     def compute_dtype(self, device: str = "cpu") -> str:
         """The precision `dtype` resolves to on this machine."""

@@ -9,12 +9,13 @@ import time
 import torch
 
 from rlhfspec.errors import RlhfspecError
-from rlhfspec.models.hardware import release_memory
+from rlhfspec.models.hardware import peak_memory_mb, release_memory
 from rlhfspec.models.loader import load_model
 from rlhfspec.rl.config import Config
 from rlhfspec.rl.learner import Learner, load_critic, load_weights, weight_tensors
 from rlhfspec.rl.logprobs import Batch
 from rlhfspec.rl.objective import Targets
+from rlhfspec.rl.zero import merge_states
 from rlhfspec.rollout.ray_backend import connect, free_resource, on_cpu, pack_weights, unpack_weights
 
 # After one rank fails, how long the others get to report their own end before they are taken to
@@ -56,7 +57,7 @@ class _Worker:
     def optimize(self, batch: Batch, targets: Targets, iteration: int) -> dict:
         stats = self.learner.optimize(batch, targets, iteration)
         release_memory()  # the step's activations, back to the OS while the worker waits for the next
-        return stats
+        return {**stats, "worker_peak_mb": peak_memory_mb(self.learner.policy.device)}
 
     def weights(self) -> tuple:
         """This rank's weights packed into one buffer (`pack_weights`), which Ray hands to the driver
@@ -74,16 +75,17 @@ class _Worker:
 
 class RayLearners:
     """`train.workers` training workers on the Ray cluster at run.ray_address (or a local one started
-    here), with the Learner's interface. The optimizer state is replicated: every rank steps on the
-    same all-reduced gradients, so all hold the same weights, and rank 0's are copied into `policy`
-    and `critic` (this process's copies, which the inference stage and generation use) after every
-    iteration. Its statistics add the all-reduce's seconds (`allreduce_s`, the last rank's to get
-    there), the ranks' waiting for each other in it (`allreduce_wait_s`) and the copy of rank 0's
-    weights into this process (`weights_back_s`)."""
+    here), with the Learner's interface. Every rank ends each step with the same weights (the
+    optimizer state sharded over them or replicated, train.shard_optimizer), and rank 0's are copied
+    into `policy` and `critic` (this process's copies, which the inference stage and generation use)
+    after every iteration. Its statistics add the gradient sum's seconds (`allreduce_s`, the last
+    rank's to get there), the ranks' waiting for each other in it (`allreduce_wait_s`), the copy of
+    rank 0's weights into this process (`weights_back_s`) and the largest rank's optimizer state and
+    peak memory (`optimizer_state_mb`, `worker_peak_mb`)."""
 
     def __init__(self, config: Config, policy, critic=None):
         n = config.train.workers
-        self.policy, self.critic, self.size = policy, critic, n
+        self.config, self.policy, self.critic, self.size = config, policy, critic, n
         self.owns_cluster = connect(config.run.ray_address)
         import ray
 
@@ -123,7 +125,8 @@ class RayLearners:
         # transfer; the others' extra time is waiting for the slowest rank's backward passes.
         reduce = [r.pop("allreduce_s", 0.0) for r in ranks]
         return {**ranks[0], "allreduce_s": min(reduce), "allreduce_wait_s": max(reduce) - min(reduce),
-                "weights_back_s": time.perf_counter() - start}
+                "weights_back_s": time.perf_counter() - start,
+                **{k: max((r[k] for r in ranks if r[k] is not None), default=None) for k in ("optimizer_state_mb", "worker_peak_mb")}}
 
     def weights(self, when: str = "while sending its weights") -> dict:
         """Rank 0's policy (and critic) tensors, as `learner.weight_tensors` gives them (views of
@@ -135,9 +138,15 @@ class RayLearners:
         return tensors
 
     def state_dict(self) -> tuple[dict, dict]:
-        """As Learner.state_dict: the weights from this process's copies (equal to every rank's),
-        the optimizer and scheduler states from rank 0."""
-        objects = self._gather([self.workers[0].objects.remote()], "while its state was checkpointed")[0]
+        """As Learner.state_dict: the weights from this process's copies (equal to every rank's), the
+        scheduler's state from rank 0 and the optimizer states from rank 0 or, sharded, every
+        rank's shares merged into the state one optimizer over all the parameters has."""
+        ranks = self.workers if self.config.train.shard_optimizer else self.workers[:1]
+        parts = self._gather([w.objects.remote() for w in ranks], "while its state was checkpointed")
+        objects = parts[0]
+        for key in ("optimizer", "critic_optimizer"):
+            if key in objects and len(parts) > 1:
+                objects[key] = merge_states([p[key] for p in parts])
         return weight_tensors(self.policy, self.critic), objects
 
     def load_state_dict(self, tensors: dict, objects: dict) -> None:

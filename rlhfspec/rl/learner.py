@@ -16,6 +16,7 @@ from rlhfspec.models.loader import load_model
 from rlhfspec.rl.config import Config
 from rlhfspec.rl.logprobs import Batch, completion_logprobs, values_at
 from rlhfspec.rl.objective import Targets, policy_objective, value_objective
+from rlhfspec.rl.zero import Shards, clip, global_state, local_state
 
 # What a mini-batch's ranks add up besides gradients, in the order optimize keeps them.
 COUNTS = ("clipped", "tokens", "kl_sum", "entropy_sum", "entropy_tokens", "gap_sum", "gap_tokens", "forward_tokens")
@@ -67,8 +68,10 @@ def steps_per_epoch(c: Config) -> int:
 class Learner:
     """The policy's AdamW optimizer and LR schedule (and the critic's optimizer under PPO) and the
     loop of optimizer steps. As rank `rank` of `world` (torch.distributed already joined) it takes
-    its share of each mini-batch's micro-batches (`_share`) and all-reduces the gradients, so every
-    rank steps alike (replicated optimizer state); world 1 is the in-process trainer."""
+    its share of each mini-batch's micro-batches (`_share`) and sums the gradients over the ranks:
+    with train.shard_optimizer each rank keeps and steps the optimizer state of its share of the
+    parameters only (`zero.Shards`), otherwise every rank steps all of them alike (replicated
+    state); world 1 is the in-process trainer."""
 
     def __init__(self, config: Config, policy, critic=None, rank: int = 0, world: int = 1):
         c = self.config = config
@@ -77,13 +80,21 @@ class Learner:
         self.compute_dtype = c.train.compute_dtype(str(policy.device))
         self.skips_flat = skips_zero_advantage(c, critic=critic is not None)
         self.score_params = score_params(c)
-        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=c.train.learning_rate, betas=c.train.adam_betas, weight_decay=c.train.weight_decay)
+        self.shards = Shards(self._groups(), rank, world) if world > 1 else None
+        self.sharded = world > 1 and c.train.shard_optimizer
+        stepped = self.shards.owned if self.sharded else lambda group: self._groups()[group]
+        self.optimizer = torch.optim.AdamW(stepped(0), lr=c.train.learning_rate, betas=c.train.adam_betas, weight_decay=c.train.weight_decay)
         total = c.train.iterations * c.train.epochs * steps_per_epoch(c)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(c.train.lr_schedule, c.train.warmup_steps, total))
         self.critic_opt = None
         if critic is not None:
-            self.critic_opt = torch.optim.AdamW([*critic[0].parameters(), critic[1]], lr=c.train.critic_learning_rate,
+            self.critic_opt = torch.optim.AdamW(stepped(1), lr=c.train.critic_learning_rate,
                                                 betas=c.train.adam_betas, weight_decay=c.train.weight_decay)
+
+    def _groups(self) -> list[list[torch.nn.Parameter]]:
+        """The parameters of each optimizer: the policy's, then (under PPO) the critic's and its value head."""
+        critic = [[*self.critic[0].parameters(), self.critic[1]]] if self.critic is not None else []
+        return [list(self.policy.parameters()), *critic]
 
     def _checkpointing(self) -> None:
         """The models recompute their layers in the backward pass as train.gradient_checkpointing says."""
@@ -117,28 +128,33 @@ class Learner:
                 skipped += (len(mb) - len(trained)) * (epoch == 0)
                 total = self._backward(batch, targets, mb, trained, counts, epoch == 0)
                 total = self._all_reduce(total)
-                if all(p.grad is None for p in self.policy.parameters()):
-                    for p in self.policy.parameters():  # every sample skipped: the zero gradient their forwards give
+                if not trained:
+                    for p in self.optimizer.param_groups[0]["params"]:  # every sample skipped: the zero gradient their forwards give
                         p.grad = torch.zeros_like(p)
                 if not math.isfinite(total):
                     raise RlhfspecError(f"the policy loss became {total} at iteration {iteration}; the iteration was not committed (try a lower learning rate).")
-                norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.train.max_grad_norm)
+                norm = self._clip(0)
                 if not torch.isfinite(norm):
                     raise RlhfspecError(f"the gradient norm became {norm.item()} at iteration {iteration}; the iteration was not committed.")
                 lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
                 self.optimizer.step()
                 self.scheduler.step()
                 if self.critic is not None:
-                    torch.nn.utils.clip_grad_norm_([*self.critic[0].parameters(), self.critic[1]], c.train.max_grad_norm)
+                    self._clip(1)
                     self.critic_opt.step()
                     self.critic_opt.zero_grad(set_to_none=True)
+                if self.sharded:  # every rank's updated share into every rank's weights
+                    start = time.perf_counter()
+                    self.shards.all_gather()
+                    self.reduce_s += time.perf_counter() - start
                 losses.append(total)
                 grad_norms.append(norm.item())
         counts = self._sum_counts(counts)
         out = {"loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms),
                "clip_frac": counts["clipped"] / max(counts["tokens"], 1), "lr": lr,
                "train_tokens": counts["forward_tokens"],  # the tokens the training forwards ran, padding included
-               "skipped_samples": skipped}  # samples with no advantage, no forward (train.skip_zero_advantage)
+               "skipped_samples": skipped,  # samples with no advantage, no forward (train.skip_zero_advantage)
+               "optimizer_state_mb": self._state_mb()}  # the AdamW moments this rank keeps
         if counts["entropy_tokens"]:  # over the trained samples' tokens (none when every sample was skipped)
             out["entropy"] = counts["entropy_sum"] / counts["entropy_tokens"]
         if c.algorithm.beta > 0 and not c.algorithm.kl_in_reward:
@@ -230,6 +246,21 @@ class Learner:
                 value_objective(v, idx, targets, algo, n_tokens).mul(algo.value_coef).backward()
         return loss.item()
 
+    def _clip(self, group: int) -> torch.Tensor:
+        """Clip group `group`'s gradients (0: the policy's, 1: the critic's) to train.max_grad_norm
+        of their norm over the whole model; that norm."""
+        params, limit = self._groups()[group], self.config.train.max_grad_norm
+        if self.world == 1:
+            return torch.nn.utils.clip_grad_norm_(params, limit)
+        total = self.shards.norm(group, self.sharded)
+        clip(params, limit, total)
+        return total
+
+    def _state_mb(self) -> float:
+        """The optimizer states' tensors this rank holds, MB."""
+        opts = [self.optimizer, *([self.critic_opt] if self.critic_opt is not None else [])]
+        return sum(t.numel() * t.element_size() for o in opts for s in o.state.values() for t in s.values() if torch.is_tensor(t)) / 2**20
+
     def plain(self):
         """Leaves the compute context for the loss and the backward pass (as autocast asks), keeping
         its cast weights for the step's next micro-batch (an inner autocast region keeps the cache)."""
@@ -237,12 +268,19 @@ class Learner:
 
     def _all_reduce(self, total: float) -> float:
         """Sum the ranks' gradients (policy and critic) and their shares of the loss, in one
-        float32 all-reduce; a parameter no rank has a gradient for keeps none (AdamW skips it)."""
+        float32 all-reduce (sharded: each rank's own parameters' sums by a reduce-scatter, the
+        loss by an all-reduce); a parameter no rank has a gradient for keeps none (AdamW skips it)."""
         if self.world == 1:
             return total
         import torch.distributed as dist
 
         start = time.perf_counter()
+        if self.sharded:
+            self.shards.reduce_scatter()
+            loss = torch.tensor([total], device=self.policy.device)
+            dist.all_reduce(loss)
+            self.reduce_s += time.perf_counter() - start
+            return loss.item()
         params = self.trained_parameters()
         device = params[0].device
         flat = torch.cat([*(p.grad.reshape(-1).float() if p.grad is not None else torch.zeros(p.numel(), device=device) for p in params),
@@ -271,23 +309,31 @@ class Learner:
 
     def trained_parameters(self) -> list[torch.nn.Parameter]:
         """The policy's parameters, then the critic's and its value head."""
-        critic = [*self.critic[0].parameters(), self.critic[1]] if self.critic is not None else []
-        return [*self.policy.parameters(), *critic]
+        return [p for group in self._groups() for p in group]
 
     def state_dict(self) -> tuple[dict, dict]:
         """The checkpoint's part this learner owns: (tensors: policy and critic weights, objects:
-        optimizer, scheduler and critic optimizer states)."""
-        objects = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        optimizer, scheduler and critic optimizer states; sharded, this rank's share numbered by the
+        parameters' places in their models, for `zero.merge_states`)."""
+        objects = {"optimizer": self._global(0, self.optimizer.state_dict()), "scheduler": self.scheduler.state_dict()}
         if self.critic is not None:
-            objects["critic_optimizer"] = self.critic_opt.state_dict()
+            objects["critic_optimizer"] = self._global(1, self.critic_opt.state_dict())
         return weight_tensors(self.policy, self.critic), objects
 
     def load_state_dict(self, tensors: dict, objects: dict) -> None:
+        """Weights and states as `state_dict` gives them, its optimizer states whole (any number of
+        ranks, sharded or not, wrote them)."""
         load_weights(self.policy, self.critic, tensors)
-        self.optimizer.load_state_dict(objects["optimizer"])
+        self.optimizer.load_state_dict(self._local(0, objects["optimizer"]))
         self.scheduler.load_state_dict(objects["scheduler"])
         if self.critic is not None:
-            self.critic_opt.load_state_dict(objects["critic_optimizer"])
+            self.critic_opt.load_state_dict(self._local(1, objects["critic_optimizer"]))
+
+    def _global(self, group: int, state: dict) -> dict:
+        return global_state(state, self.shards.index[self.rank][group]) if self.sharded else state
+
+    def _local(self, group: int, state: dict) -> dict:
+        return local_state(state, self.shards.index[self.rank][group]) if self.sharded else state
 
     def close(self) -> None:
         """Nothing to release: the in-process learner is this process's own tensors (RayLearners

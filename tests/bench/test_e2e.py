@@ -1,5 +1,5 @@
-"""`rlhfspec bench e2e --compare precision`, `prompts`, `skip`, `checkpointing` and `logits`: every setting runs the
-same job and the table comes out."""
+"""`rlhfspec bench e2e --compare precision`, `sharding`, `prompts`, `skip`, `checkpointing` and `logits`: every
+setting runs the same job and the table comes out."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from rlhfspec.bench.e2e import PRECISIONS, run
+from rlhfspec.bench.e2e import PRECISIONS, SHARDINGS, run
 from rlhfspec.bench.e2e_settings import SHARING, TRAINER_SETTINGS
 from rlhfspec.rl.config_files import load_config
 from rlhfspec.rl.trainer import Trainer
@@ -33,6 +33,21 @@ def test_the_precision_comparison_runs_every_setting_and_writes_its_table(tmp_pa
     assert json.loads((tmp_path / "e2e.json").read_text())["stages"] == result["stages"]
     table = lines[-1]
     assert "<!-- bench" not in table and "| bf16 train + generation |" in table and "--compare precision" in table
+
+
+def test_the_sharding_comparison_runs_the_same_iterations_on_half_the_optimizer_state(tmp_path):
+    pytest.importorskip("ray")
+    lines = []
+    extra = ["--run.threads", "2", "--train.dtype", "float32"]  # (a local Ray cluster of 2 CPUs, started by each row)
+    result = run(None, 2, [*_overrides(tmp_path), *extra], json_path=str(tmp_path / "e2e.json"), log=lines.append, compare="sharding")
+    replicated, sharded = SHARDINGS
+    assert list(result["stages"]) == [replicated, sharded] and result["same_runs"] is True
+    assert all(len(runs) == 2 and all(r["gen_tokens"] > 0 for r in runs) for runs in result["runs"].values())
+    state = {label: m["optimizer_state_mb"] for label, m in result["stages"].items()}
+    assert 0 < state[sharded] < 0.6 * state[replicated]
+    assert all(m["worker_peak_mb"] > 0 and m["allreduce_s"] > 0 for m in result["stages"].values())
+    table = lines[-1]
+    assert "<!-- bench" not in table and f"| {sharded} |" in table and "--compare sharding" in table
 
 
 def test_the_prompt_sharing_comparison_trains_the_same_samples_on_fewer_tokens(tmp_path):

@@ -33,7 +33,7 @@ COMPARED = ("reward", "reward_std", "loss", "grad_norm", "clip_frac", "entropy",
 
 @pytest.fixture(scope="module")
 def cluster():
-    yield from local_ray(2)
+    yield from local_ray(4)  # (logical CPUs: two 2-worker groups side by side)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,7 @@ def test_two_workers_step_as_one_process_does(cluster, tmp_path, policy, algo):
         learners.close()
     timings = {k: two.pop(k) for k in ("allreduce_s", "allreduce_wait_s", "weights_back_s")}  # the transfer's own seconds
     assert all(t >= 0 for t in timings.values()) and timings["allreduce_s"] > 0
+    assert two.pop("worker_peak_mb") > 0 and 0 < two.pop("optimizer_state_mb") < 0.6 * one.pop("optimizer_state_mb")  # sharded by default
     assert two.pop("train_tokens") > 0 and one.pop("train_tokens") > 0  # (not equal: each rank pads to its own rows)
     assert one.keys() == two.keys() and one == pytest.approx(two, **STATISTICS)
     assert one["grad_norm"] > 0 and one["clip_frac"] > 0  # real steps, off the trust region's centre
@@ -98,12 +99,66 @@ def test_two_workers_step_as_one_process_does(cluster, tmp_path, policy, algo):
         assert critic < PARAMETERS and (models[0][1][1] - models[1][1][1]).abs().max() < PARAMETERS
 
 
+def _states_equal(a, b) -> bool:
+    """Whether two (nested) optimizer states are equal, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(_states_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_states_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_the_sharded_optimizer_steps_as_the_replicated_one_bit_for_bit(cluster, tmp_path, policy, algo):
+    """Two workers keeping half of the AdamW state each (ZeRO-1) against two keeping all of it:
+    the same statistics, weights and (merged) optimizer state after 6 steps; each state then loaded
+    into the other layout, and the next iteration's steps still agree bit for bit (two ranks sum
+    a + b whichever way round, so no tolerance is needed)."""
+    from rlhfspec.rl.distributed import RayLearners
+
+    extra = {"algorithm.beta": 0.05} if algo == "grpo" else {"algorithm.name": "ppo"}
+    c = _config(tmp_path, policy, **{"train.mini_batches": 3, "train.epochs": 2, "train.micro_batch_tokens": 24, "train.workers": 2, **extra})
+    batch, targets = _experience(c, load_model(c.model.policy, tokenizer=False)[0])
+    runs = {}
+    for sharded in (False, True):
+        cfg = _config(tmp_path, policy, **{"train.mini_batches": 3, "train.epochs": 2, "train.micro_batch_tokens": 24, "train.workers": 2,
+                                           "train.shard_optimizer": sharded, **extra})
+        model = load_model(c.model.policy, tokenizer=False)[0].train().requires_grad_(True)
+        critic = load_critic(cfg) if algo == "ppo" else None
+        runs[sharded] = (RayLearners(cfg, model, critic), model, critic)
+    try:
+        stats = {k: learners.optimize(batch, targets, 0) for k, (learners, _, _) in runs.items()}
+        for s in stats.values():
+            for k in ("allreduce_s", "allreduce_wait_s", "weights_back_s", "worker_peak_mb"):
+                s.pop(k)
+        memory = {k: s.pop("optimizer_state_mb") for k, s in stats.items()}
+        assert stats[True] == stats[False] and stats[True]["grad_norm"] > 0
+        assert 0.4 < memory[True] / memory[False] < 0.6  # each rank keeps about half of the moments
+        states = {k: learners.state_dict() for k, (learners, _, _) in runs.items()}
+        assert _states_equal(states[True][0], states[False][0]) and _states_equal(states[True][1], states[False][1])
+        assert len(states[True][1]["optimizer"]["state"]) == len(list(runs[True][1].parameters()))
+        # Each layout goes on from the other's state: the same second iteration, bit for bit.
+        for k, (learners, _, _) in runs.items():
+            learners.load_state_dict(*states[not k])
+        again = {k: learners.optimize(batch, targets, 1) for k, (learners, _, _) in runs.items()}
+        assert again[True]["loss"] == again[False]["loss"] and again[True]["grad_norm"] == again[False]["grad_norm"]
+        assert all(torch.equal(a, b) for a, b in zip(runs[True][1].parameters(), runs[False][1].parameters()))
+        if algo == "ppo":
+            assert all(torch.equal(a, b) for a, b in zip(runs[True][2][0].parameters(), runs[False][2][0].parameters()))
+            assert torch.equal(runs[True][2][1], runs[False][2][1])
+    finally:
+        for learners, _, _ in runs.values():
+            learners.close()
+
+
 def test_more_workers_than_the_cluster_has_cpus_is_refused_before_any_starts(cluster, tmp_path, policy):
     from rlhfspec.rl.distributed import RayLearners
 
-    c = _config(tmp_path, policy, **{"train.workers": 3})
+    c = _config(tmp_path, policy, **{"train.workers": 5})
     model = load_model(c.model.policy, tokenizer=False)[0]
-    with pytest.raises(RlhfspecError, match=r"^train.workers is 3 but the Ray cluster has 2 free CPUs; each training worker takes one\.$"):
+    with pytest.raises(RlhfspecError, match=r"^train.workers is 5 but the Ray cluster has 4 free CPUs; each training worker takes one\.$"):
         RayLearners(c, model)
 
 
