@@ -86,8 +86,10 @@ class CostModel:
     would keep the selector from ever trying plain decoding again.
     The tables are fixed once given (their sorted grids are cached); a drafter without a profile
     gets a per-row-token table learned from its first measured step. `smoothing` is each
-    observation's weight in the moving average (a bucket's first observation sets it); 0 learns no
-    correction, keeping the profiled prices.
+    observation's weight in the moving average; a bucket's average starts from the correction its
+    first observation was predicted with, not from that observation alone, so one slow step (another
+    process, a page fault) cannot price a draft length out for good: a length priced out is never
+    chosen again, so never measured again. 0 learns no correction, keeping the profiled prices.
     """
 
     def __init__(self, verify: Table, drafts: dict[str, Table] | None = None, smoothing: float = 0.2):
@@ -139,11 +141,12 @@ class CostModel:
         if not self.smoothing:  # the profiled prices, kept as given
             return
         ratio = seconds / grid(batch, k)
+        prior = self._fix(kind, batch, k)  # the correction this step's prediction was made with
         keys = self._keys(kind, batch, k)
         if kind == "verify" and self._bucket(k) > 1:
             keys = keys[:1]
         for key in keys:
-            old = self.correction.get(key, ratio)
+            old = self.correction.get(key, prior)
             self.correction[key] = old + self.smoothing * (ratio - old)
 
     def _set_draft_table(self, drafter: str, table: Table) -> None:

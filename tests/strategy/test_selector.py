@@ -3,6 +3,8 @@
 import json
 import random
 
+import pytest
+
 from rlhfspec.strategy.acceptance import AcceptanceEstimator
 from rlhfspec.strategy.base import Decision, StepRecord, Workload
 from rlhfspec.strategy.cost_model import CostModel
@@ -237,3 +239,22 @@ def test_threshold_rule_switches_off_speculation_for_large_batches():
     rule = ThresholdStrategy("ngram", 3, max_batch=32)
     assert rule.decide(workload(64)).drafter is None
     assert rule.decide(workload(8)).n == [3] * 8
+
+
+def test_one_slow_first_step_of_a_draft_length_does_not_price_it_out():
+    """The profile prices speculation right at batch 1; the first speculative step is measured at 4x
+    that (the machine busy for that one step). Had that step set its length's price, speculation
+    would cost 4x, lose to plain decoding and never be measured again; it still drafts, and steps
+    at the profiled price bring the price back."""
+    cost = CostModel(table(lambda b, q: 0.04 + 0.002 * q), {"draft": table(lambda b, n: 0.001 * n)})
+    strat = AdaptiveStrategy(cost, estimator(0.6))
+    first = strat.decide(workload(1))
+    assert first.drafter == "draft"
+    n = first.n[0]
+    q = n + 1.0
+    strat.observe(StepRecord(1, "draft", [n], [n], [2], 3, 0.001 * n, 4 * cost.verify(1, q), 100, [0]))
+    assert cost.verify(1, q) < 1.7 * (0.04 + 0.002 * q)  # one fifth of the way to the outlier
+    assert strat.decide(workload(1)).drafter == "draft"
+    for _ in range(30):
+        strat.observe(StepRecord(1, "draft", [n], [n], [2], 3, 0.001 * n, 0.04 + 0.002 * q, 100, [0]))
+    assert cost.verify(1, q) == pytest.approx(0.04 + 0.002 * q, rel=0.01)
