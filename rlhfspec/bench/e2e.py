@@ -239,14 +239,15 @@ def run_placement(config_path: str | None, iterations: int, overrides: list[str]
     result = {
         "machine": machine(), "iterations": iterations, "settings": rows,
         "stages": {k: {s: round(x, 2) for s, x in m.items()} for k, m in medians.items()},
-        "relative_to_in_process": {k: round(m["iteration_s"] / ref["iteration_s"], 3) for k, m in medians.items()},
+        f"relative_to_{'replicated' if compare == 'sharding' else 'in_process'}": {k: round(m["iteration_s"] / ref["iteration_s"], 3)
+                                                                                   for k, m in medians.items()},
         "weight_sync_mb": next((round(r["weight_sync_mb"], 1) for rs in all_records.values() for r in rs if "weight_sync_mb" in r), None),
-        "runs": rounded_runs(all_records, (*PLACEMENT_STAGES, "reward", "gen_tokens", "loss")),
+        "runs": rounded_runs(all_records, (*PLACEMENT_STAGES, "reward", "gen_tokens")),
     }
-    if compare == "sharding":  # equal updates: every iteration's tokens, reward and loss the same in both rows
+    if compare == "sharding":  # equal updates: every iteration's tokens, reward, loss and gradient norm the same in both rows
+        same = ("gen_tokens", "reward", "loss", "grad_norm")
         first, second = (all_records[label] for label in rows)
-        result["same_runs"] = all((a["gen_tokens"], a["reward"], a["loss"]) == (b["gen_tokens"], b["reward"], b["loss"])
-                                  for a, b in zip(first, second))
+        result["same_runs"] = all([a[k] for k in same] == [b[k] for k in same] for a, b in zip(first, second))
     write_json(json_path, result)
     cmd = bench_command(f"e2e --compare {compare}", config_path, iterations, overrides, json_path, record)
     markdown = sharding_markdown if compare == "sharding" else placement_markdown
@@ -259,16 +260,17 @@ def sharding_markdown(r: dict, cmd: str, iterations: int) -> str:
         "End to end: data-parallel training with the optimizer state replicated vs sharded", cmd, r["machine"],
         f"Same config and seed in both rows, run one after the other, generation in the driver, N = 2 training workers. "
         f"Medians over iterations 1..{iterations - 1} (iteration 0 pays warm-ups); training includes the gradient sum over "
-        "the ranks (all-reduce, or reduce-scatter plus the all-gather of the updated weights when sharded: the last rank's "
+        "the ranks (all-reduce, or reduce-scatter plus the broadcasts of the updated weights when sharded: the last rank's "
         "seconds there), the ranks' waiting for each other and rank 0's weights back into the driver; optimizer state = the "
-        "AdamW moments one worker holds; worker peak = the largest worker's peak resident set; x = the row's iteration time "
-        f"over the first row's. Every iteration's tokens, reward and loss equal in both rows: {r['same_runs']}.",
+        "AdamW moments one worker holds; worker peak = the most memory the largest worker has held since it started (on the "
+        "CPU its peak resident set, on a GPU torch's peak allocation); x = the row's iteration time over the first row's. "
+        f"Every iteration's tokens, reward, loss and gradient norm equal in both rows: {r['same_runs']}.",
         ["setting", "generation s", "training s", "of which gradient sum s", "ranks waiting s", "weights back s",
          "optimizer state MB per worker", "worker peak MB", "iteration s", "x"])
     for label, m in r["stages"].items():
         lines.append(f"| {label} | {m['generation_s']} | {m['training_s']} | {m['allreduce_s']} | {m['allreduce_wait_s']} | "
                      f"{m['weights_back_s']} | {m['optimizer_state_mb']:.0f} | {m['worker_peak_mb']:.0f} | {m['iteration_s']} | "
-                     f"{r['relative_to_in_process'][label]:.2f} |")
+                     f"{r['relative_to_replicated'][label]:.2f} |")
     return "\n".join(lines)
 
 

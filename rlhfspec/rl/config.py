@@ -181,7 +181,7 @@ class TrainConfig:
     # AMX, a GPU), float32 elsewhere.
     dtype: str | None = None
     # Trainer processes: 1 trains in this process; N > 1 runs N Ray actors (torch.distributed, gloo
-    # on CPU, NCCL on GPU), each on its share of every mini-batch, gradients all-reduced.
+    # on CPU, NCCL on GPU), each on its share of every mini-batch, gradients summed over them.
     workers: int = 1
     # With workers > 1: each worker keeps the AdamW state of its share of the parameters only
     # (ZeRO stage 1: 1/N of the 8 bytes a parameter) and the updated shares are gathered; false:

@@ -1,5 +1,6 @@
 """Data-parallel training: train.workers Learners on Ray actors, one torch.distributed process group
-(gloo on CPU, NCCL on GPU), each rank on its share of every mini-batch, gradients all-reduced."""
+(gloo on CPU, NCCL on GPU), each rank on its share of every mini-batch, gradients summed over the ranks
+(all-reduced, or reduce-scattered to the ranks that own their optimizer state: rl/zero.py)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from rlhfspec.models.loader import load_model
 from rlhfspec.rl.config import Config
 from rlhfspec.rl.logprobs import Batch, completion_logprobs, values_at
 from rlhfspec.rl.objective import Targets, policy_objective, value_objective
-from rlhfspec.rl.zero import Shards, clip, global_state, local_state
+from rlhfspec.rl.zero import Shards, clip, global_norm, global_state, local_state
 
 # What a mini-batch's ranks add up besides gradients, in the order optimize keeps them.
 COUNTS = ("clipped", "tokens", "kl_sum", "entropy_sum", "entropy_tokens", "gap_sum", "gap_tokens", "forward_tokens")
@@ -80,8 +80,8 @@ class Learner:
         self.compute_dtype = c.train.compute_dtype(str(policy.device))
         self.skips_flat = skips_zero_advantage(c, critic=critic is not None)
         self.score_params = score_params(c)
-        self.shards = Shards(self._groups(), rank, world) if world > 1 else None
         self.sharded = world > 1 and c.train.shard_optimizer
+        self.shards = Shards(self._groups(), rank, world) if self.sharded else None
         stepped = self.shards.owned if self.sharded else lambda group: self._groups()[group]
         self.optimizer = torch.optim.AdamW(stepped(0), lr=c.train.learning_rate, betas=c.train.adam_betas, weight_decay=c.train.weight_decay)
         total = c.train.iterations * c.train.epochs * steps_per_epoch(c)
@@ -145,7 +145,7 @@ class Learner:
                     self.critic_opt.zero_grad(set_to_none=True)
                 if self.sharded:  # every rank's updated share into every rank's weights
                     start = time.perf_counter()
-                    self.shards.all_gather()
+                    self.shards.share_weights()
                     self.reduce_s += time.perf_counter() - start
                 losses.append(total)
                 grad_norms.append(norm.item())
@@ -159,7 +159,7 @@ class Learner:
             out["entropy"] = counts["entropy_sum"] / counts["entropy_tokens"]
         if c.algorithm.beta > 0 and not c.algorithm.kl_in_reward:
             out["kl_loss_term"] = counts["kl_sum"] / max(counts["tokens"], 1)
-        if self.world > 1:  # this rank's seconds in the all-reduces, waiting for slower ranks included
+        if self.world > 1:  # this rank's seconds summing gradients (and, sharded, gathering weights), waiting for slower ranks included
             out["allreduce_s"] = self.reduce_s
         if counts["gap_tokens"]:  # the engine's logprobs against this forward's (Targets.rollout_logprobs)
             out["rollout_trainer_logprob_gap_max"] = counts["gap_max"]
@@ -252,7 +252,7 @@ class Learner:
         params, limit = self._groups()[group], self.config.train.max_grad_norm
         if self.world == 1:
             return torch.nn.utils.clip_grad_norm_(params, limit)
-        total = self.shards.norm(group, self.sharded)
+        total = global_norm(params, self.shards.index[self.rank][group] if self.sharded else None)
         clip(params, limit, total)
         return total
 
@@ -333,7 +333,7 @@ class Learner:
         return global_state(state, self.shards.index[self.rank][group]) if self.sharded else state
 
     def _local(self, group: int, state: dict) -> dict:
-        return local_state(state, self.shards.index[self.rank][group]) if self.sharded else state
+        return local_state(state, self.shards.index[self.rank][group], len(self._groups()[group])) if self.sharded else state
 
     def close(self) -> None:
         """Nothing to release: the in-process learner is this process's own tensors (RayLearners

@@ -1,10 +1,12 @@
 """The optimizer state sharded over data-parallel ranks (ZeRO stage 1, train.shard_optimizer): each
 rank keeps the AdamW moments of a contiguous share of every model's parameter tensors, receives only
-that share of the summed gradients (one reduce-scatter where the replicated learner all-reduces),
-steps it, and the ranks' updated shares are gathered back into every rank's full weights (one
-all-gather). Each parameter is stepped whole by one rank, with the same gradient and the same
-global clipping norm as every rank steps it when the state is replicated, so the updates are the
-replicated learner's bit for bit wherever its gradient sum is (two ranks: a + b either way)."""
+that share of the summed gradients (a reduce-scatter where the replicated learner all-reduces),
+steps it, and the ranks' updated shares are broadcast back into every rank's full weights. Each
+parameter is stepped whole by one rank, with the same gradient and the same global clipping norm
+as every rank steps it when the state is replicated, so the updates are the replicated learner's
+bit for bit wherever its gradient sum is (two ranks: a + b either way).
+NCCL reduce-scatters in half an all-reduce's traffic; on gloo (the CPU) the gradients are all-reduced
+as when replicated, so there sharding saves memory and costs the weights' broadcasts on top."""
 
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ from rlhfspec.errors import RlhfspecError
 
 def partition(sizes: list[int], world: int) -> list[int]:
     """Cut points [0, c1, ..., len(sizes)] splitting tensors of these sizes into `world` contiguous
-    runs of near-equal total size, each at least one tensor: run r ends at the first boundary at or
-    past r + 1 world-ths of the total, or earlier when the later runs would get no tensor."""
+    runs of near-equal total size, each at least one tensor: run r ends at the tensor boundary
+    nearest r + 1 world-ths of the total (a tensor goes to the run its middle falls in), moved
+    where a run would otherwise get no tensor. Whole tensors: a run can exceed its share by up to one
+    tensor (an embedding larger than 1/world of the model is a share of its own)."""
     if len(sizes) < world:
         raise RlhfspecError(f"train.workers is {world} but a model has only {len(sizes)} parameter tensors to share the optimizer "
                             "state among; set train.shard_optimizer false.")
@@ -50,77 +54,94 @@ class Shards:
 
     def reduce_scatter(self) -> None:
         """Sum the ranks' gradients into this rank's parameters (float32, None where no rank has one)
-        and drop every other parameter's gradient."""
+        and drop every other parameter's gradient. Each gradient is dropped as soon as it is copied
+        into the buffer, so the buffer takes no more memory than the gradients did. NCCL reduce-
+        scatters it; gloo, whose reduce-scatter all-reduces a copy of the whole buffer, all-reduces
+        it in place and keeps this rank's segment."""
         import torch.distributed as dist
 
         device = self.groups[0][0].device
-        pieces = []
-        for params in self.ranks:
-            pieces += [p.grad.reshape(-1).float() if p.grad is not None else torch.zeros(p.numel(), device=device) for p in params]
-            pieces.append(torch.tensor([float(p.grad is not None) for p in params], device=device))
-            pieces.append(torch.zeros(self.width - sum(p.numel() + 1 for p in params), device=device))
-        flat, mine = torch.cat(pieces), torch.empty(self.width, device=device)
-        dist.reduce_scatter_tensor(mine, flat)
-        del flat, pieces
-        for g in self.groups:
+        flags = [[float(p.grad is not None) for p in params] for params in self.ranks]
+        flat = torch.empty(self.world * self.width, device=device)
+        for r, params in enumerate(self.ranks):
+            offset = r * self.width
+            for p in params:
+                piece = flat[offset:offset + p.numel()]
+                piece.copy_(p.grad.reshape(-1)) if p.grad is not None else piece.zero_()
+                p.grad = None
+                offset += p.numel()
+            flat[offset:offset + len(params)] = torch.tensor(flags[r], device=device)
+            flat[offset + len(params):(r + 1) * self.width].zero_()
+        for g in self.groups:  # (a parameter no rank steps, if any)
             for p in g:
                 p.grad = None
+        if dist.get_backend() == "gloo":
+            dist.all_reduce(flat)
+            mine = flat[self.rank * self.width:(self.rank + 1) * self.width].clone()
+        else:
+            mine = torch.empty(self.width, device=device)
+            dist.reduce_scatter_tensor(mine, flat)
+        del flat
         params = self.ranks[self.rank]
         total = sum(p.numel() for p in params)
-        flags, offset = mine[total:total + len(params)].tolist(), 0
-        for p, has in zip(params, flags):
+        offset = 0
+        for p, has in zip(params, mine[total:total + len(params)].tolist()):
             if has:
                 p.grad = mine[offset:offset + p.numel()].view_as(p).to(p.dtype)
             offset += p.numel()
 
-    def all_gather(self) -> None:
-        """Every rank's updated parameters into every rank's models."""
+    def share_weights(self) -> None:
+        """Every rank's updated parameters into every rank's models: each rank's share broadcast
+        from it in turn (the traffic of an all-gather, with a buffer of one share at a time)."""
         import torch.distributed as dist
 
         device = self.groups[0][0].device
-        params = self.ranks[self.rank]
-        used = sum(p.numel() for p in params)
-        mine = torch.cat([*(p.detach().reshape(-1).float() for p in params), torch.zeros(self.width - used, device=device)])
-        flat = torch.empty(self.width * self.world, device=device)
-        dist.all_gather_into_tensor(flat, mine)
-        with torch.no_grad():
-            for r, params in enumerate(self.ranks):
-                if r == self.rank:
-                    continue
-                offset = r * self.width
-                for p in params:
-                    p.copy_(flat[offset:offset + p.numel()].view_as(p))
-                    offset += p.numel()
+        for r, params in enumerate(self.ranks):
+            if r == self.rank:
+                buffer = torch.cat([p.detach().reshape(-1).float() for p in params])
+            else:
+                buffer = torch.empty(sum(p.numel() for p in params), device=device)
+            dist.broadcast(buffer, src=r)
+            if r != self.rank:
+                offset = 0
+                with torch.no_grad():
+                    for p in params:
+                        p.copy_(buffer[offset:offset + p.numel()].view_as(p))
+                        offset += p.numel()
+            del buffer
 
-    def norm(self, group: int, sharded: bool) -> torch.Tensor:
-        """The 2-norm of group `group`'s gradients over every rank (the norm of the per-parameter
-        norms, in parameter order, as torch's clip_grad_norm_ takes it). `sharded`: each rank holds
-        only its own parameters' gradients and the per-parameter norms are all-reduced (one rank
-        adds each, the others zeros); otherwise every rank holds them all. Both ways compute the
-        same per-parameter norms and the same final norm over them, so they agree bit for bit."""
+
+def global_norm(params: list[torch.nn.Parameter], held: list[int] | None = None) -> torch.Tensor:
+    """The 2-norm of these parameters' gradients over every rank (the norm of the per-parameter
+    norms, in parameter order, as torch's clip_grad_norm_ takes it). `held`: the places of the
+    parameters whose gradients this rank holds (sharded), their norms all-reduced with the other
+    ranks' (one rank adds each, the others zeros); None: this rank holds every gradient. Both ways
+    take the same per-parameter norms, each from a 64-byte-aligned gradient (a view into a summed
+    buffer may start anywhere, and a GPU reduction's order follows its alignment), and the same
+    norm over them, so they agree bit for bit."""
+    device = params[0].device
+    norms, flags = torch.zeros(len(params), device=device), torch.zeros(len(params), device=device)
+    for i in range(len(params)) if held is None else held:
+        g = params[i].grad
+        if g is not None:
+            norms[i] = torch.linalg.vector_norm(g if g.data_ptr() % 64 == 0 else g.clone(), 2.0)
+            flags[i] = 1.0
+    if held is not None:
         import torch.distributed as dist
 
-        params = self.groups[group]
-        held = set(self.index[self.rank][group]) if sharded else range(len(params))
-        device = params[0].device
-        norms, flags = torch.zeros(len(params), device=device), torch.zeros(len(params), device=device)
-        for i in held:
-            if params[i].grad is not None:
-                norms[i] = torch.linalg.vector_norm(params[i].grad, 2.0)
-                flags[i] = 1.0
-        if sharded:
-            both = torch.cat([norms, flags])
-            dist.all_reduce(both)
-            norms, flags = both[:len(params)], both[len(params):]
-        return torch.linalg.vector_norm(norms[flags > 0], 2.0)
+        both = torch.cat([norms, flags])
+        dist.all_reduce(both)
+        norms, flags = both[:len(params)], both[len(params):]
+    return torch.linalg.vector_norm(norms[flags > 0], 2.0)
 
 
 def clip(params: list[torch.nn.Parameter], max_norm: float, total: torch.Tensor) -> None:
-    """Scale the gradients these parameters hold by max_norm / total where that is below 1 (as torch's
-    clip_grad_norm_ does, from a norm taken over every rank)."""
-    grads = [p for p in params if p.grad is not None]
-    if grads:
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total)
+    """Scale the gradients these parameters hold by max_norm / (total + 1e-6) where that is below 1,
+    as torch's clip_grad_norm_ does, from a norm taken over every rank."""
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(coef)
 
 
 def merge_states(states: list[dict]) -> dict:
@@ -141,9 +162,12 @@ def global_state(state: dict, index: list[int]) -> dict:
             "param_groups": [{**state["param_groups"][0], "params": [index[i] for i in state["param_groups"][0]["params"]]}]}
 
 
-def local_state(state: dict, index: list[int]) -> dict:
-    """The part of a whole group's optimizer state dict for parameters `index`, numbered as an
-    optimizer over just those parameters numbers them."""
+def local_state(state: dict, index: list[int], size: int) -> dict:
+    """The part of a whole group's optimizer state dict (of `size` parameters) for parameters
+    `index`, numbered as an optimizer over just those parameters numbers them."""
+    if len(state["param_groups"][0]["params"]) != size:
+        raise RlhfspecError(f"the checkpoint's optimizer state is for {len(state['param_groups'][0]['params'])} parameter tensors "
+                            f"but the model has {size}.")
     place = {g: i for i, g in enumerate(index)}
     return {"state": {place[g]: s for g, s in state["state"].items() if g in place},
             "param_groups": [{**state["param_groups"][0], "params": list(range(len(index)))}]}

@@ -110,47 +110,59 @@ def _states_equal(a, b) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize("algo", ["grpo", "ppo"])
-def test_the_sharded_optimizer_steps_as_the_replicated_one_bit_for_bit(cluster, tmp_path, policy, algo):
-    """Two workers keeping half of the AdamW state each (ZeRO-1) against two keeping all of it:
-    the same statistics, weights and (merged) optimizer state after 6 steps; each state then loaded
-    into the other layout, and the next iteration's steps still agree bit for bit (two ranks sum
-    a + b whichever way round, so no tolerance is needed)."""
+def _learners(tmp_path, policy, algo: str, sharded: bool):
+    """RayLearners of 2 workers (fresh weights and optimizer state) for the sharded-state tests."""
     from rlhfspec.rl.distributed import RayLearners
 
-    extra = {"algorithm.beta": 0.05} if algo == "grpo" else {"algorithm.name": "ppo"}
-    c = _config(tmp_path, policy, **{"train.mini_batches": 3, "train.epochs": 2, "train.micro_batch_tokens": 24, "train.workers": 2, **extra})
+    extra = {"algorithm.beta": 0.05} if algo == "grpo" else {"algorithm.name": "ppo"} if algo == "ppo" else {}
+    c = _config(tmp_path, policy, **{"train.mini_batches": 7 if algo == "skip" else 3, "train.epochs": 2, "train.micro_batch_tokens": 24,
+                                     "train.workers": 2, "train.shard_optimizer": sharded, **extra})
+    model = load_model(c.model.policy, tokenizer=False)[0].train().requires_grad_(True)
+    critic = load_critic(c) if algo == "ppo" else None
+    return c, RayLearners(c, model, critic), [*model.parameters(), *([*critic[0].parameters(), critic[1]] if critic else [])]
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo", "skip"])
+def test_the_sharded_optimizer_steps_as_the_replicated_one_bit_for_bit(cluster, tmp_path, policy, algo):
+    """Two workers keeping half of the AdamW state each (ZeRO-1) against two keeping all of it:
+    the same statistics, weights and (merged) optimizer state after 6 steps (GRPO with a KL term;
+    PPO with its critic; "skip": one sample per mini-batch, some with no advantage, so some steps
+    skip every sample and step on zero gradients). Then fresh workers of each layout load the
+    other's state and step on: the same weights again. Two ranks sum a + b whichever way round,
+    so no tolerance is needed."""
+    c, replicated, params_r = _learners(tmp_path, policy, algo, sharded=False)
+    _, sharded, params_s = _learners(tmp_path, policy, algo, sharded=True)
     batch, targets = _experience(c, load_model(c.model.policy, tokenizer=False)[0])
-    runs = {}
-    for sharded in (False, True):
-        cfg = _config(tmp_path, policy, **{"train.mini_batches": 3, "train.epochs": 2, "train.micro_batch_tokens": 24, "train.workers": 2,
-                                           "train.shard_optimizer": sharded, **extra})
-        model = load_model(c.model.policy, tokenizer=False)[0].train().requires_grad_(True)
-        critic = load_critic(cfg) if algo == "ppo" else None
-        runs[sharded] = (RayLearners(cfg, model, critic), model, critic)
+    if algo == "skip":
+        targets.advantages[[1, 4, 5]] = 0.0
     try:
-        stats = {k: learners.optimize(batch, targets, 0) for k, (learners, _, _) in runs.items()}
+        stats = {k: learners.optimize(batch, targets, 0) for k, learners in (("r", replicated), ("s", sharded))}
         for s in stats.values():
             for k in ("allreduce_s", "allreduce_wait_s", "weights_back_s", "worker_peak_mb"):
                 s.pop(k)
         memory = {k: s.pop("optimizer_state_mb") for k, s in stats.items()}
-        assert stats[True] == stats[False] and stats[True]["grad_norm"] > 0
-        assert 0.4 < memory[True] / memory[False] < 0.6  # each rank keeps about half of the moments
-        states = {k: learners.state_dict() for k, (learners, _, _) in runs.items()}
-        assert _states_equal(states[True][0], states[False][0]) and _states_equal(states[True][1], states[False][1])
-        assert len(states[True][1]["optimizer"]["state"]) == len(list(runs[True][1].parameters()))
-        # Each layout goes on from the other's state: the same second iteration, bit for bit.
-        for k, (learners, _, _) in runs.items():
-            learners.load_state_dict(*states[not k])
-        again = {k: learners.optimize(batch, targets, 1) for k, (learners, _, _) in runs.items()}
-        assert again[True]["loss"] == again[False]["loss"] and again[True]["grad_norm"] == again[False]["grad_norm"]
-        assert all(torch.equal(a, b) for a, b in zip(runs[True][1].parameters(), runs[False][1].parameters()))
-        if algo == "ppo":
-            assert all(torch.equal(a, b) for a, b in zip(runs[True][2][0].parameters(), runs[False][2][0].parameters()))
-            assert torch.equal(runs[True][2][1], runs[False][2][1])
-    finally:
-        for learners, _, _ in runs.values():
+        assert stats["r"] == stats["s"] and stats["s"]["grad_norm"] > 0
+        assert stats["s"]["skipped_samples"] == (3 if algo == "skip" else 0)  # (counted over the first epoch)
+        assert 0.4 < memory["s"] / memory["r"] < 0.6  # each rank keeps about half of the moments
+        assert all(torch.equal(a, b) for a, b in zip(params_r, params_s))
+        states = {"r": replicated.state_dict(), "s": sharded.state_dict()}
+        assert _states_equal(states["r"], states["s"])
+        assert len(states["s"][1]["optimizer"]["state"]) == len(list(replicated.policy.parameters()))
+        after = {}
+        for k, learners in (("r", replicated), ("s", sharded)):  # each layout, fresh, goes on from the other's state
             learners.close()
+            _, fresh, params = _learners(tmp_path, policy, algo, sharded=k == "r")
+            try:
+                fresh.load_state_dict(*states[k])
+                fresh.optimize(batch, targets, 1)
+                after[k] = [p.detach().clone() for p in params]
+            finally:
+                fresh.close()
+        assert all(torch.equal(a, b) for a, b in zip(after["r"], after["s"]))
+        assert not all(torch.equal(a, b) for a, b in zip(after["r"], params_r))  # the second iteration moved them
+    finally:
+        replicated.close()
+        sharded.close()
 
 
 def test_more_workers_than_the_cluster_has_cpus_is_refused_before_any_starts(cluster, tmp_path, policy):
@@ -167,7 +179,8 @@ def runs(cluster, tmp_path_factory, policy):
     """The same seeded 3-iteration run in this process and with train.workers 2."""
     out = {}
     for name, workers in (("inproc", 1), ("workers", 2)):
-        c = _config(tmp_path_factory.mktemp(name), policy, **{"train.workers": workers, "train.iterations": 3, "train.mini_batches": 2})
+        c = _config(tmp_path_factory.mktemp(name), policy, **{"train.workers": workers, "train.iterations": 3, "train.mini_batches": 2,
+                                                              "train.shard_optimizer": True})
         out[name] = (c, Trainer(c, progress=False, log=lambda m: None).train())
     return out
 
@@ -183,7 +196,7 @@ def test_a_seeded_run_with_two_workers_gives_the_in_process_numbers(runs):
 
 
 def test_a_worker_killed_mid_run_stops_it_and_resume_continues_exactly(runs, tmp_path, policy):
-    c = _config(tmp_path, policy, **{"train.workers": 2, "train.iterations": 3, "train.mini_batches": 2})
+    c = _config(tmp_path, policy, **{"train.workers": 2, "train.iterations": 3, "train.mini_batches": 2, "train.shard_optimizer": True})
     trainer = Trainer(c, progress=False, log=lambda m: None)
     optimize = trainer.learner.optimize
 
