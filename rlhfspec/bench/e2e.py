@@ -256,7 +256,7 @@ def run_placement(config_path: str | None, iterations: int, overrides: list[str]
 
 
 def sharding_markdown(r: dict, cmd: str, iterations: int) -> str:
-    lines = markdown_head(
+    head = markdown_head(
         "End to end: data-parallel training with the optimizer state replicated vs sharded", cmd, r["machine"],
         f"Same config and seed in both rows, run one after the other, generation in the driver, N = 2 training workers. "
         f"Medians over iterations 1..{iterations - 1} (iteration 0 pays warm-ups); training includes the gradient sum over "
@@ -267,15 +267,12 @@ def sharding_markdown(r: dict, cmd: str, iterations: int) -> str:
         f"Every iteration's tokens, reward, loss and gradient norm equal in both rows: {r['same_runs']}.",
         ["setting", "generation s", "training s", "of which gradient sum s", "ranks waiting s", "weights back s",
          "optimizer state MB per worker", "worker peak MB", "iteration s", "x"])
-    for label, m in r["stages"].items():
-        lines.append(f"| {label} | {m['generation_s']} | {m['training_s']} | {m['allreduce_s']} | {m['allreduce_wait_s']} | "
-                     f"{m['weights_back_s']} | {m['optimizer_state_mb']:.0f} | {m['worker_peak_mb']:.0f} | {m['iteration_s']} | "
-                     f"{r['relative_to_replicated'][label]:.2f} |")
-    return "\n".join(lines)
+    keys = ("generation_s", "training_s", "allreduce_s", "allreduce_wait_s", "weights_back_s", "optimizer_state_mb", "worker_peak_mb", "iteration_s")
+    return _stage_rows(head, r, keys, "relative_to_replicated")
 
 
 def placement_markdown(r: dict, cmd: str, iterations: int) -> str:
-    lines = markdown_head(
+    head = markdown_head(
         "End to end: RL iterations in this process vs on Ray", cmd, r["machine"],
         f"Same config and seed in every row; the rows ran one after another. Medians over iterations 1..{iterations - 1} "
         "(iteration 0 pays warm-ups); K = generation instances, N = trainer processes; sync = the drafter refresh plus the "
@@ -284,11 +281,16 @@ def placement_markdown(r: dict, cmd: str, iterations: int) -> str:
         "back into the driver; x = the row's iteration time over in-process K=1's.",
         ["setting", "generation s", "inference s", "training s", "of which all-reduce s", "ranks waiting s", "weights back s",
          "sync s", "of which weight sync s", "iteration s", "x"])
-    for label, m in r["stages"].items():
-        lines.append(f"| {label} | {m['generation_s']} | {m['inference_s']} | {m['training_s']} | {m['allreduce_s']} | "
-                     f"{m['allreduce_wait_s']} | {m['weights_back_s']} | {m['sync_s']} | {m['weight_sync_s']} | "
-                     f"{m['iteration_s']} | {r['relative_to_in_process'][label]:.2f} |")
-    return "\n".join(lines)
+    keys = ("generation_s", "inference_s", "training_s", "allreduce_s", "allreduce_wait_s", "weights_back_s", "sync_s", "weight_sync_s", "iteration_s")
+    return _stage_rows(head, r, keys, "relative_to_in_process")
+
+
+def _stage_rows(head: list[str], r: dict, keys: tuple, relative: str) -> str:
+    """The table: `head`, then a row per setting of its median `keys` (megabytes as whole numbers)
+    and its iteration time relative to the reference row's (r[relative])."""
+    rows = [f"| {label} | " + " | ".join(f"{m[k]:.0f}" if k.endswith("_mb") else str(m[k]) for k in keys) +
+            f" | {r[relative][label]:.2f} |" for label, m in r["stages"].items()]
+    return "\n".join([*head, *rows])
 
 
 def _precision_markdown(r: dict, cmd: str, iterations: int) -> str:
