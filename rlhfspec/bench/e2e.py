@@ -166,7 +166,8 @@ def run_precision(config_path: str | None, iterations: int, overrides: list[str]
 
 def rounded_runs(all_records: dict[str, list[dict]], keys: tuple) -> dict[str, list[dict]]:
     """Each row's per-iteration records, `keys` only (those present), rounded for the JSON."""
-    return {label: [{k: round(r[k], 4 if k == "reward" else 2) for k in keys if r.get(k) is not None} for r in records]
+    digits = {"reward": 4, "loss": 8, "grad_norm": 8}
+    return {label: [{k: round(r[k], digits.get(k, 2)) for k in keys if r.get(k) is not None} for r in records]
             for label, records in all_records.items()}
 
 
@@ -242,7 +243,7 @@ def run_placement(config_path: str | None, iterations: int, overrides: list[str]
         f"relative_to_{'replicated' if compare == 'sharding' else 'in_process'}": {k: round(m["iteration_s"] / ref["iteration_s"], 3)
                                                                                    for k, m in medians.items()},
         "weight_sync_mb": next((round(r["weight_sync_mb"], 1) for rs in all_records.values() for r in rs if "weight_sync_mb" in r), None),
-        "runs": rounded_runs(all_records, (*PLACEMENT_STAGES, "reward", "gen_tokens")),
+        "runs": rounded_runs(all_records, (*PLACEMENT_STAGES, "reward", "gen_tokens", "loss", "grad_norm")),
     }
     if compare == "sharding":  # equal updates: every iteration's tokens, reward, loss and gradient norm the same in both rows
         same = ("gen_tokens", "reward", "loss", "grad_norm")

@@ -5,8 +5,9 @@ steps it, and the ranks' updated shares are broadcast back into every rank's ful
 parameter is stepped whole by one rank, with the same gradient and the same global clipping norm
 as every rank steps it when the state is replicated, so the updates are the replicated learner's
 bit for bit wherever its gradient sum is (two ranks: a + b either way).
-NCCL reduce-scatters in half an all-reduce's traffic; on gloo (the CPU) the gradients are all-reduced
-as when replicated, so there sharding saves memory and costs the weights' broadcasts on top."""
+With shares of equal size NCCL's reduce-scatter and the broadcasts move what one all-reduce does (each
+rank's segment is padded to the largest share); on gloo (the CPU) the gradients are all-reduced as
+when replicated, so there sharding saves memory and costs the weights' broadcasts on top."""
 
 from __future__ import annotations
 
@@ -55,9 +56,12 @@ class Shards:
     def reduce_scatter(self) -> None:
         """Sum the ranks' gradients into this rank's parameters (float32, None where no rank has one)
         and drop every other parameter's gradient. Each gradient is dropped as soon as it is copied
-        into the buffer, so the buffer takes no more memory than the gradients did. NCCL reduce-
-        scatters it; gloo, whose reduce-scatter all-reduces a copy of the whole buffer, all-reduces
-        it in place and keeps this rank's segment."""
+        into the buffer (on the CPU, where a large buffer's pages are committed as they are written
+        and a large freed gradient goes back to the OS, the two together take about what the
+        gradients did; on a GPU the whole buffer is reserved at once). Every rank's segment is as
+        long as the largest share, so unequal shares send padding. NCCL reduce-scatters the buffer;
+        gloo, whose reduce-scatter all-reduces a copy of the whole buffer, all-reduces it in place
+        and keeps this rank's segment."""
         import torch.distributed as dist
 
         device = self.groups[0][0].device
@@ -67,7 +71,10 @@ class Shards:
             offset = r * self.width
             for p in params:
                 piece = flat[offset:offset + p.numel()]
-                piece.copy_(p.grad.reshape(-1)) if p.grad is not None else piece.zero_()
+                if p.grad is None:
+                    piece.zero_()
+                else:
+                    piece.copy_(p.grad.reshape(-1))
                 p.grad = None
                 offset += p.numel()
             flat[offset:offset + len(params)] = torch.tensor(flags[r], device=device)
@@ -81,7 +88,7 @@ class Shards:
         else:
             mine = torch.empty(self.width, device=device)
             dist.reduce_scatter_tensor(mine, flat)
-        del flat
+        del flat, piece  # (the buffer goes; `mine` holds this rank's sums)
         params = self.ranks[self.rank]
         total = sum(p.numel() for p in params)
         offset = 0

@@ -45,7 +45,7 @@ def test_the_sharding_comparison_runs_the_same_iterations_on_half_the_optimizer_
     assert all(len(runs) == 2 and all(r["gen_tokens"] > 0 for r in runs) for runs in result["runs"].values())
     state = {label: m["optimizer_state_mb"] for label, m in result["stages"].items()}
     assert 0 < state[sharded] < 0.6 * state[replicated]
-    assert all(m["worker_peak_mb"] > 0 and m["allreduce_s"] > 0 for m in result["stages"].values())
+    assert all(m["worker_peak_mb"] > 0 and m["allreduce_s"] >= 0 for m in result["stages"].values())  # (seconds rounded to 0.01)
     table = lines[-1]
     assert "<!-- bench" not in table and f"| {sharded} |" in table and "--compare sharding" in table
 
