@@ -86,14 +86,8 @@ class CostModel:
     would keep the selector from ever trying plain decoding again.
     The tables are fixed once given (their sorted grids are cached); a drafter without a profile
     gets a per-row-token table learned from its first measured step. `smoothing` is each
-    observation's weight in the moving average; a bucket's average starts from the correction its
-    first observation was predicted with, not from that observation alone, and every observation
-    pulls the other lengths' corrections at its batch a quarter as far toward its own. A length the
-    selector stops choosing is measured no more, so without that pull one slow step (another
-    process, a page fault) could price it out for the rest of a rollout; with it, a stale price
-    comes back into reach and the length is tried again (a length that really is dearer than its
-    profile is then re-measured now and then: the price of finding out). 0 learns no correction,
-    keeping the profiled prices.
+    observation's weight in the moving average (a bucket's first observation sets it); 0 learns no
+    correction, keeping the profiled prices.
     """
 
     def __init__(self, verify: Table, drafts: dict[str, Table] | None = None, smoothing: float = 0.2):
@@ -145,22 +139,12 @@ class CostModel:
         if not self.smoothing:  # the profiled prices, kept as given
             return
         ratio = seconds / grid(batch, k)
-        prior = self._fix(kind, batch, k)  # the correction this step's prediction was made with
         keys = self._keys(kind, batch, k)
         if kind == "verify" and self._bucket(k) > 1:
             keys = keys[:1]
         for key in keys:
-            old = self.correction.get(key, prior)
+            old = self.correction.get(key, ratio)
             self.correction[key] = old + self.smoothing * (ratio - old)
-        # The other lengths' corrections at this batch drift toward this one's: a length the
-        # selector stopped choosing is measured no more, so a price set by a slow spell would stand
-        # for good; drifting, it comes back into reach, is tried again and measured.
-        # Plain steps' correction (verify, q bucket 1) is never pulled: speculative steps that cost
-        # more than profiled must not make plain decoding look dearer (it would never be chosen again).
-        own, fresh = keys[0], self.correction[keys[0]]
-        stale = [key for key in self.correction if key[:2] == own[:2] and key[2] and key != own and (kind != "verify" or key[2] > 1)]
-        for key in stale:
-            self.correction[key] += self.smoothing / 4 * (fresh - self.correction[key])
 
     def _set_draft_table(self, drafter: str, table: Table) -> None:
         self.draft_tables[drafter] = table
