@@ -252,7 +252,7 @@ class Learner:
         params, limit = self._groups()[group], self.config.train.max_grad_norm
         if self.world == 1:
             return torch.nn.utils.clip_grad_norm_(params, limit)
-        total = global_norm(params, self.shards.index[self.rank][group] if self.sharded else None)
+        total = global_norm(params, self.shards.places(group) if self.sharded else None)
         clip(params, limit, total)
         return total
 
@@ -330,10 +330,10 @@ class Learner:
             self.critic_opt.load_state_dict(self._local(1, objects["critic_optimizer"]))
 
     def _global(self, group: int, state: dict) -> dict:
-        return global_state(state, self.shards.index[self.rank][group]) if self.sharded else state
+        return global_state(state, self.shards.places(group)) if self.sharded else state
 
     def _local(self, group: int, state: dict) -> dict:
-        return local_state(state, self.shards.index[self.rank][group], len(self._groups()[group])) if self.sharded else state
+        return local_state(state, self.shards.places(group), len(self._groups()[group])) if self.sharded else state
 
     def close(self) -> None:
         """Nothing to release: the in-process learner is this process's own tensors (RayLearners

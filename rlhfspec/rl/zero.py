@@ -49,9 +49,13 @@ class Shards:
         self.ranks = [[g[i] for g, idx in zip(groups, self.index[r]) for i in idx] for r in range(world)]
         self.width = max(sum(p.numel() + 1 for p in params) for params in self.ranks)
 
+    def places(self, group: int) -> list[int]:
+        """The places in group `group` of this rank's parameters."""
+        return self.index[self.rank][group]
+
     def owned(self, group: int) -> list[torch.nn.Parameter]:
         """This rank's parameters of group `group`, which its optimizer for that group steps."""
-        return [self.groups[group][i] for i in self.index[self.rank][group]]
+        return [self.groups[group][i] for i in self.places(group)]
 
     def reduce_scatter(self) -> None:
         """Sum the ranks' gradients into this rank's parameters (float32, None where no rank has one)
@@ -79,9 +83,6 @@ class Shards:
                 offset += p.numel()
             flat[offset:offset + len(params)] = torch.tensor(flags[r], device=device)
             flat[offset + len(params):(r + 1) * self.width].zero_()
-        for g in self.groups:  # (a parameter no rank steps, if any)
-            for p in g:
-                p.grad = None
         if dist.get_backend() == "gloo":
             dist.all_reduce(flat)
             mine = flat[self.rank * self.width:(self.rank + 1) * self.width].clone()
