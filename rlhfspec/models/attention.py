@@ -314,12 +314,17 @@ class DenseAttention:
         return torch.matmul(probs.to(low), v.to(low).unsqueeze(2)).view(b, hkv, gq, d)
 
 
+BAND = 8  # completions per attention call in SharedPromptAttention
+
+
 class SharedPromptAttention:
     """Attention over prompts and the completions that continue them, packed without padding (the
     trainer's forward with train.share_prompts): each prompt is computed once, causally; each
     completion sees its prompt and itself, causally. `prompt_rows` [P, Tp] and `completion_rows`
     [B, Tc] hold the packed indices of each prompt's and completion's tokens (-1 past its end);
-    completion b continues prompt `prompt_of[b]`; `positions` [N] are the packed tokens' positions."""
+    completion b continues prompt `prompt_of[b]`; `positions` [N] are the packed tokens' positions.
+    The completions' attention runs in bands of BAND completions of similar length, each padded to
+    its own longest (the same attention as one call over all of them, to float32 rounding)."""
 
     invariant = False
 
@@ -330,37 +335,47 @@ class SharedPromptAttention:
         n = positions.numel()
         g = num_heads // num_kv_heads
         pv, cv = prompt_rows >= 0, completion_rows >= 0
-        (p, tp), (b, tc) = prompt_rows.shape, completion_rows.shape
+        p, tp = prompt_rows.shape
         # Padding reads row n, a zero row appended to the packed tensors.
         self.prompt_index = torch.where(pv, prompt_rows, n).reshape(-1)
-        self.completion_index = torch.where(cv, completion_rows, n).reshape(-1)
-        self.prompt_of = prompt_of
         causal = lambda t: torch.ones(t, t, dtype=torch.bool, device=dev).tril()  # noqa: E731
         # Padding queries see their first key only, so no row is empty.
         first = lambda q, k: torch.zeros(q, k, dtype=torch.bool, device=dev).index_fill_(1, torch.tensor([0], device=dev), True)  # noqa: E731
         prompt_mask = (causal(tp)[None] & pv[:, None, :]) | (~pv[:, :, None] & first(tp, tp)[None])
-        own = causal(tc)[None] & cv[:, None, :]
-        completion_mask = torch.cat((pv[prompt_of][:, None, :].expand(-1, tc, -1), own), dim=2)
-        self.prompts, self.completions = DenseAttention.over(prompt_mask, g), DenseAttention.over(completion_mask, g)
-        # Packed token i's output sits at row back[i] of the prompts' outputs followed by the completions'.
+        self.prompts = DenseAttention.over(prompt_mask, g)
+        # Completions in bands of BAND, shortest first, each padded to its own longest only: the
+        # fused kernel computes every masked key, so one band padded to the longest completion of
+        # the micro-batch did about twice the work on the default job's lengths.
+        lengths = cv.sum(1)
+        order = torch.sort(lengths.cpu(), stable=True).indices.to(dev)
+        self.bands = []
+        at = p * tp
         back = torch.empty(n + 1, dtype=torch.long, device=dev)
-        back[self.prompt_index] = torch.arange(p * tp, device=dev)
-        back[self.completion_index] = torch.arange(p * tp, p * tp + b * tc, device=dev)
+        back[self.prompt_index] = torch.arange(at, device=dev)
+        for rows in order.split(BAND):
+            tc = max(1, int(lengths[rows].max()))
+            valid, index = cv[rows, :tc], torch.where(cv[rows, :tc], completion_rows[rows, :tc], n).reshape(-1)
+            own = causal(tc)[None] & valid[:, None, :]
+            mask = torch.cat((pv[prompt_of[rows]][:, None, :].expand(-1, tc, -1), own), dim=2)
+            self.bands.append((index, prompt_of[rows], DenseAttention.over(mask, g), len(rows), tc))
+            # Packed token i's output sits at row back[i] of the prompts' outputs followed by the bands'.
+            back[index] = torch.arange(at, at + len(rows) * tc, device=dev)
+            at += len(rows) * tc
         self.back = back[:n]
-        self.shapes = (p, tp, b, tc)
+        self.shapes = (p, tp)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        p, tp, b, tc = self.shapes
+        p, tp = self.shapes
         hkv, d = k.shape[1], k.shape[2]
         zero = lambda x: torch.cat((x, x.new_zeros(1, *x.shape[1:])))  # noqa: E731
         q, k, v = zero(q), zero(k), zero(v)
         pk = k.index_select(0, self.prompt_index).view(p, tp, hkv, d)
         pv = v.index_select(0, self.prompt_index).view(p, tp, hkv, d)
         pq = q.index_select(0, self.prompt_index)
-        out_p = self.prompts._attend(fold_queries(pq, p, tp, hkv), pk.transpose(1, 2), pv.transpose(1, 2), q.shape[1])
-        ck = torch.cat((pk.index_select(0, self.prompt_of), k.index_select(0, self.completion_index).view(b, tc, hkv, d)), dim=1)
-        cv = torch.cat((pv.index_select(0, self.prompt_of), v.index_select(0, self.completion_index).view(b, tc, hkv, d)), dim=1)
-        cq = q.index_select(0, self.completion_index)
-        out_c = self.completions._attend(fold_queries(cq, b, tc, hkv), ck.transpose(1, 2), cv.transpose(1, 2), q.shape[1])
-        out = torch.cat((unfold_output(out_p, p, tp), unfold_output(out_c, b, tc)))
-        return out.index_select(0, self.back)
+        outs = [unfold_output(self.prompts._attend(fold_queries(pq, p, tp, hkv), pk.transpose(1, 2), pv.transpose(1, 2), q.shape[1]), p, tp)]
+        for index, prompt_of, attention, b, tc in self.bands:
+            ck = torch.cat((pk.index_select(0, prompt_of), k.index_select(0, index).view(b, tc, hkv, d)), dim=1)
+            cv = torch.cat((pv.index_select(0, prompt_of), v.index_select(0, index).view(b, tc, hkv, d)), dim=1)
+            cq = q.index_select(0, index)
+            outs.append(unfold_output(attention._attend(fold_queries(cq, b, tc, hkv), ck.transpose(1, 2), cv.transpose(1, 2), q.shape[1]), b, tc))
+        return torch.cat(outs).index_select(0, self.back)
