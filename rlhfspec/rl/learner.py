@@ -16,7 +16,7 @@ from rlhfspec.models.loader import load_model
 from rlhfspec.rl.config import Config
 from rlhfspec.rl.logprobs import Batch, completion_logprobs, values_at
 from rlhfspec.rl.objective import Targets, policy_objective, value_objective
-from rlhfspec.rl.zero import Shards, clip, global_norm, global_state, local_state
+from rlhfspec.rl.zero import Shards, clip, global_norm, global_state, local_state, pack_gradients, unpack_gradients
 
 # What a mini-batch's ranks add up besides gradients, in the order optimize keeps them.
 COUNTS = ("clipped", "tokens", "kl_sum", "entropy_sum", "entropy_tokens", "gap_sum", "gap_tokens", "forward_tokens")
@@ -282,16 +282,10 @@ class Learner:
             self.reduce_s += time.perf_counter() - start
             return loss.item()
         params = self.trained_parameters()
-        device = params[0].device
-        flat = torch.cat([*(p.grad.reshape(-1).float() if p.grad is not None else torch.zeros(p.numel(), device=device) for p in params),
-                          torch.tensor([float(p.grad is not None) for p in params] + [total], device=device)])
+        flat = torch.empty(sum(p.numel() for p in params) + len(params) + 1, device=params[0].device)
+        flat[pack_gradients(flat, 0, params)] = total  # each gradient dropped once copied: no buffer beside them
         dist.all_reduce(flat)
-        offset = 0
-        flags = flat[-1 - len(params):-1].tolist()
-        for p, has in zip(params, flags):
-            p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype) if has else None
-            offset += p.numel()
-        total = flat[-1].item()
+        total = flat[unpack_gradients(flat, 0, params)].item()
         self.reduce_s += time.perf_counter() - start
         return total
 

@@ -60,43 +60,25 @@ class Shards:
     def reduce_scatter(self) -> None:
         """Sum the ranks' gradients into this rank's parameters (float32, None where no rank has one)
         and drop every other parameter's gradient. Each gradient is dropped as soon as it is copied
-        into the buffer (on the CPU, where a large buffer's pages are committed as they are written
-        and a large freed gradient goes back to the OS, the two together take about what the
-        gradients did; on a GPU the whole buffer is reserved at once). Every rank's segment is as
+        into the buffer (`pack_gradients`). Every rank's segment is as
         long as the largest share, so unequal shares send padding. NCCL reduce-scatters the buffer;
         gloo, whose reduce-scatter all-reduces a copy of the whole buffer, all-reduces it in place
         and keeps this rank's segment."""
         import torch.distributed as dist
 
         device = self.groups[0][0].device
-        flags = [[float(p.grad is not None) for p in params] for params in self.ranks]
         flat = torch.empty(self.world * self.width, device=device)
         for r, params in enumerate(self.ranks):
-            offset = r * self.width
-            for p in params:
-                piece = flat[offset:offset + p.numel()]
-                if p.grad is None:
-                    piece.zero_()
-                else:
-                    piece.copy_(p.grad.reshape(-1))
-                p.grad = None
-                offset += p.numel()
-            flat[offset:offset + len(params)] = torch.tensor(flags[r], device=device)
-            flat[offset + len(params):(r + 1) * self.width].zero_()
+            end = pack_gradients(flat, r * self.width, params)
+            flat[end:(r + 1) * self.width].zero_()
         if dist.get_backend() == "gloo":
             dist.all_reduce(flat)
             mine = flat[self.rank * self.width:(self.rank + 1) * self.width].clone()
         else:
             mine = torch.empty(self.width, device=device)
             dist.reduce_scatter_tensor(mine, flat)
-        del flat, piece  # (the buffer goes; `mine` holds this rank's sums)
-        params = self.ranks[self.rank]
-        total = sum(p.numel() for p in params)
-        offset = 0
-        for p, has in zip(params, mine[total:total + len(params)].tolist()):
-            if has:
-                p.grad = mine[offset:offset + p.numel()].view_as(p).to(p.dtype)
-            offset += p.numel()
+        del flat  # (the buffer goes; `mine` holds this rank's sums)
+        unpack_gradients(mine, 0, self.ranks[self.rank])
 
     def share_weights(self) -> None:
         """Every rank's updated parameters into every rank's models: each rank's share broadcast
@@ -117,6 +99,36 @@ class Shards:
                         p.copy_(buffer[offset:offset + p.numel()].view_as(p))
                         offset += p.numel()
             del buffer
+
+
+def pack_gradients(flat: torch.Tensor, offset: int, params: list[torch.nn.Parameter]) -> int:
+    """Copy these parameters' gradients (float32, zeros where a parameter has none) into `flat` from
+    `offset` on, then one has-a-gradient flag per parameter; where that ends. Each gradient is
+    dropped as soon as it is copied (on the CPU, where a large buffer's pages are committed as they
+    are written and a large freed gradient goes back to the OS, buffer and gradients together take
+    about what the gradients did; on a GPU the whole buffer is reserved at once)."""
+    flags = torch.tensor([float(p.grad is not None) for p in params], device=flat.device)
+    for p in params:
+        piece = flat[offset:offset + p.numel()]
+        if p.grad is None:
+            piece.zero_()
+        else:
+            piece.copy_(p.grad.reshape(-1))
+        p.grad = None
+        offset += p.numel()
+    flat[offset:offset + len(params)] = flags
+    return offset + len(params)
+
+
+def unpack_gradients(flat: torch.Tensor, offset: int, params: list[torch.nn.Parameter]) -> int:
+    """The inverse of pack_gradients over a summed buffer: each parameter some rank had a gradient
+    for gets its sum (a view of `flat`, in the parameter's dtype), the others none; where it ends."""
+    total = sum(p.numel() for p in params)
+    flags = flat[offset + total:offset + total + len(params)].tolist()
+    for p, has in zip(params, flags):
+        p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype) if has else None
+        offset += p.numel()
+    return offset + len(params)
 
 
 def global_norm(params: list[torch.nn.Parameter], held: list[int] | None = None) -> torch.Tensor:
