@@ -62,9 +62,10 @@ class Batch:
         return len(self.prompts[unit[0]]) + sum(len(self.completions[i]) for i in unit)
 
     def forward_tokens(self, idx: list[int]) -> int:
-        """Tokens one forward over samples `idx` runs through the model, padding included."""
+        """Tokens one forward over samples `idx` runs through the model, padding included (with
+        share_prompts a completion's last token is not run: no logprob reads it, no token sees it)."""
         if self.share_prompts:
-            return sum(map(len, {tuple(self.prompts[i]) for i in idx})) + sum(len(self.completions[i]) for i in idx)
+            return sum(map(len, {tuple(self.prompts[i]) for i in idx})) + sum(len(self.completions[i]) - 1 for i in idx)
         return len(idx) * max(len(self.prompts[i]) + len(self.completions[i]) for i in idx)
 
     def unit_groups(self, max_tokens: int, ranks: int = 1) -> list[list[list[int]]]:
@@ -107,33 +108,36 @@ def response_hidden(model, batch: Batch, idx: list[int]) -> tuple[torch.Tensor, 
 
 def _shared_response_hidden(model, batch: Batch, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """response_hidden computing each prompt once for the samples of `idx` that share it: the
-    forward's tokens are the distinct prompts and the completions, packed without padding, and a
-    completion continues its prompt's positions and sees the prompt and itself (SharedPromptAttention)."""
+    forward's tokens are the distinct prompts and the completions but their last tokens, packed
+    without padding, and a completion continues its prompt's positions and sees the prompt and
+    itself (SharedPromptAttention). A completion's last token is left out: its hidden state predicts
+    nothing scored, and no token sees it (later tokens of its completion are the only ones that would)."""
     number: dict[tuple[int, ...], int] = {}  # distinct prompt -> its index
     prompt_of = [number.setdefault(tuple(batch.prompts[i]), len(number)) for i in idx]
     prompts = list(number)
     tokens: list[int] = [t for p in prompts for t in p]
     positions: list[int] = [j for p in prompts for j in range(len(p))]
     tp = max(map(len, prompts))
-    tc = max(1, max(len(batch.completions[i]) for i in idx))
+    tc = max(1, max(len(batch.completions[i]) for i in idx))  # scored tokens per completion
+    tf = max(1, tc - 1)  # tokens per completion the forward runs
     prompt_rows = torch.full((len(prompts), tp), -1)
     at = 0
     for j, p in enumerate(prompts):
         prompt_rows[j, : len(p)] = torch.arange(at, at + len(p))
         at += len(p)
-    completion_rows = torch.full((len(idx), tc), -1)
+    completion_rows = torch.full((len(idx), tf), -1)
     rows = torch.zeros(len(idx), tc, dtype=torch.long)  # the packed token whose hidden state predicts each completion token
     mask = torch.zeros(len(idx), tc)
     for r, (i, p) in enumerate(zip(idx, prompt_of)):
         comp = batch.completions[i]
         n, c = len(prompts[p]), len(comp)
-        completion_rows[r, :c] = torch.arange(at, at + c)
+        completion_rows[r, :max(c - 1, 0)] = torch.arange(at, at + max(c - 1, 0))
         # token 0 is predicted at the prompt's last token, token j > 0 at the completion's token j - 1
         rows[r, :c] = torch.cat((prompt_rows[p, n - 1: n], torch.arange(at, at + c - 1)))
         mask[r, :c] = 1
-        tokens += comp
-        positions += range(n, n + c)
-        at += c
+        tokens += comp[:-1]
+        positions += range(n, n + c - 1)
+        at += max(c - 1, 0)
     dev, cfg = model.device, model.config
     model.ensure_positions(tp + tc)
     att = SharedPromptAttention(prompt_rows.to(dev), completion_rows.to(dev),

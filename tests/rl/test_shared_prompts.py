@@ -81,6 +81,24 @@ def test_a_critic_reads_the_same_values_from_shared_rows(policy):
             torch.testing.assert_close(values_at(model, head, shared, idx), values_at(model, head, plain, idx), rtol=0, atol=1e-4)
 
 
+def test_a_completions_last_token_is_left_out_of_the_forward(policy):
+    """No logprob reads a completion's last hidden state and no token sees it, so the forward runs
+    the distinct prompts and each completion but its last token (and the logprobs stay a row per
+    sample's: the test above)."""
+    model, _ = load_model(policy, dtype="float32")
+    shared = _batch(model.config.vocab_size, True)
+    idx = shared.micro_batches(1 << 20)[0]
+    ran = []
+    hook = model.register_forward_pre_hook(lambda module, args: ran.append(args[0].numel()))
+    try:
+        with torch.no_grad():
+            completion_logprobs(model, shared, idx, PARAMS)
+    finally:
+        hook.remove()
+    prompts = {tuple(shared.prompts[i]) for i in idx}
+    assert ran == [sum(map(len, prompts)) + sum(len(shared.completions[i]) - 1 for i in idx)] == [shared.forward_tokens(idx)]
+
+
 @pytest.mark.parametrize("ranks", [1, 2, 3])
 def test_units_hold_one_prompt_within_the_budget_and_every_sample_once(ranks):
     """The default job's shape: 8 prompts of 50-70 tokens x 8 completions of up to 128."""
