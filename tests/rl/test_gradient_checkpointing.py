@@ -112,11 +112,16 @@ def test_the_learner_steps_alike_with_and_without_it(tmp_path, policy, setting, 
         stats = learner.optimize(batch, Targets(batch.mask(), old, torch.tensor([1.0, -0.5, 0.2, -0.7, 0.9, -0.1, 0.3, -1.1])), 0)
         out[flag] = stats, [p.detach().clone() for p in model.parameters()]
     (a, wa), (b, wb) = out[False], out[True]
-    # Under bf16 autocast the pieces' smaller bf16 products round otherwise (measured: loss 4e-5 and
-    # gradient norm 3.5e-4 apart), and AdamW's first steps, which divide a gradient by its own size,
-    # turn that into up to a whole step (lr = 1e-3) where a gradient is nearly zero (measured 9.9e-4).
-    loose = dtype == "bfloat16" and "train.logits_chunk" in setting
-    assert b["loss"] == pytest.approx(a["loss"], rel=1e-4 if loose else 1e-6)
-    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=2e-3 if loose else 1e-5)
+    # The pieces' smaller products round otherwise (under bf16 autocast, measured: loss 4e-5 and
+    # gradient norm 3.5e-4 apart; in float32 to float32 rounding), and AdamW's first steps, which
+    # divide a gradient by its own size, turn that into up to a whole step (lr = 1e-3) where a
+    # gradient is nearly zero (measured 9.9e-4 under bf16; in float32 1.2e-5 at 2 of 16,384 weights
+    # of one tensor, once the forward's shapes changed). So with pieces a weight may move by up to
+    # two steps; in float32 all but a few weights still come out within 1e-6.
+    pieces, bf16 = "train.logits_chunk" in setting, dtype == "bfloat16"
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-4 if pieces and bf16 else 1e-6)
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=2e-3 if pieces and bf16 else 1e-5)
     for x, y in zip(wa, wb):
-        torch.testing.assert_close(y, x, rtol=0, atol=2e-3 if loose else 1e-6)
+        torch.testing.assert_close(y, x, rtol=0, atol=2e-3 if pieces else 1e-6)
+        if pieces and not bf16:
+            assert ((y - x).abs() > 1e-6).float().mean() <= 1e-3
