@@ -276,17 +276,21 @@ class DenseAttention:
         self._see(mask, num_heads // num_kv_heads)
 
     @classmethod
-    def over(cls, visible: torch.Tensor, group: int) -> DenseAttention:
+    def over(cls, visible: torch.Tensor, group: int, scores: int | None = None) -> DenseAttention:
         """Queries over keys as `visible` [B, Q, K] says (`group` query heads per KV head), for
-        `_attend`; no positions (SharedPromptAttention's parts)."""
+        `_attend`; no positions (SharedPromptAttention's parts). `scores`: the (batch x query x key)
+        scores of the whole attention this is a part of, which MATH_ATTENTION_ELEMENTS caps (its own
+        by default)."""
         self = cls.__new__(cls)
         self._see(visible, group)
+        self.scores = scores
         return self
 
     def _see(self, visible: torch.Tensor, group: int) -> None:
         self.batch, self.qlen = visible.shape[:2]
         self.mask = visible[:, None].repeat(1, 1, group, 1)
         self._bias = None  # the mask as an additive float32 bias, built on first use by _math
+        self.scores = None
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, t = self.batch, self.qlen
@@ -297,7 +301,7 @@ class DenseAttention:
 
     def _attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, heads: int) -> torch.Tensor:
         """Masked attention: queries [B, Hkv, G*Q, D], keys, values [B, Hkv, K, D] -> [B, Hkv, G*Q, D]."""
-        if _bf16_cpu(queries) and self.batch * heads * self.qlen * keys.shape[2] <= MATH_ATTENTION_ELEMENTS:
+        if _bf16_cpu(queries) and (self.scores or self.batch * self.qlen * keys.shape[2]) * heads <= MATH_ATTENTION_ELEMENTS:
             return self._math(queries, keys, values)
         return F.scaled_dot_product_attention(queries, keys, values, attn_mask=self.mask)
 
@@ -349,15 +353,18 @@ class SharedPromptAttention:
         lengths = cv.sum(1)
         order = torch.sort(lengths.cpu(), stable=True).indices.to(dev)
         self.bands = []
+        bands = [(rows, max(1, int(lengths[rows].max()))) for rows in order.split(BAND)]
+        # The bands' scores together are what the plain-product path would keep for the backward
+        # pass, so MATH_ATTENTION_ELEMENTS caps them together, as it capped the one call before.
+        scores = sum(len(rows) * tc * (tp + tc) for rows, tc in bands)
         at = p * tp
         back = torch.empty(n + 1, dtype=torch.long, device=dev)
         back[self.prompt_index] = torch.arange(at, device=dev)
-        for rows in order.split(BAND):
-            tc = max(1, int(lengths[rows].max()))
+        for rows, tc in bands:
             valid, index = cv[rows, :tc], torch.where(cv[rows, :tc], completion_rows[rows, :tc], n).reshape(-1)
             own = causal(tc)[None] & valid[:, None, :]
             mask = torch.cat((pv[prompt_of[rows]][:, None, :].expand(-1, tc, -1), own), dim=2)
-            self.bands.append((index, prompt_of[rows], DenseAttention.over(mask, g), len(rows), tc))
+            self.bands.append((index, prompt_of[rows], DenseAttention.over(mask, g, scores), len(rows), tc))
             # Packed token i's output sits at row back[i] of the prompts' outputs followed by the bands'.
             back[index] = torch.arange(at, at + len(rows) * tc, device=dev)
             at += len(rows) * tc

@@ -65,7 +65,7 @@ class Batch:
         """Tokens one forward over samples `idx` runs through the model, padding included (with
         share_prompts a completion's last token is not run: no logprob reads it, no token sees it)."""
         if self.share_prompts:
-            return sum(map(len, {tuple(self.prompts[i]) for i in idx})) + sum(len(self.completions[i]) - 1 for i in idx)
+            return sum(map(len, {tuple(self.prompts[i]) for i in idx})) + sum(max(len(self.completions[i]) - 1, 0) for i in idx)
         return len(idx) * max(len(self.prompts[i]) + len(self.completions[i]) for i in idx)
 
     def unit_groups(self, max_tokens: int, ranks: int = 1) -> list[list[list[int]]]:

@@ -81,6 +81,27 @@ def test_a_critic_reads_the_same_values_from_shared_rows(policy):
             torch.testing.assert_close(values_at(model, head, shared, idx), values_at(model, head, plain, idx), rtol=0, atol=1e-4)
 
 
+def test_the_bands_take_the_plain_products_only_when_all_their_scores_fit_the_cap(policy, monkeypatch):
+    """Under bf16 autocast on the CPU an attention keeping at most MATH_ATTENTION_ELEMENTS scores
+    runs as plain products (which keep them for the backward pass); the completions' bands count
+    together, as the one call they replace did: 24 completions of 20 tokens after a 10-token prompt
+    are 3 bands of 8 x 20 x 30 scores a head, each under the cap set here and all three over it."""
+    from rlhfspec.models import attention
+
+    model, _ = load_model(policy, dtype="float32")
+    heads, layers = model.config.num_heads, model.config.num_layers
+    rng = random.Random(0)
+    prompt = [rng.randrange(1, model.config.vocab_size) for _ in range(10)]
+    batch = Batch([prompt] * 24, [[rng.randrange(1, model.config.vocab_size) for _ in range(20)] for _ in range(24)], True)
+    monkeypatch.setattr(attention, "MATH_ATTENTION_ELEMENTS", 2 * 8 * 20 * 30 * heads)
+    plain = []
+    math = attention.DenseAttention._math
+    monkeypatch.setattr(attention.DenseAttention, "_math", lambda self, q, k, v: plain.append(q.shape[0]) or math(self, q, k, v))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        completion_logprobs(model, batch, list(range(24)), PARAMS)
+    assert plain == [1] * layers  # the prompt's attention only, once a layer
+
+
 def test_a_completions_last_token_is_left_out_of_the_forward(policy):
     """No logprob reads a completion's last hidden state and no token sees it, so the forward runs
     the distinct prompts and each completion but its last token (and the logprobs stay a row per
