@@ -282,15 +282,14 @@ class DenseAttention:
         scores of the whole attention this is a part of, which MATH_ATTENTION_ELEMENTS caps (its own
         by default)."""
         self = cls.__new__(cls)
-        self._see(visible, group)
-        self.scores = scores
+        self._see(visible, group, scores)
         return self
 
-    def _see(self, visible: torch.Tensor, group: int) -> None:
+    def _see(self, visible: torch.Tensor, group: int, scores: int | None = None) -> None:
         self.batch, self.qlen = visible.shape[:2]
         self.mask = visible[:, None].repeat(1, 1, group, 1)
         self._bias = None  # the mask as an additive float32 bias, built on first use by _math
-        self.scores = None
+        self.scores = scores
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, t = self.batch, self.qlen
@@ -352,15 +351,15 @@ class SharedPromptAttention:
         # the micro-batch did about twice the work on the default job's lengths.
         lengths = cv.sum(1)
         order = torch.sort(lengths.cpu(), stable=True).indices.to(dev)
-        self.bands = []
-        bands = [(rows, max(1, int(lengths[rows].max()))) for rows in order.split(BAND)]
+        banded = [(rows, max(1, int(lengths[rows].max()))) for rows in order.split(BAND)]
         # The bands' scores together are what the plain-product path would keep for the backward
         # pass, so MATH_ATTENTION_ELEMENTS caps them together, as it capped the one call before.
-        scores = sum(len(rows) * tc * (tp + tc) for rows, tc in bands)
+        scores = sum(len(rows) * tc * (tp + tc) for rows, tc in banded)
+        self.bands = []
         at = p * tp
         back = torch.empty(n + 1, dtype=torch.long, device=dev)
         back[self.prompt_index] = torch.arange(at, device=dev)
-        for rows, tc in bands:
+        for rows, tc in banded:
             valid, index = cv[rows, :tc], torch.where(cv[rows, :tc], completion_rows[rows, :tc], n).reshape(-1)
             own = causal(tc)[None] & valid[:, None, :]
             mask = torch.cat((pv[prompt_of[rows]][:, None, :].expand(-1, tc, -1), own), dim=2)

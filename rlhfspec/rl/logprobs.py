@@ -131,13 +131,14 @@ def _shared_response_hidden(model, batch: Batch, idx: list[int]) -> tuple[torch.
     for r, (i, p) in enumerate(zip(idx, prompt_of)):
         comp = batch.completions[i]
         n, c = len(prompts[p]), len(comp)
-        completion_rows[r, :max(c - 1, 0)] = torch.arange(at, at + max(c - 1, 0))
+        run = max(c - 1, 0)  # the tokens of it the forward runs: all but the last
+        completion_rows[r, :run] = torch.arange(at, at + run)
         # token 0 is predicted at the prompt's last token, token j > 0 at the completion's token j - 1
         rows[r, :c] = torch.cat((prompt_rows[p, n - 1: n], torch.arange(at, at + c - 1)))
         mask[r, :c] = 1
-        tokens += comp[:-1]
-        positions += range(n, n + c - 1)
-        at += max(c - 1, 0)
+        tokens += comp[:run]
+        positions += range(n, n + run)
+        at += run
     dev, cfg = model.device, model.config
     model.ensure_positions(tp + tc)
     att = SharedPromptAttention(prompt_rows.to(dev), completion_rows.to(dev),

@@ -60,10 +60,9 @@ class Shards:
     def reduce_scatter(self) -> None:
         """Sum the ranks' gradients into this rank's parameters (float32, None where no rank has one)
         and drop every other parameter's gradient. Each gradient is dropped as soon as it is copied
-        into the buffer (`pack_gradients`). Every rank's segment is as
-        long as the largest share, so unequal shares send padding. NCCL reduce-scatters the buffer;
-        gloo, whose reduce-scatter all-reduces a copy of the whole buffer, all-reduces it in place
-        and keeps this rank's segment."""
+        into the buffer (`pack_gradients`). Every rank's segment is as long as the largest share,
+        so unequal shares send padding. NCCL reduce-scatters the buffer; gloo, whose reduce-scatter
+        all-reduces a copy of the whole buffer, all-reduces it in place and keeps this rank's segment."""
         import torch.distributed as dist
 
         device = self.groups[0][0].device
