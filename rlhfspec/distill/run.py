@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rlhfspec.data.chat import encode_prompt
 from rlhfspec.data.tasks import rl_style_prompts
-from rlhfspec.distill.teacher import teacher_examples
+from rlhfspec.distill.teacher import fixed_mmap_threshold, teacher_examples
 from rlhfspec.distill.train import DistillConfig, Distiller, frequent_tokens, new_draft
 from rlhfspec.engine.drafters.draft_model import DRAFT_VOCAB_FILE, DraftModelDrafter
 from rlhfspec.rollout.generate import generate
@@ -67,6 +67,7 @@ def policy_rollouts(policy, tokenizer, prompts: int, max_new_tokens: int, seed: 
 def distill_draft(policy, tokenizer, out: str | Path, job: DistillJob, log=print) -> dict:
     """Distill a draft model from the policy and save it (HF format) at `out`; returns a report."""
     job.check(policy.config.vocab_size)
+    fixed_mmap_threshold()  # the teacher pass keeps small tensors between large freed ones
     t0 = time.perf_counter()
     sequences, starts = policy_rollouts(policy, tokenizer, job.train_prompts, job.max_new_tokens, job.seed, log)
     t1 = time.perf_counter()
@@ -134,6 +135,7 @@ def distill_eagle(policy, tokenizer, out: str | Path, job: EagleJob, log=print) 
     from rlhfspec.engine.drafters import EagleDrafter
 
     job.check(policy.config.vocab_size)
+    fixed_mmap_threshold()  # the teacher pass keeps small tensors between large freed ones
     t0 = time.perf_counter()
     sequences, starts = policy_rollouts(policy, tokenizer, job.train_prompts, job.max_new_tokens, job.seed, log)
     t1 = time.perf_counter()
