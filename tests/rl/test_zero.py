@@ -95,6 +95,9 @@ def _sharded_step(rank: int, world: int, address: str, out: str) -> None:
         torch.optim.SGD(shards.owned(k), lr=0.1).step()  # (SGD: its step scales with the clipped gradient, AdamW's hardly)
     shards.share_weights()
     torch.save([[p.detach() for p in group] for group in groups], f"{out}/rank{rank}.pt")
+    # A broadcast's root may return before its receivers finish; tearing its connections down then
+    # aborts a receiver in gloo's transport ("terminate called without an active exception", seen once).
+    dist.barrier()
     dist.destroy_process_group()
 
 
