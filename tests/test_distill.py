@@ -67,23 +67,20 @@ def test_a_draft_vocabulary_larger_than_the_policys_is_a_clear_error():
         DistillJob(draft_vocab=65).check(vocab_size=64)
 
 
-
 # The teacher pass's pattern: a row's logits freed, the next row's allocated and then a small tensor
 # kept after them. Prints the MB the process gives back when the second logits are freed.
 _TEACHER_PATTERN = """
-import os, sys, torch
+import torch
+from rlhfspec.bench.common import _resident
 from rlhfspec.distill.teacher import fixed_mmap_threshold
-def resident():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
-print(fixed_mmap_threshold() if sys.argv[1] == "fixed" else None)
+print(fixed_mmap_threshold())
 first = torch.ones(5 << 20)  # 20 MB of one row's logits, freed
 del first
 logits = torch.ones(5 << 20)  # the next row's
 kept = torch.ones(75_000)  # 300 KB kept after them, as a row's features
-before = resident()
+before = _resident()
 del logits
-print(before - resident())
+print((before - _resident()) >> 20)
 """
 
 
@@ -92,7 +89,7 @@ def test_freed_row_logits_go_back_to_the_system_once_the_mmap_threshold_is_fixed
     """glibc raises its threshold to the first freed block's size, so without the fixed threshold the
     second logits come from the heap below the kept tensor and none of their 20 MB is given back
     (then the distill jobs grew by about 14 MB per sequence)."""
-    out = subprocess.run([sys.executable, "-c", _TEACHER_PATTERN, "fixed"], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run([sys.executable, "-c", _TEACHER_PATTERN], capture_output=True, text=True, check=True).stdout.split()
     if out[0] != "True":
         pytest.skip("this C library has no settable mmap threshold")
     assert int(out[1]) >= 15, f"{out[1]} MB of 20 given back"
