@@ -36,6 +36,8 @@ def test_a_bad_instance_count_is_a_clear_error(capsys):
     (["--kind", "eagle", "--layers", "2"], "--layers and --hidden shape a draft model"),
     (["--feature-weight", "0.5"], "pass --kind eagle"),
     (["--unroll", "on"], "pass --kind eagle"),
+    (["--prompts-from", "/nonexistent/run.yaml"], "config file /nonexistent/run.yaml does not exist"),
+    (["--kind", "eagle", "--prompts-from", "/nonexistent/run.yaml"], "config file /nonexistent/run.yaml does not exist"),
 ])
 def test_bad_distill_settings_are_clear_errors_before_any_work(args, message, capsys):
     assert main(["distill-draft", "--policy", "/nonexistent", "--out", "/nonexistent/out", *args]) == 2

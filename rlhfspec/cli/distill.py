@@ -18,6 +18,8 @@ def register(sub) -> None:
                    help="score only the K most frequent tokens (q = 0 elsewhere); default: all for a draft model, 8192 for an eagle head")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--train-prompts", type=int, default=640, help="prompts the policy answers to make the training text")
+    p.add_argument("--prompts-from", default=None, metavar="CONFIG",
+                   help="make the training text from this RL config's own prompts (its task or dataset) instead of RL-style ones")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--train-seconds", type=float, default=None, help="time budget of the training phase (default 420 s; 300 s for an eagle head)")
     p.add_argument("--feature-weight", type=float, default=None, help="eagle: weight of the feature regression against the KL term")
@@ -37,7 +39,7 @@ def run(args) -> int:
     if args.kind == "eagle":
         if args.layers is not None or args.hidden is not None:
             raise RlhfspecError("--layers and --hidden shape a draft model; an eagle head has one layer of the policy's own shape.")
-        job = EagleJob(train_prompts=args.train_prompts, lr=args.lr, seed=args.seed,
+        job = EagleJob(train_prompts=args.train_prompts, lr=args.lr, seed=args.seed, prompts_from=args.prompts_from,
                        **{k: v for k, v in (("draft_vocab", args.draft_vocab), ("train_seconds", args.train_seconds),
                                             ("feature_weight", args.feature_weight),
                                             ("unroll", None if args.unroll is None else args.unroll == "on")) if v is not None})
@@ -47,6 +49,7 @@ def run(args) -> int:
             raise RlhfspecError("--feature-weight and --unroll shape an eagle head's training; pass --kind eagle.")
         job = DistillJob(layers=2 if args.layers is None else args.layers, hidden=256 if args.hidden is None else args.hidden,
                          draft_vocab=args.draft_vocab, train_prompts=args.train_prompts, lr=args.lr, seed=args.seed,
+                         prompts_from=args.prompts_from,
                          train_seconds=420.0 if args.train_seconds is None else args.train_seconds)
         distill = distill_draft
     job.check()  # before the policy loads; the job checks --draft-vocab against its vocabulary again
