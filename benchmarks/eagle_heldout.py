@@ -17,6 +17,7 @@ import json
 import torch
 
 from rlhfspec import load_model
+from rlhfspec.cli.distill import run_prompts
 from rlhfspec.distill.eagle import expected_acceptance
 from rlhfspec.distill.run import HELDOUT_SEED, policy_rollouts
 from rlhfspec.models.eagle import EagleHead
@@ -32,7 +33,8 @@ def main() -> None:
     args = ap.parse_args()
     policy, tok = load_model("default", dtype="float32")
     policy.requires_grad_(False)
-    seqs, starts = policy_rollouts(policy, tok, args.prompts, 128, args.seed + HELDOUT_SEED, log=print, prompts_from=args.prompts_from)
+    source = None if args.prompts_from is None else run_prompts(args.prompts_from)
+    seqs, starts = policy_rollouts(policy, tok, args.prompts, 128, args.seed + HELDOUT_SEED, log=print, source=source)
     tokens = sum(len(s) - st for s, st in zip(seqs, starts))
     results = {"prompts": args.prompts_from or "rl-style", "rollouts": len(seqs), "response_tokens": tokens, "heads": {}}
     for path in args.heads:

@@ -62,18 +62,19 @@ def test_a_reduced_draft_vocabulary_maps_ids_and_keeps_the_frequent_ones():
 
 
 def test_prompts_from_a_run_config_are_that_runs_task_seeded_by_the_job(tmp_path):
+    from rlhfspec.cli.distill import run_prompts
     from rlhfspec.data.tasks import REASONING, arithmetic_problems
     from rlhfspec.distill.run import prompt_texts
 
     config = tmp_path / "run.yaml"
     config.write_text("data:\n  task: arithmetic\n  digits: 2\n  ops: '+'\ntrain:\n  seed: 5\n")
-    texts = prompt_texts(6, seed=3, prompts_from=str(config))
+    texts = prompt_texts(6, seed=3, prompts=run_prompts(str(config)))
     assert texts == [p.prompt for p in arithmetic_problems(6, 3 * 1_000_003, digits=2, ops="+", template=REASONING)]
-    assert prompt_texts(6, seed=4, prompts_from=str(config)) != texts
+    assert prompt_texts(6, seed=4, prompts=run_prompts(str(config))) != texts
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(f'{{"prompt": "question {i}"}}\n' for i in range(5)))
     config.write_text(f"data:\n  task: {rows}\n")
-    assert sorted(prompt_texts(5, seed=0, prompts_from=str(config))) == [f"question {i}" for i in range(5)]
+    assert sorted(prompt_texts(5, seed=0, prompts=run_prompts(str(config)))) == [f"question {i}" for i in range(5)]
 
 
 def test_a_draft_vocabulary_larger_than_the_policys_is_a_clear_error():

@@ -36,10 +36,11 @@ def run(args) -> int:
     from rlhfspec import load_model
     from rlhfspec.distill.run import DistillJob, EagleJob, distill_draft, distill_eagle
 
+    prompts = {} if args.prompts_from is None else {"prompts": run_prompts(args.prompts_from), "prompts_name": args.prompts_from}
     if args.kind == "eagle":
         if args.layers is not None or args.hidden is not None:
             raise RlhfspecError("--layers and --hidden shape a draft model; an eagle head has one layer of the policy's own shape.")
-        job = EagleJob(train_prompts=args.train_prompts, lr=args.lr, seed=args.seed, prompts_from=args.prompts_from,
+        job = EagleJob(train_prompts=args.train_prompts, lr=args.lr, seed=args.seed, **prompts,
                        **{k: v for k, v in (("draft_vocab", args.draft_vocab), ("train_seconds", args.train_seconds),
                                             ("feature_weight", args.feature_weight),
                                             ("unroll", None if args.unroll is None else args.unroll == "on")) if v is not None})
@@ -48,8 +49,7 @@ def run(args) -> int:
         if args.feature_weight is not None or args.unroll is not None:
             raise RlhfspecError("--feature-weight and --unroll shape an eagle head's training; pass --kind eagle.")
         job = DistillJob(layers=2 if args.layers is None else args.layers, hidden=256 if args.hidden is None else args.hidden,
-                         draft_vocab=args.draft_vocab, train_prompts=args.train_prompts, lr=args.lr, seed=args.seed,
-                         prompts_from=args.prompts_from,
+                         draft_vocab=args.draft_vocab, train_prompts=args.train_prompts, lr=args.lr, seed=args.seed, **prompts,
                          train_seconds=420.0 if args.train_seconds is None else args.train_seconds)
         distill = distill_draft
     job.check()  # before the policy loads; the job checks --draft-vocab against its vocabulary again
@@ -58,3 +58,20 @@ def run(args) -> int:
     policy, tok = load_model(args.policy, dtype="float32")
     distill(policy, tok, args.out, job)
     return 0
+
+
+def run_prompts(config_path: str):
+    """(n, seed) -> n prompts of the RL run `config_path` describes: its own prompt source (task or
+    dataset) as the run makes it, seeded with `seed`. The config and its source load here, so a bad
+    one fails before any model does."""
+    from rlhfspec.rl.config_files import load_config
+    from rlhfspec.rl.trainer import prompt_source
+
+    config = load_config(config_path)
+
+    def make(n: int, seed: int) -> list[str]:
+        config.train.seed = seed
+        return [row["prompt"] for row in prompt_source(config).next(n)]
+
+    make(1, 0)
+    return make

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +32,6 @@ def check_common(job, vocab_size: int | None) -> None:
     for name, value in (("train-prompts", job.train_prompts), ("train-seconds", job.train_seconds), ("lr", job.lr)):
         if value <= 0:
             raise RlhfspecError(f"--{name} must be positive, got {value}.")
-    if job.prompts_from is not None:
-        prompt_texts(1, job.seed, job.prompts_from)  # the config and its task or dataset must load
 
 
 @dataclass
@@ -51,7 +50,8 @@ class DistillJob:
     lr: float = 1e-3
     top_k: int = 32
     seed: int = 0
-    prompts_from: str | None = None  # an RL config file: its task's prompts instead of RL-style ones
+    prompts: PromptMaker | None = None  # None: RL-style prompts
+    prompts_name: str = "rl-style"  # what the report says the prompts were
 
     def check(self, vocab_size: int | None = None) -> None:
         """Raise a clear error for a job that cannot run (before any model is loaded or text generated)."""
@@ -62,27 +62,22 @@ class DistillJob:
         check_common(self, vocab_size)
 
 
-def prompt_texts(n: int, seed: int, prompts_from: str | None = None) -> list[str]:
-    """n prompts drawn with `seed`: RL-style ones (a mix of arithmetic, word problems and code), or
-    with `prompts_from` (an RL config file) from that run's own prompt source, its task or dataset,
-    made as the run makes it but seeded with `seed`, so that a head or draft learns the text the run
-    will generate."""
-    if prompts_from is None:
-        return rl_style_prompts(n, seed=seed)
-    from rlhfspec.rl.config_files import load_config
-    from rlhfspec.rl.trainer import prompt_source
+PromptMaker = Callable[[int, int], list[str]]  # (n, seed) -> n prompt texts
 
-    config = load_config(prompts_from)
-    config.train.seed = seed
-    return [row["prompt"] for row in prompt_source(config).next(n)]
+
+def prompt_texts(n: int, seed: int, prompts: PromptMaker | None = None) -> list[str]:
+    """n prompts drawn with `seed`: RL-style ones (a mix of arithmetic, word problems and code), or
+    what `prompts` makes (the CLI's --prompts-from: an RL run's own prompt source, so that a head or
+    draft learns the text that run will generate)."""
+    return rl_style_prompts(n, seed=seed) if prompts is None else prompts(n, seed)
 
 
 def policy_rollouts(policy, tokenizer, prompts: int, max_new_tokens: int, seed: int, log=print,
-                    prompts_from: str | None = None) -> tuple[list[list[int]], list[int]]:
+                    source: PromptMaker | None = None) -> tuple[list[list[int]], list[int]]:
     """The policy's own answers (temperature 1) to `prompts` prompts (see prompt_texts): prompt+response
     token ids and where each response starts."""
     params = SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens)
-    encoded = [encode_prompt(tokenizer, t) for t in prompt_texts(prompts, seed, prompts_from)]
+    encoded = [encode_prompt(tokenizer, t) for t in prompt_texts(prompts, seed, source)]
     log(f"generating {len(encoded)} policy responses for distillation")
     outs = generate(policy, encoded, params, seed=seed, tokenizer=tokenizer, progress=True)
     return [o.prompt_token_ids + o.token_ids for o in outs], [len(o.prompt_token_ids) for o in outs]
@@ -93,7 +88,7 @@ def distill_draft(policy, tokenizer, out: str | Path, job: DistillJob, log=print
     job.check(policy.config.vocab_size)
     fixed_mmap_threshold()  # the teacher pass keeps small tensors between large freed ones
     t0 = time.perf_counter()
-    sequences, starts = policy_rollouts(policy, tokenizer, job.train_prompts, job.max_new_tokens, job.seed, log, job.prompts_from)
+    sequences, starts = policy_rollouts(policy, tokenizer, job.train_prompts, job.max_new_tokens, job.seed, log, job.prompts)
     t1 = time.perf_counter()
     log(f"{sum(len(s) - st for s, st in zip(sequences, starts))} tokens in {t1 - t0:.0f} s; scoring them with the policy (top-{job.top_k})")
     examples = teacher_examples(policy, sequences, starts, k=job.top_k)
@@ -110,7 +105,7 @@ def distill_draft(policy, tokenizer, out: str | Path, job: DistillJob, log=print
     if vocab is not None:
         (out / DRAFT_VOCAB_FILE).write_text(json.dumps(vocab))
     report = {
-        "prompts": job.prompts_from or "rl-style", "steps": len(losses), "final_loss": losses[-1] if losses else None,
+        "prompts": job.prompts_name, "steps": len(losses), "final_loss": losses[-1] if losses else None,
         "generate_s": round(t1 - t0, 1), "teacher_s": round(t2 - t1, 1), "train_s": round(t3 - t2, 1),
         **heldout_acceptance(policy, tokenizer, DraftModelDrafter(draft.to(policy.dtype), policy, draft_vocab=vocab), job),
     }
@@ -122,7 +117,7 @@ def distill_draft(policy, tokenizer, out: str | Path, job: DistillJob, log=print
 
 def heldout_acceptance(policy, tokenizer, drafter, job, n: int = 4) -> dict:
     """Acceptance rate and tokens per step of speculative sampling on prompts not used in training."""
-    prompts = [encode_prompt(tokenizer, t) for t in prompt_texts(job.heldout_prompts, job.seed + HELDOUT_SEED, job.prompts_from)]
+    prompts = [encode_prompt(tokenizer, t) for t in prompt_texts(job.heldout_prompts, job.seed + HELDOUT_SEED, job.prompts)]
     stats: list = []
     generate(policy, prompts, SamplingParams(temperature=1.0, max_new_tokens=96), seed=job.seed + 1,
              tokenizer=tokenizer, drafter=drafter, num_draft_tokens=n, instance_stats=stats)
@@ -146,7 +141,8 @@ class EagleJob:
     unroll: bool = False  # also train chains' second link (from the head's own predicted features)
     top_k: int = 32
     seed: int = 0
-    prompts_from: str | None = None  # an RL config file: its task's prompts instead of RL-style ones
+    prompts: PromptMaker | None = None  # None: RL-style prompts
+    prompts_name: str = "rl-style"  # what the report says the prompts were
 
     def check(self, vocab_size: int | None = None) -> None:
         """Raise a clear error for a job that cannot run (before any model is loaded or text generated)."""
@@ -162,7 +158,7 @@ def distill_eagle(policy, tokenizer, out: str | Path, job: EagleJob, log=print) 
     job.check(policy.config.vocab_size)
     fixed_mmap_threshold()  # the teacher pass keeps small tensors between large freed ones
     t0 = time.perf_counter()
-    sequences, starts = policy_rollouts(policy, tokenizer, job.train_prompts, job.max_new_tokens, job.seed, log, job.prompts_from)
+    sequences, starts = policy_rollouts(policy, tokenizer, job.train_prompts, job.max_new_tokens, job.seed, log, job.prompts)
     t1 = time.perf_counter()
     log(f"{sum(len(s) - st for s, st in zip(sequences, starts))} tokens in {t1 - t0:.0f} s; the policy's features and top-{job.top_k} targets")
     examples = teacher_examples(policy, sequences, starts, k=job.top_k, features=True)
@@ -176,10 +172,10 @@ def distill_eagle(policy, tokenizer, out: str | Path, job: EagleJob, log=print) 
     t3 = time.perf_counter()
     out = head.save(out)
     held_seqs, held_starts = policy_rollouts(policy, tokenizer, job.heldout_prompts, job.max_new_tokens, job.seed + HELDOUT_SEED,
-                                           log=lambda _: None, prompts_from=job.prompts_from)
+                                           log=lambda _: None, source=job.prompts)
     head = head.to(policy.dtype)
     report = {
-        "kind": "eagle", "prompts": job.prompts_from or "rl-style", "steps": len(losses), "final_loss": losses[-1] if losses else None,
+        "kind": "eagle", "prompts": job.prompts_name, "steps": len(losses), "final_loss": losses[-1] if losses else None,
         "generate_s": round(t1 - t0, 1), "teacher_s": round(t2 - t1, 1), "train_s": round(t3 - t2, 1),
         "expected_acceptance": expected_acceptance(policy, head, held_seqs, held_starts),
         **heldout_acceptance(policy, tokenizer, EagleDrafter(head, policy), job),
