@@ -11,6 +11,8 @@ import torch
 
 from rlhfspec.models.batch import hidden_states, padded_batch
 
+TOP_K = 32  # the targets a drafter refresh in the RL loop trains on: the top-32 next-token logprobs
+
 
 @dataclass(slots=True)
 class Example:

@@ -8,7 +8,7 @@ import torch
 from rlhfspec.engine.drafters.base import Drafter
 from rlhfspec.engine.sampling import SAMPLE, group_rows, processed_logprobs, sample
 from rlhfspec.engine.report import InstanceReport, InstanceStats, Migrant
-from rlhfspec.engine.sequence import Sequence, prefill_leaders, uniforms
+from rlhfspec.engine.sequence import Sequence, Trace, prefill_leaders, uniforms
 from rlhfspec.engine.spec import MAX_DRAFT_TOKENS
 from rlhfspec.engine.tree import tree_rows, verify_tree
 from rlhfspec.engine.verify import verify
@@ -29,6 +29,7 @@ class GenerationInstance:
     def __init__(
         self, model, max_batch: int, max_len: int, *, tokenizer=None, eos_ids: tuple[int, ...] | None = None,
         drafters: list[Drafter] | None = None, strategy: Strategy | None = None, batch_invariant: bool = True,
+        keep_targets: int = 0,
     ):
         if max_batch < 1:
             raise RlhfspecError(f"max_batch is {max_batch}; it must be >= 1.")
@@ -49,6 +50,7 @@ class GenerationInstance:
             d.bind(self)
             self.drafters[d.name] = d
         self.readers = [d for d in self.drafters.values() if d.reads_features]
+        self.keep_targets = keep_targets  # k > 0: every sample keeps a Trace of top-k targets and features
         self.strategy = strategy
         self.kv_bytes_per_token = float(self.cache.bytes_per_token + sum(d.kv_bytes_per_token for d in self.drafters.values()))
         self.started = time.perf_counter()
@@ -92,6 +94,7 @@ class GenerationInstance:
         first = len(self.live)
         for i, s in enumerate(seqs):
             s.slot = first + i
+            s.trace = Trace() if self.keep_targets else None
             self.cache.lengths[s.slot] = 0
             self.live.append(s)
         for d in self.drafters.values():
@@ -104,8 +107,9 @@ class GenerationInstance:
         self.stats.prefill_tokens += sum(len(s.prompt) for s in prefilled)
         self.stats.shared_prefill_tokens += sum(len(s.prompt) for s in seqs) - sum(len(s.prompt) for s in prefilled)
         tokens, logprobs = self.draw(seqs, logits, [s.length for s in seqs])
+        targets = self._targets(logits)
         self.stats.prefill_s += time.perf_counter() - t0
-        return self._emit(seqs, [[t] for t in tokens], [[lp] for lp in logprobs])
+        return self._emit(seqs, [[t] for t in tokens], [[lp] for lp in logprobs], targets)
 
     def _share_prefill(self, seqs, leader: list[int], prefilled, logits: torch.Tensor, hidden: torch.Tensor | None):
         """Give each sample whose prompt an earlier one prefilled that sample's KV rows, last-row
@@ -144,10 +148,11 @@ class GenerationInstance:
         logits, hidden = self._forward(list(range(len(seqs))), [[s.tokens[-1]] for s in seqs], last_only=True)
         self._observe(seqs, hidden, [1] * len(seqs))
         tokens, logprobs = self.draw(seqs, logits, [s.length for s in seqs])
+        targets = self._targets(logits)
         zeros = [0] * len(seqs)
         record = StepRecord(len(seqs), None, zeros, zeros, zeros, len(seqs), 0.0, time.perf_counter() - t1,
                             sum(s.length for s in seqs) / len(seqs), [s.sample_id for s in seqs], t0 - self.started, decide_s=decide_s)
-        return self._finish_step(record, seqs, [[t] for t in tokens], [[lp] for lp in logprobs])
+        return self._finish_step(record, seqs, [[t] for t in tokens], [[lp] for lp in logprobs], targets)
 
     def _speculate(self, seqs: list[Sequence], drafter: Drafter, n: list[int], t0: float, decide_s: float) -> list[Sequence]:
         """Draft, verify every sample's [last, d_1..d_n] (or tree, for a branching drafter) in one
@@ -175,18 +180,33 @@ class GenerationInstance:
                 self.cache.keep(b, before[b], [before[b] + r for r in path])
         drafter.accepted(seqs, proposal.tokens, verdict.accepted)
         self._observe(seqs, hidden, [len(t) for t in fed], paths)
+        offsets = [0, *torch.tensor([len(t) for t in fed]).cumsum(0).tolist()]
+        targets = self._targets(logits, [[offsets[b] + r for r in path] for b, path in enumerate(paths)])
         self.stats.proposed += sum(depths)
         self.stats.accepted += sum(verdict.accepted)
         record = StepRecord(len(seqs), drafter.name, n, depths, verdict.accepted, sum(len(t) for t in verdict.tokens),
                             t1 - t_draft, time.perf_counter() - t1, sum(s.length for s in seqs) / len(seqs),
                             [s.sample_id for s in seqs], t0 - self.started, decide_s=decide_s, branches=k)
-        return self._finish_step(record, seqs, verdict.tokens, verdict.logprobs)
+        return self._finish_step(record, seqs, verdict.tokens, verdict.logprobs, targets)
 
-    def _finish_step(self, record: StepRecord, seqs, tokens, logprobs) -> list[Sequence]:
+    def _finish_step(self, record: StepRecord, seqs, tokens, logprobs, targets) -> list[Sequence]:
         self.stats.record(record)
         if self.strategy is not None:
             self.strategy.observe(record)
-        return self._emit(seqs, tokens, logprobs)
+        return self._emit(seqs, tokens, logprobs, targets)
+
+    def _targets(self, logits: torch.Tensor, rows: list[list[int]] | None = None) -> list | None:
+        """With keep_targets k: per sample, (top-k ids, their logprobs at temperature 1) on the CPU
+        of its rows of `logits` (rows[b], default row b), the distributions its emitted tokens are
+        drawn from, in order. None otherwise."""
+        if not self.keep_targets:
+            return None
+        if rows is not None:
+            logits = logits[torch.tensor([r for rs in rows for r in rs], device=logits.device)]
+        top = logits.topk(self.keep_targets, dim=-1)
+        logprobs = (top.values - logits.logsumexp(-1, keepdim=True)).float().cpu()
+        sizes = [1] * len(logits) if rows is None else [len(rs) for rs in rows]
+        return list(zip(top.indices.cpu().split(sizes), logprobs.split(sizes)))
 
     def forward(self, slots: list[int], new_tokens: list[list[int]], last_only: bool) -> torch.Tensor:
         """Append new_tokens[b] to slots[b] in one packed forward; float32 logits of each sample's
@@ -206,9 +226,11 @@ class GenerationInstance:
         self.stats.forward_s += time.perf_counter() - t0
         return logits, hidden if keep else None
 
-    def _observe(self, seqs: list[Sequence], hidden: torch.Tensor | None, fed: list[int], kept: list[list[int]] | None = None) -> None:
+    def _observe(self, seqs: list[Sequence], hidden: torch.Tensor | None, fed: list[int], kept: list[list[int]] | None = None,
+                 trace: bool = True) -> None:
         """Hand the drafters that read features the hidden states of the rows the policy's cache
-        keeps: of the fed[b] rows of seqs[b] in `hidden`, those at kept[b] (default all), in order."""
+        keeps: of the fed[b] rows of seqs[b] in `hidden`, those at kept[b] (default all), in order;
+        with keep_targets (and `trace`) each sample's Trace keeps their features too."""
         if hidden is None:
             return
         features, start = [], 0
@@ -221,6 +243,9 @@ class GenerationInstance:
             start += f
         for d in self.readers:
             d.observe(seqs, features)
+        if self.keep_targets and trace:
+            for s, rows in zip(seqs, features):
+                s.trace.features.append(self.model.normed(rows).cpu())
 
     def draw(self, seqs: list[Sequence], logits: torch.Tensor, positions: list[int], purpose: int = SAMPLE) -> tuple[list[int], list[float]]:
         """Sample row r of logits for seqs[r] at full-sequence position positions[r]."""
@@ -239,18 +264,25 @@ class GenerationInstance:
                 tokens[idx], logprobs[idx] = tok, chosen
         return tokens.tolist(), logprobs.tolist()
 
-    def _emit(self, seqs: list[Sequence], tokens: list[list[int]], logprobs: list[list[float]]) -> list[Sequence]:
-        """Append each sample's emitted tokens, stopping at the first that finishes it."""
+    def _emit(self, seqs: list[Sequence], tokens: list[list[int]], logprobs: list[list[float]], targets: list | None = None) -> list[Sequence]:
+        """Append each sample's emitted tokens, stopping at the first that finishes it (and to its
+        Trace the targets of those it appended)."""
         finished = []
-        for s, ts, lps in zip(seqs, tokens, logprobs):
+        for b, (s, ts, lps) in enumerate(zip(seqs, tokens, logprobs)):
+            appended = 0
             for t, lp in zip(ts, lps):
                 s.tokens.append(t)
                 s.logprobs.append(lp)
+                appended += 1
                 self.stats.emitted += 1
                 s.finish_reason = self.stopper.finish_reason(s)
                 if s.finish_reason is not None:
                     finished.append(s)
                     break
+            if targets is not None:
+                ids, top = targets[b]
+                s.trace.top_ids.append(ids[:appended])
+                s.trace.top_logprobs.append(top[:appended])
         self.release(finished)
         return finished
 
@@ -312,7 +344,7 @@ class GenerationInstance:
         if recompute:
             # Everything but the last emitted token, which the next step feeds (the cache invariant).
             _, hidden = self._forward([s.slot for s in recompute], [(s.prompt + s.tokens)[:-1] for s in recompute], last_only=True)
-            self._observe(recompute, hidden, [s.length - 1 for s in recompute])
+            self._observe(recompute, hidden, [s.length - 1 for s in recompute], trace=False)  # their Traces hold these rows
             self.stats.prefill_tokens += sum(s.length - 1 for s in recompute)
             self.stats.prefill_s += time.perf_counter() - t0
 

@@ -10,6 +10,23 @@ from rlhfspec.engine.sampling import SamplingParams, keyed_uniforms, seed_tensor
 
 
 @dataclass(slots=True)
+class Trace:
+    """What a drafter refresh learns from, kept while a sample is generated (an instance with
+    `keep_targets` k > 0): before each emitted token, the top k of the policy's next-token logprobs
+    at temperature 1 (whatever the sampling settings); and, on an instance whose drafters read
+    features, the features of every row its cache keeps, in position order (the last emitted token,
+    never fed, has none)."""
+
+    top_ids: list[torch.Tensor] = field(default_factory=list)  # chunks [m, k], int64
+    top_logprobs: list[torch.Tensor] = field(default_factory=list)  # chunks [m, k], float32
+    features: list[torch.Tensor] = field(default_factory=list)  # chunks [r, H], the engine's dtype
+
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(top ids, top logprobs), a row per emitted token."""
+        return torch.cat(self.top_ids), torch.cat(self.top_logprobs)
+
+
+@dataclass(slots=True)
 class Sequence:
     """A prompt being completed. Its randomness is keyed by (seed, sample_id, position) alone.
 
@@ -25,6 +42,7 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     slot: int = -1
+    trace: Trace | None = None
 
     @property
     def length(self) -> int:
@@ -70,7 +88,8 @@ class GenerationOutput:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_new_tokens)
+    trace: Trace | None = None  # the engine's targets and features, when it kept them (EngineSpec.keep_targets)
 
     @classmethod
     def of(cls, seq: Sequence) -> GenerationOutput:
-        return cls(seq.sample_id, seq.prompt, seq.tokens, seq.logprobs, seq.finish_reason)
+        return cls(seq.sample_id, seq.prompt, seq.tokens, seq.logprobs, seq.finish_reason, seq.trace)

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhfspec.engine.spec import STRATEGIES, DraftModel, EngineSpec, drafter_spec, strategy_spec
+from rlhfspec.distill.teacher import TOP_K
+from rlhfspec.engine.spec import STRATEGIES, DraftModel, Eagle, EngineSpec, drafter_spec, strategy_spec
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.rounding import ROUNDINGS
 from rlhfspec.rl.losses import AGGREGATIONS
@@ -79,6 +80,12 @@ class GenerationConfig:
     # null: refresh every iteration; else only once a drafter's acceptance falls this far below its
     # acceptance in the first iteration after its last refresh
     refresh_drop: float | None = None
+    # Where a refresh's targets come from: "teacher", a forward of the updated policy over the
+    # iteration's rollouts (as many as half the budget reaches); "rollout", the top-32 targets and
+    # features the engine keeps while it generates (the policy one update before), no forward, so
+    # the whole budget trains, on the last refresh_buffer iterations' rollouts
+    refresh_targets: str = "teacher"
+    refresh_buffer: int = 1  # with refresh_targets "rollout": iterations of rollouts a refresh trains on
     realloc: bool = False  # sample reallocation across instances
     instances: int = 1
     backend: str = "inproc"  # "inproc" (this process) or "ray" (one actor per instance; run.ray_address)
@@ -99,7 +106,9 @@ class GenerationConfig:
             drafters.append(d)
         strategy = strategy_spec(self.strategy, tuple(drafters), self.num_draft_tokens, self.threshold_batch, self.max_draft_tokens)
         invariant = self.batch_invariant if self.batch_invariant is not None else device == "cpu"
-        return EngineSpec(tuple(drafters), strategy, self.batch_size, dtype=self.dtype, batch_invariant=invariant)
+        keep = self.refresh_draft and self.refresh_targets == "rollout" and any(isinstance(d, (DraftModel, Eagle)) for d in drafters)
+        return EngineSpec(tuple(drafters), strategy, self.batch_size, dtype=self.dtype, batch_invariant=invariant,
+                          keep_targets=TOP_K if keep else 0)
 
     def actor_gpus(self, device: str) -> float:
         """gpus_per_instance resolved for a run on `device`."""
@@ -281,6 +290,12 @@ class Config:
              f"generation.refresh_budget is {g.refresh_budget}; it must be in (0, 1] (or null: refresh_seconds per drafter)."),
             (g.refresh_drop is None or 0 <= g.refresh_drop < 1,
              f"generation.refresh_drop is {g.refresh_drop}; it must be in [0, 1) (or null: refresh every iteration)."),
+            (g.refresh_targets in ("teacher", "rollout"),
+             f"generation.refresh_targets is {g.refresh_targets!r}; it must be 'teacher' or 'rollout'."),
+            (g.refresh_buffer >= 1, f"generation.refresh_buffer is {g.refresh_buffer}; it must be at least 1 (iterations of rollouts)."),
+            (g.refresh_targets != "rollout" or g.backend != "ray",
+             "generation.refresh_targets 'rollout' runs with generation.backend inproc only: a Ray actor would ship every live "
+             "sample's targets and features back at each report; use 'teacher' on Ray."),
             (a.beta >= 0, f"algorithm.beta is {a.beta}; it must be >= 0."),
             (a.kl_estimator in ("k1", "k2", "k3"), f"algorithm.kl_estimator {a.kl_estimator!r} is not k1, k2 or k3."),
             (a.beta == 0 or a.kl_in_reward or a.kl_estimator != "k1",

@@ -5,14 +5,33 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import deque
 from dataclasses import replace
 
 import torch
 
 from rlhfspec.distill.eagle import EagleConfig, EagleDistiller
-from rlhfspec.distill.teacher import teacher_examples
+from rlhfspec.distill.teacher import TOP_K, Example, teacher_examples
 from rlhfspec.distill.train import DistillConfig, Distiller
 from rlhfspec.engine.drafters import DraftModelDrafter, Drafter, EagleDrafter
+from rlhfspec.errors import RlhfspecError
+
+
+def rollout_examples(outputs) -> list[Example]:
+    """Examples from the engine's own Traces of finished samples (GenerationOutputs), no forward:
+    each sample's text but its last token (whose feature the engine never computed), the top-k
+    targets of those response tokens and, where kept, the features of every position."""
+    out = []
+    for o in outputs:
+        if o.trace is None:
+            raise RlhfspecError(f"sample {o.sample_id} has no trace: the engine kept no targets (EngineSpec.keep_targets).")
+        if len(o.token_ids) < 2:
+            continue
+        tokens = list(o.prompt_token_ids) + list(o.token_ids[:-1])
+        ids, logprobs = o.trace.targets()
+        features = torch.cat(o.trace.features)[: len(tokens)].float() if o.trace.features else None
+        out.append(Example(tokens, len(o.prompt_token_ids), ids[: len(o.token_ids) - 1], logprobs[: len(o.token_ids) - 1], features))
+    return out
 
 
 class DraftRefresher:
@@ -23,11 +42,19 @@ class DraftRefresher:
     drop None: refresh every iteration. Else a drafter is refreshed only once its measured
     acceptance falls more than `drop` below its reference: the acceptance of the first iteration
     after its last refresh (or of the first iteration).
+
+    targets "teacher": a forward of the updated policy over (part of) the iteration's rollouts
+    gives the targets and features. "rollout": the engine's own, kept while it generated (its
+    samples' Traces; the policy of one update before), no forward; the refresh trains on the last
+    `buffer` iterations' rollouts, kept in its state.
     """
 
-    def __init__(self, drafters: list[Drafter], seconds: float, drop: float | None = None, max_steps: int = 200):
+    def __init__(self, drafters: list[Drafter], seconds: float, drop: float | None = None, max_steps: int = 200,
+                 targets: str = "teacher", buffer: int = 1):
         self.drafts = [d for d in drafters if isinstance(d, (DraftModelDrafter, EagleDrafter))]
         self.seconds, self.drop, self.max_steps = seconds, drop, max_steps
+        self.targets = targets
+        self.buffer: deque[list[Example]] = deque(maxlen=buffer)
         self.distillers: dict[str, Distiller] = {}
         self.restored: dict[str, dict] = {}
         self.reference: dict[str, float] = {}
@@ -69,16 +96,26 @@ class DraftRefresher:
         reference = self.reference.setdefault(name, acceptance)
         return acceptance < reference - self.drop
 
-    def refresh(self, policy, batch, acceptance: dict[str, float] | None = None, seconds: float | None = None) -> dict:
-        """Distil the drafters that are due on this iteration's rollouts against the updated policy
+    def refresh(self, policy, batch, acceptance: dict[str, float] | None = None, seconds: float | None = None,
+                outputs=None) -> dict:
+        """Distil the drafters that are due on this iteration's rollouts (`batch`; with targets
+        "rollout", `outputs`, the GenerationOutputs with their Traces, go into the buffer first)
         (`acceptance`: this iteration's measured acceptance by drafter name). `seconds`: the whole
         refresh's budget, the teacher's forward included, shared evenly by the drafters due (a
         drafter left no time takes no step); None: each drafter distils for `self.seconds`."""
         out = {}
+        if self.targets == "rollout":
+            if outputs is None:
+                raise RlhfspecError("a refresh from rollout targets needs the rollout's outputs, with their traces.")
+            self.buffer.append(rollout_examples(outputs))
         due = [d for d in self.drafts if self.due(d.name, (acceptance or {}).get(d.name))]
         if not due:
             return out
         start = time.perf_counter()
+        if self.targets == "rollout":
+            examples = [e for chunk in self.buffer for e in chunk]
+            out["refresh/buffer_sequences"] = len(examples)
+            return out | self._distil(due, policy, examples, seconds, 0.0)
         # With a budget the teacher's forward takes at most about half of it, over as many rollouts
         # as that allows: each prompt's first sample, then each one's second, ... (a prompt's
         # samples sit side by side in the batch, and one prompt's rollouts teach much the same).
@@ -90,9 +127,15 @@ class DraftRefresher:
         seqs = [batch.prompts[i] + batch.completions[i] for i in order]
         features = any(isinstance(d, EagleDrafter) for d in due)
         deadline = None if seconds is None else start + seconds / 2
-        examples = teacher_examples(policy, seqs, [len(batch.prompts[i]) for i in order], k=32, features=features, deadline=deadline)
+        examples = teacher_examples(policy, seqs, [len(batch.prompts[i]) for i in order], k=TOP_K, features=features, deadline=deadline)
         teacher_s = time.perf_counter() - start
         out["refresh/teacher_sequences"] = len(examples)
+        return out | self._distil(due, policy, examples, seconds, teacher_s)
+
+    def _distil(self, due: list[Drafter], policy, examples: list[Example], seconds: float | None, teacher_s: float) -> dict:
+        """Each drafter due distils on `examples` for its share of what the budget leaves after the
+        teacher's `teacher_s` seconds (or `self.seconds` without a budget)."""
+        out = {}
         each = self.seconds if seconds is None else (seconds - teacher_s) / len(due)
         for d in due:
             start = time.perf_counter()
@@ -116,7 +159,8 @@ class DraftRefresher:
         return out
 
     def state_dict(self) -> dict:
-        state = {"distillers": dict(self.restored), "reference": dict(self.reference)}
+        state = {"distillers": dict(self.restored), "reference": dict(self.reference),
+                 "buffer": [[_example_state(e) for e in chunk] for chunk in self.buffer]}
         for name, distiller in self.distillers.items():
             state["distillers"][name] = {"master": {k: v.detach().clone() for k, v in distiller.draft.state_dict().items()},
                                          "optimizer": distiller.optimizer.state_dict(),
@@ -129,3 +173,9 @@ class DraftRefresher:
             state = {"distillers": state, "reference": {}}
         self.restored = dict(state["distillers"])
         self.reference = dict(state["reference"])
+        self.buffer.clear()
+        self.buffer.extend([Example(**e) for e in chunk] for chunk in state.get("buffer", []))
+
+
+def _example_state(e: Example) -> dict:
+    return {"tokens": list(e.tokens), "start": e.start, "top_ids": e.top_ids, "top_logprobs": e.top_logprobs, "features": e.features}

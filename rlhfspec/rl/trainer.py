@@ -91,7 +91,9 @@ class Trainer:
                                threads=_actor_threads(c), device=engine_device)
         for d in spec.drafters:
             log(f"drafting with {d.name}" + (f" ({d.path})" if isinstance(d, (DraftModel, Eagle)) else ""))
-        self.refresher = DraftRefresher(self.rollout.drafters, c.generation.refresh_seconds, c.generation.refresh_drop) if c.generation.refresh_draft else None
+        g = c.generation
+        self.refresher = DraftRefresher(self.rollout.drafters, g.refresh_seconds, g.refresh_drop, targets=g.refresh_targets,
+                                        buffer=g.refresh_buffer) if g.refresh_draft else None
         self.iteration = 0
         self.verified_logprobs: bool | None = None
         # One optimizer step per iteration and no reference model: the policy the step trains is
@@ -181,7 +183,7 @@ class Trainer:
         if self.refresher is not None:
             g = c.generation
             budget = None if g.refresh_budget is None else min(g.refresh_seconds, g.refresh_budget * (t3 - t0))
-            refresh = self.refresher.refresh(self.policy, batch, rollout.acceptance_by_drafter(), seconds=budget)
+            refresh = self.refresher.refresh(self.policy, batch, rollout.acceptance_by_drafter(), seconds=budget, outputs=outs)
         # Ray actors: new weights before the next rollout
         sync = self.rollout.sync(getattr(torch, self.gen_dtype), c.generation.rounding, (c.train.seed, it + 1))
         success = self._success(table)

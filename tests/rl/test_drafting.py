@@ -1,5 +1,6 @@
 """Drafter refresh in the RL loop: an eagle head's refresh lowers its loss on held-out rollouts,
-its state (master weights, optimizer, batch order) resumes exactly, and with refresh_drop a head
+from a teacher forward or from the targets the engine kept while generating; its state (master
+weights, optimizer, batch order, buffered rollouts) resumes exactly, and with refresh_drop a head
 is refreshed only once its acceptance falls, and a refresh keeps to its time budget."""
 
 import pytest
@@ -9,8 +10,10 @@ from rlhfspec import SamplingParams, generate, load_model
 from rlhfspec.distill.eagle import EagleDistiller, new_head
 from rlhfspec.distill.teacher import teacher_examples
 from rlhfspec.engine.drafters import EagleDrafter
+from rlhfspec.engine.instance import GenerationInstance
+from rlhfspec.engine.sequence import GenerationOutput, Sequence
 from rlhfspec.rl.checkpoint import from_json, to_json
-from rlhfspec.rl.drafting import DraftRefresher
+from rlhfspec.rl.drafting import DraftRefresher, rollout_examples
 from rlhfspec.rl.logprobs import Batch
 from tests.conftest import random_prompts
 
@@ -85,7 +88,8 @@ def test_a_refresh_budget_covers_the_teachers_forward_and_the_distillation(setti
     assert len(late) == 8 and len(teacher_examples(policy, seqs, [len(p) for p in batch.prompts], micro_batch=8)) == len(seqs)
 
 
-def test_an_rl_run_drafts_with_an_eagle_head_refreshes_it_and_resumes(tmp_path, policy):
+@pytest.mark.parametrize("targets", ["teacher", "rollout"])
+def test_an_rl_run_drafts_with_an_eagle_head_refreshes_it_and_resumes(tmp_path, policy, targets):
     from rlhfspec.rl import checkpoint as ckpt
     from rlhfspec.rl.trainer import Trainer
     from tests.rl.helpers import rl_config
@@ -94,11 +98,62 @@ def test_an_rl_run_drafts_with_an_eagle_head_refreshes_it_and_resumes(tmp_path, 
     head_dir = new_head(model, list(range(model.config.vocab_size))).save(tmp_path / "head")
     settings = {"generation.speculative": "true", "generation.strategy": "static", "generation.num_draft_tokens": 2,
                 "generation.drafters": f"[{head_dir}]", "generation.refresh_seconds": 2, "generation.num_generations": 4,
-                "generation.max_new_tokens": 16}
+                "generation.max_new_tokens": 16, "generation.refresh_targets": targets, "generation.refresh_buffer": 2}
     records = Trainer(rl_config(tmp_path, policy, **settings, **{"train.iterations": 2}), progress=False, log=lambda m: None).train()
     assert all(r["acceptance/eagle"] is not None and r["refresh/eagle_s"] > 0 for r in records)
+    if targets == "rollout":  # no teacher forward; the buffer holds both iterations' samples
+        buffered = [r["refresh/buffer_sequences"] for r in records]  # 8 samples an iteration, less any of one token
+        assert 0 < buffered[0] < buffered[1] <= 16 and all("refresh/teacher_sequences" not in r for r in records)
     _, objects = ckpt.load(ckpt.latest(tmp_path / "run"))
-    assert "eagle" in objects["refresh"]["distillers"]
+    assert "eagle" in objects["refresh"]["distillers"] and len(objects["refresh"]["buffer"]) == (2 if targets == "rollout" else 0)
     resumed = Trainer(rl_config(tmp_path, policy, **settings, **{"train.iterations": 3}), resume=True, progress=False, log=lambda m: None)
-    assert resumed.iteration == 2 and "eagle" in resumed.refresher.restored
+    assert resumed.iteration == 2 and "eagle" in resumed.refresher.restored and len(resumed.refresher.buffer) == len(objects["refresh"]["buffer"])
     assert len(resumed.train()) == 1
+
+
+def _traced(policy, prompts, seed: int) -> list[GenerationOutput]:
+    """The policy's completions with the Traces an instance keeps (an eagle drafter attached, so
+    features too; plain decoding)."""
+    drafter = EagleDrafter(new_head(policy, list(range(policy.config.vocab_size))), policy)
+    inst = GenerationInstance(policy, len(prompts), 64, drafters=[drafter], keep_targets=32)
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    done = inst.add([Sequence(i, p, params, seed=seed) for i, p in enumerate(prompts)])
+    while inst.live:
+        done += inst.step()
+    return [GenerationOutput.of(s) for s in sorted(done, key=lambda s: s.sample_id)]
+
+
+def test_a_refresh_from_the_engines_own_targets_lowers_the_heads_loss_without_a_forward(setting, monkeypatch):
+    policy, _, held = setting
+    outputs = _traced(policy, random_prompts(40, policy.config.vocab_size, 3, 8, seed=0), seed=1)
+    examples = rollout_examples(outputs)
+    teacher = teacher_examples(policy, [e.tokens for e in examples], [e.start for e in examples], k=32, features=True)
+    for e, t in zip(examples, teacher):  # the engine's own targets are the teacher's, minus the last token
+        torch.testing.assert_close(e.top_logprobs, t.top_logprobs, atol=1e-4, rtol=0)
+        torch.testing.assert_close(e.features, t.features, atol=1e-4, rtol=0)
+    drafter = EagleDrafter(new_head(policy, list(range(policy.config.vocab_size))), policy)
+    before = _loss(policy, drafter.head, held)
+    monkeypatch.setattr("rlhfspec.rl.drafting.teacher_examples", None)  # a refresh that ran a forward would fail
+    refresher = DraftRefresher([drafter], seconds=600, max_steps=80, targets="rollout")
+    stats = refresher.refresh(policy, None, outputs=outputs)
+    assert stats["refresh/buffer_sequences"] == 40 and stats["refresh/eagle_steps"] == 80
+    assert _loss(policy, drafter.head, held) < 0.9 * before
+
+
+def test_rollout_targets_buffer_the_last_iterations_and_resume_exactly(setting):
+    policy, _, _ = setting
+    rounds = [_traced(policy, random_prompts(6, policy.config.vocab_size, 3, 8, seed=i), seed=i) for i in range(4)]
+    head = new_head(policy, list(range(policy.config.vocab_size)))
+    a = DraftRefresher([EagleDrafter(head, policy)], seconds=60, max_steps=4, targets="rollout", buffer=2)
+    for outputs in rounds[:3]:
+        stats = a.refresh(policy, None, outputs=outputs)
+    assert stats["refresh/buffer_sequences"] == 12 and [c[0].tokens for c in a.buffer] == [rollout_examples(o)[0].tokens for o in rounds[1:3]]
+    tensors: dict = {}
+    saved = to_json(a.state_dict(), tensors)
+    twin = new_head(policy, list(range(policy.config.vocab_size)))
+    twin.load_state_dict(head.state_dict())
+    b = DraftRefresher([EagleDrafter(twin, policy)], seconds=60, max_steps=4, targets="rollout", buffer=2)
+    b.load_state_dict(from_json(saved, {k: v.clone() for k, v in tensors.items()}))
+    a.refresh(policy, None, outputs=rounds[3])
+    b.refresh(policy, None, outputs=rounds[3])
+    assert all(torch.equal(x, y) for x, y in zip(head.state_dict().values(), twin.state_dict().values()))
