@@ -3,10 +3,12 @@ model left frozen, a draft model refreshed on each iteration's rollouts, an eagl
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
 from rlhfspec.bench.common import bench_command, machine, median, results_file, write_json, write_section
+from rlhfspec.errors import RlhfspecError
 from rlhfspec.rl.config_files import load_config
 
 # label -> (drafter, refreshed)
@@ -15,6 +17,29 @@ SETTINGS = {
     "draft model, refreshed": ("draft", True),
     "eagle head, refreshed": ("eagle", True),
 }
+
+
+def parse_setting(text: str) -> tuple[str, tuple]:
+    """A `--setting` value: 'LABEL=DRAFTER[:frozen] [section.key=value ...]'. DRAFTER is a keyword
+    (draft, eagle) or a draft model or eagle head directory, refreshed unless ':frozen' follows it;
+    the overrides apply to this setting's run alone (generation.refresh_targets=rollout, say)."""
+    label, sep, rest = text.partition("=")
+    drafter, *overrides = rest.split() or [""]
+    refreshed = True
+    for suffix, value in ((":frozen", False), (":refreshed", True)):
+        if drafter.endswith(suffix):
+            drafter, refreshed = drafter[: -len(suffix)], value
+    if not sep or not label.strip() or not drafter or any("=" not in o for o in overrides):
+        raise RlhfspecError(f"--setting {text!r} is not LABEL=DRAFTER[:frozen] [section.key=value ...] (DRAFTER: draft, eagle or a directory).")
+    return label.strip(), (drafter, refreshed, tuple(overrides))
+
+
+def section_name(settings: dict) -> str:
+    """Where the results go: "refresh" for the standard settings, else a name made of the labels (so
+    a comparison of other drafters does not replace the standard table)."""
+    if settings == SETTINGS:
+        return "refresh"
+    return "refresh-" + "-".join(re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") for label in settings)
 
 
 def run(config_path: str | None = None, iterations: int = 20, overrides: list[str] | None = None,
@@ -32,11 +57,12 @@ def run(config_path: str | None = None, iterations: int = 20, overrides: list[st
     with tempfile.TemporaryDirectory(prefix="rlhfspec-bench-") as tmp:
         trainers = {}
         try:
-            for i, (label, (drafter, refresh)) in enumerate(settings.items()):
-                cfg = load_config(config_path, [*(overrides or []), "--generation.speculative", "true", "--generation.strategy", "static",
-                                                "--generation.num_draft_tokens", "2", "--generation.drafters", f"[{drafter}]",
-                                                "--generation.refresh_draft", str(refresh).lower(), "--train.iterations", str(iterations),
-                                                "--run.output_dir", str(Path(tmp) / f"run{i}"), "--run.tensorboard", "false"])
+            for i, (label, (drafter, refresh, *own)) in enumerate(settings.items()):
+                cfg = load_config(config_path, [*(overrides or []), *(own[0] if own else ()), "--generation.speculative", "true",
+                                                "--generation.strategy", "static", "--generation.num_draft_tokens", "2",
+                                                "--generation.drafters", f"[{drafter}]", "--generation.refresh_draft", str(refresh).lower(),
+                                                "--train.iterations", str(iterations), "--run.output_dir", str(Path(tmp) / f"run{i}"),
+                                                "--run.tensorboard", "false"])
                 trainers[label] = (drafter, Trainer(cfg, progress=False, log=lambda m: None))
             for it in range(iterations):
                 for label, (drafter, trainer) in trainers.items():
@@ -59,8 +85,10 @@ def run(config_path: str | None = None, iterations: int = 20, overrides: list[st
     results = results_file(record)
     from rlhfspec.bench.plots import acceptance_curves
 
-    png = acceptance_curves(curves, results.parent / "refresh_acceptance.png")
-    log(write_section("refresh", markdown(result, config_path, iterations, overrides, png.name, json_path, record), path=results))
+    name = section_name(settings)
+    png = acceptance_curves(curves, results.parent / f"{name.replace('-', '_')}_acceptance.png")
+    body = markdown(result, config_path, iterations, overrides, png.name, json_path, record, settings)
+    log(write_section(name, body, path=results))
     return result
 
 
@@ -72,20 +100,26 @@ def _result(curves: dict, iterations: int, settings: dict) -> dict:
                           "median_refresh_share": median([p["refresh_share"] for p in points]),
                           "max_refresh_share": max(p["refresh_share"] for p in points)}
     return {"machine": machine(), "iterations": iterations, "completed": min(len(p) for p in curves.values()),
-            "settings": {k: {"drafter": d, "refresh": r} for k, (d, r) in settings.items()}, "summary": summary, "curves": curves}
+            "settings": {k: {"drafter": d, "refresh": r, "overrides": list(own[0]) if own else []} for k, (d, r, *own) in settings.items()},
+            "summary": summary, "curves": curves}
 
 
-def markdown(r: dict, config_path, iterations: int, overrides, png: str, json_path: str | None = None, record: bool = False) -> str:
-    cmd = bench_command("refresh", config_path, iterations, overrides, json_path, record)
+def markdown(r: dict, config_path, iterations: int, overrides, png: str, json_path: str | None = None, record: bool = False,
+             settings: dict | None = None) -> str:
+    custom = settings is not None and settings != SETTINGS
+    flags = [f"--setting '{k}={' '.join([d + ('' if refresh else ':frozen'), *(own[0] if own else ())])}'"
+             for k, (d, refresh, *own) in settings.items()] if custom else []
+    cmd = bench_command("refresh", config_path, iterations, [*flags, *(overrides or [])], json_path, record)
     labels = list(r["curves"])
     lines = [
-        "## Drafter refresh: acceptance as the policy drifts",
+        "## Drafter refresh: acceptance as the policy drifts" + (f" ({', '.join(labels)})" if custom else ""),
         "",
         f"Command: `{cmd}`  ",
         f"Machine: {r['machine']}  ",
         f"The run's config and seed in every setting, drafting at a fixed n = 2 on every step; refreshed = distilled on each "
-        "iteration's rollouts against the updated policy within generation.refresh_budget of the iteration (teacher forward "
-        f"included). The settings ran round-robin in one process; {r['completed']} of {iterations} iterations completed. "
+        "iteration's rollouts within generation.refresh_budget of the iteration: against the updated policy, its teacher "
+        "forward included, or with generation.refresh_targets=rollout on the targets and features the engine kept while it "
+        f"generated (no forward). The settings ran round-robin in one process; {r['completed']} of {iterations} iterations completed. "
         "Sampled drafts change which tokens a lossless step draws (not their distribution), so the settings' completions, "
         "and from iteration 1 on their policies, differ. "
         "Acceptance = accepted / drafted tokens; refresh share = refresh seconds / iteration seconds.",

@@ -110,6 +110,9 @@ def register(sub) -> None:
     f = names.add_parser("refresh", help="drafter acceptance per RL iteration: draft model frozen / refreshed, eagle head refreshed")
     f.add_argument("--config", default=None)
     f.add_argument("--iterations", type=int, default=20)
+    f.add_argument("--setting", action="append", default=None, metavar="LABEL=DRAFTER[:frozen]",
+                   help="compare these instead (repeat it): DRAFTER is draft, eagle or a draft model or eagle head directory, "
+                        "refreshed unless ':frozen' follows it")
     f.add_argument("--json", default=None)
     f.add_argument("--record", action="store_true", help=RECORD)
     f.set_defaults(run=run_refresh, overrides=True)
@@ -187,9 +190,10 @@ def run_e2e(args) -> int:
 
 
 def run_refresh(args) -> int:
-    from rlhfspec.bench.refresh import run
+    from rlhfspec.bench.refresh import parse_setting, run
 
-    run(args.config, args.iterations, args.extra, json_path=args.json, record=args.record)
+    settings = dict(parse_setting(s) for s in args.setting) if args.setting else None
+    run(args.config, args.iterations, args.extra, json_path=args.json, record=args.record, settings=settings)
     return 0
 
 

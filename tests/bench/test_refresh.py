@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from rlhfspec import load_model
-from rlhfspec.bench.refresh import run
+from rlhfspec.bench.refresh import SETTINGS, parse_setting, run, section_name
+from rlhfspec.errors import RlhfspecError
 from rlhfspec.distill.eagle import new_head
 from tests.rl.helpers import tiny_policy_dir
 
@@ -16,7 +19,8 @@ def test_the_refresh_comparison_runs_every_drafter_and_writes_its_table(tmp_path
     draft = tiny_policy_dir(tmp_path / "draft", seed=1)  # another tiny model over the same vocabulary
     model, _ = load_model(policy, dtype="float32")
     head = new_head(model, list(range(model.config.vocab_size))).save(tmp_path / "head")
-    settings = {"frozen": (str(draft), False), "refreshed": (str(draft), True), "head": (str(head), True)}
+    settings = {"frozen": (str(draft), False), "refreshed": (str(draft), True),
+                "head": (str(head), True, ("generation.refresh_targets=rollout", "generation.refresh_buffer=2"))}
     overrides = {"model.policy": policy, "data.prompts_per_iteration": 2, "generation.num_generations": 2,
                  "generation.max_new_tokens": 6, "reward.functions": "[tests.rl.rewards:digit_count]"}
     lines = []
@@ -30,3 +34,17 @@ def test_the_refresh_comparison_runs_every_drafter_and_writes_its_table(tmp_path
     assert json.loads((tmp_path / "refresh.json").read_text())["summary"] == result["summary"]
     table = lines[-1]
     assert "| 1 |" in table and "refresh share, head" in table and "2 of 2 iterations completed" in table
+    assert "--setting 'frozen=" in table and ":frozen'" in table and "(frozen, refreshed, head)" in table
+    assert f"--setting 'head={head} generation.refresh_targets=rollout generation.refresh_buffer=2'" in table
+
+
+def test_a_setting_names_its_drafter_and_whether_it_is_refreshed_and_goes_to_its_own_section():
+    assert parse_setting("task head=/tmp/head") == ("task head", ("/tmp/head", True, ()))
+    assert parse_setting("draft, frozen = draft:frozen") == ("draft, frozen", ("draft", False, ()))
+    assert parse_setting("own=eagle generation.refresh_targets=rollout generation.refresh_buffer=4") == \
+        ("own", ("eagle", True, ("generation.refresh_targets=rollout", "generation.refresh_buffer=4")))
+    assert section_name(SETTINGS) == "refresh"
+    assert section_name(dict([parse_setting("Eagle (task), refreshed=/h")])) == "refresh-eagle-task-refreshed"
+    for bad in ("eagle", "=eagle", "label=", "label=:frozen", "label=eagle refresh_buffer"):
+        with pytest.raises(RlhfspecError, match=r"is not LABEL=DRAFTER\[:frozen\] \[section.key=value ...\]"):
+            parse_setting(bad)
