@@ -11,7 +11,7 @@ from rlhfspec.bench.common import bench_command, machine, median, results_file, 
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.rl.config_files import load_config
 
-# label -> (drafter, refreshed)
+# label -> (drafter, refreshed[, overrides of its own run])
 SETTINGS = {
     "draft model, frozen": ("draft", False),
     "draft model, refreshed": ("draft", True),
