@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import time
 from collections import deque
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import torch
 
@@ -160,7 +160,7 @@ class DraftRefresher:
 
     def state_dict(self) -> dict:
         state = {"distillers": dict(self.restored), "reference": dict(self.reference),
-                 "buffer": [[_example_state(e) for e in chunk] for chunk in self.buffer]}
+                 "buffer": [[{f.name: getattr(e, f.name) for f in fields(e)} for e in chunk] for chunk in self.buffer]}
         for name, distiller in self.distillers.items():
             state["distillers"][name] = {"master": {k: v.detach().clone() for k, v in distiller.draft.state_dict().items()},
                                          "optimizer": distiller.optimizer.state_dict(),
@@ -175,7 +175,3 @@ class DraftRefresher:
         self.reference = dict(state["reference"])
         self.buffer.clear()
         self.buffer.extend([Example(**e) for e in chunk] for chunk in state.get("buffer", []))
-
-
-def _example_state(e: Example) -> dict:
-    return {"tokens": list(e.tokens), "start": e.start, "top_ids": e.top_ids, "top_logprobs": e.top_logprobs, "features": e.features}
