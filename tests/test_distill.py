@@ -52,6 +52,32 @@ def test_distillation_lowers_the_loss_and_raises_the_overlap(tiny_checkpoint, tm
     assert stats[0].acceptance > 0
 
 
+def test_a_fit_takes_no_step_that_its_mean_step_says_would_pass_its_time_budget(tiny_checkpoint, monkeypatch):
+    from rlhfspec.distill import train
+
+    class Clock:  # a stand-in for the time module: each training step takes exactly one second
+        now = 0.0
+
+        def perf_counter(self):
+            return self.now
+
+    policy, _ = load_model(tiny_checkpoint("llama", initializer_range=0.4), dtype="float32")
+    prompts = random_prompts(8, policy.config.vocab_size, 3, 8, seed=0)
+    outs = generate(policy, prompts, SamplingParams(max_new_tokens=8, ignore_eos=True), seed=1)
+    examples = teacher_examples(policy, [o.prompt_token_ids + o.token_ids for o in outs], [len(o.prompt_token_ids) for o in outs], k=16)
+    clock = Clock()
+    monkeypatch.setattr(train, "time", clock)
+    distiller = Distiller(new_draft(policy, layers=1, hidden=32), DistillConfig(seconds=2.5, max_steps=100, batch_sequences=4))
+    loss = distiller.loss
+
+    def timed(batch):
+        clock.now += 1.0
+        return loss(batch)
+
+    distiller.loss = timed
+    assert len(distiller.fit(examples)) == 2 and clock.now <= 2.5  # a third step would have ended at 3 s
+
+
 def test_a_reduced_draft_vocabulary_maps_ids_and_keeps_the_frequent_ones():
     vocab = torch.tensor([2, 5, 9, 40])
     assert _to_local(torch.tensor([[5, 6], [40, 2]]), vocab).tolist() == [[1, -1], [3, 0]]

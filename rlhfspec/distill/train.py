@@ -125,9 +125,10 @@ class Distiller:
         for step in range(cfg.max_steps):
             # Cosine decay to 30% of the peak over whichever budget, steps or seconds, runs out first
             # (decaying to zero wasted the last minutes: measured lower held-out agreement).
-            progress = max(step / cfg.max_steps, (time.perf_counter() - start) / cfg.seconds)
-            if progress >= 1:
-                break
+            elapsed = time.perf_counter() - start
+            progress = max(step / cfg.max_steps, elapsed / cfg.seconds)
+            if progress >= 1 or (step and elapsed * (step + 1) / step > cfg.seconds):
+                break  # the budget is spent, or the next step, as long as the mean one so far, would pass it
             if len(order) < cfg.batch_sequences:
                 order = list(range(len(examples)))
                 self.rng.shuffle(order)

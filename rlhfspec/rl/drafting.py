@@ -58,6 +58,7 @@ class DraftRefresher:
         self.distillers: dict[str, Distiller] = {}
         self.restored: dict[str, dict] = {}
         self.reference: dict[str, float] = {}
+        self.teacher_rate: float | None = None  # the last teacher forward's seconds per token
 
     def _weights(self, d: Drafter) -> torch.nn.Module:
         return d.head if isinstance(d, EagleDrafter) else d.model
@@ -127,8 +128,11 @@ class DraftRefresher:
         seqs = [batch.prompts[i] + batch.completions[i] for i in order]
         features = any(isinstance(d, EagleDrafter) for d in due)
         deadline = None if seconds is None else start + seconds / 2
-        examples = teacher_examples(policy, seqs, [len(batch.prompts[i]) for i in order], k=TOP_K, features=features, deadline=deadline)
+        examples = teacher_examples(policy, seqs, [len(batch.prompts[i]) for i in order], k=TOP_K, features=features,
+                                    deadline=deadline, seconds_per_token=self.teacher_rate)
         teacher_s = time.perf_counter() - start
+        if examples:
+            self.teacher_rate = teacher_s / sum(len(e.tokens) for e in examples)
         out["refresh/teacher_sequences"] = len(examples)
         return out | self._distil(due, policy, examples, seconds, teacher_s)
 
@@ -140,7 +144,7 @@ class DraftRefresher:
         for d in due:
             start = time.perf_counter()
             distiller = self._distiller(d, policy)
-            if each <= 0:  # the teacher's forward took the whole budget
+            if each <= 0 or not examples:  # the teacher's forward took the whole budget, or had none to take
                 out[f"refresh/{d.name}_steps"] = 0
                 out[f"refresh/{d.name}_s"] = teacher_s / len(due)
                 continue

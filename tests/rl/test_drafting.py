@@ -82,10 +82,48 @@ def test_a_refresh_budget_covers_the_teachers_forward_and_the_distillation(setti
     assert starved["refresh/eagle_steps"] == 0 and "refresh/eagle_loss" not in starved
     assert refresher.refresh(policy, batch, seconds=600)["refresh/eagle_steps"] == 3  # max_steps comes first
     assert refresher.refresh(policy, batch)["refresh/eagle_steps"] == 3  # no budget: `seconds` per drafter
-    # The teacher's forward stops at its deadline after the micro-batch that passes it.
-    seqs = [p + c for p, c in zip(batch.prompts, batch.completions)]
-    late = teacher_examples(policy, seqs, [len(p) for p in batch.prompts], micro_batch=8, deadline=0.0)
-    assert len(late) == 8 and len(teacher_examples(policy, seqs, [len(p) for p in batch.prompts], micro_batch=8)) == len(seqs)
+    # Knowing the teacher's rate from the refresh before, a refresh whose budget cannot hold one
+    # sequence's forward runs none and takes no step.
+    assert refresher.teacher_rate is not None
+    none = refresher.refresh(policy, batch, seconds=1e-9)
+    assert none["refresh/teacher_sequences"] == 0 and none["refresh/eagle_steps"] == 0
+
+
+class _Clock:
+    """A stand-in for the time module whose clock moves only when told to."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_the_teachers_forward_takes_only_the_sequences_it_expects_to_finish_by_its_deadline(setting, monkeypatch):
+    from rlhfspec.distill import teacher
+
+    policy, batch, _ = setting
+    seqs, starts = [p + c for p, c in zip(batch.prompts, batch.completions)], [len(p) for p in batch.prompts]
+    clock, forward = _Clock(), teacher.hidden_states
+
+    def timed(model, ids, mask):  # every forward takes 10 ms per token of its sequences
+        clock.now += 0.01 * mask.sum().item()
+        return forward(model, ids, mask)
+
+    monkeypatch.setattr(teacher, "time", clock)
+    monkeypatch.setattr(teacher, "hidden_states", timed)
+    tokens = [len(s) for s in seqs]
+    first = sum(tokens[:8])
+    deadline = 0.01 * (first + sum(tokens[8:13])) + 0.005  # room for the first micro-batch and 5 more sequences
+    got = teacher_examples(policy, seqs, starts, micro_batch=8, deadline=deadline)
+    assert len(got) == 13 and clock.now <= deadline
+    # Without a rate yet, the first micro-batch runs whole even past the deadline; with one, nothing starts that cannot end in time.
+    clock.now = 0.0
+    assert len(teacher_examples(policy, seqs, starts, micro_batch=8, deadline=0.0)) == 8
+    clock.now = 0.0
+    assert teacher_examples(policy, seqs, starts, micro_batch=8, deadline=0.01 * tokens[0] - 0.005, seconds_per_token=0.01) == []
+    assert clock.now == 0.0
+    assert len(teacher_examples(policy, seqs, starts, micro_batch=8)) == len(seqs)
 
 
 @pytest.mark.parametrize("targets", ["teacher", "rollout"])
