@@ -86,6 +86,7 @@ class GenerationConfig:
     # the whole budget trains, on the last refresh_buffer iterations' rollouts
     refresh_targets: str = "teacher"
     refresh_buffer: int = 1  # with refresh_targets "rollout": iterations of rollouts a refresh trains on
+    refresh_unroll: bool = False  # eagle heads: also train a chain's second link, from the head's own predicted feature
     realloc: bool = False  # sample reallocation across instances
     instances: int = 1
     backend: str = "inproc"  # "inproc" (this process) or "ray" (one actor per instance; run.ray_address)

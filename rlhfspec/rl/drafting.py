@@ -47,13 +47,16 @@ class DraftRefresher:
     gives the targets and features. "rollout": the engine's own, kept while it generated (its
     samples' Traces; the policy of one update before), no forward; the refresh trains on the last
     `buffer` iterations' rollouts, kept in its state.
+
+    unroll: eagle heads also train a chain's second link, which reads the head's own predicted
+    feature (distill.eagle's `unroll`; a step costs about twice as much).
     """
 
     def __init__(self, drafters: list[Drafter], seconds: float, drop: float | None = None, max_steps: int = 200,
-                 targets: str = "teacher", buffer: int = 1):
+                 targets: str = "teacher", buffer: int = 1, unroll: bool = False):
         self.drafts = [d for d in drafters if isinstance(d, (DraftModelDrafter, EagleDrafter))]
         self.seconds, self.drop, self.max_steps = seconds, drop, max_steps
-        self.targets = targets
+        self.targets, self.unroll = targets, unroll
         self.buffer: deque[list[Example]] = deque(maxlen=buffer)
         self.distillers: dict[str, Distiller] = {}
         self.restored: dict[str, dict] = {}
@@ -69,7 +72,7 @@ class DraftRefresher:
             master = copy.deepcopy(live).float() if live.dtype != torch.float32 else live
             budget = dict(lr=5e-4, seconds=self.seconds, max_steps=self.max_steps, batch_sequences=8)
             if isinstance(d, EagleDrafter):
-                distiller = EagleDistiller(master, policy, EagleConfig(**budget))
+                distiller = EagleDistiller(master, policy, EagleConfig(**budget, unroll=self.unroll))
             else:
                 vocab = None if d.vocab is None else d.vocab.tolist()
                 distiller = Distiller(master, DistillConfig(**budget), draft_vocab=vocab)

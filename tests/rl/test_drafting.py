@@ -45,6 +45,16 @@ def test_a_refresh_lowers_the_heads_loss_on_heldout_rollouts(setting):
     assert _loss(policy, drafter.head, held) < 0.9 * before
 
 
+def test_an_unrolled_refresh_also_trains_the_chains_second_link(setting):
+    policy, batch, _ = setting
+    plain, unrolled = (DraftRefresher([EagleDrafter(new_head(policy, list(range(policy.config.vocab_size))), policy)], seconds=60,
+                                      max_steps=2, unroll=unroll) for unroll in (False, True))
+    for refresher in (plain, unrolled):
+        refresher.refresh(policy, batch)
+    assert "ce2" not in plain.distillers["eagle"].parts
+    assert {"ce", "ce2", "feature", "feature2"} <= set(unrolled.distillers["eagle"].parts)
+
+
 def test_the_refresher_resumes_exactly_from_its_checkpointed_state(setting):
     policy, batch, _ = setting
     head = new_head(policy, list(range(policy.config.vocab_size)))
@@ -136,7 +146,8 @@ def test_an_rl_run_drafts_with_an_eagle_head_refreshes_it_and_resumes(tmp_path, 
     head_dir = new_head(model, list(range(model.config.vocab_size))).save(tmp_path / "head")
     settings = {"generation.speculative": "true", "generation.strategy": "static", "generation.num_draft_tokens": 2,
                 "generation.drafters": f"[{head_dir}]", "generation.refresh_seconds": 2, "generation.num_generations": 4,
-                "generation.max_new_tokens": 16, "generation.refresh_targets": targets, "generation.refresh_buffer": 2}
+                "generation.max_new_tokens": 16, "generation.refresh_targets": targets, "generation.refresh_buffer": 2,
+                "generation.refresh_unroll": targets == "rollout"}  # the config's way to unroll, on one of the two runs
     records = Trainer(rl_config(tmp_path, policy, **settings, **{"train.iterations": 2}), progress=False, log=lambda m: None).train()
     assert all(r["acceptance/eagle"] is not None and r["refresh/eagle_s"] > 0 for r in records)
     if targets == "rollout":  # no teacher forward; the buffer holds both iterations' samples
@@ -146,6 +157,7 @@ def test_an_rl_run_drafts_with_an_eagle_head_refreshes_it_and_resumes(tmp_path, 
     assert "eagle" in objects["refresh"]["distillers"] and len(objects["refresh"]["buffer"]) == (2 if targets == "rollout" else 0)
     resumed = Trainer(rl_config(tmp_path, policy, **settings, **{"train.iterations": 3}), resume=True, progress=False, log=lambda m: None)
     assert resumed.iteration == 2 and "eagle" in resumed.refresher.restored and len(resumed.refresher.buffer) == len(objects["refresh"]["buffer"])
+    assert resumed.refresher.unroll == (targets == "rollout")
     assert len(resumed.train()) == 1
 
 
