@@ -64,6 +64,16 @@ def local_ray(num_cpus: int):
         ray.shutdown()
 
 
+class StoppedClock:
+    """A stand-in for the time module (its perf_counter) whose clock moves only when a test moves it."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
 def random_prompts(n: int, vocab: int, min_len: int, max_len: int, seed: int = 0) -> list[list[int]]:
     """Prompts of varied lengths over token ids [3, vocab)."""
     g = torch.Generator().manual_seed(seed)

@@ -13,7 +13,7 @@ from rlhfspec.distill.train import DistillConfig, Distiller, _to_local, frequent
 from rlhfspec.engine.drafters import DraftModelDrafter
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.checkpoint import save_pretrained
-from tests.conftest import random_prompts
+from tests.conftest import StoppedClock, random_prompts
 
 
 def _overlap(policy, draft, examples):
@@ -55,17 +55,11 @@ def test_distillation_lowers_the_loss_and_raises_the_overlap(tiny_checkpoint, tm
 def test_a_fit_takes_no_step_that_its_mean_step_says_would_pass_its_time_budget(tiny_checkpoint, monkeypatch):
     from rlhfspec.distill import train
 
-    class Clock:  # a stand-in for the time module: each training step takes exactly one second
-        now = 0.0
-
-        def perf_counter(self):
-            return self.now
-
     policy, _ = load_model(tiny_checkpoint("llama", initializer_range=0.4), dtype="float32")
     prompts = random_prompts(8, policy.config.vocab_size, 3, 8, seed=0)
     outs = generate(policy, prompts, SamplingParams(max_new_tokens=8, ignore_eos=True), seed=1)
     examples = teacher_examples(policy, [o.prompt_token_ids + o.token_ids for o in outs], [len(o.prompt_token_ids) for o in outs], k=16)
-    clock = Clock()
+    clock = StoppedClock()  # each training step below takes exactly one second on it
     monkeypatch.setattr(train, "time", clock)
     distiller = Distiller(new_draft(policy, layers=1, hidden=32), DistillConfig(seconds=2.5, max_steps=100, batch_sequences=4))
     loss = distiller.loss

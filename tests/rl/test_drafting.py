@@ -15,7 +15,7 @@ from rlhfspec.engine.sequence import GenerationOutput, Sequence
 from rlhfspec.rl.checkpoint import from_json, to_json
 from rlhfspec.rl.drafting import DraftRefresher, rollout_examples
 from rlhfspec.rl.logprobs import Batch
-from tests.conftest import random_prompts
+from tests.conftest import StoppedClock, random_prompts
 
 
 @pytest.fixture
@@ -99,22 +99,12 @@ def test_a_refresh_budget_covers_the_teachers_forward_and_the_distillation(setti
     assert none["refresh/teacher_sequences"] == 0 and none["refresh/eagle_steps"] == 0
 
 
-class _Clock:
-    """A stand-in for the time module whose clock moves only when told to."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def perf_counter(self) -> float:
-        return self.now
-
-
 def test_the_teachers_forward_takes_only_the_sequences_it_expects_to_finish_by_its_deadline(setting, monkeypatch):
     from rlhfspec.distill import teacher
 
     policy, batch, _ = setting
     seqs, starts = [p + c for p, c in zip(batch.prompts, batch.completions)], [len(p) for p in batch.prompts]
-    clock, forward = _Clock(), teacher.hidden_states
+    clock, forward = StoppedClock(), teacher.hidden_states
 
     def timed(model, ids, mask):  # every forward takes 10 ms per token of its sequences
         clock.now += 0.01 * mask.sum().item()
