@@ -58,11 +58,12 @@ def run(config_path: str | None = None, iterations: int = 20, overrides: list[st
         trainers = {}
         try:
             for i, (label, (drafter, refresh, *own)) in enumerate(settings.items()):
-                cfg = load_config(config_path, [*(overrides or []), *(own[0] if own else ()), "--generation.speculative", "true",
+                # a setting's own overrides come last: they may change the fixed n = 2 too
+                cfg = load_config(config_path, [*(overrides or []), "--generation.speculative", "true",
                                                 "--generation.strategy", "static", "--generation.num_draft_tokens", "2",
                                                 "--generation.drafters", f"[{drafter}]", "--generation.refresh_draft", str(refresh).lower(),
                                                 "--train.iterations", str(iterations), "--run.output_dir", str(Path(tmp) / f"run{i}"),
-                                                "--run.tensorboard", "false"])
+                                                "--run.tensorboard", "false", *(own[0] if own else ())])
                 trainers[label] = (drafter, Trainer(cfg, progress=False, log=lambda m: None))
             for it in range(iterations):
                 for label, (drafter, trainer) in trainers.items():
@@ -116,7 +117,8 @@ def markdown(r: dict, config_path, iterations: int, overrides, png: str, json_pa
         "",
         f"Command: `{cmd}`  ",
         f"Machine: {r['machine']}  ",
-        f"The run's config and seed in every setting, drafting at a fixed n = 2 on every step; refreshed = distilled on each "
+        f"The run's config and seed in every setting, drafting at a fixed n = 2 on every step (unless a setting's own "
+        "overrides set generation.num_draft_tokens); refreshed = distilled on each "
         "iteration's rollouts within generation.refresh_budget of the iteration: against the updated policy, its teacher "
         "forward included, or with generation.refresh_targets=rollout on the targets and features the engine kept while it "
         f"generated (no forward). The settings ran round-robin in one process; {r['completed']} of {iterations} iterations completed. "

@@ -14,19 +14,30 @@ from rlhfspec.distill.eagle import new_head
 from tests.rl.helpers import tiny_policy_dir
 
 
-def test_the_refresh_comparison_runs_every_drafter_and_writes_its_table(tmp_path):
+def test_the_refresh_comparison_runs_every_drafter_and_writes_its_table(tmp_path, monkeypatch):
+    from rlhfspec.rl import trainer as trainers
+
+    made = {}
+
+    def trainer(cfg, **kw):  # the real Trainer; the draft length each setting's run was given is kept
+        made[cfg.run.output_dir] = cfg.generation.num_draft_tokens
+        return real(cfg, **kw)
+
+    real = trainers.Trainer
+    monkeypatch.setattr(trainers, "Trainer", trainer)  # run() imports it from there when it runs
     policy = tiny_policy_dir(tmp_path / "policy")
     draft = tiny_policy_dir(tmp_path / "draft", seed=1)  # another tiny model over the same vocabulary
     model, _ = load_model(policy, dtype="float32")
     head = new_head(model, list(range(model.config.vocab_size))).save(tmp_path / "head")
     settings = {"frozen": (str(draft), False), "refreshed": (str(draft), True),
-                "head": (str(head), True, ("generation.refresh_targets=rollout", "generation.refresh_buffer=2"))}
+                "head": (str(head), True, ("generation.refresh_targets=rollout", "generation.refresh_buffer=2", "generation.num_draft_tokens=1"))}
     overrides = {"model.policy": policy, "data.prompts_per_iteration": 2, "generation.num_generations": 2,
                  "generation.max_new_tokens": 6, "reward.functions": "[tests.rl.rewards:digit_count]"}
     lines = []
     result = run(None, 2, [a for k, v in overrides.items() for a in (f"--{k}", str(v))], json_path=str(tmp_path / "refresh.json"),
                  log=lines.append, settings=settings)
     assert result["completed"] == 2 and list(result["curves"]) == ["frozen", "refreshed", "head"]
+    assert [made[k] for k in sorted(made)] == [2, 2, 1]  # n = 2 unless a setting's own overrides say otherwise
     for label, points in result["curves"].items():
         assert [p["iteration"] for p in points] == [0, 1] and all(p["acceptance"] is not None for p in points), label
     assert all(p["refresh_s"] == 0 and p["refresh_steps"] == 0 for p in result["curves"]["frozen"])
@@ -35,7 +46,7 @@ def test_the_refresh_comparison_runs_every_drafter_and_writes_its_table(tmp_path
     table = lines[-1]
     assert "| 1 |" in table and "refresh share, head" in table and "2 of 2 iterations completed" in table
     assert "--setting 'frozen=" in table and ":frozen'" in table and "(frozen, refreshed, head)" in table
-    assert f"--setting 'head={head} generation.refresh_targets=rollout generation.refresh_buffer=2'" in table
+    assert f"--setting 'head={head} generation.refresh_targets=rollout generation.refresh_buffer=2 generation.num_draft_tokens=1'" in table
 
 
 def test_a_setting_names_its_drafter_and_whether_it_is_refreshed_and_goes_to_its_own_section():
