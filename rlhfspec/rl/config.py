@@ -87,9 +87,11 @@ class GenerationConfig:
     refresh_targets: str = "teacher"
     refresh_buffer: int = 1  # with refresh_targets "rollout": iterations of rollouts a refresh trains on
     # Eagle heads: each refresh also trains a chain's second link, from the head's own predicted
-    # feature (half the steps in the same budget; measured at n = 2 over 20 iterations of the
-    # default run: acceptance 0.69 against 0.42 over iterations 10-19, RESULTS.md)
-    refresh_unroll: bool = True
+    # feature (half the steps in the same budget). Measured on the default run (RESULTS.md): drafting
+    # chains of 2 it raised acceptance (0.69 against 0.42 over iterations 10-19); drafting 1 token,
+    # what the selector picks on CPUs, it lowered it (0.62 against 0.73 over iterations 8-15).
+    # Turn it on where chains of 2 or more are drafted (GPUs, static n >= 2).
+    refresh_unroll: bool = False
     realloc: bool = False  # sample reallocation across instances
     instances: int = 1
     backend: str = "inproc"  # "inproc" (this process) or "ray" (one actor per instance; run.ray_address)

@@ -137,7 +137,7 @@ def test_an_rl_run_drafts_with_an_eagle_head_refreshes_it_and_resumes(tmp_path, 
     settings = {"generation.speculative": "true", "generation.strategy": "static", "generation.num_draft_tokens": 2,
                 "generation.drafters": f"[{head_dir}]", "generation.refresh_seconds": 2, "generation.num_generations": 4,
                 "generation.max_new_tokens": 16, "generation.refresh_targets": targets, "generation.refresh_buffer": 2,
-                "generation.refresh_unroll": targets == "rollout"}  # unrolled (the default) on one of the two runs
+                "generation.refresh_unroll": targets == "rollout"}  # unrolled on one of the two runs
     records = Trainer(rl_config(tmp_path, policy, **settings, **{"train.iterations": 2}), progress=False, log=lambda m: None).train()
     assert all(r["acceptance/eagle"] is not None and r["refresh/eagle_s"] > 0 for r in records)
     if targets == "rollout":  # no teacher forward; the buffer holds both iterations' samples
