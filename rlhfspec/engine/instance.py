@@ -245,7 +245,8 @@ class GenerationInstance:
             d.observe(seqs, features)
         if self.keep_targets and trace:
             for s, rows in zip(seqs, features):
-                s.trace.features.append(self.model.normed(rows).cpu())
+                if s.trace is not None:  # None: a sample recovered from a lost instance, its Trace lost with it
+                    s.trace.features.append(self.model.normed(rows).cpu())
 
     def draw(self, seqs: list[Sequence], logits: torch.Tensor, positions: list[int], purpose: int = SAMPLE) -> tuple[list[int], list[float]]:
         """Sample row r of logits for seqs[r] at full-sequence position positions[r]."""
@@ -279,7 +280,7 @@ class GenerationInstance:
                 if s.finish_reason is not None:
                     finished.append(s)
                     break
-            if targets is not None:
+            if targets is not None and s.trace is not None:
                 ids, top = targets[b]
                 s.trace.top_ids.append(ids[:appended])
                 s.trace.top_logprobs.append(top[:appended])

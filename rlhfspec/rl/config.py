@@ -299,9 +299,6 @@ class Config:
             (g.refresh_targets in ("teacher", "rollout"),
              f"generation.refresh_targets is {g.refresh_targets!r}; it must be 'teacher' or 'rollout'."),
             (g.refresh_buffer >= 1, f"generation.refresh_buffer is {g.refresh_buffer}; it must be at least 1 (iterations of rollouts)."),
-            (g.refresh_targets != "rollout" or g.backend != "ray",
-             "generation.refresh_targets 'rollout' runs with generation.backend inproc only: a Ray actor would ship every live "
-             "sample's targets and features back at each report; use 'teacher' on Ray."),
             (a.beta >= 0, f"algorithm.beta is {a.beta}; it must be >= 0."),
             (a.kl_estimator in ("k1", "k2", "k3"), f"algorithm.kl_estimator {a.kl_estimator!r} is not k1, k2 or k3."),
             (a.beta == 0 or a.kl_in_reward or a.kl_estimator != "k1",

@@ -20,12 +20,12 @@ from rlhfspec.errors import RlhfspecError
 def rollout_examples(outputs) -> list[Example]:
     """Examples from the engine's own Traces of finished samples (GenerationOutputs), no forward:
     each sample's text but its last token (whose feature the engine never computed), the top-k
-    targets of those response tokens and, where kept, the features of every position."""
+    targets of those response tokens and, where kept, the features of every position. A sample
+    without a Trace (resubmitted after its Ray actor died, or from an engine that kept none) is
+    left out."""
     out = []
     for o in outputs:
-        if o.trace is None:
-            raise RlhfspecError(f"sample {o.sample_id} has no trace: the engine kept no targets (EngineSpec.keep_targets).")
-        if len(o.token_ids) < 2:
+        if o.trace is None or len(o.token_ids) < 2:
             continue
         tokens = list(o.prompt_token_ids) + list(o.token_ids[:-1])
         ids, logprobs = o.trace.targets()
@@ -112,6 +112,7 @@ class DraftRefresher:
             if outputs is None:
                 raise RlhfspecError("a refresh from rollout targets needs the rollout's outputs, with their traces.")
             self.buffer.append(rollout_examples(outputs))
+            out["refresh/untraced"] = sum(o.trace is None for o in outputs)
         due = [d for d in self.drafts if self.due(d.name, (acceptance or {}).get(d.name))]
         if not due:
             return out

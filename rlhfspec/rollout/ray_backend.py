@@ -73,13 +73,13 @@ class _Host:
         self.instance.check(seqs)
 
     def report(self) -> InstanceReport:
-        return self.instance.report()
+        return untraced(self.instance.report())
 
     def add(self, seqs: list[Sequence]) -> list[Sequence]:
         return self.instance.add(seqs)
 
     def run(self, steps: int) -> InstanceReport:
-        return self.instance.run(steps)
+        return untraced(self.instance.run(steps))
 
     def export(self, sample_ids: list[int], with_kv: bool) -> list[Migrant]:
         """The samples leaving, their tensors on the CPU (Ray would otherwise hand a GPU actor's
@@ -115,6 +115,14 @@ class _Host:
     def receive(self, payload) -> int:
         """For measuring the link: take a payload, return its size."""
         return len(payload)
+
+
+def untraced(report: InstanceReport) -> InstanceReport:
+    """The report as an actor ships it: its live samples without their Traces, which would
+    otherwise cross to the driver at every report (a response's kept targets and features, about
+    2.6 KB a token for the default model); finished samples keep theirs. A sample resubmitted from
+    such a copy after its actor died goes on without a Trace (a drafter refresh skips it)."""
+    return replace(report, live=[replace(s, trace=None) if s.trace is not None else s for s in report.live])
 
 
 class RayBackend:

@@ -197,3 +197,39 @@ def test_rollout_targets_buffer_the_last_iterations_and_resume_exactly(setting):
     a.refresh(policy, None, outputs=rounds[3])
     b.refresh(policy, None, outputs=rounds[3])
     assert all(torch.equal(x, y) for x, y in zip(head.state_dict().values(), twin.state_dict().values()))
+
+
+def test_a_sample_resubmitted_without_its_trace_finishes_without_one_and_the_refresh_leaves_it_out(setting):
+    """A Ray actor ships its live samples without their Traces (`untraced`); a sample resubmitted
+    from such a copy after its actor died goes on elsewhere without one, and a refresh from rollout
+    targets trains on the others and counts it."""
+    from rlhfspec.engine.report import Migrant
+    from rlhfspec.rollout.ray_backend import untraced
+
+    policy, _, _ = setting
+    prompts = random_prompts(4, policy.config.vocab_size, 3, 8, seed=0)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+
+    def instance():
+        return GenerationInstance(policy, 4, 64, drafters=[EagleDrafter(new_head(policy, list(range(policy.config.vocab_size))), policy)],
+                                  keep_targets=32)
+
+    dying, spare = instance(), instance()
+    dying.add([Sequence(i, p, params, seed=1) for i, p in enumerate(prompts)])
+    for _ in range(3):
+        dying.step()
+    shipped = untraced(dying.report())
+    assert all(s.trace is None and s.tokens for s in shipped.live) and all(s.trace is not None for s in dying.live)
+    spare.adopt([Migrant(shipped.live[0])])  # the actor is gone: its KV recomputed from the tokens it reported
+    done = []
+    while spare.live:
+        done += spare.step()
+    dying.export([0], with_kv=False)  # the rest finish where they were, with their Traces
+    while dying.live:
+        done += dying.step()
+    outputs = [GenerationOutput.of(s) for s in sorted(done, key=lambda s: s.sample_id)]
+    assert [len(o.token_ids) for o in outputs] == [12] * 4 and [o.trace is None for o in outputs] == [True, False, False, False]
+    assert [e.tokens for e in rollout_examples(outputs)] == [e.tokens for e in rollout_examples(outputs[1:])]
+    refresher = DraftRefresher([dying.drafters["eagle"]], seconds=60, max_steps=2, targets="rollout")
+    stats = refresher.refresh(policy, None, outputs=outputs)
+    assert stats["refresh/untraced"] == 1 and stats["refresh/buffer_sequences"] == 3 and stats["refresh/eagle_steps"] == 2

@@ -113,3 +113,44 @@ def test_generation_actors_asking_for_gpus_the_cluster_lacks_is_one_sentence(clu
     """Actors that reserve GPUs on a cluster without them would wait forever: refused, naming the shortfall."""
     with pytest.raises(RlhfspecError, match=r"^2 generation actors of 0\.5 GPU each need 1 GPUs, but the Ray cluster has 0 free "):
         Trainer(config(tmp_path, policy, **{**ON_RAY, "generation.gpus_per_instance": 0.5}), progress=False)
+
+
+def test_a_ray_run_refreshes_its_eagle_head_from_the_actors_traces_and_survives_a_dead_actor(cluster, tmp_path, policy):
+    """generation.refresh_targets rollout on Ray: finished samples bring their Traces from the
+    actors, the refresh trains on them and every actor drafts with the refreshed head; an actor
+    killed mid-rollout loses no sample, and the samples it had begun, whose Traces died with it,
+    are left out of that iteration's refresh."""
+    import torch
+
+    from rlhfspec import load_model
+    from rlhfspec.distill.eagle import new_head
+    from rlhfspec.rl import checkpoint as ckpt
+
+    model, _ = load_model(policy, dtype="float32")
+    start = new_head(model, list(range(model.config.vocab_size)))
+    head_dir = start.save(tmp_path / "head")
+    settings = {"generation.speculative": "true", "generation.strategy": "static", "generation.num_draft_tokens": 2,
+                "generation.drafters": f"[{head_dir}]", "generation.refresh_seconds": 2, "generation.refresh_targets": "rollout",
+                "generation.max_new_tokens": 16, "train.iterations": 2, **ON_RAY}
+    remote = Trainer(config(tmp_path / "ray", policy, **settings), progress=False, log=lambda m: None)
+    rollouts = recorded(remote)
+    backend = remote.rollout.backend
+    original, killed = backend.run_round, []
+
+    def killing(steps):
+        if len(rollouts) == 1 and not killed and backend.live[1] > 0 and 1 not in backend.inflight:
+            killed.append(backend.live[1])  # its live samples have tokens (each drew its first at prefill)
+            ray.kill(backend.actors[1], no_restart=True)
+        yield from original(steps)
+
+    backend.run_round = killing
+    records = remote.train()
+    assert killed and [len(r) for r in rollouts] == [8, 8]
+    assert records[0]["refresh/untraced"] == 0 and records[0]["refresh/buffer_sequences"] > 0
+    assert 0 < records[1]["refresh/untraced"] <= killed[0] and all(r["refresh/eagle_s"] > 0 for r in records)
+    assert all(r["acceptance/eagle"] is not None for r in records)
+    _, objects = ckpt.load(ckpt.latest(tmp_path / "ray" / "run"))
+    refreshed = remote.rollout.drafters[0].state_dict()["head"]
+    assert any(not torch.equal(refreshed[k], v) for k, v in start.state_dict().items())
+    for actor in objects["rollout"]["drafters"]:  # what each actor drafted with at the end
+        assert all(torch.equal(actor[0]["head"][k], refreshed[k]) for k in refreshed)
