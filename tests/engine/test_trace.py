@@ -105,3 +105,25 @@ def test_an_instance_keeps_no_trace_unless_asked_and_a_negative_count_is_a_clear
     assert done[0].trace is None
     with pytest.raises(RlhfspecError, match="keep_targets is -1; it must be >= 0"):
         EngineSpec(keep_targets=-1)
+
+
+def test_a_finished_or_migrating_samples_trace_pickles_to_its_own_rows_only(policy):
+    """Trace chunks are views of whole steps' tensors; pickled as they are, each would carry its
+    step's whole batch (what a Ray actor ships). Finished and exported samples' Traces are compacted."""
+    import pickle
+
+    def own_bytes(trace):
+        return sum(t.numel() * t.element_size() for t in [*trace.top_ids, *trace.top_logprobs, *trace.features])
+
+    inst = GenerationInstance(policy, 8, 64, drafters=[EagleDrafter(_head(policy), policy)], strategy=MixedN("eagle"), keep_targets=K)
+    params = SamplingParams(temperature=1.0, max_new_tokens=16, ignore_eos=True)
+    done = inst.add([Sequence(i, p, params, seed=1) for i, p in enumerate(random_prompts(8, policy.config.vocab_size, 2, 12, seed=4))])
+    for _ in range(4):
+        done += inst.step()
+    leaving = inst.export([3], with_kv=True)[0].seq
+    while inst.live:
+        done += inst.step()
+    for s in [leaving, *done]:
+        assert len(pickle.dumps(s.trace)) < own_bytes(s.trace) + 2048
+        assert len(s.trace.top_ids) == len(s.trace.top_logprobs) == len(s.trace.features) == 1
+    _check(policy, sorted(done, key=lambda s: s.sample_id), features=True)

@@ -233,3 +233,24 @@ def test_a_sample_resubmitted_without_its_trace_finishes_without_one_and_the_ref
     refresher = DraftRefresher([dying.drafters["eagle"]], seconds=60, max_steps=2, targets="rollout")
     stats = refresher.refresh(policy, None, outputs=outputs)
     assert stats["refresh/untraced"] == 1 and stats["refresh/buffer_sequences"] == 3 and stats["refresh/eagle_steps"] == 2
+
+
+def test_with_trace_every_only_every_kth_sample_keeps_a_trace(setting):
+    """generation.refresh_trace_every k: the samples whose id is a multiple of k keep their targets
+    and features, the same as with every sample traced; the refresh trains on those alone."""
+    policy, _, _ = setting
+    prompts = random_prompts(6, policy.config.vocab_size, 3, 8, seed=0)
+
+    def outputs(every):
+        head = new_head(policy, list(range(policy.config.vocab_size)))
+        inst = GenerationInstance(policy, 6, 64, drafters=[EagleDrafter(head, policy)], keep_targets=32, trace_every=every)
+        done = inst.add([Sequence(i, p, SamplingParams(max_new_tokens=12, ignore_eos=True), seed=1) for i, p in enumerate(prompts)])
+        while inst.live:
+            done += inst.step()
+        return [GenerationOutput.of(s) for s in sorted(done, key=lambda s: s.sample_id)]
+
+    every, some = outputs(1), outputs(3)
+    assert [o.trace is not None for o in some] == [True, False, False, True, False, False]
+    assert [o.token_ids for o in some] == [o.token_ids for o in every]
+    for a, b in zip(rollout_examples(some), rollout_examples([every[0], every[3]])):
+        assert a.tokens == b.tokens and torch.equal(a.top_logprobs, b.top_logprobs) and torch.equal(a.features, b.features)
