@@ -94,8 +94,9 @@ class GenerationConfig:
     # feature (half the steps in the same budget). Measured on the default run (RESULTS.md): drafting
     # chains of 2 it raised acceptance (0.69 against 0.42 over iterations 10-19); drafting 1 token,
     # what the selector picks on CPUs, it lowered it (0.62 against 0.73 over iterations 8-15).
-    # Turn it on where chains of 2 or more are drafted (GPUs, static n >= 2).
-    refresh_unroll: bool = False
+    # "auto": unroll a head's refresh when its drafts in the iteration were 1.5 tokens long or more
+    # on average (mostly chains of 2+: GPUs, static n >= 2), not when they were mostly single tokens.
+    refresh_unroll: bool | str = "auto"
     realloc: bool = False  # sample reallocation across instances
     instances: int = 1
     backend: str = "inproc"  # "inproc" (this process) or "ray" (one actor per instance; run.ray_address)
@@ -303,6 +304,8 @@ class Config:
             (g.refresh_targets in ("teacher", "rollout"),
              f"generation.refresh_targets is {g.refresh_targets!r}; it must be 'teacher' or 'rollout'."),
             (g.refresh_buffer >= 1, f"generation.refresh_buffer is {g.refresh_buffer}; it must be at least 1 (iterations of rollouts)."),
+            (g.refresh_unroll in (True, False, "auto"),
+             f"generation.refresh_unroll is {g.refresh_unroll!r}; it must be true, false or 'auto'."),
             (g.refresh_trace_every >= 1,
              f"generation.refresh_trace_every is {g.refresh_trace_every}; it must be at least 1 (1: every sample keeps its targets)."),
             (a.beta >= 0, f"algorithm.beta is {a.beta}; it must be >= 0."),

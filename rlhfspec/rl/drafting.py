@@ -34,6 +34,9 @@ def rollout_examples(outputs) -> list[Example]:
     return out
 
 
+UNROLL_CHAIN = 1.5  # mean drafted chain length from which unroll "auto" trains the second link: mostly chains of 2+
+
+
 class DraftRefresher:
     """One distiller per draft model or eagle head, made on first use; each trains a float32
     master copy of its weights (the engine's copy may be bf16) and writes it back after every
@@ -49,11 +52,12 @@ class DraftRefresher:
     `buffer` iterations' rollouts, kept in its state.
 
     unroll: eagle heads also train a chain's second link, which reads the head's own predicted
-    feature (distill.eagle's `unroll`; a step costs about twice as much).
+    feature (distill.eagle's `unroll`; a step costs about twice as much); "auto": a head does so
+    when its drafts in the iteration were UNROLL_CHAIN tokens long or more on average.
     """
 
     def __init__(self, drafters: list[Drafter], seconds: float, drop: float | None = None, max_steps: int = 200,
-                 targets: str = "teacher", buffer: int = 1, unroll: bool = False):
+                 targets: str = "teacher", buffer: int = 1, unroll: bool | str = False):
         self.drafts = [d for d in drafters if isinstance(d, (DraftModelDrafter, EagleDrafter))]
         self.seconds, self.drop, self.max_steps = seconds, drop, max_steps
         self.targets, self.unroll = targets, unroll
@@ -72,7 +76,7 @@ class DraftRefresher:
             master = copy.deepcopy(live).float() if live.dtype != torch.float32 else live
             budget = dict(lr=5e-4, seconds=self.seconds, max_steps=self.max_steps, batch_sequences=8)
             if isinstance(d, EagleDrafter):
-                distiller = EagleDistiller(master, policy, EagleConfig(**budget, unroll=self.unroll))
+                distiller = EagleDistiller(master, policy, EagleConfig(**budget))  # unroll set by each refresh
             else:
                 vocab = None if d.vocab is None else d.vocab.tolist()
                 distiller = Distiller(master, DistillConfig(**budget), draft_vocab=vocab)
@@ -101,10 +105,11 @@ class DraftRefresher:
         return acceptance < reference - self.drop
 
     def refresh(self, policy, batch, acceptance: dict[str, float] | None = None, seconds: float | None = None,
-                outputs=None) -> dict:
+                outputs=None, chains: dict[str, float] | None = None) -> dict:
         """Distil the drafters that are due on this iteration's rollouts (`batch`; with targets
         "rollout", `outputs`, the GenerationOutputs with their Traces, go into the buffer first)
-        (`acceptance`: this iteration's measured acceptance by drafter name). `seconds`: the whole
+        (`acceptance`: this iteration's measured acceptance by drafter name; `chains`: its mean
+        drafted chain length, which unroll "auto" reads). `seconds`: the whole
         refresh's budget, the teacher's forward included, shared evenly by the drafters due (a
         drafter left no time takes no step); None: each drafter distils for `self.seconds`."""
         out = {}
@@ -120,7 +125,7 @@ class DraftRefresher:
         if self.targets == "rollout":
             examples = [e for chunk in self.buffer for e in chunk]
             out["refresh/buffer_sequences"] = len(examples)
-            return out | self._distil(due, policy, examples, seconds, 0.0)
+            return out | self._distil(due, policy, examples, seconds, 0.0, chains)
         # With a budget the teacher's forward takes at most about half of it, over as many rollouts
         # as that allows: each prompt's first sample, then each one's second, ... (a prompt's
         # samples sit side by side in the batch, and one prompt's rollouts teach much the same).
@@ -138,9 +143,18 @@ class DraftRefresher:
         if examples:
             self.teacher_rate = teacher_s / sum(len(e.tokens) for e in examples)
         out["refresh/teacher_sequences"] = len(examples)
-        return out | self._distil(due, policy, examples, seconds, teacher_s)
+        return out | self._distil(due, policy, examples, seconds, teacher_s, chains)
 
-    def _distil(self, due: list[Drafter], policy, examples: list[Example], seconds: float | None, teacher_s: float) -> dict:
+    def unrolls(self, d: Drafter, chains: dict[str, float] | None) -> bool:
+        """Whether drafter d's refresh trains a chain's second link (eagle heads only)."""
+        if not isinstance(d, EagleDrafter):
+            return False
+        if self.unroll == "auto":
+            return (chains or {}).get(d.name, 0.0) >= UNROLL_CHAIN
+        return bool(self.unroll)
+
+    def _distil(self, due: list[Drafter], policy, examples: list[Example], seconds: float | None, teacher_s: float,
+                chains: dict[str, float] | None = None) -> dict:
         """Each drafter due distils on `examples` for its share of what the budget leaves after the
         teacher's `teacher_s` seconds (or `self.seconds` without a budget)."""
         out = {}
@@ -152,6 +166,9 @@ class DraftRefresher:
                 out[f"refresh/{d.name}_steps"] = 0
                 out[f"refresh/{d.name}_s"] = teacher_s / len(due)
                 continue
+            if isinstance(distiller, EagleDistiller):
+                distiller.config = replace(distiller.config, unroll=self.unrolls(d, chains))
+                out[f"refresh/{d.name}_unrolled"] = distiller.config.unroll
             distiller.config = replace(distiller.config, seconds=each)
             steps = distiller.steps
             losses = distiller.fit(examples)

@@ -183,7 +183,8 @@ class Trainer:
         if self.refresher is not None:
             g = c.generation
             budget = None if g.refresh_budget is None else min(g.refresh_seconds, g.refresh_budget * (t3 - t0))
-            refresh = self.refresher.refresh(self.policy, batch, rollout.acceptance_by_drafter(), seconds=budget, outputs=outs)
+            refresh = self.refresher.refresh(self.policy, batch, rollout.acceptance_by_drafter(), seconds=budget, outputs=outs,
+                                             chains=rollout.chain_length_by_drafter())
         # Ray actors: new weights before the next rollout
         sync = self.rollout.sync(getattr(torch, self.gen_dtype), c.generation.rounding, (c.train.seed, it + 1))
         success = self._success(table)

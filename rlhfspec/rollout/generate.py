@@ -75,15 +75,24 @@ class Generation:
         proposed = sum(s.proposed for s in self.stats)
         return sum(s.accepted for s in self.stats) / proposed if proposed else None
 
-    def acceptance_by_drafter(self) -> dict[str, float]:
+    def _by_drafter(self) -> dict[str, list[int]]:
+        """Per drafter: [tokens accepted, tokens drafted, samples drafted for], over every step."""
         totals: dict[str, list[int]] = {}
         for s in self.stats:
             for r in s.records:
                 if r.drafter is not None:
-                    t = totals.setdefault(r.drafter, [0, 0])
+                    t = totals.setdefault(r.drafter, [0, 0, 0])
                     t[0] += sum(r.accepted)
                     t[1] += sum(r.drafted)
-        return {k: a / p for k, (a, p) in totals.items() if p}
+                    t[2] += sum(1 for d in r.drafted if d)
+        return totals
+
+    def acceptance_by_drafter(self) -> dict[str, float]:
+        return {k: a / p for k, (a, p, _) in self._by_drafter().items() if p}
+
+    def chain_length_by_drafter(self) -> dict[str, float]:
+        """Mean tokens a drafter proposed per sample it drafted for (a tree's: per chain)."""
+        return {k: p / rows for k, (_, p, rows) in self._by_drafter().items() if rows}
 
 
 # Live drafters and strategy of one in-process instance (an RL rollout keeps them across iterations).

@@ -63,6 +63,7 @@ def test_a_module_function_reward_imports_from_the_current_directory(tmp_path, m
     ({"generation.gpus_per_instance": 1}, "generation.gpus_per_instance is 1.0, but only Ray actors reserve GPUs"),
     ({"generation.refresh_targets": "oracle"}, "generation.refresh_targets is 'oracle'; it must be 'teacher' or 'rollout'."),
     ({"generation.refresh_buffer": 0}, "generation.refresh_buffer is 0; it must be at least 1 (iterations of rollouts)."),
+    ({"generation.refresh_unroll": "sometimes"}, "generation.refresh_unroll is 'sometimes'; it must be true, false or 'auto'."),
     ({"generation.refresh_trace_every": 0}, "generation.refresh_trace_every is 0; it must be at least 1 (1: every sample keeps its targets)."),
 ])
 def test_bad_settings_fail_before_the_model_loads(tmp_path, overrides, message):

@@ -55,6 +55,33 @@ def test_an_unrolled_refresh_also_trains_the_chains_second_link(setting):
     assert {"ce", "ce2", "feature", "feature2"} <= set(unrolled.distillers["eagle"].parts)
 
 
+def test_unroll_auto_trains_the_second_link_when_the_iterations_drafts_were_mostly_chains(setting):
+    """unroll "auto" reads the iteration's mean drafted chain length: single tokens (or no drafts)
+    train the first link alone, chains of 2 the second too, refresh by refresh."""
+    policy, batch, _ = setting
+    refresher = DraftRefresher([EagleDrafter(new_head(policy, list(range(policy.config.vocab_size))), policy)], seconds=60,
+                               max_steps=2, unroll="auto")
+    seen = []
+    for chains in ({"eagle": 1.0}, {"eagle": 2.0}, {"eagle": 1.4}, None, {"eagle": 1.5}):
+        stats = refresher.refresh(policy, batch, chains=chains)
+        seen.append((stats["refresh/eagle_unrolled"], "ce2" in refresher.distillers["eagle"].parts))
+    assert seen == [(False, False), (True, True), (False, False), (False, False), (True, True)]
+
+
+def test_a_rollout_reports_each_drafters_mean_chain_length():
+    from rlhfspec.engine.report import InstanceStats
+    from rlhfspec.rollout.generate import Generation
+    from rlhfspec.rollout.coordinator import Timeline
+    from rlhfspec.strategy.base import StepRecord
+
+    stats = InstanceStats()
+    for drafter, n in (("eagle", [1, 1, 0]), ("eagle", [2, 2]), ("ngram", [3, 0, 0]), (None, [0, 0])):
+        stats.record(StepRecord(len(n), drafter, n, n, [min(d, 1) for d in n], len(n), 0.0, 0.0, 10.0))
+    rollout = Generation([], [stats], Timeline(), 1.0)
+    assert rollout.chain_length_by_drafter() == {"eagle": 6 / 4, "ngram": 3.0}
+    assert rollout.acceptance_by_drafter() == {"eagle": 4 / 6, "ngram": 1 / 3}
+
+
 def test_the_refresher_resumes_exactly_from_its_checkpointed_state(setting):
     policy, batch, _ = setting
     head = new_head(policy, list(range(policy.config.vocab_size)))
