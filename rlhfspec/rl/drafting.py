@@ -108,7 +108,8 @@ class DraftRefresher:
                 outputs=None, chains: dict[str, float] | None = None) -> dict:
         """Distil the drafters that are due on this iteration's rollouts (`batch`; with targets
         "rollout", `outputs`, the GenerationOutputs with their Traces, go into the buffer first)
-        (`acceptance`: this iteration's measured acceptance by drafter name; `chains`: its mean
+        (`acceptance`: this iteration's measured acceptance by drafter name, a drafter absent from it
+        drafted nothing and is left as it is; None: every drafter is due; `chains`: its mean
         drafted chain length, which unroll "auto" reads). `seconds`: the whole
         refresh's budget, the teacher's forward included, shared evenly by the drafters due (a
         drafter left no time takes no step); None: each drafter distils for `self.seconds`."""
@@ -118,7 +119,11 @@ class DraftRefresher:
                 raise RlhfspecError("a refresh from rollout targets needs the rollout's outputs, with their traces.")
             self.buffer.append(rollout_examples(outputs))
             out["refresh/untraced"] = sum(o.trace is None for o in outputs)
-        due = [d for d in self.drafts if self.due(d.name, (acceptance or {}).get(d.name))]
+        # A drafter that drafted nothing this iteration (absent from `acceptance`; the selector found
+        # it not worth its cost) is not refreshed: its budget would train a head nobody runs.
+        idle = [d for d in self.drafts if acceptance is not None and d.name not in acceptance]
+        out |= {f"refresh/{d.name}_idle": True for d in idle}
+        due = [d for d in self.drafts if d not in idle and self.due(d.name, (acceptance or {}).get(d.name))]
         if not due:
             return out
         start = time.perf_counter()
@@ -162,13 +167,13 @@ class DraftRefresher:
         for d in due:
             start = time.perf_counter()
             distiller = self._distiller(d, policy)
+            if isinstance(distiller, EagleDistiller):
+                distiller.config = replace(distiller.config, unroll=self.unrolls(d, chains))
+                out[f"refresh/{d.name}_unrolled"] = distiller.config.unroll
             if each <= 0 or not examples:  # the teacher's forward took the whole budget, or had none to take
                 out[f"refresh/{d.name}_steps"] = 0
                 out[f"refresh/{d.name}_s"] = teacher_s / len(due)
                 continue
-            if isinstance(distiller, EagleDistiller):
-                distiller.config = replace(distiller.config, unroll=self.unrolls(d, chains))
-                out[f"refresh/{d.name}_unrolled"] = distiller.config.unroll
             distiller.config = replace(distiller.config, seconds=each)
             steps = distiller.steps
             losses = distiller.fit(examples)

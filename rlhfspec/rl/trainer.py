@@ -200,6 +200,7 @@ class Trainer:
             "generation_s": t1 - t0, "inference_s": t2 - t1, "training_s": t3 - t2, "sync_s": t4 - t3, "iteration_s": t4 - t0,
             "gen_tokens": rollout.tokens, "gen_tok_s": rollout.tokens / max(rollout.seconds, 1e-9),
             "acceptance": rollout.acceptance, **{f"acceptance/{k}": v for k, v in rollout.acceptance_by_drafter().items()},
+            **{f"chain/{k}": v for k, v in rollout.chain_length_by_drafter().items()},  # mean tokens drafted per sample a step
         }
         if hasattr(self.source, "digits"):
             record["digits"] = self.source.digits

@@ -105,10 +105,24 @@ def test_with_refresh_drop_a_head_is_refreshed_only_when_its_acceptance_falls(se
     refresher = DraftRefresher([drafter], seconds=60, drop=0.05, max_steps=2)
     assert refresher.refresh(policy, batch, {"eagle": 0.60}) == {}  # the first measurement is the reference
     assert refresher.refresh(policy, batch, {"eagle": 0.57}) == {}  # within the tolerated drop
-    assert refresher.refresh(policy, batch, {}) == {}  # it did not draft: nothing measured
+    assert refresher.refresh(policy, batch, {}) == {"refresh/eagle_idle": True}  # it did not draft: nothing measured
     assert "refresh/eagle_loss" in refresher.refresh(policy, batch, {"eagle": 0.54})
     assert refresher.refresh(policy, batch, {"eagle": 0.50}) == {}  # the new reference after a refresh
     assert refresher.reference == {"eagle": 0.50}
+
+
+def test_without_refresh_drop_a_head_that_drafted_nothing_is_left_as_it_is(setting):
+    """Every iteration's refresh trains the heads that drafted; one the selector did not run (absent
+    from the iteration's acceptance) keeps its weights and costs no time. Without acceptance
+    figures (None) every head is due."""
+    policy, batch, _ = setting
+    drafter = EagleDrafter(new_head(policy, list(range(policy.config.vocab_size))), policy)
+    refresher = DraftRefresher([drafter], seconds=60, max_steps=2)
+    before = {k: v.clone() for k, v in drafter.head.state_dict().items()}
+    assert refresher.refresh(policy, batch, {}) == {"refresh/eagle_idle": True}
+    assert all(torch.equal(before[k], v) for k, v in drafter.head.state_dict().items())
+    assert refresher.refresh(policy, batch, {"eagle": 0.3})["refresh/eagle_steps"] == 2
+    assert refresher.refresh(policy, batch)["refresh/eagle_steps"] == 2
 
 
 def test_a_refresh_budget_covers_the_teachers_forward_and_the_distillation(setting):
@@ -167,6 +181,8 @@ def test_an_rl_run_drafts_with_an_eagle_head_refreshes_it_and_resumes(tmp_path, 
                 "generation.refresh_unroll": targets == "rollout"}  # unrolled on one of the two runs
     records = Trainer(rl_config(tmp_path, policy, **settings, **{"train.iterations": 2}), progress=False, log=lambda m: None).train()
     assert all(r["acceptance/eagle"] is not None and r["refresh/eagle_s"] > 0 for r in records)
+    # static n = 2, less where a sample had fewer tokens left; forced on or off, whatever the chains
+    assert all(1.5 < r["chain/eagle"] <= 2.0 and r["refresh/eagle_unrolled"] == (targets == "rollout") for r in records)
     if targets == "rollout":  # no teacher forward; the buffer holds both iterations' samples
         buffered = [r["refresh/buffer_sequences"] for r in records]  # 8 samples an iteration, less any of one token
         assert 0 < buffered[0] < buffered[1] <= 16 and all("refresh/teacher_sequences" not in r for r in records)
