@@ -96,6 +96,7 @@ class GenerationConfig:
     # what the selector picks on CPUs, it lowered it (0.62 against 0.73 over iterations 8-15).
     # "auto": unroll a head's refresh when its drafts in the iteration were 1.5 tokens long or more
     # on average (mostly chains of 2+: GPUs, static n >= 2), not when they were mostly single tokens.
+    # An unrolled refresh's refresh/<name>_loss includes the second link's terms (refresh/<name>_unrolled).
     refresh_unroll: bool | str = "auto"
     realloc: bool = False  # sample reallocation across instances
     instances: int = 1

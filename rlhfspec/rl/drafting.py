@@ -49,7 +49,8 @@ class DraftRefresher:
     targets "teacher": a forward of the updated policy over (part of) the iteration's rollouts
     gives the targets and features. "rollout": the engine's own, kept while it generated (its
     samples' Traces; the policy of one update before), no forward; the refresh trains on the last
-    `buffer` iterations' rollouts, kept in its state.
+    `buffer` iterations' rollouts, kept in its state (of the samples whose id is a multiple of
+    `trace_every`, the engine's EngineSpec.trace_every).
 
     unroll: eagle heads also train a chain's second link, which reads the head's own predicted
     feature (distill.eagle's `unroll`; a step costs about twice as much); "auto": a head does so
@@ -57,10 +58,11 @@ class DraftRefresher:
     """
 
     def __init__(self, drafters: list[Drafter], seconds: float, drop: float | None = None, max_steps: int = 200,
-                 targets: str = "teacher", buffer: int = 1, unroll: bool | str = False):
+                 targets: str = "teacher", buffer: int = 1, unroll: bool | str = "auto", trace_every: int = 1):
         self.drafts = [d for d in drafters if isinstance(d, (DraftModelDrafter, EagleDrafter))]
         self.seconds, self.drop, self.max_steps = seconds, drop, max_steps
         self.targets, self.unroll = targets, unroll
+        self.trace_every = trace_every  # the engine's: only samples whose id is a multiple of it keep a Trace
         self.buffer: deque[list[Example]] = deque(maxlen=buffer)
         self.distillers: dict[str, Distiller] = {}
         self.restored: dict[str, dict] = {}
@@ -118,7 +120,8 @@ class DraftRefresher:
             if outputs is None:
                 raise RlhfspecError("a refresh from rollout targets needs the rollout's outputs, with their traces.")
             self.buffer.append(rollout_examples(outputs))
-            out["refresh/untraced"] = sum(o.trace is None for o in outputs)
+            # samples that should have a Trace and lost it (resubmitted after their Ray actor died)
+            out["refresh/untraced"] = sum(o.trace is None and o.sample_id % self.trace_every == 0 for o in outputs)
         # A drafter that drafted nothing this iteration (absent from `acceptance`; the selector found
         # it not worth its cost) is not refreshed: its budget would train a head nobody runs.
         idle = [d for d in self.drafts if acceptance is not None and d.name not in acceptance]

@@ -93,7 +93,8 @@ class Trainer:
             log(f"drafting with {d.name}" + (f" ({d.path})" if isinstance(d, (DraftModel, Eagle)) else ""))
         g = c.generation
         self.refresher = DraftRefresher(self.rollout.drafters, g.refresh_seconds, g.refresh_drop, targets=g.refresh_targets,
-                                        buffer=g.refresh_buffer, unroll=g.refresh_unroll) if g.refresh_draft else None
+                                        buffer=g.refresh_buffer, unroll=g.refresh_unroll,
+                                        trace_every=g.refresh_trace_every) if g.refresh_draft else None
         self.iteration = 0
         self.verified_logprobs: bool | None = None
         # One optimizer step per iteration and no reference model: the policy the step trains is

@@ -297,3 +297,6 @@ def test_with_trace_every_only_every_kth_sample_keeps_a_trace(setting):
     assert [o.token_ids for o in some] == [o.token_ids for o in every]
     for a, b in zip(rollout_examples(some), rollout_examples([every[0], every[3]])):
         assert a.tokens == b.tokens and torch.equal(a.top_logprobs, b.top_logprobs) and torch.equal(a.features, b.features)
+    thinned = DraftRefresher([EagleDrafter(new_head(policy, list(range(policy.config.vocab_size))), policy)], seconds=60, max_steps=1,
+                             targets="rollout", trace_every=3).refresh(policy, None, outputs=some)
+    assert thinned["refresh/buffer_sequences"] == 2 and thinned["refresh/untraced"] == 0  # thinned out is not lost
