@@ -26,8 +26,13 @@ ray = pytest.importorskip("ray")
 # 8.1e-7 (PPO), measured, against steps of 5e-3. (Under bfloat16 autocast each rank's micro-batches,
 # of other shapes, round otherwise: 1e-3 relative, so these tests train in float32.) The seeded
 # 3-iteration run's rewards come out equal, its losses within 1.2e-7, its final weights within 2.7e-7
-# (6.1e-7 before the sharded optimizer's clipping norm, now also the replicated one's).
-PARAMETERS = 5e-6
+# (6.1e-7 before the sharded optimizer's clipping norm, now also the replicated one's). On another
+# CPU's kernel paths (the libraries held to AVX2) the PPO weights differed by 1.1e-5, at an element
+# that moved 4.2e-3: rounding can move a token across the clip boundary and AdamW's steps carry it
+# on, so no bound this small holds by construction. The bound is a tenth of one step (lr 1e-3); a
+# real fault (a micro-batch lost or counted twice, a wrong normalisation) moves weights by the order
+# of a step, and the statistics below are compared to 1e-5 relative.
+PARAMETERS = 1e-4
 STATISTICS = dict(rel=1e-5, abs=1e-6)
 COMPARED = ("reward", "reward_std", "loss", "grad_norm", "clip_frac", "entropy", "completion_len", "lr")
 
