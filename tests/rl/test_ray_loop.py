@@ -44,8 +44,14 @@ def test_ray_actors_generate_what_the_in_process_run_generates_after_every_updat
     remote_rollouts = recorded(remote)
     remote_records = remote.train()
     assert remote_rollouts == local_rollouts
+    # The same tokens; their logprobs, which the loss reads as the old policy's, come from 1-thread
+    # actors here and a 2-thread instance there: equal bit for bit on AVX-512 kernels, up to 2.9e-6
+    # apart with the libraries held to AVX2 (measured), so the loss and its gradient norm agree to
+    # rounding, the rest exactly.
+    inexact = ("loss", "grad_norm")
     for a, b in zip(local_records, remote_records):
-        assert {k: a[k] for k in DETERMINISTIC} == {k: b[k] for k in DETERMINISTIC}
+        assert {k: a[k] for k in DETERMINISTIC if k not in inexact} == {k: b[k] for k in DETERMINISTIC if k not in inexact}
+        assert {k: b[k] for k in inexact} == pytest.approx({k: a[k] for k in inexact}, **STATISTICS)
     assert all(r["weight_sync_s"] > 0 and r["weight_sync_mb"] > 0 for r in remote_records)
     assert remote.rollout.backend is None  # train() stopped the actors
 
