@@ -154,9 +154,7 @@ class DraftRefresher:
         return out | self._distil(due, policy, examples, seconds, teacher_s, chains)
 
     def unrolls(self, d: Drafter, chains: dict[str, float] | None) -> bool:
-        """Whether drafter d's refresh trains a chain's second link (eagle heads only)."""
-        if not isinstance(d, EagleDrafter):
-            return False
+        """Whether eagle head d's refresh trains a chain's second link."""
         if self.unroll == "auto":
             return (chains or {}).get(d.name, 0.0) >= UNROLL_CHAIN
         return bool(self.unroll)

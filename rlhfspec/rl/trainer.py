@@ -181,11 +181,11 @@ class Trainer:
             self._sync_engine(it + 1)
         t3 = time.perf_counter()
         refresh = {}
+        acceptance, chains = rollout.acceptance_by_drafter(), rollout.chain_length_by_drafter()
         if self.refresher is not None:
             g = c.generation
             budget = None if g.refresh_budget is None else min(g.refresh_seconds, g.refresh_budget * (t3 - t0))
-            refresh = self.refresher.refresh(self.policy, batch, rollout.acceptance_by_drafter(), seconds=budget, outputs=outs,
-                                             chains=rollout.chain_length_by_drafter())
+            refresh = self.refresher.refresh(self.policy, batch, acceptance, seconds=budget, outputs=outs, chains=chains)
         # Ray actors: new weights before the next rollout
         sync = self.rollout.sync(getattr(torch, self.gen_dtype), c.generation.rounding, (c.train.seed, it + 1))
         success = self._success(table)
@@ -200,8 +200,8 @@ class Trainer:
             **inference.stats, **self.logprob_gap, **train_stats, **refresh, **sync,
             "generation_s": t1 - t0, "inference_s": t2 - t1, "training_s": t3 - t2, "sync_s": t4 - t3, "iteration_s": t4 - t0,
             "gen_tokens": rollout.tokens, "gen_tok_s": rollout.tokens / max(rollout.seconds, 1e-9),
-            "acceptance": rollout.acceptance, **{f"acceptance/{k}": v for k, v in rollout.acceptance_by_drafter().items()},
-            **{f"chain/{k}": v for k, v in rollout.chain_length_by_drafter().items()},  # mean tokens drafted per sample a step
+            "acceptance": rollout.acceptance, **{f"acceptance/{k}": v for k, v in acceptance.items()},
+            **{f"chain/{k}": v for k, v in chains.items()},  # mean tokens drafted per sample a step
         }
         if hasattr(self.source, "digits"):
             record["digits"] = self.source.digits

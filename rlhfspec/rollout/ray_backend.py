@@ -120,7 +120,7 @@ class _Host:
 def untraced(report: InstanceReport) -> InstanceReport:
     """The report as an actor ships it: its live samples without their Traces, which would
     otherwise cross to the driver at every report (a response's kept targets and features, about
-    2.6 KB a token for the default model); finished samples keep theirs. A sample resubmitted from
+    2.7 KB a token for the default model); finished samples keep theirs. A sample resubmitted from
     such a copy after its actor died goes on without a Trace (a drafter refresh skips it)."""
     return replace(report, live=[replace(s, trace=None) if s.trace is not None else s for s in report.live])
 
