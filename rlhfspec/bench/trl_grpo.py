@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -120,6 +121,53 @@ class TimedGRPOTrainer(trl.GRPOTrainer):
         self.records[-1].update(values)
 
 
+class ReplayGRPOTrainer(trl.GRPOTrainer):
+    """GRPOTrainer that samples nothing: its step trains on `completions` (token ids, one per sample
+    in TRL's order, each prompt's samples in turn) in place of its own, so that the update it makes
+    can be set beside rlhfspec's on the same samples; `gradients` keeps the clipped gradients the
+    optimizer step reads (transformers' names)."""
+
+    def __init__(self, *args, prompt_ids: list[list[int]], completions: list[list[int]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.expected, self.completions = prompt_ids, completions
+        self.gradients: dict[str, torch.Tensor] | None = None
+        self.add_callback(_KeepGradients(self))
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if [list(p) for p in prompt_ids] != self.expected:
+            raise RlhfspecError("TRL's replayed step saw other prompts than the samples it replays were drawn for; "
+                                "give replay_step the rows whose prompts rlhfspec's samples answer, in order.")
+        return [list(c) for c in self.completions], None
+
+
+class _KeepGradients(TrainerCallback):
+    def __init__(self, trainer: ReplayGRPOTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.trainer.gradients = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def replay_step(c: Config, model_dir: Path, rows: list[dict], prompt_ids: list[list[int]], completions: list[list[int]],
+                precision: str, micro_batch: int, out_dir: Path) -> dict:
+    """TRL's first optimizer step of job `c` from the checkpoint in `model_dir` on `rows`' prompts,
+    trained on `completions` in place of samples of its own: the step's loss, gradient norm (before
+    clipping), clipped gradients, and the weights before and after it, by transformers' names."""
+    from rlhfspec.rewards.compose import resolve
+
+    check_mappable(c)
+    model, tokenizer, data = _job_inputs(c, model_dir, rows)
+    args = trl_args(replace(c, train=replace(c.train, iterations=1)), out_dir, precision, micro_batch)
+    trainer = ReplayGRPOTrainer(model=model, reward_funcs=[resolve(f) for f in c.reward.functions], args=args, train_dataset=data,
+                                processing_class=tokenizer, prompt_ids=prompt_ids, completions=completions)
+    trainer.remove_callback(PrinterCallback)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trainer.train()
+    step = next(h for h in trainer.state.log_history if "loss" in h)
+    return {"loss": float(step["loss"]), "grad_norm": float(step["grad_norm"]), "gradients": trainer.gradients,
+            "before": before, "after": {k: v.detach() for k, v in model.state_dict().items()}}
+
+
 class _StepClock(TrainerCallback):
     """Marks the start and end of each optimizer step (all its micro-batches, the step and clipping)
     and logs the step's line; with a turn, waits for it before the clock starts and hands it back
@@ -162,19 +210,24 @@ def train(c: Config, model_dir: Path, rows: list[dict], reward_funcs: list, prec
     """Runs c.train.iterations GRPO steps of TRL on `rows` (P rows per iteration, in order) from
     the checkpoint in `model_dir`, each step in its `turn` when one is given; returns the trainer
     with its records."""
-    import datasets
-
     check_mappable(c)
-    dtype = getattr(torch, c.model.dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    # Chat prompts, so TRL applies the tokenizer's chat template as rlhfspec's encode_prompt does.
-    data = datasets.Dataset.from_list([{**r, "prompt": r["prompt"] if isinstance(r["prompt"], list)
-                                        else [{"role": "user", "content": r["prompt"]}]} for r in rows])
+    model, tokenizer, data = _job_inputs(c, model_dir, rows)
     trainer = TimedGRPOTrainer(model=model, reward_funcs=reward_funcs, args=trl_args(c, out_dir, precision, micro_batch),
                                train_dataset=data, processing_class=tokenizer, turn=turn, log=log)
     trainer.train()
     return trainer
+
+
+def _job_inputs(c: Config, model_dir: Path, rows: list[dict]):
+    """The model and tokenizer from `model_dir` and `rows` as TRL's dataset: chat prompts, so that TRL
+    applies the tokenizer's chat template as rlhfspec's encode_prompt does."""
+    import datasets
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, c.model.dtype))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    data = datasets.Dataset.from_list([{**r, "prompt": r["prompt"] if isinstance(r["prompt"], list)
+                                        else [{"role": "user", "content": r["prompt"]}]} for r in rows])
+    return model, tokenizer, data
 
 
 def batching(args: trl.GRPOConfig) -> dict:

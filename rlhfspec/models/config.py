@@ -38,6 +38,9 @@ class ModelConfig:
     qk_norm: bool
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # transformers builds the embedding with padding_idx=pad_token_id: that row's vector gets no
+    # gradient from the inputs, so training leaves it as it is (negative counts from the end).
+    pad_token_id: int | None
     hf: dict[str, Any] = field(compare=False, repr=False)  # the source config, written back on save
 
     @classmethod
@@ -56,6 +59,10 @@ class ModelConfig:
             raise RlhfspecError(f"{source}: sliding-window attention is not supported; use a config with sliding_window null.")
         heads = hf["num_attention_heads"]
         hidden = hf["hidden_size"]
+        pad = hf.get("pad_token_id")
+        if pad is not None and not -hf["vocab_size"] <= pad < hf["vocab_size"]:
+            raise RlhfspecError(f"{source}: pad_token_id {pad} is outside the vocabulary (vocab_size {hf['vocab_size']}); "
+                                "transformers cannot build this checkpoint's embedding either: fix or remove pad_token_id.")
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         return cls(
@@ -77,6 +84,7 @@ class ModelConfig:
             qk_norm=model_type == "qwen3",
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            pad_token_id=pad,
             hf=copy.deepcopy(hf),
         )
 

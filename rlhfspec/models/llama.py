@@ -200,7 +200,7 @@ class Transformer(nn.Module):
         Batch-invariant (every row's bits independent of the other rows) when the attention is.
         """
         plan = self.plan(attention.invariant)
-        x = F.embedding(tokens, self.embed.weight)
+        x = F.embedding(tokens, self.embed.weight, padding_idx=self.config.pad_token_id)  # as transformers' nn.Embedding
         cos = self.rope_cos[positions].unsqueeze(1)
         sin = self.rope_sin[positions].unsqueeze(1)
         recompute = self.checkpointing and torch.is_grad_enabled()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,18 +11,19 @@ import pytest
 pytest.importorskip("trl", reason="bench trl compares against TRL: pip install -e '.[peers]' (make test installs it)")
 
 from rlhfspec.bench import trl_grpo  # noqa: E402
-from rlhfspec.bench.peers import PeersBenchConfig, default_micro_batch, run, turn_order  # noqa: E402
+from rlhfspec.bench.peers import PeersBenchConfig, _Rlhfspec, default_micro_batch, run, turn_order, update_gap  # noqa: E402
 from rlhfspec.errors import RlhfspecError  # noqa: E402
 from rlhfspec.rl.config_files import load_config  # noqa: E402
+from rlhfspec.rl.trainer import prompt_source  # noqa: E402
 from tests.rl.helpers import tiny_policy_dir  # noqa: E402
 
 DEFAULT_RUN = Path(__file__).parents[2] / "configs" / "grpo_arith.yaml"
 
 
-def tiny(policy: Path, **kw) -> PeersBenchConfig:
+def tiny(policy: Path, overrides_extra: tuple = (), **kw) -> PeersBenchConfig:
     overrides = {"model.policy": policy, "data.prompts_per_iteration": 2, "generation.num_generations": 2,
                  "generation.max_new_tokens": 6, "generation.speculative": "false", "train.dtype": "float32"}
-    return PeersBenchConfig(iterations=2, overrides=[a for k, v in overrides.items() for a in (f"--{k}", str(v))], **kw)
+    return PeersBenchConfig(iterations=2, overrides=[*(a for k, v in overrides.items() for a in (f"--{k}", str(v))), *overrides_extra], **kw)
 
 
 def test_both_trainers_run_the_same_prompts_and_the_table_json_and_png_come_out(tmp_path):
@@ -43,7 +45,36 @@ def test_both_trainers_run_the_same_prompts_and_the_table_json_and_png_come_out(
     table = (tmp_path / "out" / "RESULTS.md").read_text()
     assert "<!-- bench:trl -->" in table and "| TRL | 1 |" in table and "| rlhfspec | 1 |" in table
     assert "Differences the bench does not remove" in table and 'loss_type "dapo"' in table
+    same = result["same_update"]  # TRL's step on rlhfspec's first samples (checked in depth below)
+    assert same["samples"] == 4 and same["gradient_rel_diff"] < 1e-5 and "the same update from the same samples" in table
     assert result["order"] == ["rlhfspec", "trl", "trl", "rlhfspec"] and "interleaved, each pair in ABBA order" in table
+
+
+def test_trls_step_on_rlhfspecs_samples_is_rlhfspecs_update_and_a_changed_loss_shows(tmp_path):
+    """The two trainers' semantics, not only their settings: TRL's optimizer step on the samples
+    rlhfspec's first step trained on (replayed in place of TRL's own sampling) gives rlhfspec's loss,
+    gradient norm, clipped gradients and weight update to float32 rounding; the same replay with
+    another loss aggregation (a real semantic difference) lands far apart."""
+    policy = tiny_policy_dir(tmp_path / "policy", seed=1)  # one whose samples end at several lengths: padding and masks matter
+    c = tiny(policy, overrides_extra=["--reward.functions", "[tests.rl.rewards:digit_count]", "--generation.max_new_tokens", "24",
+                                      "--generation.num_generations", "4"]).job()
+    ours = _Rlhfspec(c, policy, tmp_path / "run", log=lambda m: None)
+    try:
+        ours.step()
+    finally:
+        ours.close()
+    first, rows = ours.first, prompt_source(c).next(c.data.prompts_per_iteration)
+    assert first["grad_norm"] > 0 and len(set(map(len, first["completions"]))) > 1
+
+    def replayed(job, out):
+        return update_gap(first, trl_grpo.replay_step(job, policy, rows, first["prompt_ids"], first["completions"], "float32", 4, out))
+
+    same = replayed(c, tmp_path / "same")
+    assert same["loss"]["trl"] == pytest.approx(same["loss"]["rlhfspec"], rel=1e-5, abs=1e-7)
+    assert same["grad_norm"]["trl"] == pytest.approx(same["grad_norm"]["rlhfspec"], rel=1e-5)
+    assert same["gradient_rel_diff"] < 1e-5 and same["update_rel_diff"] < 1e-3, same
+    apart = replayed(replace(c, algorithm=replace(c.algorithm, aggregation="sequence-mean")), tmp_path / "apart")
+    assert apart["gradient_rel_diff"] > 1e-2 and apart["update_rel_diff"] > 1e-2, apart
 
 
 def test_taking_turns_changes_nothing_either_side_samples(tmp_path):

@@ -125,3 +125,30 @@ def test_bfloat16_training_attention_equals_the_fused_kernel(side, monkeypatch):
     assert (out_math - out_fused).abs().max().item() < 0.03  # bfloat16 rounds at 2^-8 relative
     for gm, gf in zip(g_math, g_fused):
         assert (gm - gf).abs().max().item() < 0.05 * gf.abs().max().item()
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-tied", "qwen2"])
+def test_training_gradients_equal_transformers_the_pad_tokens_embedding_row_included(arch, tiny_checkpoint):
+    """transformers builds the embedding with padding_idx = config.pad_token_id, so that row gets no
+    gradient from the inputs (with tied weights, only the output layer's); every gradient of a
+    training forward over inputs holding the pad token equals transformers' to float32 rounding."""
+    from rlhfspec.models.attention import DenseAttention
+    from rlhfspec.models.checkpoint import from_hf
+
+    ours, _ = load_model(tiny_checkpoint(arch), dtype="float32")
+    ref = tiny_hf_model(arch)
+    pad = ours.config.pad_token_id
+    assert pad == ref.config.pad_token_id == 0
+    seqs = torch.tensor(random_prompts(2, ours.config.vocab_size, 12, 12, seed=9))
+    seqs[:, 3] = seqs[1, 7] = pad  # the pad token as an input, where the embedding's padding_idx bites
+    weights = torch.randn(*seqs.shape, ours.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    ours.train().requires_grad_(True)
+    ours.ensure_positions(seqs.shape[1])
+    att = DenseAttention(torch.ones_like(seqs), ours.config.num_heads, ours.config.num_kv_heads)
+    (ours.logits(ours(seqs.reshape(-1), att.positions, att)).view(*weights.shape) * weights).sum().backward()
+    (ref(input_ids=seqs).logits * weights).sum().backward()
+    want = from_hf(ours.config, {k: p.grad for k, p in ref.named_parameters()}, "transformers' gradients")
+    for name, p in ours.named_parameters():
+        assert (p.grad - want[name]).abs().max().item() <= 1e-4 * want[name].abs().max().item(), name
+    embed = ours.embed.weight.grad[pad]
+    assert (embed == 0).all() if ours.lm_head is not None else embed.abs().max() > 0

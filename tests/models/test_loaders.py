@@ -57,6 +57,14 @@ def test_unsupported_architecture_names_the_model_type(tmp_path):
         load_model(tmp_path)
 
 
+def test_a_pad_token_outside_the_vocabulary_is_one_sentence(tiny_checkpoint):
+    path = tiny_checkpoint("llama")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "pad_token_id": config["vocab_size"]}))
+    with pytest.raises(RlhfspecError, match=f"pad_token_id {config['vocab_size']} is outside the vocabulary"):
+        load_model(path)
+
+
 def test_incomplete_checkpoint_names_the_missing_tensor(tiny_checkpoint, tmp_path):
     from safetensors.torch import load_file, save_file
 
