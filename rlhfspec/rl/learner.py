@@ -196,24 +196,10 @@ class Learner:
         return total
 
     def _share(self, sub: Batch) -> list[list[int]]:
-        """This rank's micro-batches of `sub`: each width-sorted group of units (samples, or a
-        prompt's samples with share_prompts) is dealt into `world` parts (every world-th unit), the
-        part with the most padded tokens to the rank with the fewest so far. Every rank computes the
-        same deal, and the ranks' padded tokens end up at most about one unit apart (a split of the
-        samples left their completion tokens 9% apart)."""
-        groups = sub.unit_groups(self.config.train.micro_batch_tokens, self.world)
-        rows = lambda units: [i for unit in units for i in unit]  # noqa: E731
-        if self.world == 1:
-            return [rows(group) for group in groups]
-        padded = lambda units: len(units) * max((sub.width(u) for u in units), default=0)  # noqa: E731
-        loads, mine = [0] * self.world, []
-        for group in groups:
-            parts = sorted((group[o::self.world] for o in range(self.world)), key=padded, reverse=True)
-            for rank, part in zip(sorted(range(self.world), key=lambda r: (loads[r], r)), parts):
-                loads[rank] += padded(part)
-                if rank == self.rank and part:
-                    mine.append(rows(part))
-        return mine
+        """This rank's micro-batches of `sub` (Batch.rank_shares: the ranks' forward tokens as even
+        as the units allow; before, each width group's units were dealt in turn, which left a rank
+        a whole unit, a prompt's every sample, ahead whenever a group had an odd count of them)."""
+        return sub.rank_shares(self.config.train.micro_batch_tokens, self.world)[self.rank]
 
     def _micro_backward(self, sub: Batch, rows: list[int], micro: list[int], targets: Targets, n_tokens: float,
                         n_seqs: int, counts: dict, first_epoch: bool) -> float:

@@ -68,14 +68,62 @@ class Batch:
             return sum(map(len, {tuple(self.prompts[i]) for i in idx})) + sum(max(len(self.completions[i]) - 1, 0) for i in idx)
         return len(idx) * max(len(self.prompts[i]) + len(self.completions[i]) for i in idx)
 
-    def unit_groups(self, max_tokens: int, ranks: int = 1) -> list[list[list[int]]]:
+    def unit_groups(self, max_tokens: int) -> list[list[list[int]]]:
         """Units grouped by width (each group narrowest first) so each group's widest x its size
-        stays under max_tokens; with ranks > 1, its widest x its size / ranks (rounded up): the
-        budget of one rank's every-ranks-th unit of the group."""
+        stays under max_tokens."""
+        return self._by_width(self.units(max_tokens), max_tokens)
+
+    def micro_batches(self, max_tokens: int) -> list[list[int]]:
+        """Sample indices of each of unit_groups' groups (a unit's samples in a row)."""
+        return [[i for unit in group for i in unit] for group in self.unit_groups(max_tokens)]
+
+    def rank_shares(self, max_tokens: int, ranks: int) -> list[list[list[int]]]:
+        """Each of `ranks` data-parallel ranks' micro-batches (sample indices) of this batch, their
+        forward tokens as even as the units allow: the units (`units`) dealt largest first to the
+        rank with the fewest forward tokens so far; then, with share_prompts, while splitting a
+        unit of the busiest rank evens it with the idlest (the moved completions' prompt is then
+        computed on both ranks), it is split; each rank's units grouped by width as unit_groups
+        does. Every rank computes the same shares."""
+        if ranks == 1:
+            return [self.micro_batches(max_tokens)]
+        loads, owned = [0] * ranks, [[] for _ in range(ranks)]
+        for unit in sorted(self.units(max_tokens), key=lambda u: (-self.forward_tokens(u), u[0])):
+            rank = min(range(ranks), key=lambda r: (loads[r], r))
+            owned[rank].append(unit)
+            loads[rank] += self.forward_tokens(unit)
+        while self.share_prompts:
+            busy, idle = max(range(ranks), key=lambda r: (loads[r], -r)), min(range(ranks), key=lambda r: (loads[r], r))
+            split = min((self._split(unit, loads[busy] - loads[idle]) + (k,) for k, unit in enumerate(owned[busy])), default=None)
+            if split is None or split[0] >= loads[busy] - loads[idle]:
+                break
+            _, moved, k = split
+            owned[busy][k] = [i for i in owned[busy][k] if i not in moved]
+            owned[idle].append(moved)
+            tokens = self.forward_tokens(moved) - len(self.prompts[moved[0]])
+            loads[busy] -= tokens
+            loads[idle] += tokens + len(self.prompts[moved[0]])
+        return [[[i for unit in group for i in unit] for group in self._by_width(units, max_tokens)] for units in owned]
+
+    def _split(self, unit: list[int], gap: int) -> tuple[int, list[int]]:
+        """Which of `unit`'s samples to move from a rank `gap` forward tokens busier than another
+        (longest first, as many as fit half the gap less their prompt), and the two ranks' gap
+        after the move; a unit of one sample, or none that fits, moves nothing (gap unchanged)."""
+        prompt, moved, tokens = len(self.prompts[unit[0]]), [], 0
+        half = (gap - prompt) / 2
+        for i in sorted(unit, key=lambda i: (-len(self.completions[i]), i))[: len(unit) - 1]:
+            t = max(len(self.completions[i]) - 1, 0)
+            if tokens + t <= half:
+                moved.append(i)
+                tokens += t
+        if not moved:
+            return gap, []
+        return abs(gap - 2 * tokens - prompt), sorted(moved, key=lambda i: (len(self.completions[i]), i))
+
+    def _by_width(self, units: list[list[int]], max_tokens: int) -> list[list[list[int]]]:
         groups, current, width = [], [], 0
-        for unit in sorted(self.units(max_tokens), key=self.width):
+        for unit in sorted(units, key=self.width):
             w = max(width, self.width(unit))
-            if current and w * -(-(len(current) + 1) // ranks) > max_tokens:
+            if current and w * (len(current) + 1) > max_tokens:
                 groups.append(current)
                 current, w = [], self.width(unit)
             current.append(unit)
@@ -83,10 +131,6 @@ class Batch:
         if current:
             groups.append(current)
         return groups
-
-    def micro_batches(self, max_tokens: int, ranks: int = 1) -> list[list[int]]:
-        """Sample indices of each of unit_groups' groups (a unit's samples in a row)."""
-        return [[i for unit in group for i in unit] for group in self.unit_groups(max_tokens, ranks)]
 
 
 def response_hidden(model, batch: Batch, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

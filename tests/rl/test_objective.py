@@ -166,17 +166,15 @@ def test_k1_in_the_loss_is_refused():
 
 @pytest.mark.parametrize("ranks", [1, 2, 3])
 def test_micro_batches_keep_every_ranks_rows_under_the_budget_and_cover_each_sample_once(ranks):
-    """A group's rows sorted by length; each of its parts of every ranks-th row pads to at most
-    max_tokens (one row longer than the budget goes alone), and the groups cover every sample once."""
+    """Each rank's micro-batches: rows sorted by length, padded to at most max_tokens (one row
+    longer than the budget goes alone); the ranks' shares cover every sample once."""
     rng = random.Random(ranks)
     lengths = [(rng.randint(1, 40), rng.randint(0, 90)) for _ in range(61)]
     batch = Batch([[1] * p for p, _ in lengths], [[2] * c for _, c in lengths])
-    groups = batch.micro_batches(150, ranks)
-    assert sorted(i for g in groups for i in g) == list(range(61))
+    shares = batch.rank_shares(150, ranks)
+    assert len(shares) == ranks and sorted(i for share in shares for g in share for i in g) == list(range(61))
     width = [sum(lengths[i]) for i in range(61)]
-    for g in groups:
+    for g in (g for share in shares for g in share):
         assert [width[i] for i in g] == sorted(width[i] for i in g)
-        for offset in range(ranks):  # whichever part of the deal a rank gets
-            rows = g[offset::ranks]
-            assert len(g) == 1 or max((width[i] for i in rows), default=0) * len(rows) <= 150
-    assert batch.micro_batches(150) == batch.micro_batches(150, 1)
+        assert len(g) == 1 or max(width[i] for i in g) * len(g) <= 150
+    assert batch.rank_shares(150, 1) == [batch.micro_batches(150)]
