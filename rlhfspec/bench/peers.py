@@ -10,6 +10,7 @@ far as TRL has them; what cannot be matched is listed in the output (`difference
 
 from __future__ import annotations
 
+import gc
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,7 +21,8 @@ from rlhfspec.bench.common import machine, median, results_file, write_json, wri
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.rl.config import Config
 from rlhfspec.rl.config_files import load_config
-from rlhfspec.rl.learner import Learner, skips_zero_advantage
+from rlhfspec.bench import same_update
+from rlhfspec.rl.learner import skips_zero_advantage
 
 STAGES = ("generation_s", "scoring_s", "training_s", "other_s", "iteration_s")
 QUICK = ["--data.prompts_per_iteration", "4", "--generation.num_generations", "4", "--generation.max_new_tokens", "64"]
@@ -97,14 +99,15 @@ def run(cfg: PeersBenchConfig, json_path: str | None = None, record: bool = Fals
                 ours.close()
             first = ours.first
             del ours  # its trainer's weights and optimizer state, before TRL's replay loads another model
+            gc.collect()
         finally:
             theirs.close()
-        same = None
-        if first is not None:
+        same = first
+        if "skipped" not in first:
             log("same update: TRL's optimizer step on rlhfspec's iteration-0 samples, in place of its own")
             replayed = trl_grpo.replay_step(c, model_dir, rows[0], first["prompt_ids"], first["completions"], c.train.dtype, micro,
                                             Path(tmp) / "trl-replay")
-            same = update_gap(first, replayed)
+            same = same_update.update_gap(first, replayed)
             del first, replayed
     trl_result = theirs.result
     trl_runs = [{k: v for k, v in r.items() if k != "generate_and_score_s"} for r in trl_result["records"]]
@@ -195,22 +198,14 @@ class _Rlhfspec:
                       run=replace(c.run, output_dir=str(run_dir), tensorboard=False, wandb=False, checkpoint_every=c.train.iterations))
         self.trainer = Trainer(cfg, progress=False, log=log)
         self.trainer.source = _Recorded(self.trainer.source)
-        self.trainer.rollout = _KeptRollout(self.trainer.rollout)
+        self.trainer.rollout = same_update.KeptRollout(self.trainer.rollout)
         self.iterations, self.records = self.trainer.iterate(), []
-        # The first optimizer step, for same_update: its samples, clipped gradients and updated
-        # weights (rlhfspec's names); kept only when this process trains (train.workers 1).
-        self.first: dict | None = None
+        self.first: dict | None = None  # same_update.first_step of the first iteration
 
     def step(self) -> None:
         self.records.append(next(self.iterations))
-        policy = self.trainer.policy
-        if len(self.records) == 1 and isinstance(self.trainer.learner, Learner):
-            r, kept = self.records[0], self.trainer.rollout
-            self.first = {"prompt_ids": kept.prompts, "completions": [list(o.token_ids) for o in kept.outputs],
-                          "loss": r["loss"], "grad_norm": r["grad_norm"], "lr": r["lr"], "model_config": policy.config,
-                          "gradients": {k: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-                                        for k, p in policy.named_parameters()},
-                          "weights": {k: v.detach().clone() for k, v in policy.state_dict().items()}}
+        if len(self.records) == 1:
+            self.first = same_update.first_step(self.trainer, self.records[0])
 
     def finish(self) -> tuple[list[dict], list[list[dict]]]:
         if next(self.iterations, None) is not None:
@@ -238,47 +233,6 @@ class _Recorded:
 
     def __getattr__(self, name):
         return getattr(self.source, name)
-
-
-class _KeptRollout:
-    """A rollout that keeps the prompts and outputs of the last run."""
-
-    def __init__(self, rollout):
-        self.rollout, self.prompts, self.outputs = rollout, None, None
-
-    def run(self, prompts, *args, **kwargs):
-        result = self.rollout.run(prompts, *args, **kwargs)
-        self.prompts, self.outputs = [list(p) for p in prompts], result.outputs
-        return result
-
-    def __getattr__(self, name):
-        return getattr(self.rollout, name)
-
-
-def update_gap(ours: dict, theirs: dict) -> dict:
-    """How far TRL's optimizer step on rlhfspec's samples lands from rlhfspec's own step on them:
-    `ours` as _Rlhfspec.first keeps it, `theirs` as trl_grpo.replay_step returns it. Relative
-    differences are ||ours - TRL's|| / ||TRL's|| over every parameter (0 where both are 0); the
-    largest single weight's difference is in learning rates."""
-    from rlhfspec.models.checkpoint import from_hf
-
-    cfg = ours["model_config"]
-    grads = from_hf(cfg, theirs["gradients"], "TRL's gradients")
-    before, after = from_hf(cfg, theirs["before"], "TRL's weights"), from_hf(cfg, theirs["after"], "TRL's updated weights")
-    steps = {k: (ours["weights"][k] - before[k], after[k] - before[k]) for k in before}
-
-    def relative(pairs) -> float:
-        diff = sum(((a.double() - b.double()) ** 2).sum() for a, b in pairs) ** 0.5
-        norm = sum((b.double() ** 2).sum() for _, b in pairs) ** 0.5
-        return float(diff / norm) if norm > 0 else 0.0 if diff == 0 else float("inf")
-
-    return {"samples": len(ours["completions"]), "tokens": sum(len(c) for c in ours["completions"]),
-            "loss": {"rlhfspec": ours["loss"], "trl": theirs["loss"]},
-            "grad_norm": {"rlhfspec": ours["grad_norm"], "trl": theirs["grad_norm"]},
-            "gradient_rel_diff": relative([(ours["gradients"][k], grads[k]) for k in grads]),
-            "update_rel_diff": relative(steps.values()),
-            # None when the step's rate was 0 (the first step of a warm-up)
-            "update_max_diff_lr": max((a - b).abs().max().item() for a, b in steps.values()) / ours["lr"] if ours["lr"] else None}
 
 
 def _prompt_ids(tokenizer, prompt) -> list[int]:
@@ -349,6 +303,9 @@ def differences(c: Config, trl: dict) -> list[str]:
         if not c.train.gradient_checkpointing else
         "Gradient checkpointing: on on both (train.gradient_checkpointing; TRL's default), so both recompute each layer "
         "in the backward pass.",
+        *([f"Learning-rate warm-up ({c.train.warmup_steps} steps): rlhfspec's step k trains at lr x (k + 1) / "
+           f"{c.train.warmup_steps}, transformers' schedule in TRL at lr x k / {c.train.warmup_steps}, so TRL's first step "
+           "moves no weight and its warm-up ends one step later."] if c.train.warmup_steps else []),
         "Stage boundaries: scoring is rlhfspec's inference stage (rewards, advantages, any old-logprob forward) and, for "
         "TRL, the part of _generate_and_score_completions after _generate (padding, rewards, advantages, metrics); "
         "training is the rest of the iteration (TRL: its optimizer step, from on_step_begin to on_step_end); rlhfspec's "
@@ -362,17 +319,6 @@ def differences(c: Config, trl: dict) -> list[str]:
 
 def _decoding(g: dict) -> str:
     return f"speculative decoding ({g['strategy']}, drafters {', '.join(g['drafters'])})" if g["speculative"] else "plain decoding"
-
-
-def _same_update_text(u: dict | None) -> str:
-    if u is None:
-        return "the same update from the same samples: not checked (train.workers > 1 trains outside this process)"
-    loss, norm = u["loss"], u["grad_norm"]
-    return (f"the same update from the same samples (TRL's optimizer step on rlhfspec's {u['samples']} iteration-0 samples, "
-            f"{u['tokens']} tokens, in place of its own): loss {loss['rlhfspec']:.6g} against TRL's {loss['trl']:.6g}, gradient norm "
-            f"{norm['rlhfspec']:.6g} against {norm['trl']:.6g}, clipped gradients {u['gradient_rel_diff']:.1e} apart (relative), "
-            f"weight updates {u['update_rel_diff']:.1e} apart" + ("" if u["update_max_diff_lr"] is None else
-                                                                    f" (the largest single weight's: {u['update_max_diff_lr']:.2g} learning rates)"))
 
 
 def _markdown(r: dict, png: str) -> str:
@@ -393,7 +339,7 @@ def _markdown(r: dict, png: str) -> str:
         f"{_decoding(rg)}; TRL trains {t['per_device_train_batch_size']} samples per forward x {t['gradient_accumulation_steps']} "
         f"accumulated forwards, gradient checkpointing {'on' if t.get('gradient_checkpointing') else 'off'}.  ",
         f"Checked at run time: same prompts in the same order on both sides: {'yes' if checks['same_prompts_in_order'] else 'NO'}; "
-        f"same prompt token ids: {'yes' if checks['same_prompt_ids'] else 'NO'}; {_same_update_text(r['same_update'])}.  ",
+        f"same prompt token ids: {'yes' if checks['same_prompt_ids'] else 'NO'}; {same_update.text(r['same_update'])}.  ",
         f"Order: iterations {_order_text(r['order'])}; TRL in a process of its own, one side computing at a time.",
         "",
         "| side | iteration | generation s | scoring s | training s | other s | iteration s | tokens | tokens/s | reward | skipped |",

@@ -152,7 +152,8 @@ def replay_step(c: Config, model_dir: Path, rows: list[dict], prompt_ids: list[l
                 precision: str, micro_batch: int, out_dir: Path) -> dict:
     """TRL's first optimizer step of job `c` from the checkpoint in `model_dir` on `rows`' prompts,
     trained on `completions` in place of samples of its own: the step's loss, gradient norm (before
-    clipping), clipped gradients, and the weights before and after it, by transformers' names."""
+    clipping), learning rate, clipped gradients, and the weights before and after it, by
+    transformers' names."""
     from rlhfspec.rewards.compose import resolve
 
     check_mappable(c)
@@ -164,7 +165,7 @@ def replay_step(c: Config, model_dir: Path, rows: list[dict], prompt_ids: list[l
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainer.train()
     step = next(h for h in trainer.state.log_history if "loss" in h)
-    return {"loss": float(step["loss"]), "grad_norm": float(step["grad_norm"]), "gradients": trainer.gradients,
+    return {"loss": float(step["loss"]), "grad_norm": float(step["grad_norm"]), "lr": float(step["learning_rate"]), "gradients": trainer.gradients,
             "before": before, "after": {k: v.detach() for k, v in model.state_dict().items()}}
 
 

@@ -106,6 +106,8 @@ class ModelConfig:
             tie_word_embeddings=self.tie_word_embeddings,
             hidden_act="silu",
         )
+        if self.pad_token_id is not None:
+            hf["pad_token_id"] = self.pad_token_id
         # Written in the form both transformers 4.x and 5.x read: rope_theta plus rope_scaling.
         for key in ("rope_parameters", "rope_scaling", "rope_theta"):
             hf.pop(key, None)

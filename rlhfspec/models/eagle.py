@@ -136,7 +136,9 @@ class EagleHead(nn.Module):
         config = json.loads((path / "config.json").read_text())
         tensors = load_file(str(path / WEIGHTS))
         vocab = tensors["vocab"].tolist()
-        layer = ModelConfig.from_hf(config["layer"], source=str(path / "config.json"))
+        # A head's layer has no embedding: a pad token the policy declared means nothing here
+        # (heads saved before that was dropped carry the policy's, possibly past the draft vocabulary).
+        layer = ModelConfig.from_hf({k: v for k, v in config["layer"].items() if k != "pad_token_id"}, source=str(path / "config.json"))
         head = cls(layer, vocab, config["policy_vocab_size"], dtype=dtype, device=device)
         missing = sorted(set(head.state_dict()) - set(tensors))
         if missing:
@@ -161,4 +163,5 @@ def head_config(policy: ModelConfig, draft_vocab_size: int) -> ModelConfig:
     """The policy's own decoder-layer shape (heads, widths, RoPE, biases), one layer, the draft vocabulary."""
     hf = policy.to_hf()
     hf.update(num_hidden_layers=1, vocab_size=draft_vocab_size, tie_word_embeddings=False)
+    hf.pop("pad_token_id", None)  # the head embeds nothing; the policy's pad id may lie past the draft vocabulary
     return ModelConfig.from_hf(hf, source="eagle head config")

@@ -196,9 +196,8 @@ class Learner:
         return total
 
     def _share(self, sub: Batch) -> list[list[int]]:
-        """This rank's micro-batches of `sub` (Batch.rank_shares: the ranks' forward tokens as even
-        as the units allow; before, each width group's units were dealt in turn, which left a rank
-        a whole unit, a prompt's every sample, ahead whenever a group had an odd count of them)."""
+        """This rank's micro-batches of `sub` (Batch.rank_shares: the ranks' forward tokens evened, so
+        that none waits long for the others in the gradient sum)."""
         return sub.rank_shares(self.config.train.micro_batch_tokens, self.world)[self.rank]
 
     def _micro_backward(self, sub: Batch, rows: list[int], micro: list[int], targets: Targets, n_tokens: float,
@@ -329,6 +328,8 @@ def score_params(c: Config) -> SamplingParams:
 def _schedule(kind: str, warmup: int, total: int):
     def f(step: int) -> float:
         if warmup and step < warmup:
+            # (step + 1) / warmup, not transformers' step / warmup: its first step, at rate 0,
+            # would spend the first iteration's samples on nothing.
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, total - warmup)
         if kind == "constant":

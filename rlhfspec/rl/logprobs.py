@@ -79,11 +79,11 @@ class Batch:
 
     def rank_shares(self, max_tokens: int, ranks: int) -> list[list[list[int]]]:
         """Each of `ranks` data-parallel ranks' micro-batches (sample indices) of this batch, their
-        forward tokens as even as the units allow: the units (`units`) dealt largest first to the
-        rank with the fewest forward tokens so far; then, with share_prompts, while splitting a
-        unit of the busiest rank evens it with the idlest (the moved completions' prompt is then
-        computed on both ranks), it is split; each rank's units grouped by width as unit_groups
-        does. Every rank computes the same shares."""
+        forward tokens evened: the units (`units`) dealt largest first to the rank with the fewest
+        forward tokens so far; then, with share_prompts, while moving some completions of a unit
+        of the busiest rank to the idlest lowers the busiest's load without raising the idlest's
+        above it (the moved completions' prompt is then computed on both ranks), they move. Each
+        rank's units are grouped by width as unit_groups does; every rank computes the same shares."""
         if ranks == 1:
             return [self.micro_batches(max_tokens)]
         loads, owned = [0] * ranks, [[] for _ in range(ranks)]
@@ -91,12 +91,13 @@ class Batch:
             rank = min(range(ranks), key=lambda r: (loads[r], r))
             owned[rank].append(unit)
             loads[rank] += self.forward_tokens(unit)
+        # Every move makes one more unit (each keeps a sample), so this ends within len(self) moves.
         while self.share_prompts:
             busy, idle = max(range(ranks), key=lambda r: (loads[r], -r)), min(range(ranks), key=lambda r: (loads[r], r))
-            split = min((self._split(unit, loads[busy] - loads[idle]) + (k,) for k, unit in enumerate(owned[busy])), default=None)
-            if split is None or split[0] >= loads[busy] - loads[idle]:
+            moves = [self._split(unit, loads[busy], loads[idle]) + (k,) for k, unit in enumerate(owned[busy])]
+            peak, moved, k = min(moves, default=(loads[busy], [], 0))
+            if peak >= loads[busy]:
                 break
-            _, moved, k = split
             owned[busy][k] = [i for i in owned[busy][k] if i not in moved]
             owned[idle].append(moved)
             tokens = self.forward_tokens(moved) - len(self.prompts[moved[0]])
@@ -104,20 +105,29 @@ class Batch:
             loads[idle] += tokens + len(self.prompts[moved[0]])
         return [[[i for unit in group for i in unit] for group in self._by_width(units, max_tokens)] for units in owned]
 
-    def _split(self, unit: list[int], gap: int) -> tuple[int, list[int]]:
-        """Which of `unit`'s samples to move from a rank `gap` forward tokens busier than another
-        (longest first, as many as fit half the gap less their prompt), and the two ranks' gap
-        after the move; a unit of one sample, or none that fits, moves nothing (gap unchanged)."""
-        prompt, moved, tokens = len(self.prompts[unit[0]]), [], 0
-        half = (gap - prompt) / 2
-        for i in sorted(unit, key=lambda i: (-len(self.completions[i]), i))[: len(unit) - 1]:
-            t = max(len(self.completions[i]) - 1, 0)
-            if tokens + t <= half:
+    def _split(self, unit: list[int], busy: int, idle: int) -> tuple[int, list[int]]:
+        """Which of `unit`'s samples to move from a rank with `busy` forward tokens to one with
+        `idle`, and the larger of the two ranks' loads after the move: completions whose tokens
+        come closest to evening the two (half the gap less the prompt), longest first, at least one
+        sample kept; (busy, []) when no move lowers that larger load."""
+        prompt = len(self.prompts[unit[0]])
+        target = (busy - idle - prompt) / 2
+        tokens = lambda i: max(len(self.completions[i]) - 1, 0)  # noqa: E731  (forward_tokens' count)
+        candidates = sorted(unit, key=lambda i: (-len(self.completions[i]), i))[: len(unit) - 1]
+        moved, total = [], 0
+        for i in candidates:
+            if total + tokens(i) <= target:
                 moved.append(i)
-                tokens += t
-        if not moved:
-            return gap, []
-        return abs(gap - 2 * tokens - prompt), sorted(moved, key=lambda i: (len(self.completions[i]), i))
+                total += tokens(i)
+        over = [i for i in candidates if i not in moved and abs(total + tokens(i) - target) < abs(total - target)]
+        if over:  # one more, overshooting the target by less than the greedy fill falls short of it
+            best = min(over, key=lambda i: (abs(total + tokens(i) - target), i))
+            moved.append(best)
+            total += tokens(best)
+        peak = max(busy - total, idle + prompt + total)
+        if total == 0 or peak >= busy:
+            return busy, []
+        return peak, sorted(moved, key=lambda i: (len(self.completions[i]), i))
 
     def _by_width(self, units: list[list[int]], max_tokens: int) -> list[list[list[int]]]:
         groups, current, width = [], [], 0

@@ -11,7 +11,8 @@ import pytest
 pytest.importorskip("trl", reason="bench trl compares against TRL: pip install -e '.[peers]' (make test installs it)")
 
 from rlhfspec.bench import trl_grpo  # noqa: E402
-from rlhfspec.bench.peers import PeersBenchConfig, _Rlhfspec, default_micro_batch, run, turn_order, update_gap  # noqa: E402
+from rlhfspec.bench.peers import PeersBenchConfig, _Rlhfspec, default_micro_batch, run, turn_order  # noqa: E402
+from rlhfspec.bench.same_update import update_gap  # noqa: E402
 from rlhfspec.errors import RlhfspecError  # noqa: E402
 from rlhfspec.rl.config_files import load_config  # noqa: E402
 from rlhfspec.rl.trainer import prompt_source  # noqa: E402
@@ -75,6 +76,10 @@ def test_trls_step_on_rlhfspecs_samples_is_rlhfspecs_update_and_a_changed_loss_s
     assert same["gradient_rel_diff"] < 1e-5 and same["update_rel_diff"] < 1e-3, same
     apart = replayed(replace(c, algorithm=replace(c.algorithm, aggregation="sequence-mean")), tmp_path / "apart")
     assert apart["gradient_rel_diff"] > 1e-2 and apart["update_rel_diff"] > 1e-2, apart
+    # transformers' warm-up starts at rate 0 (rlhfspec's at 1 / warmup_steps): the gradients still
+    # compare, the updates do not, and the report says so rather than dividing by TRL's zero step
+    warm = replayed(replace(c, train=replace(c.train, warmup_steps=2)), tmp_path / "warm")
+    assert warm["lr"]["trl"] == 0 and warm["update_rel_diff"] is None and warm["gradient_rel_diff"] < 1e-5, warm
 
 
 def test_taking_turns_changes_nothing_either_side_samples(tmp_path):

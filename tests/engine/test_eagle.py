@@ -141,6 +141,16 @@ def test_a_saved_head_loads_and_is_detected_by_path(policy, tmp_path):
         Eagle(str(tmp_path / "missing")).build(policy)
 
 
+def test_a_policy_whose_pad_token_lies_past_the_draft_vocabulary_gets_a_head_that_saves_and_loads(tiny_checkpoint, tmp_path):
+    """The head embeds nothing, so the policy's pad_token_id (which transformers' embedding
+    honours, and rlhfspec's too) is not carried into it, where it could exceed the draft vocabulary."""
+    policy, _ = load_model(tiny_checkpoint("llama", pad_token_id=90), dtype="float32")
+    head = new_head(policy, list(range(3, 40)))
+    assert head.config.pad_token_id is None
+    loaded = EagleHead.load(head.save(tmp_path / "head"))
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), loaded.state_dict().values()))
+
+
 def test_a_head_for_another_policy_is_one_clear_error(policy, tiny_checkpoint):
     head = _head(policy)
     narrow, _ = load_model(tiny_checkpoint("llama", hidden_size=32, num_attention_heads=2, num_key_value_heads=1), dtype="float32")

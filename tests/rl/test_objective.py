@@ -177,4 +177,3 @@ def test_micro_batches_keep_every_ranks_rows_under_the_budget_and_cover_each_sam
     for g in (g for share in shares for g in share):
         assert [width[i] for i in g] == sorted(width[i] for i in g)
         assert len(g) == 1 or max(width[i] for i in g) * len(g) <= 150
-    assert batch.rank_shares(150, 1) == [batch.micro_batches(150)]

@@ -130,6 +130,15 @@ def _default_job_batch(seed: int, live: float = 1.0) -> Batch:
     return Batch([prompts[g] for g in groups for _ in range(8)], [completions[g * 8 + j] for g in groups for j in range(8)], True)
 
 
+def test_a_rank_far_ahead_moves_completions_even_past_half_the_gap():
+    """Two 101-token completions of a 60-token prompt against one short sample: moving one
+    completion (more than half the gap less the prompt) still evens the ranks, 160 against 171."""
+    a, b = [7] * 60, [8] * 10
+    batch = Batch([a, a, b], [[1] * 101, [1] * 101, [1] * 2], True)
+    loads = sorted(sum(batch.forward_tokens(g) for g in share) for share in batch.rank_shares(2048, 2))
+    assert loads == [160, 171]
+
+
 def test_units_hold_one_prompt_within_the_budget_and_every_sample_once():
     batch = _default_job_batch(1)
     budget = 700  # below a whole group's row: prompts' samples split over rows
@@ -151,11 +160,10 @@ def test_units_hold_one_prompt_within_the_budget_and_every_sample_once():
 @pytest.mark.parametrize("ranks", [2, 3, 4])
 def test_data_parallel_ranks_get_even_forward_tokens_whole_groups_split_where_needed(ranks):
     """The ranks' shares cover every sample once, each rank's micro-batches within the budget and
-    a prompt's samples sharing it; two ranks' forward tokens stay within one prompt and one
-    completion of each other, and more ranks within a fifth of the mean in the median, with groups
+    a prompt's samples sharing it; on these batches two ranks' forward tokens stay within one prompt
+    and one completion of each other, and more ranks within a fifth of the mean in the median, with groups
     left out (an odd count of whole groups left the old deal a group ahead: 24% apart in the median
-    of these batches at 2 ranks, 45% and 70% at 3 and 4; now 0.6%, 6% and 4.6%). Splitting a group
-    computes its prompt once more."""
+    of these batches at 2 ranks, 45% and 70% at 3 and 4). Splitting a group computes its prompt once more."""
     spreads = []
     for seed in range(60):
         batch = _default_job_batch(seed, live=0.75)
@@ -183,3 +191,34 @@ def test_a_run_with_shared_prompts_trains_as_one_without(tmp_path, policy):
     assert a["grad_norm"] > 0
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
     assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+
+
+def test_ranks_whose_shares_split_a_prompt_sum_to_the_one_process_gradient(tmp_path, policy):
+    """rank_shares may give two ranks some completions of one prompt each (each computes the prompt):
+    the ranks' gradients, as the all-reduce sums them, are one process's over the whole batch."""
+    from rlhfspec.rl.learner import COUNTS, Learner
+    from rlhfspec.rl.objective import Targets
+
+    c = config(tmp_path, policy, **{"train.shard_optimizer": "false", "train.share_prompts": "true"})
+    model, _ = load_model(policy, dtype="float32")
+    model.train().requires_grad_(True)
+    rng = random.Random(3)
+    vocab = model.config.vocab_size
+    long, short = [rng.randrange(4, vocab) for _ in range(6)], [rng.randrange(4, vocab) for _ in range(4)]
+    completions = [[rng.randrange(4, vocab) for _ in range(n)] for n in (11, 9, 12, 10, 2)]
+    batch = Batch([long] * 4 + [short], completions, True)
+    shares = batch.rank_shares(c.train.micro_batch_tokens, 2)
+    assert all(any(batch.prompts[i] == long for g in share for i in g) for share in shares)  # the long prompt on both ranks
+    targets = Targets(batch.mask(), None, torch.tensor([1.0, -0.5, 0.25, -1.0, 0.5]))
+    rows = list(range(len(batch)))
+
+    def gradients(learners) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        for learner in learners:
+            learner._backward(batch, targets, rows, rows, {**dict.fromkeys(COUNTS, 0.0), "gap_max": 0.0}, True)
+        return [p.grad.clone() for p in model.parameters()]
+
+    one = gradients([Learner(c, model)])
+    two = gradients([Learner(c, model, rank=r, world=2) for r in range(2)])
+    for a, b in zip(one, two):
+        assert (a - b).abs().max().item() <= 1e-5 * max(a.abs().max().item(), 1e-6)
