@@ -6,10 +6,12 @@ VARIANT: `base` (what `rlhfspec distill-draft --kind eagle` trains), `fused` (EA
 outputs of layers 2 and 15, RMS-normalised, beside the final feature, mapped to one feature by a
 learned layer that starts as the final feature's pass-through), `frozen` (the readout kept at the
 policy's own output rows, as EAGLE-1 does), `frozenX` (that, plus Gaussian noise of std X on the
-input features). Every variant trains for --seconds on the first --subset of the 640 training
-rollouts (all by default) and reports the expected acceptance of one draft token at temperature 1
-(mean sum_x min(p, q)) on the 24 held-out rollouts of `distill-draft` and on 24 of its training
-rollouts. Rollouts and teacher targets are cached in --cache, so variants run later see the same text.
+input features), `tv` (the classification term minus the acceptance over the teacher's top-k, sum_i
+min(p_i, q_i), instead of the cross-entropy), `kl+tv` (both terms). Every variant trains for
+--seconds on the first --subset of the 640 training rollouts (all by default) and reports the
+expected acceptance of one draft token at temperature 1 (mean sum_x min(p, q)) on the 24 held-out
+rollouts of `distill-draft` and on 24 of its training rollouts. Rollouts and teacher targets are
+cached in --cache, so variants run later see the same text.
 """
 
 from __future__ import annotations
@@ -154,7 +156,9 @@ def main() -> None:
     for name in args.variants:
         frozen = name.startswith("frozen")
         noise = float(name[len("frozen"):]) if frozen and name != "frozen" else 0.0
-        config = EagleConfig(lr=1e-3, seconds=args.seconds, max_steps=100_000, batch_sequences=16, seed=0, feature_noise=noise)
+        objective = name if name in ("tv", "kl+tv") else "kl"
+        config = EagleConfig(lr=1e-3, seconds=args.seconds, max_steps=100_000, batch_sequences=16, seed=0, feature_noise=noise,
+                             objective=objective)
         distiller = VariantDistiller(new_head(policy, vocab, seed=0), policy, config, fused=name == "fused", frozen_readout=frozen)
         start = time.perf_counter()
         losses = distiller.fit(exs)

@@ -7,6 +7,7 @@ import torch
 from rlhfspec import SamplingParams, generate, load_model
 from rlhfspec.distill.eagle import EagleConfig, EagleDistiller, expected_acceptance, new_head
 from rlhfspec.distill.teacher import teacher_examples
+from rlhfspec.errors import RlhfspecError
 from tests.conftest import random_prompts
 
 
@@ -95,3 +96,26 @@ def test_the_unrolled_second_link_is_what_a_chain_computes(rollouts):
             att = cache.attend([0], [1])
             link = head(real[-1:], policy.embed.weight[torch.tensor(s[t + 1 : t + 2])], att.positions, att)
             assert torch.allclose(link[0], second[1, t], atol=1e-4)
+
+
+def test_the_tv_objective_is_minus_the_expected_acceptance(rollouts):
+    """With every token among the teacher's targets and no feature term, objective "tv" is exactly
+    minus what expected_acceptance measures, and "kl+tv" adds the cross-entropy to it."""
+    policy, _, (held, held_starts) = rollouts
+    head = new_head(policy, list(range(policy.config.vocab_size)), seed=6)
+    examples = teacher_examples(policy, held[:6], held_starts[:6], k=policy.config.vocab_size, features=True)
+    losses = {}
+    for objective in ("kl", "tv", "kl+tv"):
+        distiller = EagleDistiller(head, policy, EagleConfig(feature_weight=0.0, objective=objective))
+        losses[objective] = _heldout_loss(distiller, examples)
+    accept = expected_acceptance(policy, head, held[:6], held_starts[:6])
+    assert 0.01 < accept < 0.99
+    assert losses["tv"] == pytest.approx(-accept, abs=1e-5)
+    assert losses["kl+tv"] == pytest.approx(losses["kl"] + losses["tv"], abs=1e-5)
+
+
+def test_an_unknown_objective_is_one_sentence(rollouts):
+    policy = rollouts[0]
+    head = new_head(policy, list(range(policy.config.vocab_size)))
+    with pytest.raises(RlhfspecError, match=r"^the eagle head's objective 'js' is not kl, tv or kl\+tv\.$"):
+        EagleDistiller(head, policy, EagleConfig(objective="js"))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from rlhfspec.distill.teacher import Example
 from rlhfspec.distill.train import DistillConfig, Distiller, _to_local, init_weights
+from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.attention import DenseAttention, fold_queries, unfold_output
 from rlhfspec.models.batch import hidden_states, padded_batch
 from rlhfspec.models.eagle import EagleHead, head_config
@@ -37,6 +38,10 @@ class EagleConfig(DistillConfig):
     feature_weight: float = 1.0
     feature_noise: float = 0.0  # std of Gaussian noise on the input features (EAGLE's robustness trick)
     unroll: bool = False  # also train the second link of chains, from the head's own predicted features
+    # What the classification term is: "kl" (cross-entropy to the teacher's top-k, EAGLE's), "tv"
+    # (minus sum_i min(p_i, q_i) over the top-k: the acceptance itself, DistillSpec's total-variation
+    # objective) or "kl+tv" (both).
+    objective: str = "kl"
 
 
 class EagleDistiller(Distiller):
@@ -45,6 +50,8 @@ class EagleDistiller(Distiller):
 
     def __init__(self, head: EagleHead, policy, config: EagleConfig | None = None):
         super().__init__(head, config or EagleConfig(), draft_vocab=head.vocab.tolist())
+        if self.config.objective not in ("kl", "tv", "kl+tv"):
+            raise RlhfspecError(f"the eagle head's objective {self.config.objective!r} is not kl, tv or kl+tv.")
         self.policy = policy
         self.parts: dict[str, float] = {}
 
@@ -96,7 +103,11 @@ class EagleDistiller(Distiller):
         local = _to_local(torch.cat(top_ids).to(rows.device), self.vocab)
         p = torch.cat(top_lp).to(rows.device).exp()
         logq = torch.log_softmax(self.head.logits(rows), dim=-1).gather(-1, local.clamp(min=0))
-        return -(p * logq * (local >= 0)).sum() / max(rows.shape[0], 1), regression
+        known = local >= 0
+        n = max(rows.shape[0], 1)
+        terms = {"kl": lambda: -(p * logq * known).sum() / n,
+                 "tv": lambda: -(torch.minimum(p, logq.exp()) * known).sum() / n}
+        return sum(terms[part]() for part in self.config.objective.split("+")), regression
 
     def fit(self, examples: list[Example], log=None) -> list[float]:
         self.noise = torch.Generator().manual_seed(self.config.seed + self.steps)
