@@ -6,7 +6,10 @@ rlhfspec's trainer forward over each sample, every sampled token's log-probabili
 the entropy H_t of the distribution it was drawn from. Under exact sampling E[log p(x_t) + H_t] = 0
 at every position (the terms are martingale differences, so their mean has standard error
 sqrt(sum d_t^2) / n); a sampler that sharpens or flattens the distribution moves it. Also each
-side's mean reward on its samples. Usage: python benchmarks/sampler_calibration.py [SEED ...] [--json PATH]
+side's mean reward on its samples. With --policy, the policy sampled is that Hugging Face directory
+(e.g. `rlhfspec export RUN_DIR OUT` of a run's last checkpoint, to check the samplers after updates)
+instead of the default model. Usage:
+python benchmarks/sampler_calibration.py [SEED ...] [--policy DIR] [--json PATH]
 """
 
 import json
@@ -38,12 +41,14 @@ def calibration(policy, batch: Batch, params) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    json_path = argv[argv.index("--json") + 1] if "--json" in argv else None
-    seeds = [int(a) for a in argv if a.isdigit() and (json_path is None or a != json_path)] or [0]
+    values = {flag: argv[argv.index(flag) + 1] for flag in ("--json", "--policy") if flag in argv}
+    json_path = values.get("--json")
+    seeds = [int(a) for a in argv if a.isdigit() and a not in values.values()] or [0]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         c = PeersBenchConfig().job()
-        model_dir, tokenizer = export_policy(c.model.policy, c.model.dtype, Path(tmp) / "policy")
+        source = values.get("--policy", c.model.policy)
+        model_dir, tokenizer = export_policy(source, c.model.dtype, Path(tmp) / "policy")
         hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
         for seed in seeds:
             c = PeersBenchConfig(seed=seed, iterations=1).job()
@@ -69,7 +74,7 @@ def main(argv: list[str]) -> None:
             rewards = RewardSet(list(c.reward.functions), c.reward.weights)
             row_prompts = [r["prompt"] for r in rows for _ in range(g)]
             columns = {k: [r.get(k) for r in rows for _ in range(g)] for k in rows[0] if k != "prompt"}
-            entry = {"seed": seed}
+            entry = {"seed": seed, "policy": source}
             for side, completions in (("rlhfspec", ours), ("transformers", theirs)):
                 texts = [tokenizer.decode(x, skip_special_tokens=True) for x in completions]
                 _, totals = rewards.score(row_prompts, texts, completions, columns)

@@ -36,6 +36,7 @@ class PeersBenchConfig:
     overrides: list[str] = field(default_factory=list)  # --section.key value, applied last
     trl_micro_batch: int | None = None  # TRL's per_device_train_batch_size; None: rlhfspec's train.micro_batch_tokens worth
     interleave: bool = True  # the sides take turns iteration by iteration (turn_order); False: all of rlhfspec's, then TRL's
+    replay_iterations: int = 1  # the update check replays rlhfspec's first N iterations' samples into TRL, one step each
     quick: bool = False
 
     @classmethod
@@ -48,6 +49,8 @@ class PeersBenchConfig:
                  "--train.iterations", str(self.iterations), "--train.seed", str(self.seed), *self.overrides]
         c = load_config(self.config, extra)
         c.validate()
+        if not 1 <= self.replay_iterations <= c.train.iterations:
+            raise RlhfspecError(f"--replay-iterations {self.replay_iterations} is not between 1 and the run's {c.train.iterations} iterations.")
         c.train.dtype = c.train.compute_dtype("cpu")  # one precision, resolved once, for both sides
         c.run.device = "cpu"  # TRL's side runs with use_cpu
         return c
@@ -57,6 +60,7 @@ class PeersBenchConfig:
         cmd += f" --iterations {self.iterations} --seed {self.seed}"
         cmd += f" --trl-micro-batch {self.trl_micro_batch}" if self.trl_micro_batch else ""
         cmd += "" if self.interleave else " --sequential"
+        cmd += f" --replay-iterations {self.replay_iterations}" if self.replay_iterations != 1 else ""
         return cmd + "".join(f" {o}" for o in self.overrides)
 
 
@@ -87,7 +91,7 @@ def run(cfg: PeersBenchConfig, json_path: str | None = None, record: bool = Fals
         theirs = trl_grpo.TrlProcess(c, model_dir, [r for batch in rows for r in batch], c.train.dtype, micro, Path(tmp) / "trl",
                                      torch.get_num_threads(), lambda m: log(f"  TRL {m}"))
         try:
-            ours = _Rlhfspec(c, model_dir, Path(tmp) / "rlhfspec", lambda m: log(f"  rlhfspec {m}"))
+            ours = _Rlhfspec(c, model_dir, Path(tmp) / "rlhfspec", lambda m: log(f"  rlhfspec {m}"), cfg.replay_iterations)
             try:
                 for side in order:
                     if side == "rlhfspec":
@@ -104,9 +108,11 @@ def run(cfg: PeersBenchConfig, json_path: str | None = None, record: bool = Fals
             theirs.close()
         same = first
         if "skipped" not in first:
-            log("same update: TRL's optimizer step on rlhfspec's iteration-0 samples, in place of its own")
-            replayed = trl_grpo.replay_step(c, model_dir, rows[0], first["prompt_ids"], first["completions"], c.train.dtype, micro,
-                                            Path(tmp) / "trl-replay")
+            kept = len(first["steps"])
+            log(f"same update: TRL's optimizer steps on rlhfspec's samples of iterations 0..{kept - 1}, in place of its own")
+            replayed = trl_grpo.replay(c, model_dir, [r for batch in rows[:kept] for r in batch],
+                                       [(s["prompt_ids"], s["completions"]) for s in first["steps"]], c.train.dtype, micro,
+                                       Path(tmp) / "trl-replay")
             same = same_update.update_gap(first, replayed)
             del first, replayed
     trl_result = theirs.result
@@ -191,7 +197,7 @@ class _Rlhfspec:
     """rlhfspec's Trainer on job c from the exported checkpoint, one iteration per `step()`;
     `finish()` gives its records in bench terms and the prompt rows it drew."""
 
-    def __init__(self, c: Config, model_dir: Path, run_dir: Path, log):
+    def __init__(self, c: Config, model_dir: Path, run_dir: Path, log, replay_iterations: int = 1):
         from rlhfspec.rl.trainer import Trainer
 
         cfg = replace(c, model=replace(c.model, policy=str(model_dir)),
@@ -200,12 +206,15 @@ class _Rlhfspec:
         self.trainer.source = _Recorded(self.trainer.source)
         self.trainer.rollout = same_update.KeptRollout(self.trainer.rollout)
         self.iterations, self.records = self.trainer.iterate(), []
-        self.first: dict | None = None  # same_update.first_step of the first iteration
+        self.first: dict | None = None  # same_update.first_step of the first iteration, next_step of the next ones replayed
+        self.replay_iterations = replay_iterations
 
     def step(self) -> None:
         self.records.append(next(self.iterations))
         if len(self.records) == 1:
             self.first = same_update.first_step(self.trainer, self.records[0])
+        elif len(self.records) <= self.replay_iterations:
+            same_update.next_step(self.first, self.trainer, self.records[-1])
 
     def finish(self) -> tuple[list[dict], list[list[dict]]]:
         if next(self.iterations, None) is not None:

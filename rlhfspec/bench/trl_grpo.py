@@ -122,51 +122,62 @@ class TimedGRPOTrainer(trl.GRPOTrainer):
 
 
 class ReplayGRPOTrainer(trl.GRPOTrainer):
-    """GRPOTrainer that samples nothing: its step trains on `completions` (token ids, one per sample
-    in TRL's order, each prompt's samples in turn) in place of its own, so that the update it makes
-    can be set beside rlhfspec's on the same samples; `gradients` keeps the clipped gradients the
-    optimizer step reads (transformers' names)."""
+    """GRPOTrainer that samples nothing: its k-th step trains on `steps[k]` = (prompt ids per sample,
+    completion token ids per sample, in TRL's order, each prompt's samples in turn) in place of its
+    own samples, so that the updates it makes can be set beside rlhfspec's on the same samples;
+    `gradients` keeps the clipped gradients the first optimizer step reads and `after_first` the
+    weights after it (transformers' names)."""
 
-    def __init__(self, *args, prompt_ids: list[list[int]], completions: list[list[int]], **kwargs):
+    def __init__(self, *args, steps: list[tuple[list[list[int]], list[list[int]]]], **kwargs):
         super().__init__(*args, **kwargs)
-        self.expected, self.completions = prompt_ids, completions
+        self.steps, self.taken = steps, 0
         self.gradients: dict[str, torch.Tensor] | None = None
-        self.add_callback(_KeepGradients(self))
+        self.after_first: dict[str, torch.Tensor] | None = None
+        self.add_callback(_KeepFirstStep(self))
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        if [list(p) for p in prompt_ids] != self.expected:
-            raise RlhfspecError("TRL's replayed step saw other prompts than the samples it replays were drawn for; "
-                                "give replay_step the rows whose prompts rlhfspec's samples answer, in order.")
-        return [list(c) for c in self.completions], None
+        expected, completions = self.steps[self.taken]
+        if [list(p) for p in prompt_ids] != expected:
+            raise RlhfspecError(f"TRL's replayed step {self.taken} saw other prompts than the samples it replays were drawn for; "
+                                "give replay the rows whose prompts rlhfspec's samples answer, in order.")
+        self.taken += 1
+        return [list(c) for c in completions], None
 
 
-class _KeepGradients(TrainerCallback):
+class _KeepFirstStep(TrainerCallback):
     def __init__(self, trainer: ReplayGRPOTrainer):
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.trainer.gradients = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+        if self.trainer.gradients is None:
+            self.trainer.gradients = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.trainer.after_first is None:
+            self.trainer.after_first = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def replay_step(c: Config, model_dir: Path, rows: list[dict], prompt_ids: list[list[int]], completions: list[list[int]],
-                precision: str, micro_batch: int, out_dir: Path) -> dict:
-    """TRL's first optimizer step of job `c` from the checkpoint in `model_dir` on `rows`' prompts,
-    trained on `completions` in place of samples of its own: the step's loss, gradient norm (before
-    clipping), learning rate, clipped gradients, and the weights before and after it, by
-    transformers' names."""
+def replay(c: Config, model_dir: Path, rows: list[dict], steps: list[tuple[list[list[int]], list[list[int]]]], precision: str,
+           micro_batch: int, out_dir: Path) -> dict:
+    """TRL's first len(steps) optimizer steps of job `c` from the checkpoint in `model_dir` on `rows`'
+    prompts (P per step, in order), step k trained on steps[k] = (prompt ids, completions) in place
+    of samples of its own: the first step's loss, gradient norm (before clipping), learning rate and
+    clipped gradients, every step's {loss, grad_norm, lr}, and the weights before, after the first
+    step and after the last, by transformers' names."""
     from rlhfspec.rewards.compose import resolve
 
     check_mappable(c)
     model, tokenizer, data = _job_inputs(c, model_dir, rows)
-    args = trl_args(replace(c, train=replace(c.train, iterations=1)), out_dir, precision, micro_batch)
+    args = trl_args(replace(c, train=replace(c.train, iterations=len(steps))), out_dir, precision, micro_batch)
     trainer = ReplayGRPOTrainer(model=model, reward_funcs=[resolve(f) for f in c.reward.functions], args=args, train_dataset=data,
-                                processing_class=tokenizer, prompt_ids=prompt_ids, completions=completions)
+                                processing_class=tokenizer, steps=steps)
     trainer.remove_callback(PrinterCallback)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainer.train()
-    step = next(h for h in trainer.state.log_history if "loss" in h)
-    return {"loss": float(step["loss"]), "grad_norm": float(step["grad_norm"]), "lr": float(step["learning_rate"]), "gradients": trainer.gradients,
-            "before": before, "after": {k: v.detach() for k, v in model.state_dict().items()}}
+    logged = [{"loss": float(h["loss"]), "grad_norm": float(h["grad_norm"]), "lr": float(h["learning_rate"])}
+              for h in trainer.state.log_history if "loss" in h]
+    return {**logged[0], "steps": logged, "gradients": trainer.gradients, "before": before, "after": trainer.after_first,
+            "last": {k: v.detach() for k, v in model.state_dict().items()}}
 
 
 class _StepClock(TrainerCallback):

@@ -125,6 +125,9 @@ def register(sub) -> None:
     q.add_argument("--quick", action="store_true", help="2 iterations of 4 prompts x 4 completions, at most 64 new tokens")
     q.add_argument("--sequential", action="store_true",
                    help="all of rlhfspec's iterations, then all of TRL's (default: interleaved, each pair in ABBA order)")
+    q.add_argument("--replay-iterations", type=int, default=1,
+                   help="the update check replays rlhfspec's samples of its first N iterations into TRL, one optimizer step each, "
+                        "and compares the weights after them (default 1)")
     q.add_argument("--json", default=None)
     q.add_argument("--record", action="store_true", help=RECORD)
     q.set_defaults(run=run_trl, overrides=True)
@@ -201,7 +204,7 @@ def run_trl(args) -> int:
     from rlhfspec.bench.peers import PeersBenchConfig, run
 
     kw = dict(config=args.config, seed=args.seed, overrides=args.extra, trl_micro_batch=args.trl_micro_batch,
-              interleave=not args.sequential)
+              interleave=not args.sequential, replay_iterations=args.replay_iterations)
     if args.iterations is not None:
         kw["iterations"] = args.iterations
     run(PeersBenchConfig.make_quick(**kw) if args.quick else PeersBenchConfig(**kw), json_path=args.json, record=args.record)

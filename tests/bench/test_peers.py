@@ -24,12 +24,12 @@ DEFAULT_RUN = Path(__file__).parents[2] / "configs" / "grpo_arith.yaml"
 def tiny(policy: Path, overrides_extra: tuple = (), **kw) -> PeersBenchConfig:
     overrides = {"model.policy": policy, "data.prompts_per_iteration": 2, "generation.num_generations": 2,
                  "generation.max_new_tokens": 6, "generation.speculative": "false", "train.dtype": "float32"}
-    return PeersBenchConfig(iterations=2, overrides=[*(a for k, v in overrides.items() for a in (f"--{k}", str(v))), *overrides_extra], **kw)
+    return PeersBenchConfig(**{"iterations": 2, **kw}, overrides=[*(a for k, v in overrides.items() for a in (f"--{k}", str(v))), *overrides_extra])
 
 
 def test_both_trainers_run_the_same_prompts_and_the_table_json_and_png_come_out(tmp_path):
     policy = tiny_policy_dir(tmp_path / "policy")
-    result = run(tiny(policy), json_path=str(tmp_path / "trl.json"), out_dir=tmp_path / "out", log=lambda m: None)
+    result = run(tiny(policy, replay_iterations=2), json_path=str(tmp_path / "trl.json"), out_dir=tmp_path / "out", log=lambda m: None)
     assert result["checks"] == {"same_prompts_in_order": True, "same_prompt_ids": True}
     for side in ("rlhfspec", "trl"):
         records = result["runs"][side]
@@ -48,6 +48,7 @@ def test_both_trainers_run_the_same_prompts_and_the_table_json_and_png_come_out(
     assert "Differences the bench does not remove" in table and 'loss_type "dapo"' in table
     same = result["same_update"]  # TRL's step on rlhfspec's first samples (checked in depth below)
     assert same["samples"] == 4 and same["gradient_rel_diff"] < 1e-5 and "the same update from the same samples" in table
+    assert len(same["replayed_steps"]) == 2 and same["last_update_rel_diff"] < 1e-3 and "first 2 iterations' samples" in table
     assert result["order"] == ["rlhfspec", "trl", "trl", "rlhfspec"] and "interleaved, each pair in ABBA order" in table
 
 
@@ -68,7 +69,7 @@ def test_trls_step_on_rlhfspecs_samples_is_rlhfspecs_update_and_a_changed_loss_s
     assert first["grad_norm"] > 0 and len(set(map(len, first["completions"]))) > 1
 
     def replayed(job, out):
-        return update_gap(first, trl_grpo.replay_step(job, policy, rows, first["prompt_ids"], first["completions"], "float32", 4, out))
+        return update_gap(first, trl_grpo.replay(job, policy, rows, [(first["prompt_ids"], first["completions"])], "float32", 4, out))
 
     same = replayed(c, tmp_path / "same")
     assert same["loss"]["trl"] == pytest.approx(same["loss"]["rlhfspec"], rel=1e-5, abs=1e-7)
@@ -80,6 +81,37 @@ def test_trls_step_on_rlhfspecs_samples_is_rlhfspecs_update_and_a_changed_loss_s
     # compare, the updates do not, and the report says so rather than dividing by TRL's zero step
     warm = replayed(replace(c, train=replace(c.train, warmup_steps=2)), tmp_path / "warm")
     assert warm["lr"]["trl"] == 0 and warm["update_rel_diff"] is None and warm["gradient_rel_diff"] < 1e-5, warm
+
+
+def test_trls_steps_on_rlhfspecs_samples_of_three_iterations_end_at_rlhfspecs_weights(tmp_path):
+    """Replayed over several iterations (AdamW's moments and the gradient clipping carried from step
+    to step), TRL's weights after the last step are rlhfspec's; a difference that only shows from
+    the second step on (Adam's first-moment decay: a first step moves by g / |g| whatever it is)
+    passes the first step's check and fails this one."""
+    policy = tiny_policy_dir(tmp_path / "policy", seed=1)
+    c = tiny(policy, iterations=3, overrides_extra=["--reward.functions", "[tests.rl.rewards:digit_count]",
+                                                   "--generation.max_new_tokens", "24", "--generation.num_generations", "4"]).job()
+    ours = _Rlhfspec(c, policy, tmp_path / "run", log=lambda m: None, replay_iterations=3)
+    try:
+        for _ in range(3):
+            ours.step()
+    finally:
+        ours.close()
+    kept, source = ours.first, prompt_source(c)
+    rows = [r for _ in range(3) for r in source.next(c.data.prompts_per_iteration)]
+    assert len(kept["steps"]) == 3 and max(s["grad_norm"] for s in kept["steps"]) > c.train.max_grad_norm  # clipping engaged
+    steps = [(s["prompt_ids"], s["completions"]) for s in kept["steps"]]
+
+    def replayed(job, out):
+        return update_gap(kept, trl_grpo.replay(job, policy, rows, steps, "float32", 4, out))
+
+    same = replayed(c, tmp_path / "same")
+    assert same["last_update_rel_diff"] < 1e-3, same
+    for s in same["replayed_steps"]:
+        assert s["loss"]["trl"] == pytest.approx(s["loss"]["rlhfspec"], rel=1e-5, abs=1e-7)
+        assert s["grad_norm"]["trl"] == pytest.approx(s["grad_norm"]["rlhfspec"], rel=1e-5)
+    later = replayed(replace(c, train=replace(c.train, adam_betas=(0.5, 0.999))), tmp_path / "later")
+    assert later["update_rel_diff"] < 1e-3 and later["last_update_rel_diff"] > 1e-2, later
 
 
 def test_taking_turns_changes_nothing_either_side_samples(tmp_path):
