@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,7 +109,7 @@ def test_a_draft_vocabulary_larger_than_the_policys_is_a_clear_error():
 _TEACHER_PATTERN = """
 import torch
 from rlhfspec.bench.common import _resident
-from rlhfspec.distill.teacher import fixed_mmap_threshold
+from rlhfspec.allocator import fixed_mmap_threshold
 print(fixed_mmap_threshold())
 first = torch.ones(5 << 20)  # 20 MB of one row's logits, freed
 del first
@@ -129,3 +130,34 @@ def test_freed_row_logits_go_back_to_the_system_once_the_mmap_threshold_is_fixed
     if out[0] != "True":
         pytest.skip("this C library has no settable mmap threshold")
     assert int(out[1]) >= 15, f"{out[1]} MB of 20 given back"
+
+
+# A 128 MB block freed and a 64 MB one allocated and touched: the minor page faults the second costs
+# (the first is the larger so that small allocations carved from its freed space leave room).
+_REUSE_PATTERN = """
+import resource, sys, torch
+from rlhfspec.allocator import keep_freed_memory
+print(keep_freed_memory() if sys.argv[1] == "keep" else "default")
+first = torch.ones(32 << 20)
+del first
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+second = torch.ones(16 << 20)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_kept_freed_memory_serves_the_next_large_block_without_page_faults():
+    """By default glibc maps each large block anew and unmaps it when freed, so the next one faults in
+    its pages again (64 MB: 16,384 of them; every training step's activations did); with
+    keep_freed_memory the heap keeps the freed block and the next one reuses its pages."""
+    def faults(mode):
+        return subprocess.run([sys.executable, "-c", _REUSE_PATTERN, mode], capture_output=True, text=True, check=True).stdout.split()
+
+    kept = faults("keep")
+    if kept[0] != "True":
+        pytest.skip("this C library has no such settings")
+    assert int(kept[1]) < 1_000
+    if Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().startswith("[always]"):
+        return  # huge pages fault 2 MB at a time: the default's faults are few too
+    assert int(faults("default")[1]) > 8_000

@@ -8,9 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhfspec.allocator import fixed_mmap_threshold
 from rlhfspec.data.chat import encode_prompt
 from rlhfspec.data.tasks import rl_style_prompts
-from rlhfspec.distill.teacher import fixed_mmap_threshold, teacher_examples
+from rlhfspec.distill.teacher import teacher_examples
 from rlhfspec.distill.train import DistillConfig, Distiller, frequent_tokens, new_draft
 from rlhfspec.engine.drafters.draft_model import DRAFT_VOCAB_FILE, DraftModelDrafter
 from rlhfspec.rollout.generate import generate

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import sys
 import time
 from dataclasses import dataclass
 
@@ -24,28 +22,6 @@ class Example:
     top_ids: torch.Tensor
     top_logprobs: torch.Tensor
     features: torch.Tensor | None = None  # the policy's features (hidden states after the last norm) [len(tokens), H]
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-
-
-def fixed_mmap_threshold(size: int = 1 << 20) -> bool:
-    """From now on, serve every allocation of `size` bytes or more from its own mapping, returned to
-    the system when freed (glibc only; False where it could not be set).
-
-    glibc raises that threshold to the size of each large block freed, up to 32 MB, so once the
-    teacher's first row logits (tens of MB, freed at once) are gone the next ones come from the heap,
-    between the small tensors the teacher keeps; the heap cannot shrink past those, and the process
-    grew by about 14 MB per sequence (measured: the 2,560-prompt eagle job ran out of 24 GB in its
-    teacher pass). Setting the threshold ends that raising. Process-wide: one-shot jobs set it, the
-    RL loop does not (mapping large tensors anew costs page faults on every decode step)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, size))
 
 
 @torch.no_grad()

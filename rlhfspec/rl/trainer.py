@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from rlhfspec.allocator import keep_freed_memory
 from rlhfspec.data.chat import encode_prompt
 from rlhfspec.data.sources import make_source
 from rlhfspec.engine.sampling import SamplingParams
@@ -43,6 +44,8 @@ class Trainer:
         c.validate()
         if c.run.threads:
             torch.set_num_threads(c.run.threads)
+        if c.run.keep_freed_memory:
+            keep_freed_memory()
         self.run_dir = Path(c.run.output_dir)
         if resume:
             ckpt.check_loadable(self.run_dir)
