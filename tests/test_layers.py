@@ -7,7 +7,7 @@ import rlhfspec
 
 # Lowest first; a module may import from its own layer and any layer before it.
 LAYERS = [
-    {"errors", "paths"},
+    {"errors", "paths", "allocator"},
     {"models"},
     {"strategy"},
     {"engine"},
