@@ -1,21 +1,24 @@
-"""What the C allocator does with freed memory (glibc's mallopt; elsewhere these do nothing and
-return False). Process-wide settings, so each process that wants one sets it once, at its start."""
+"""What the C allocator does with freed memory (glibc's mallopt and malloc_trim; elsewhere these
+do nothing, and the settings return False). The settings are process-wide, so each process that
+wants one sets it once, at its start."""
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import sys
 
 # glibc's mallopt parameters
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
 
 
-def _mallopt():
+def _glibc(name: str):
+    """glibc's function `name`, or None (not Linux, or a C library without it: musl has no mallopt)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
         return None
 
 
@@ -29,7 +32,7 @@ def keep_freed_memory(top_pad: int = 256 << 20) -> bool:
     iterations), peak memory 9.0 GB against 8.3. In the RL loop's driver with idle Ray generation
     actors beside it each fault costs more (this machine is a VM), and the training stage took
     0.82x as long with it (benchmarks/RESULTS.md)."""
-    mallopt = _mallopt()
+    mallopt = _glibc("mallopt")
     if mallopt is None:
         return False
     settings = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, top_pad))
@@ -47,5 +50,14 @@ def fixed_mmap_threshold(size: int = 1 << 20) -> bool:
     teacher pass). Setting the threshold ends that raising. For one-shot jobs that keep small tensors
     between large freed ones (the distill jobs); the RL loop keeps its freed memory instead
     (keep_freed_memory)."""
-    mallopt = _mallopt()
+    mallopt = _glibc("mallopt")
     return False if mallopt is None else bool(mallopt(M_MMAP_THRESHOLD, size))
+
+
+def release_memory() -> None:
+    """Give freed heap pages back to the OS now: glibc keeps them, so processes that take turns with
+    large transient buffers (several trainers, an actor loading new weights) would add up their peaks."""
+    gc.collect()
+    trim = _glibc("malloc_trim")
+    if trim is not None:
+        trim(0)

@@ -6,8 +6,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from rlhfspec.allocator import release_memory
 from rlhfspec.bench.common import bench_command, machine, median, results_file, write_json, write_section
-from rlhfspec.models.hardware import release_memory
 from rlhfspec.rl.config_files import load_config
 
 STAGES = ("generation_s", "inference_s", "training_s", "sync_s", "iteration_s")

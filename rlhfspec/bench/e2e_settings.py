@@ -9,9 +9,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from rlhfspec.allocator import release_memory
 from rlhfspec.bench.common import PeakMemory, bench_command, machine, median, results_file, write_json, write_section
 from rlhfspec.bench.e2e import markdown_head
-from rlhfspec.models.hardware import release_memory
 from rlhfspec.rl.config_files import load_config
 from rlhfspec.rl.logprobs import Batch
 

@@ -48,7 +48,7 @@ def run(config_path: str | None = None, iterations: int = 20, overrides: list[st
     step measures acceptance). The settings run round-robin, one iteration each in turn in one
     process, so a shared machine's slow spells fall on all alike; the JSON is rewritten after
     every round, so a run stopped early still shows every setting at the same iteration."""
-    from rlhfspec.models.hardware import release_memory
+    from rlhfspec.allocator import release_memory
     from rlhfspec.rl.trainer import Trainer
 
     settings = settings or SETTINGS

@@ -57,19 +57,6 @@ def describe() -> str:
     return f"{cpu_model()} (kernels {cap}, bf16 {'native' if native_bf16() else 'emulated'})"
 
 
-def release_memory() -> None:
-    """Give freed heap pages back to the OS: glibc keeps them, so processes that take turns with
-    large transient buffers (several trainers, an actor loading new weights) would add up their peaks."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def peak_resident() -> int:
     """This process's peak resident set since it started or the last reset (VmHWM), bytes (Linux)."""
     with open("/proc/self/status") as f:

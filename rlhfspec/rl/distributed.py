@@ -9,8 +9,9 @@ import time
 
 import torch
 
+from rlhfspec.allocator import release_memory
 from rlhfspec.errors import RlhfspecError
-from rlhfspec.models.hardware import peak_memory_mb, release_memory
+from rlhfspec.models.hardware import peak_memory_mb
 from rlhfspec.models.loader import load_model
 from rlhfspec.rl.config import Config
 from rlhfspec.rl.learner import Learner, load_critic, load_weights, weight_tensors

@@ -8,12 +8,12 @@ from typing import Iterator
 
 import torch
 
+from rlhfspec.allocator import release_memory
 from rlhfspec.engine.instance import GenerationInstance
 from rlhfspec.engine.report import InstanceReport, InstanceStats, Migrant
 from rlhfspec.engine.sequence import Sequence
 from rlhfspec.engine.spec import EngineSpec
 from rlhfspec.errors import RlhfspecError
-from rlhfspec.models.hardware import release_memory
 
 
 def _ray():
