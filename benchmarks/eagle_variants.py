@@ -1,6 +1,7 @@
 """Variants of the eagle head's training on the same rollouts and time budget (a probe for [draft]).
 
-    .venv/bin/python benchmarks/eagle_variants.py [--subset N] [--seconds S] [--cache DIR] [--json PATH] VARIANT...
+    .venv/bin/python benchmarks/eagle_variants.py [--source rl-style|self-instruct] [--train-prompts P]
+        [--subset N] [--seconds S] [--cache DIR] [--json PATH] VARIANT...
 
 VARIANT: `base` (what `rlhfspec distill-draft --kind eagle` trains), `fused` (EAGLE-3's input: the
 outputs of layers 2 and 15, RMS-normalised, beside the final feature, mapped to one feature by a
@@ -8,10 +9,13 @@ learned layer that starts as the final feature's pass-through), `frozen` (the re
 policy's own output rows, as EAGLE-1 does), `frozenX` (that, plus Gaussian noise of std X on the
 input features), `tv` (the classification term minus the acceptance over the teacher's top-k, sum_i
 min(p_i, q_i), instead of the cross-entropy), `kl+tv` (both terms). Every variant trains for
---seconds on the first --subset of the 640 training rollouts (all by default) and reports the
-expected acceptance of one draft token at temperature 1 (mean sum_x min(p, q)) on the 24 held-out
-rollouts of `distill-draft` and on 24 of its training rollouts. Rollouts and teacher targets are
-cached in --cache, so variants run later see the same text.
+--seconds on the first --subset of the --train-prompts training rollouts (all by default; 640, as
+`distill-draft`, unless told) and reports the expected acceptance of one draft token at temperature 1
+(mean sum_x min(p, q)) on the 24 held-out rollouts of `distill-draft` (prompts none of the training
+prompts), on 24 new rollouts of training prompts (what `distill-draft` held out before 2026-11-29)
+and on 24 of its training rollouts. --source self-instruct trains on the policy's answers to prompts
+it wrote itself (benchmarks/self_instruct.py) instead of RL-style ones. Rollouts and teacher
+targets are cached in --cache, so variants run later see the same text.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from rlhfspec.models.attention import DenseAttention
 from rlhfspec.models.batch import padded_batch
 from rlhfspec.models.linear import Linear
 from rlhfspec.models.llama import decoder_layer, rms_norm
+from self_instruct import self_instruct_prompts  # beside this script
 
 FUSED_LAYERS = (2, 15)
 
@@ -136,7 +141,11 @@ def cached(path: str, make):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("variants", nargs="+")
-    ap.add_argument("--subset", type=int, default=0, help="train on the first N rollouts only (0: all 640)")
+    ap.add_argument("--train-prompts", type=int, default=640, help="rollouts to make and cache (distill-draft's default: 640)")
+    ap.add_argument("--source", default="rl-style", choices=("rl-style", "self-instruct"),
+                    help="training prompts: RL-style ones, or requests the policy writes (benchmarks/self_instruct.py)")
+    ap.add_argument("--instruct-temperature", type=float, default=0.5, help="self-instruct: the temperature the policy writes prompts at")
+    ap.add_argument("--subset", type=int, default=0, help="train on the first N rollouts only (0: all)")
     ap.add_argument("--seconds", type=float, default=300.0)
     ap.add_argument("--cache", default="/tmp/eagle_variants")
     ap.add_argument("--json", help="also write the results here")
@@ -145,9 +154,12 @@ def main() -> None:
     torch.manual_seed(0)
     policy, tok = load_model("default", dtype="float32")
     policy.requires_grad_(False)
-    train = cached(f"{args.cache}/train.pt", lambda: policy_rollouts(policy, tok, 640, 128, 0, log=print))
-    held = cached(f"{args.cache}/held.pt", lambda: policy_rollouts(policy, tok, 24, 128, 10_000, log=print))
-    exs = cached(f"{args.cache}/examples.pt", lambda: examples(policy, *train))
+    suffix = ("" if args.train_prompts == 640 else f"_{args.train_prompts}") + ("" if args.source == "rl-style" else f"_self_instruct_t{args.instruct_temperature:g}")
+    source = None if args.source == "rl-style" else lambda n, seed: self_instruct_prompts(policy, tok, n, seed, temperature=args.instruct_temperature)
+    train = cached(f"{args.cache}/train{suffix}.pt", lambda: policy_rollouts(policy, tok, args.train_prompts, 128, 0, log=print, source=source))
+    held = cached(f"{args.cache}/held_new_prompts.pt", lambda: policy_rollouts(policy, tok, 24, 128, 10_000, log=print, heldout=True))
+    held_same = cached(f"{args.cache}/held.pt", lambda: policy_rollouts(policy, tok, 24, 128, 10_000, log=print))
+    exs = cached(f"{args.cache}/examples{suffix}.pt", lambda: examples(policy, *train))
     if args.subset:
         exs = exs[: args.subset]
     print(f"{len(exs)} rollouts, {sum(len(e.tokens) - e.start for e in exs)} response tokens", flush=True)
@@ -162,8 +174,9 @@ def main() -> None:
         distiller = VariantDistiller(new_head(policy, vocab, seed=0), policy, config, fused=name == "fused", frozen_readout=frozen)
         start = time.perf_counter()
         losses = distiller.fit(exs)
-        results[name] = {"rollouts": len(exs), "steps": len(losses), "train_s": round(time.perf_counter() - start, 1),
+        results[name] = {"source": args.source + ("" if args.source == "rl-style" else f" at temperature {args.instruct_temperature:g}"), "rollouts": len(exs), "steps": len(losses), "train_s": round(time.perf_counter() - start, 1),
                          "heldout_acceptance": distiller.expected_acceptance(*held),
+                         "same_prompts_acceptance": distiller.expected_acceptance(*held_same),
                          "train_acceptance": distiller.expected_acceptance(train[0][:24], train[1][:24])}
         print(name, results[name], flush=True)
     print(json.dumps(results, indent=2))

@@ -6,6 +6,7 @@ import pytest
 
 from rlhfspec.cli.generate import draft_tokens
 from rlhfspec.cli.main import main
+from rlhfspec.errors import RlhfspecError
 
 
 def test_num_draft_tokens_takes_an_integer_or_auto():
@@ -98,3 +99,16 @@ def test_bench_commands_reach_their_benchmark_with_their_flags(argv, module, exp
     (args, kwargs), = calls
     assert args[1] == 2  # iterations
     assert {k: kwargs[k] for k in expected} == expected
+
+
+def test_bench_spec_measures_on_heldout_prompts_unless_told(monkeypatch):
+    from rlhfspec.bench import spec
+    from rlhfspec.bench.spec import SpecBenchConfig
+
+    calls = []
+    monkeypatch.setattr(spec, "run", lambda cfg, **k: calls.append(cfg))
+    assert main(["bench", "spec", "--quick"]) == 0 and main(["bench", "spec", "--quick", "--prompts", "train"]) == 0
+    assert [c.prompts for c in calls] == ["heldout", "train"]
+    assert "--prompts" not in calls[0].command() and "--prompts train" in calls[1].command()
+    with pytest.raises(RlhfspecError, match="must be heldout or train"):
+        SpecBenchConfig(prompts="test")

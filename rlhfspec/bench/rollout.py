@@ -55,7 +55,8 @@ def run(cfg: RolloutBenchConfig, json_path: str | None = None, record: bool = Fa
     invariant = invariant_for(cfg.device)
     draft_path = Path(cfg.draft) if cfg.draft else default_draft_path()
     loaded = DraftModel(str(draft_path)).build(policy, tok)
-    texts = rl_style_prompts(cfg.prompts, seed=cfg.seed)
+    # Held-out prompts: the drafters were trained on the other RL-style prompts.
+    texts = rl_style_prompts(cfg.prompts, seed=cfg.seed, heldout=True)
     prompts = [encode_prompt(tok, t) for t in texts for _ in range(cfg.samples)]
     params = SamplingParams(temperature=1.0, max_new_tokens=cfg.max_new_tokens)
     drafters = (Ngram(), DraftModel(str(draft_path)))
@@ -150,7 +151,7 @@ def _markdown(result: dict, cfg: RolloutBenchConfig, png: str, json_path: str | 
         f"Command: `rlhfspec bench rollout{' --quick' if cfg.quick else ''}{' --eagle' if cfg.eagle else ''}"
         f"{'' if cfg.device == 'cpu' else f' --device {cfg.device}'} --record{f' --json {json_path}' if json_path else ''}`  ",
         f"Machine: {result['machine']}; policy {result['model']} ({result['dtype']}), draft `{result['draft']}`  ",
-        f"{cfg.prompts} RL-style prompts x {cfg.samples} samples at temperature 1, up to {cfg.max_new_tokens} new tokens "
+        f"{cfg.prompts} held-out RL-style prompts (none the drafters were trained on) x {cfg.samples} samples at temperature 1, up to {cfg.max_new_tokens} new tokens "
         f"(response length median {result['response_lengths']['median']}, max {result['response_lengths']['max']}), "
         f"{cfg.batch_size} live samples at most, one run per policy"
         + (f" on {cfg.instances} {cfg.backend} instances, reallocation {'on' if cfg.realloc else 'off'}." if cfg.instances > 1 or cfg.backend == "ray"

@@ -60,6 +60,13 @@ class SpecBenchConfig:
     verify_batches: tuple[int, ...] = (1, 4, 16, 64)
     verify_ks: tuple[int, ...] = (1, 2, 4, 8)
     device: str = "cpu"  # cuda: the policy in bfloat16 on the GPU, the fast (not batch-invariant) forward
+    # heldout: RL-style prompts none of the default drafters was trained on; train: the ones they were
+    # (what this bench measured before 2026-11-29)
+    prompts: str = "heldout"
+
+    def __post_init__(self):
+        if self.prompts not in ("heldout", "train"):
+            raise RlhfspecError(f"bench spec --prompts must be heldout or train, got {self.prompts!r}.")
 
     @classmethod
     def make_quick(cls, **kw) -> SpecBenchConfig:
@@ -74,6 +81,7 @@ class SpecBenchConfig:
         for name in ("batches", "ns", "temperatures"):
             if getattr(self, name) != getattr(base, name):
                 parts.append(f"--{name} " + ",".join(f"{x:g}" for x in getattr(self, name)))
+        parts += ([f"--prompts {self.prompts}"] if self.prompts != "heldout" else [])
         parts += ([f"--json {json_path}"] if json_path else []) + (["--record"] if record else [])
         return " ".join(parts)
 
@@ -119,7 +127,8 @@ def run(cfg: SpecBenchConfig, json_path: str | None = None, record: bool = False
             drafters[name] = lambda head=head, k=branches: EagleDrafter(head, branches=k)
         else:
             raise RlhfspecError(f"bench spec drafter {name!r} is not ngram, draft, eagle or eagle-treeK (K chains per tree).")
-    prompts = [encode_prompt(tok, p) for p in rl_style_prompts(max(max(cfg.batches), MIN_PROMPTS), seed=cfg.seed)]
+    prompts = [encode_prompt(tok, p) for p in rl_style_prompts(max(max(cfg.batches), MIN_PROMPTS), seed=cfg.seed,
+                                                         heldout=cfg.prompts == "heldout")]
     for name in drafters:  # warm-up: weight packing, allocator
         generate(policy, prompts[:2], SamplingParams(max_new_tokens=8), tokenizer=tok, drafter=drafters[name](), num_draft_tokens=2,
                  batch_invariant=invariant)
@@ -160,7 +169,8 @@ def run(cfg: SpecBenchConfig, json_path: str | None = None, record: bool = False
     results = results_file(record)
     # The default drafters' table is the "spec" section; other selections get their own section
     # and plot, so a run over one new drafter does not replace the others' table.
-    suffix = ("" if cfg.drafters == SpecBenchConfig.drafters else "_" + "_".join(cfg.drafters)) + ("" if cfg.device == "cpu" else f"_{cfg.device}")
+    suffix = (("" if cfg.drafters == SpecBenchConfig.drafters else "_" + "_".join(cfg.drafters)) + ("" if cfg.device == "cpu" else f"_{cfg.device}")
+              + ("" if cfg.prompts == "heldout" else "_train_prompts"))
     png = speedup_vs_n(rows, results.parent / f"spec_speedup{suffix}.png")
     log(write_section("spec" + suffix.replace("_", "-"), _markdown(result, cfg, png.name), path=results))
     return result
@@ -194,13 +204,14 @@ def _markdown(result: dict, cfg: SpecBenchConfig, png: str) -> str:
     lines = [
         "## Speculative decoding: static settings vs plain decoding"
         + ("" if cfg.drafters == SpecBenchConfig.drafters else f" ({', '.join(cfg.drafters)})")
-        + ("" if cfg.device == "cpu" else f" on {cfg.device}"),
+        + ("" if cfg.device == "cpu" else f" on {cfg.device}") + ("" if cfg.prompts == "heldout" else ", on the drafters' training prompts"),
         "",
         f"Command: `{cfg.command(result.get('json'), result.get('recorded', False))}`  ",
         f"Machine: {result['machine']}; policy {result['model']} ({result['dtype']})"
         + (f", draft `{result['draft']}`" if "draft" in cfg.drafters else "")
         + (f", eagle head `{result['eagle']}`" if any(d.startswith("eagle") for d in cfg.drafters) else "") + "  ",
-        f"RL-style prompts (arithmetic, short reasoning, code; max(batch, {MIN_PROMPTS}) of them, `batch` live at once), up to "
+        f"{'Held-out RL-style prompts (none the drafters were trained on' if cfg.prompts == 'heldout' else 'RL-style prompts (those the drafters were trained on'}: "
+        f"arithmetic, short reasoning, code; max(batch, {MIN_PROMPTS}) of them, `batch` live at once), up to "
         f"{cfg.max_new_tokens} new tokens, stopping at EOS; speedup = tokens/s over plain decoding of the same engine "
         f"measured in the same loop; acceptance = accepted / proposed draft tokens (for eagle-treeK, K chains of n share "
         f"their first position and one forward verifies all K*n drafts; acceptance counts along the accepted chain).",

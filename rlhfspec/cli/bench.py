@@ -34,6 +34,8 @@ def register(sub) -> None:
     s.add_argument("--repeats", type=int, default=1)
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--device", default="cpu", help="cuda: the policy in bfloat16 on the GPU (fast forward, not batch-invariant)")
+    s.add_argument("--prompts", default="heldout", choices=("heldout", "train"),
+                   help="held-out RL-style prompts (default), or those the default drafters were trained on")
     s.set_defaults(run=run_spec)
     r = names.add_parser("rollout", help="a GRPO-style rollout: plain, static, threshold and adaptive drafting")
     r.add_argument("--model", default="default")
@@ -153,7 +155,7 @@ def run_spec(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    kw = dict(model=args.model, draft=args.draft, eagle=args.eagle, repeats=args.repeats, device=args.device,
+    kw = dict(model=args.model, draft=args.draft, eagle=args.eagle, repeats=args.repeats, device=args.device, prompts=args.prompts,
               drafters=tuple(d.strip() for d in args.drafters.split(",") if d.strip()))
     for name, cast in (("batches", int), ("ns", int), ("temperatures", float)):
         if getattr(args, name):

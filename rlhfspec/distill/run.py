@@ -20,8 +20,11 @@ from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.checkpoint import save_pretrained
 
 
-# Held-out prompts are drawn with the job's seed plus this. A small task repeats its prompts across
-# seeds (one-digit sums have about 200), so held out means new responses, not always new prompts.
+# Held-out prompts are drawn with the job's seed plus this. RL-style held-out prompts come from lists
+# no training draw uses (rl_style_prompts(..., heldout=True)), so a drafter is measured on prompts it
+# never saw; a task's (--prompts-from) are its own prompts drawn with another seed, and a small task
+# repeats its prompts across seeds (one-digit sums have about 200), so there held out means new
+# responses, not always new prompts.
 HELDOUT_SEED = 10_000
 
 
@@ -66,19 +69,19 @@ class DistillJob:
 PromptMaker = Callable[[int, int], list[str]]  # (n, seed) -> n prompt texts
 
 
-def prompt_texts(n: int, seed: int, prompts: PromptMaker | None = None) -> list[str]:
-    """n prompts drawn with `seed`: RL-style ones (a mix of arithmetic, word problems and code), or
-    what `prompts` makes (the CLI's --prompts-from: an RL run's own prompt source, so that a head or
-    draft learns the text that run will generate)."""
-    return rl_style_prompts(n, seed=seed) if prompts is None else prompts(n, seed)
+def prompt_texts(n: int, seed: int, prompts: PromptMaker | None = None, heldout: bool = False) -> list[str]:
+    """n prompts drawn with `seed`: RL-style ones (a mix of arithmetic, word problems and code; with
+    `heldout`, from the held-out lists), or what `prompts` makes (the CLI's --prompts-from: an RL run's
+    own prompt source, so that a head or draft learns the text that run will generate)."""
+    return rl_style_prompts(n, seed=seed, heldout=heldout) if prompts is None else prompts(n, seed)
 
 
 def policy_rollouts(policy, tokenizer, prompts: int, max_new_tokens: int, seed: int, log=print,
-                    source: PromptMaker | None = None) -> tuple[list[list[int]], list[int]]:
+                    source: PromptMaker | None = None, heldout: bool = False) -> tuple[list[list[int]], list[int]]:
     """The policy's own answers (temperature 1) to `prompts` prompts (see prompt_texts): prompt+response
     token ids and where each response starts."""
     params = SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens)
-    encoded = [encode_prompt(tokenizer, t) for t in prompt_texts(prompts, seed, source)]
+    encoded = [encode_prompt(tokenizer, t) for t in prompt_texts(prompts, seed, source, heldout)]
     log(f"generating {len(encoded)} policy responses for distillation")
     outs = generate(policy, encoded, params, seed=seed, tokenizer=tokenizer, progress=True)
     return [o.prompt_token_ids + o.token_ids for o in outs], [len(o.prompt_token_ids) for o in outs]
@@ -118,7 +121,7 @@ def distill_draft(policy, tokenizer, out: str | Path, job: DistillJob, log=print
 
 def heldout_acceptance(policy, tokenizer, drafter, job, n: int = 4) -> dict:
     """Acceptance rate and tokens per step of speculative sampling on prompts not used in training."""
-    prompts = [encode_prompt(tokenizer, t) for t in prompt_texts(job.heldout_prompts, job.seed + HELDOUT_SEED, job.prompts)]
+    prompts = [encode_prompt(tokenizer, t) for t in prompt_texts(job.heldout_prompts, job.seed + HELDOUT_SEED, job.prompts, heldout=True)]
     stats: list = []
     generate(policy, prompts, SamplingParams(temperature=1.0, max_new_tokens=96), seed=job.seed + 1,
              tokenizer=tokenizer, drafter=drafter, num_draft_tokens=n, instance_stats=stats)
@@ -173,7 +176,7 @@ def distill_eagle(policy, tokenizer, out: str | Path, job: EagleJob, log=print) 
     t3 = time.perf_counter()
     out = head.save(out)
     held_seqs, held_starts = policy_rollouts(policy, tokenizer, job.heldout_prompts, job.max_new_tokens, job.seed + HELDOUT_SEED,
-                                           log=lambda _: None, source=job.prompts)
+                                           log=lambda _: None, source=job.prompts, heldout=True)
     head = head.to(policy.dtype)
     report = {
         "kind": "eagle", "prompts": job.prompts_name, "steps": len(losses), "final_loss": losses[-1] if losses else None,

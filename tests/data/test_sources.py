@@ -83,3 +83,16 @@ def test_rl_style_prompts_are_whole_prompts_of_each_kind():
     prompts = rl_style_prompts(9, seed=3)
     assert all(len(p) > 20 for p in prompts)
     assert sum(p in WORD_PROBLEMS for p in prompts) == 3 and sum(p in CODE for p in prompts) == 3
+
+
+def test_heldout_rl_style_prompts_are_never_training_prompts():
+    from rlhfspec.data.tasks import HELDOUT_CODE, HELDOUT_WORD_PROBLEMS, rl_style_prompts
+
+    # The request lists share no prompt, and held-out arithmetic has three terms where training's has
+    # two, so no seed and no size draws a held-out prompt for training.
+    train = {p for seed in range(20) for p in rl_style_prompts(300, seed)}
+    held = rl_style_prompts(300, seed=10_000, heldout=True)
+    assert not train & set(held)
+    assert sum(p in HELDOUT_WORD_PROBLEMS for p in held) == 100 and sum(p in HELDOUT_CODE for p in held) == 100
+    assert all(p.count("+") + p.count("-") == 2 for p in held[::3])
+    assert rl_style_prompts(30, seed=4) == rl_style_prompts(30, seed=4, heldout=False)
