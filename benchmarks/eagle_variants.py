@@ -1,7 +1,7 @@
 """Variants of the eagle head's training on the same rollouts and time budget (a probe for [draft]).
 
     .venv/bin/python benchmarks/eagle_variants.py [--source rl-style|self-instruct] [--train-prompts P]
-        [--subset N] [--seconds S] [--cache DIR] [--json PATH] VARIANT...
+        [--subset N] [--extra-text C] [--seconds S] [--cache DIR] [--json PATH] VARIANT...
 
 VARIANT: `base` (what `rlhfspec distill-draft --kind eagle` trains), `fused` (EAGLE-3's input: the
 outputs of layers 2 and 15, RMS-normalised, beside the final feature, mapped to one feature by a
@@ -14,7 +14,8 @@ min(p_i, q_i), instead of the cross-entropy), `kl+tv` (both terms). Every varian
 (mean sum_x min(p, q)) on the 24 held-out rollouts of `distill-draft` (prompts none of the training
 prompts), on 24 new rollouts of training prompts (what `distill-draft` held out before 2026-11-29)
 and on 24 of its training rollouts. --source self-instruct trains on the policy's answers to prompts
-it wrote itself (benchmarks/self_instruct.py) instead of RL-style ones. Rollouts and teacher
+it wrote itself (benchmarks/self_instruct.py) instead of RL-style ones; --extra-text C adds C
+chunks of 128 tokens of the Python standard library's files to the training text. Rollouts and teacher
 targets are cached in --cache, so variants run later see the same text.
 """
 
@@ -130,6 +131,27 @@ class VariantDistiller(EagleDistiller):
         return total / max(count, 1)
 
 
+def stdlib_chunks(tok, n: int, length: int = 128, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    """n chunks of `length` tokens of the Python standard library's own files (code, docstrings,
+    comments; pydoc_data/topics.py is English prose), each framed as the assistant's answer to one
+    request, as (sequences, where each answer starts): text the policy did not write, on every machine."""
+    import random
+    import sysconfig
+    from pathlib import Path
+
+    from rlhfspec.data.chat import encode_prompt
+
+    prompt = encode_prompt(tok, "Write some Python code and explain it.")
+    chunks = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+        if "site-packages" in path.parts or "test" in path.parts or "tests" in path.parts:
+            continue
+        ids = tok.encode(path.read_text(errors="ignore"), add_special_tokens=False)
+        chunks += [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)]
+    random.Random(seed).shuffle(chunks)
+    return [prompt + c for c in chunks[:n]], [len(prompt)] * min(n, len(chunks))
+
+
 def cached(path: str, make):
     if os.path.exists(path):
         return torch.load(path, weights_only=False)
@@ -145,6 +167,8 @@ def main() -> None:
     ap.add_argument("--source", default="rl-style", choices=("rl-style", "self-instruct"),
                     help="training prompts: RL-style ones, or requests the policy writes (benchmarks/self_instruct.py)")
     ap.add_argument("--instruct-temperature", type=float, default=0.5, help="self-instruct: the temperature the policy writes prompts at")
+    ap.add_argument("--extra-text", type=int, default=0,
+                    help="also train on this many 128-token chunks of the Python standard library's files (text the policy did not write)")
     ap.add_argument("--subset", type=int, default=0, help="train on the first N rollouts only (0: all)")
     ap.add_argument("--seconds", type=float, default=300.0)
     ap.add_argument("--cache", default="/tmp/eagle_variants")
@@ -163,6 +187,10 @@ def main() -> None:
     if args.subset:
         exs = exs[: args.subset]
     print(f"{len(exs)} rollouts, {sum(len(e.tokens) - e.start for e in exs)} response tokens", flush=True)
+    if args.extra_text:
+        extra = cached(f"{args.cache}/extra_{args.extra_text}.pt", lambda: examples(policy, *stdlib_chunks(tok, args.extra_text)))
+        print(f"and {len(extra)} chunks of the standard library, {sum(len(e.tokens) - e.start for e in extra)} tokens", flush=True)
+        exs = exs + extra
     vocab = frequent_tokens(exs, 8192, always=tuple(policy.config.eos_token_ids) + tuple(tok.all_special_ids))
     results = {}
     for name in args.variants:
@@ -174,7 +202,7 @@ def main() -> None:
         distiller = VariantDistiller(new_head(policy, vocab, seed=0), policy, config, fused=name == "fused", frozen_readout=frozen)
         start = time.perf_counter()
         losses = distiller.fit(exs)
-        results[name] = {"source": args.source + ("" if args.source == "rl-style" else f" at temperature {args.instruct_temperature:g}"), "rollouts": len(exs), "steps": len(losses), "train_s": round(time.perf_counter() - start, 1),
+        results[name] = {"source": args.source + ("" if args.source == "rl-style" else f" at temperature {args.instruct_temperature:g}"), "rollouts": len(exs) - args.extra_text, "extra_text_chunks": args.extra_text, "steps": len(losses), "train_s": round(time.perf_counter() - start, 1),
                          "heldout_acceptance": distiller.expected_acceptance(*held),
                          "same_prompts_acceptance": distiller.expected_acceptance(*held_same),
                          "train_acceptance": distiller.expected_acceptance(train[0][:24], train[1][:24])}
