@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import queue
 import tempfile
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
 from rlhfspec.allocator import release_memory
 from rlhfspec.bench.common import bench_command, machine, median, results_file, write_json, write_section
+from rlhfspec.errors import RlhfspecError
 from rlhfspec.rl.config_files import load_config
 
 STAGES = ("generation_s", "inference_s", "training_s", "sync_s", "iteration_s")
@@ -24,6 +27,9 @@ RAY = ["--generation.backend", "ray", "--generation.instances", "2", "--generati
 PLACEMENTS = {
     "in-process, K=1": [],
     "in-process, K=2": ["--generation.instances", "2", "--generation.realloc", "true"],
+    # The default run with its one generation instance moved to a Ray actor (run.threads threads):
+    # what Ray itself costs, apart from splitting generation over K = 2 one-thread instances.
+    "Ray, K=1 actor, N=1": ["--generation.backend", "ray"],
     "Ray, K=2 actors, N=1": RAY,
     "Ray, K=2 actors, N=2 trainers": [*RAY, "--train.workers", "2"],
 }
@@ -210,30 +216,17 @@ def run_placement(config_path: str | None, iterations: int, overrides: list[str]
     this process or on Ray (compare "placement": PLACEMENTS), or with N = 2 trainers keeping the
     optimizer state replicated or sharded ("sharding": SHARDINGS). The rows run one after another
     (each row's trainers and actors together would not fit in memory beside another's); stage times
-    are medians over iterations 1.. . Batch-invariant generation makes every row's rollouts the same
-    samples (the sharding rows' updates are equal too, so their samples stay the same throughout)."""
-    from rlhfspec.rl.trainer import Trainer
-
+    are medians over iterations 1.. . Each row runs in a fresh process, so that no row inherits an
+    earlier one's heap (whose freed memory the run keeps, `run.keep_freed_memory`) or threads.
+    Batch-invariant generation makes every row's rollouts the same samples (the sharding rows'
+    updates are equal too, so their samples stay the same throughout)."""
     rows = SHARDINGS if compare == "sharding" else PLACEMENTS
     all_records: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="rlhfspec-bench-") as tmp:
         for i, (label, extra) in enumerate(rows.items()):
-            cfg = load_config(config_path, [*(overrides or []), *extra, "--train.iterations", str(iterations),
-                                            "--run.output_dir", str(Path(tmp) / f"run{i}"), "--run.tensorboard", "false",
-                                            "--run.checkpoint_every", str(iterations)])
-            release_memory()
-            records = all_records[label] = []
-            trainer = Trainer(cfg, progress=False, log=lambda m: None)
-            try:
-                for _ in range(iterations):
-                    release_memory()
-                    r = trainer.step()
-                    trainer.iteration += 1
-                    records.append(r)
-                    log(f"{label:30} iteration {r['iteration']} {r['iteration_s']:.1f} s (generation {r['generation_s']:.1f}, "
-                        f"inference {r['inference_s']:.1f}, training {r['training_s']:.1f}, sync {r['sync_s']:.2f}), reward {r['reward']:.3f}")
-            finally:
-                trainer.close()
+            args = [*(overrides or []), *extra, "--train.iterations", str(iterations), "--run.output_dir", str(Path(tmp) / f"run{i}"),
+                    "--run.tensorboard", "false", "--run.checkpoint_every", str(iterations)]
+            all_records[label] = _in_fresh_process(_placement_row, (config_path, args, iterations, label), label, log)
     medians = {label: {k: median([r.get(k) or 0.0 for r in (records[1:] or records)]) for k in PLACEMENT_STAGES}
                for label, records in all_records.items()}
     ref = medians[next(iter(rows))]
@@ -254,6 +247,67 @@ def run_placement(config_path: str | None, iterations: int, overrides: list[str]
     markdown = sharding_markdown if compare == "sharding" else placement_markdown
     log(write_section(f"e2e-{compare}", markdown(result, cmd, iterations), path=results_file(record)))
     return result
+
+
+def _placement_row(config_path: str | None, args: list[str], iterations: int, label: str, log) -> list[dict]:
+    """One placement row's iterations (run in a fresh process: see `_in_fresh_process`)."""
+    from rlhfspec.rl.trainer import Trainer
+
+    cfg = load_config(config_path, args)
+    records = []
+    trainer = Trainer(cfg, progress=False, log=lambda m: None)
+    try:
+        for _ in range(iterations):
+            release_memory()
+            r = trainer.step()
+            trainer.iteration += 1
+            records.append(r)
+            log(f"{label:30} iteration {r['iteration']} {r['iteration_s']:.1f} s (generation {r['generation_s']:.1f}, "
+                f"inference {r['inference_s']:.1f}, training {r['training_s']:.1f}, sync {r['sync_s']:.2f}), reward {r['reward']:.3f}")
+    finally:
+        trainer.close()
+    return records
+
+
+def _in_fresh_process(fn, args: tuple, name: str, log):
+    """fn(*args, log) in a new Python process (spawned, so nothing of this one's heap, threads or
+    earlier rows' Ray sessions carries over into the row it measures); its log lines are passed
+    on as they come, its return value returned, its error raised here as one sentence."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    messages = ctx.Queue()
+    child = ctx.Process(target=_child, args=(fn, args, messages))
+    child.start()
+    try:
+        while True:
+            try:
+                kind, value = messages.get(timeout=5.0)
+            except queue.Empty:
+                if not child.is_alive():
+                    raise RlhfspecError(f"the bench's process for {name!r} ended (exit code {child.exitcode}) without a result; "
+                                        "see its output above (a process killed for memory exits -9).") from None
+                continue
+            if kind == "log":
+                log(value)
+            elif kind == "error":
+                raise RlhfspecError(value)
+            else:
+                return value
+    finally:
+        child.join(timeout=60)
+        if child.is_alive():
+            child.kill()
+
+
+def _child(fn, args: tuple, messages) -> None:
+    try:
+        messages.put(("done", fn(*args, lambda m: messages.put(("log", m)))))
+    except RlhfspecError as e:
+        messages.put(("error", str(e)))
+    except BaseException as e:  # (a row's failure is the parent's to report; its traceback goes to stderr)
+        traceback.print_exc()
+        messages.put(("error", f"{type(e).__name__}: {e}"))
 
 
 def sharding_markdown(r: dict, cmd: str, iterations: int) -> str:

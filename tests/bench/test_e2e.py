@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from rlhfspec.bench.e2e import PRECISIONS, SHARDINGS, run
+from rlhfspec.bench.e2e import PRECISIONS, SHARDINGS, _in_fresh_process, run
 from rlhfspec.bench.e2e_settings import SHARING, TRAINER_SETTINGS
+from rlhfspec.errors import RlhfspecError
 from rlhfspec.rl.config_files import load_config
 from rlhfspec.rl.trainer import Trainer
 from tests.rl.helpers import tiny_policy_dir
@@ -49,6 +50,29 @@ def test_the_sharding_comparison_runs_the_same_iterations_on_half_the_optimizer_
     table = lines[-1]
     assert "<!-- bench" not in table and f"| {sharded} |" in table and "--compare sharding" in table
 
+
+
+def _row(x: int, log) -> dict:
+    import os
+
+    log(f"row {x} in {os.getpid()}")
+    if x < 0:
+        raise RlhfspecError("x is negative.")
+    if x == 0:
+        os._exit(3)
+    return {"x": x, "pid": os.getpid()}
+
+
+def test_a_placement_row_runs_in_a_fresh_process_that_passes_on_its_log_result_and_failure():
+    import os
+
+    lines = []
+    out = _in_fresh_process(_row, (2,), "two", lines.append)
+    assert out["x"] == 2 and out["pid"] != os.getpid() and lines == [f"row 2 in {out['pid']}"]
+    with pytest.raises(RlhfspecError, match=r"^x is negative\.$"):
+        _in_fresh_process(_row, (-1,), "negative", lines.append)
+    with pytest.raises(RlhfspecError, match="process for 'zero' ended \\(exit code 3\\) without a result"):
+        _in_fresh_process(_row, (0,), "zero", lines.append)
 
 def test_the_prompt_sharing_comparison_trains_the_same_samples_on_fewer_tokens(tmp_path):
     lines = []
