@@ -36,6 +36,18 @@ def main() -> None:
     for side in ("rlhfspec", "trl"):
         last = [run["runs"][side][-1]["reward"] for run in runs]
         print(f"{side}: last rewards {', '.join(f'{x:.3f}' for x in last)} (spread {min(last):.3f}-{max(last):.3f})")
+    print("\n| iteration | seeds | rlhfspec reward, mean | TRL reward, mean | paired difference, mean | t |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for it in range(max(len(run["runs"]["trl"]) for run in runs)):
+        pairs = [(run["runs"]["rlhfspec"][it]["reward"], run["runs"]["trl"][it]["reward"]) for run in runs if len(run["runs"]["trl"]) > it]
+        print(f"| {it} | {len(pairs)} | {statistics.mean(a for a, _ in pairs):.3f} | {statistics.mean(b for _, b in pairs):.3f} | "
+              f"{_paired(pairs)} |")
+    print("\nEach run's mean reward over its iterations 4.. (runs longer than 4 iterations):")
+    for run in runs:
+        ours, theirs = ([r["reward"] for r in run["runs"][side][4:]] for side in ("rlhfspec", "trl"))
+        if ours:
+            print(f"  seed {run['job']['seed']}, iterations 4-{len(ours) + 3}: rlhfspec {statistics.mean(ours):.3f}, TRL "
+                  f"{statistics.mean(theirs):.3f}; paired by iteration {_paired(list(zip(ours, theirs)))}")
 
     import matplotlib
 
@@ -57,6 +69,15 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
     print(f"wrote {args.png}")
+
+
+def _paired(pairs: list[tuple[float, float]]) -> str:
+    """'mean difference | t' of paired values (t blank under two pairs)."""
+    diffs = [a - b for a, b in pairs]
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2 or statistics.stdev(diffs) == 0:
+        return f"{mean:+.3f} | "
+    return f"{mean:+.3f} | {mean / (statistics.stdev(diffs) / len(diffs) ** 0.5):+.2f}"
 
 
 if __name__ == "__main__":
