@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import queue
 import tempfile
 import traceback
 from dataclasses import replace
@@ -276,18 +275,18 @@ def _in_fresh_process(fn, args: tuple, name: str, log):
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    messages = ctx.Queue()
-    child = ctx.Process(target=_child, args=(fn, args, messages))
+    ours, theirs = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child, args=(fn, args, theirs))
     child.start()
+    theirs.close()  # the child's end: once the child is gone, reading ours ends
     try:
         while True:
             try:
-                kind, value = messages.get(timeout=5.0)
-            except queue.Empty:
-                if not child.is_alive():
-                    raise RlhfspecError(f"the bench's process for {name!r} ended (exit code {child.exitcode}) without a result; "
-                                        "see its output above (a process killed for memory exits -9).") from None
-                continue
+                kind, value = ours.recv()
+            except EOFError:
+                child.join()
+                raise RlhfspecError(f"the bench's process for {name!r} ended (exit code {child.exitcode}) without a result; "
+                                    "see its output above (a process killed for memory exits -9).") from None
             if kind == "log":
                 log(value)
             elif kind == "error":
@@ -295,19 +294,20 @@ def _in_fresh_process(fn, args: tuple, name: str, log):
             else:
                 return value
     finally:
+        ours.close()
         child.join(timeout=60)
         if child.is_alive():
             child.kill()
 
 
-def _child(fn, args: tuple, messages) -> None:
+def _child(fn, args: tuple, conn) -> None:
     try:
-        messages.put(("done", fn(*args, lambda m: messages.put(("log", m)))))
+        conn.send(("done", fn(*args, lambda m: conn.send(("log", m)))))
     except RlhfspecError as e:
-        messages.put(("error", str(e)))
+        conn.send(("error", str(e)))
     except BaseException as e:  # (a row's failure is the parent's to report; its traceback goes to stderr)
         traceback.print_exc()
-        messages.put(("error", f"{type(e).__name__}: {e}"))
+        conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
 def sharding_markdown(r: dict, cmd: str, iterations: int) -> str:

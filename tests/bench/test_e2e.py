@@ -51,7 +51,6 @@ def test_the_sharding_comparison_runs_the_same_iterations_on_half_the_optimizer_
     assert "<!-- bench" not in table and f"| {sharded} |" in table and "--compare sharding" in table
 
 
-
 def _row(x: int, log) -> dict:
     import os
 
@@ -73,6 +72,7 @@ def test_a_placement_row_runs_in_a_fresh_process_that_passes_on_its_log_result_a
         _in_fresh_process(_row, (-1,), "negative", lines.append)
     with pytest.raises(RlhfspecError, match="process for 'zero' ended \\(exit code 3\\) without a result"):
         _in_fresh_process(_row, (0,), "zero", lines.append)
+
 
 def test_the_prompt_sharing_comparison_trains_the_same_samples_on_fewer_tokens(tmp_path):
     lines = []
