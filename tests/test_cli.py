@@ -54,6 +54,7 @@ def test_bad_distill_settings_are_clear_errors_before_any_work(args, message, ca
     (["--drafter", "ngram", "--strategy", "threshold", "--num-draft-tokens", "auto"], "cannot go with --strategy threshold"),
     (["--drafter", "ngram", "--strategy", "threshold", "--threshold-batch", "0"], "the threshold strategy's batch is 0"),
     (["--num-draft-tokens", "auto"], "the adaptive strategy needs at least one drafter"),
+    (["--drafter", "ngramm"], "--drafter 'ngramm' is neither a drafter (ngram, draft, eagle, eagle-tree) nor the path"),
 ])
 def test_bad_generate_settings_are_clear_errors_before_the_model_loads(args, message, capsys):
     # The model path does not exist: reaching load_model would be a different error.
@@ -66,6 +67,26 @@ def test_an_empty_prompts_file_is_an_error_not_the_demo_prompts(tmp_path, capsys
     empty.write_text("\n")
     assert main(["generate", "--model", "/nonexistent", "--prompts-file", str(empty)]) == 2
     assert "holds no prompts" in capsys.readouterr().err
+
+
+def test_a_prompts_file_row_without_a_text_prompt_is_an_error_naming_its_line(tmp_path, capsys):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": 5}\n')
+    assert main(["generate", "--model", "/nonexistent", "--prompts-file", str(bad)]) == 2
+    assert f"{bad} line 2 has no usable 'prompt' (a non-empty string)" in capsys.readouterr().err
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_do(tmp_path, capsys):
+    from tests.rl.helpers import tiny_policy_dir
+
+    policy = tiny_policy_dir(tmp_path / "policy")
+    args = ["train", "--no-progress", "--model.policy", str(policy), "--run.output_dir", str(tmp_path / "run"),
+            "--data.prompts_per_iteration", "2", "--generation.num_generations", "2", "--generation.max_new_tokens", "4",
+            "--generation.speculative", "false", "--run.tensorboard", "false", "--train.iterations", "1"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    assert "has already run 1 iterations (train.iterations is 1); nothing to do" in capsys.readouterr().out
 
 
 def test_plot_of_a_missing_run_directory_is_an_error(tmp_path, capsys):

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 from rlhfspec.data.chat import encode_prompt
+from rlhfspec.data.sources import check_row
 from rlhfspec.data.prompts import DEMO_PROMPTS
-from rlhfspec.engine.spec import DEFAULT_MAX_BATCH, EngineSpec, drafter_spec, strategy_spec
+from rlhfspec.engine.spec import DEFAULT_MAX_BATCH, EngineSpec, check_drafter, drafter_spec, strategy_spec
 from rlhfspec.errors import RlhfspecError
 from rlhfspec.rollout.generate import Placement
 
@@ -74,10 +75,7 @@ def read_prompts_file(path: Path) -> list:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise RlhfspecError(f"{path} line {n} is not valid JSON ({e.msg}).") from None
-        value = row.get("messages", row.get("prompt")) if isinstance(row, dict) else None
-        if not value:
-            raise RlhfspecError(f"{path} line {n} has no non-empty 'prompt' or 'messages' field.")
-        prompts.append(value)
+        prompts.append(check_row(row, f"{path} line {n}")["prompt"])
     return prompts
 
 
@@ -141,6 +139,8 @@ def run(args) -> int:
 
 def engine_args(args) -> tuple[EngineSpec, Placement]:
     """The engine spec and placement the command line describes (checked before the model loads)."""
+    if args.drafter != "none":
+        check_drafter(args.drafter, "--drafter")
     drafters = () if args.drafter == "none" else (drafter_spec(args.drafter),)
     if args.num_draft_tokens == "auto" and args.strategy not in (None, "adaptive"):
         raise RlhfspecError(f"--num-draft-tokens auto means the adaptive strategy; it cannot go with --strategy {args.strategy}.")

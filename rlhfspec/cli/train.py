@@ -32,6 +32,11 @@ def run_train(args) -> int:
 
     config = load_config(args.config, args.extra + (["--run.ray_address", args.ray_address] if args.ray_address else []))
     trainer = Trainer(config, resume=args.resume, progress=not args.no_progress)
+    if trainer.iteration >= config.train.iterations:
+        trainer.close()
+        print(f"{trainer.run_dir} has already run {trainer.iteration} iterations (train.iterations is {config.train.iterations}); "
+              "nothing to do: pass a larger --train.iterations to continue it.")
+        return 0
     trainer.train()
     records = read(trainer.run_dir)  # the whole run, the iterations before a resume included
     if records:

@@ -12,6 +12,8 @@ Messages = list[dict[str, Any]]
 def encode_prompt(tokenizer, prompt: str | Messages, chat: bool = True) -> list[int]:
     """Token ids of a prompt; with chat=True (and a chat template) a string is one user message,
     and the assistant turn is opened so the model answers."""
+    if not isinstance(prompt, (str, list)):
+        raise RlhfspecError(f"a prompt is text or a list of chat messages, not a value of type {type(prompt).__name__} ({str(prompt)[:60]!r}).")
     if isinstance(prompt, str) and not prompt.strip():
         raise RlhfspecError("the prompt is empty; a chat template would wrap it into a prompt the user never wrote.")
     if isinstance(prompt, list) and not any(str(m.get("content", "")).strip() for m in prompt if isinstance(m, dict)):
@@ -20,6 +22,10 @@ def encode_prompt(tokenizer, prompt: str | Messages, chat: bool = True) -> list[
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not isinstance(prompt, str) and not chat:
+        raise RlhfspecError("the prompt is a list of chat messages, but chat=False (generate --raw) encodes a prompt's text "
+                            "as it is; give plain-text prompts, or apply the chat template (no --raw).")
     if not isinstance(prompt, str):
-        raise TypeError("chat messages need a tokenizer with a chat template")
+        raise RlhfspecError("the prompt is a list of chat messages, but the tokenizer has no chat template to turn them into "
+                            "text; give plain-text prompts, or a model whose tokenizer has a chat template.")
     return tokenizer(prompt)["input_ids"]

@@ -14,7 +14,9 @@ from rlhfspec.data.tasks import REASONING, arithmetic_problems
 from rlhfspec.errors import RlhfspecError
 
 
-def _check_row(row, where: str, column: str) -> dict:
+def check_row(row, where: str, column: str = "prompt") -> dict:
+    """The row with its prompt under "prompt" (text, or chat turns from `column` or "messages"), or
+    one sentence naming `where` on what is missing."""
     if not isinstance(row, dict):
         raise RlhfspecError(f"{where} is not an object with a '{column}' or 'messages' field.")
     prompt = row.get("messages") if column == "messages" else row.get(column, row.get("messages"))
@@ -56,7 +58,7 @@ def read_rows(path: str | Path, column: str = "prompt") -> list[dict]:
                 raise RlhfspecError(f"{path} row {n} is not valid JSON ({e.msg}).") from None
     else:
         raise RlhfspecError(f"dataset {path} is not .jsonl, .parquet or a datasets directory.")
-    rows = [_check_row(r, f"{path} row {i}", column) for i, r in enumerate(raw, start=1)]
+    rows = [check_row(r, f"{path} row {i}", column) for i, r in enumerate(raw, start=1)]
     if not rows:
         raise RlhfspecError(f"dataset {path} has no rows.")
     return rows
@@ -90,9 +92,13 @@ class FileSource:
         """Files have no curriculum."""
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"kind": "dataset", "rows": len(self.rows), "epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
+        _check_kind(state, "dataset")
+        if state.get("rows", len(self.rows)) != len(self.rows):
+            raise RlhfspecError(f"the checkpoint was written over a dataset of {state['rows']} rows and this one has {len(self.rows)}; "
+                                "resume with the run's own data (data.task, or the same train_dataset).")
         self.epoch, self.position = state["epoch"], state["position"]
 
 
@@ -119,10 +125,21 @@ class ArithmeticSource:
             self.digits -= 1
 
     def state_dict(self) -> dict:
-        return {"batches": self.batches, "digits": self.digits}
+        return {"kind": "arithmetic", "batches": self.batches, "digits": self.digits}
 
     def load_state_dict(self, state: dict) -> None:
+        _check_kind(state, "arithmetic")
         self.batches, self.digits = state["batches"], state["digits"]
+
+
+def _check_kind(state: dict, kind: str) -> None:
+    """One sentence when a checkpoint's prompt source is not of this kind (checkpoints written
+    before "kind" was kept are told apart by their keys)."""
+    written = state.get("kind") or ("arithmetic" if "batches" in state else "dataset" if "epoch" in state else None)
+    if written != kind:
+        names = {"arithmetic": "the built-in arithmetic task", "dataset": "a dataset"}
+        raise RlhfspecError(f"the checkpoint was written with prompts from {names.get(written, 'another source')}, and this run "
+                            f"takes them from {names[kind]}; resume with the run's own data (data.task, or the same train_dataset).")
 
 
 def make_source(task, column: str = "prompt", seed: int = 0, shuffle: bool = True, **arith):
@@ -132,7 +149,7 @@ def make_source(task, column: str = "prompt", seed: int = 0, shuffle: bool = Tru
     if isinstance(task, (str, Path)):
         return FileSource(read_rows(task, column), seed=seed, shuffle=shuffle)
     rows = task if isinstance(task, list) else _dataset_rows(task)
-    checked = [_check_row(r, f"dataset row {i}", column) for i, r in enumerate(rows, start=1)]
+    checked = [check_row(r, f"dataset row {i}", column) for i, r in enumerate(rows, start=1)]
     if not checked:
         raise RlhfspecError("the dataset has no rows.")
     return FileSource(checked, seed=seed, shuffle=shuffle)

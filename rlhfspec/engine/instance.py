@@ -33,6 +33,9 @@ class GenerationInstance:
     ):
         if max_batch < 1:
             raise RlhfspecError(f"max_batch is {max_batch}; it must be >= 1.")
+        if batch_invariant and model.dtype not in (torch.float32, torch.bfloat16):
+            raise RlhfspecError(f"the batch-invariant engine runs float32 and bfloat16 models, and this one is {str(model.dtype).removeprefix('torch.')}; "
+                                "load it in float32 or bfloat16, or turn batch invariance off (--batch-invariant off, generation.batch_invariant false).")
         self.model = model
         self.max_batch, self.max_len = max_batch, max_len
         model.ensure_positions(max_len)

@@ -104,6 +104,15 @@ DrafterSpec = Ngram | DraftModel | Eagle
 DRAFTERS: dict[str, type] = {"ngram": Ngram, "draft": DraftModel, "eagle": Eagle, "eagle-tree": Eagle}
 
 
+def check_drafter(text: str, setting: str) -> None:
+    """One sentence when `text` is neither a drafter keyword nor an existing path: a misspelt
+    keyword would otherwise be taken for a draft model's path and fail only once the policy has
+    loaded."""
+    if text not in DRAFTERS and not Path(text).exists():
+        raise RlhfspecError(f"{setting} {text!r} is neither a drafter ({', '.join(DRAFTERS)}) nor the path of a draft model "
+                            "or an eagle head.")
+
+
 def drafter_spec(text: str, taken: tuple[str, ...] = ()) -> DrafterSpec:
     """The drafter a keyword of DRAFTERS or a path names (`taken`: names already used)."""
     kind = DRAFTERS.get(text) or (Eagle if is_eagle_dir(text) else DraftModel)

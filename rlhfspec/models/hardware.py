@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from rlhfspec.errors import RlhfspecError
+
 
 @functools.cache
 def _first_cpu() -> dict[str, str]:
@@ -49,6 +51,23 @@ def native_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def check_device(device: str, setting: str = "device") -> str:
+    """`device` resolved ("auto": a CUDA GPU when torch sees one, else the CPU), or one sentence,
+    naming `setting`, on why this process cannot use it."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = device.partition(":")
+    if device != "cpu" and (kind != "cuda" or (index and not index.isdigit())):
+        raise RlhfspecError(f"{setting} {device!r} is not auto, cpu, cuda or cuda:N.")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RlhfspecError(f"{setting} is {device!r}, but this torch ({torch.__version__}) sees no CUDA GPU; "
+                                "use cpu (or auto, which picks a GPU only where there is one).")
+        if index and int(index) >= torch.cuda.device_count():
+            raise RlhfspecError(f"{setting} is {device!r}, but torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0.")
+    return device
 
 
 def describe() -> str:

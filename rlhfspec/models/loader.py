@@ -13,6 +13,7 @@ from rlhfspec.errors import RlhfspecError
 from rlhfspec.models.checkpoint import from_hf, read_hf_config, read_hf_tensors, save_pretrained
 from rlhfspec.models.config import ModelConfig
 from rlhfspec.models.gguf import read_gguf
+from rlhfspec.models.hardware import check_device
 from rlhfspec.models.llama import Transformer
 from rlhfspec.paths import default_cache_dir
 
@@ -56,6 +57,7 @@ def load_model(
 
     The tokenizer is a transformers tokenizer (None when the source has none or tokenizer=False).
     """
+    device = check_device(str(device))
     target = resolve_dtype(dtype, device)
     if str(source) == "default":
         path = _cached_default(Path(cache_dir) if cache_dir else default_cache_dir())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import sys
 from typing import Callable
@@ -19,6 +20,9 @@ def resolve(spec: str | RewardFn) -> RewardFn:
     """A built-in name, 'package.module:function', or a callable."""
     if callable(spec):
         return spec
+    if not isinstance(spec, str):
+        raise RlhfspecError(f"reward function {spec!r} is neither a function nor a name: give a callable, a built-in name "
+                            f"({', '.join(BUILTIN)}) or 'module:function'.")
     if spec in BUILTIN:
         return BUILTIN[spec]
     if ":" in spec:
@@ -27,10 +31,13 @@ def resolve(spec: str | RewardFn) -> RewardFn:
         if os.getcwd() not in sys.path and "" not in sys.path:
             sys.path.insert(0, os.getcwd())
         try:
-            return getattr(importlib.import_module(module), name)
+            fn = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as e:
             raise RlhfspecError(f"reward function {spec!r} could not be imported ({e}); it is looked up in the current directory "
                                 f"({os.getcwd()}) and on PYTHONPATH.") from None
+        if not callable(fn):
+            raise RlhfspecError(f"reward function {spec!r} is a {type(fn).__name__}, not a function.")
+        return fn
     raise RlhfspecError(f"reward function {spec!r} is not built in ({', '.join(BUILTIN)}) and not 'module:function'.")
 
 
@@ -67,8 +74,11 @@ class RewardSet:
                 raise RlhfspecError(
                     f"reward function {self.names[j]} raised {type(e).__name__}: {e} on {where}; the iteration was not committed."
                 ) from e
-            if values is None or len(values) != n:
-                raise RlhfspecError(f"reward function {self.names[j]} returned {0 if values is None else len(values)} rewards for {n} completions.")
+            if values is None or isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
+                raise RlhfspecError(f"reward function {self.names[j]} returned {'None' if values is None else 'a ' + type(values).__name__}, not a list of {n} rewards "
+                                    "(a number or None for each completion).")
+            if len(values) != n:
+                raise RlhfspecError(f"reward function {self.names[j]} returned {len(values)} rewards for {n} completions.")
             for i, v in enumerate(values):
                 if v is None:
                     continue
@@ -76,8 +86,9 @@ class RewardSet:
                     table[i, j] = float(v)
                 except (TypeError, ValueError):
                     raise RlhfspecError(f"reward function {self.names[j]} returned {v!r} for sample {i}, not a number or None.") from None
-                if table[i, j] != table[i, j]:
-                    raise RlhfspecError(f"reward function {self.names[j]} returned NaN for sample {i} (prompt {str(prompts[i])[:60]!r}).")
+                if not math.isfinite(table[i, j]):
+                    raise RlhfspecError(f"reward function {self.names[j]} returned {v!r} for sample {i} (prompt {str(prompts[i])[:60]!r}); "
+                                        "a reward must be a finite number or None.")
         weights = torch.tensor(self.weights, dtype=torch.float64)
         return table, (table * weights).nansum(dim=1)
 

@@ -4,19 +4,23 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rlhfspec.distill.teacher import TOP_K
-from rlhfspec.engine.spec import STRATEGIES, DraftModel, Eagle, EngineSpec, drafter_spec, strategy_spec
+from rlhfspec.engine.spec import STRATEGIES, DraftModel, Eagle, EngineSpec, check_drafter, drafter_spec, strategy_spec
 from rlhfspec.errors import RlhfspecError
+from rlhfspec.models import hardware
 from rlhfspec.models.rounding import ROUNDINGS
 from rlhfspec.rl.losses import AGGREGATIONS
 from rlhfspec.rollout.generate import BACKENDS
 
 
-@dataclass
+@dataclass(slots=True)
 class ModelsConfig:
     """The `model` section: which checkpoints play policy, reference and critic (an architecture
     is models.config.ModelConfig)."""
@@ -27,7 +31,7 @@ class ModelsConfig:
     dtype: str = "float32"  # the weights' precision (master weights; train.dtype is the compute precision)
 
 
-@dataclass
+@dataclass(slots=True)
 class DataConfig:
     task: str = "arithmetic"  # "arithmetic" (built in) or a path: .jsonl, .parquet or a datasets directory
     prompt_column: str = "prompt"  # or "messages" rows (chat turns)
@@ -40,14 +44,14 @@ class DataConfig:
     curriculum: bool = False  # adapt the number of digits to the running success rate
 
 
-@dataclass
+@dataclass(slots=True)
 class RewardConfig:
     functions: list[str] = field(default_factory=lambda: ["arithmetic_correct", "answer_format"])
     weights: list[float] | None = None  # one per function; None: all 1.0
     reward_model: str | None = None  # an HF sequence-classification checkpoint, added as one more reward
 
 
-@dataclass
+@dataclass(slots=True)
 class GenerationConfig:
     num_generations: int = 8  # G samples per prompt
     max_new_tokens: int = 128
@@ -129,7 +133,7 @@ class GenerationConfig:
         return 1.0 if device.startswith("cuda") else 0.0
 
 
-@dataclass
+@dataclass(slots=True)
 class AlgorithmConfig:
     name: str = "grpo"  # "grpo", "rloo" or "ppo"
     beta: float = 0.0  # KL coefficient (0: no reference model, as TRL's GRPOConfig default)
@@ -163,7 +167,7 @@ class AlgorithmConfig:
     tis_level: str = "token"
 
 
-@dataclass
+@dataclass(slots=True)
 class TrainConfig:
     iterations: int = 12
     learning_rate: float = 3e-5
@@ -218,7 +222,7 @@ class TrainConfig:
         return "bfloat16" if device.startswith("cuda") or native_bf16() else "float32"
 
 
-@dataclass
+@dataclass(slots=True)
 class RunConfig:
     output_dir: str = "runs/grpo_arith"
     checkpoint_every: int = 1
@@ -240,7 +244,7 @@ class RunConfig:
     keep_freed_memory: bool = True
 
 
-@dataclass
+@dataclass(slots=True)
 class Config:
     model: ModelsConfig = field(default_factory=ModelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -275,6 +279,11 @@ class Config:
         kl_estimator) left null."""
         from rlhfspec.engine.sampling import SamplingParams
 
+        for part in dataclasses.fields(self):  # settings made in Python are typed as a file's are
+            section = getattr(self, part.name)
+            hints = typing.get_type_hints(type(section))
+            for f in dataclasses.fields(section):
+                setattr(section, f.name, coerce(getattr(section, f.name), hints[f.name], f"{part.name}.{f.name}", "config"))
         g, a, t, r, d = self.generation, self.algorithm, self.train, self.run, self.data
         if a.kl_in_reward is None:
             a.kl_in_reward = a.name in ("ppo", "rloo")
@@ -321,6 +330,9 @@ class Config:
              "towards the reference; use k3 or k2 in the loss, or k1 with algorithm.kl_in_reward true."),
             (a.entropy_coef >= 0, f"algorithm.entropy_coef is {a.entropy_coef}; it must be >= 0."),
             (t.logprob_check_every >= 1, f"train.logprob_check_every is {t.logprob_check_every}; it must be >= 1."),
+            (self.model.dtype in ("float32", "fp32", "bfloat16", "bf16"),
+             f"model.dtype {self.model.dtype!r} is not float32 or bfloat16 (the master weights' precision; float16 weights "
+             "lose small updates: keep float32 weights and train in bfloat16 with train.dtype bfloat16)."),
             (t.dtype in (None, "float32", "bfloat16"), f"train.dtype {t.dtype!r} is not float32 or bfloat16 (or null: chosen by the hardware)."),
             (g.dtype in (None, "float32", "bfloat16"), f"generation.dtype {g.dtype!r} is not float32 or bfloat16 (or null: the trainer's precision)."),
             (g.rounding in ROUNDINGS, f"generation.rounding {g.rounding!r} is not one of {', '.join(ROUNDINGS)}."),
@@ -342,6 +354,8 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise RlhfspecError(message)
+        for text in g.drafters if g.speculative else []:
+            check_drafter(text, "generation.drafters:")
         SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, max_new_tokens=g.max_new_tokens)
         if g.backend not in BACKENDS:
             raise RlhfspecError(f"generation.backend {g.backend!r} is not one of {', '.join(BACKENDS)}.")
@@ -362,20 +376,55 @@ class Config:
                 raise RlhfspecError("run.wandb is true but wandb is not installed; pip install 'rlhfspec[wandb]' (or set run.wandb false).")
 
 
+UNIONS = (typing.Union, types.UnionType)
+
+
+def coerce(value: Any, hint: Any, dotted: str, source: str) -> Any:
+    """`value` as setting `dotted` of type `hint` takes it (an int for a float, text for a number
+    where YAML read one, "on"/"off" for a bool, one item for a list), or one sentence."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise RlhfspecError(f"{source}: {dotted} cannot be null.")
+    if origin in UNIONS:
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(value, a, dotted, source)
+            except RlhfspecError:
+                continue
+        raise RlhfspecError(f"{source}: {dotted} = {value!r} is not a valid {hint}.")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [coerce(v, args[0], dotted, source) for v in value]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise RlhfspecError(f"{source}: {dotted} needs {len(args)} values, got {value!r}.")
+        return tuple(coerce(v, a, dotted, source) for v, a in zip(value, args))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("on", "off", "true", "false"):
+            return value.lower() in ("on", "true")
+        raise RlhfspecError(f"{source}: {dotted} must be true/false (or on/off), not {value!r}.")
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads "1e-5" (no dot) as a string
+        except ValueError:
+            pass
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, (str, int, float, os.PathLike)) and not isinstance(value, bool):
+        return str(value)
+    raise RlhfspecError(f"{source}: {dotted} = {value!r} is not a valid {getattr(hint, '__name__', hint)}.")
+
+
 def check_device(device: str) -> str:
     """run.device resolved ("auto": a CUDA GPU when torch sees one), or one sentence on why a run
     cannot use it."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    kind, _, index = device.partition(":")
-    if device != "cpu" and (kind != "cuda" or (index and not index.isdigit())):
-        raise RlhfspecError(f"run.device {device!r} is not auto, cpu, cuda or cuda:N.")
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise RlhfspecError(f"run.device is {device!r}, but this torch ({torch.__version__}) sees no CUDA GPU; "
-                                "use cpu (or auto, which picks a GPU only where there is one).")
-        if index and int(index) >= torch.cuda.device_count():
-            raise RlhfspecError(f"run.device is {device!r}, but torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0.")
-    return device
+    return hardware.check_device(device, "run.device")

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from rlhfspec.errors import RlhfspecError
-from rlhfspec.rl.config import Config
+from rlhfspec.rl.config import UNIONS, Config, coerce
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -21,7 +21,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise RlhfspecError(f"config file {p} does not exist.")
-        raw = yaml.safe_load(p.read_text()) or {}
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RlhfspecError(f"{p} is not valid YAML: {_yaml_problem(e)}.") from None
         if not isinstance(raw, dict):
             raise RlhfspecError(f"{p} must hold a mapping of sections (model, data, reward, generation, algorithm, train, run).")
     config = from_dict(raw, source=str(path or "defaults"))
@@ -34,6 +37,8 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     for section, values in raw.items():
         if not hasattr(config, section):
             raise RlhfspecError(f"{source}: unknown section {section!r}; sections are {', '.join(f.name for f in dataclasses.fields(Config))}.")
+        if values is not None and not isinstance(values, dict):
+            raise RlhfspecError(f"{source}: section {section} must be a mapping of settings (key: value), not {values!r}.")
         for key, value in (values or {}).items():
             _set(config, f"{section}.{key}", value, source, parse=False)
     return config
@@ -62,48 +67,26 @@ def _set(config: Config, dotted: str, value: Any, source: str, parse: bool) -> N
     if parts[1] not in hints:
         raise RlhfspecError(f"{source}: {parts[0]} has no setting {parts[1]!r}; it has {', '.join(hints)}.")
     if parse and isinstance(value, str):
-        value = yaml.safe_load(value)
-    setattr(section, parts[1], _coerce(value, hints[parts[1]], dotted, source))
+        value = _parse(value, hints[parts[1]], dotted)
+    setattr(section, parts[1], coerce(value, hints[parts[1]], dotted, source))
 
 
-def _coerce(value: Any, hint: Any, dotted: str, source: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if value is None:
-        if type(None) in args:
-            return None
-        raise RlhfspecError(f"{source}: {dotted} cannot be null.")
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, dotted, source)
-            except RlhfspecError:
-                continue
-        raise RlhfspecError(f"{source}: {dotted} = {value!r} is not a valid {hint}.")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        return [_coerce(v, args[0], dotted, source) for v in value]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise RlhfspecError(f"{source}: {dotted} needs {len(args)} values, got {value!r}.")
-        return tuple(_coerce(v, a, dotted, source) for v, a in zip(value, args))
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("on", "off", "true", "false"):
-            return value.lower() in ("on", "true")
-        raise RlhfspecError(f"{source}: {dotted} must be true/false (or on/off), not {value!r}.")
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML reads "1e-5" (no dot) as a string
-        except ValueError:
-            pass
-    if hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)
-    raise RlhfspecError(f"{source}: {dotted} = {value!r} is not a valid {getattr(hint, '__name__', hint)}.")
+def _parse(text: str, hint: Any, dotted: str) -> Any:
+    """A command-line value as YAML reads it; for a text setting the text itself (YAML would read
+    `010` as 8 and `0x10` as 16), or None for null where the setting may be null."""
+    if hint is str or (typing.get_origin(hint) in UNIONS and set(typing.get_args(hint)) == {str, type(None)}):
+        return None if hint is not str and text.strip().lower() in ("null", "none", "~") else text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RlhfspecError(f"command line: --{dotted} {text!r} cannot be read as a value ({_yaml_problem(e)}).") from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's complaint in one line, with the line and column it points at."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or e}{where}"
+
+
+_UNIONS = (typing.Union, getattr(__import__("types"), "UnionType", None))

@@ -33,12 +33,12 @@ SUCCESS_REWARDS = ("arithmetic_correct", "gsm8k_correct")
 
 
 class Trainer:
-    """The RL loop over a Config. `reward_funcs` (callables with TRL's signature, built-in names or
-    'module:function') and `train_dataset` (a `datasets.Dataset`, a list of row dicts, or a path)
+    """The RL loop over a Config. `reward_funcs` (one or a list of callables with TRL's signature,
+    built-in names or 'module:function') and `train_dataset` (a `datasets.Dataset`, a list of row dicts, or a path)
     take the place of reward.functions and data.task when given."""
 
     def __init__(self, config: Config, resume: bool = False, log=print, progress: bool = True, *,
-                 reward_funcs: list | None = None, train_dataset=None):
+                 reward_funcs=None, train_dataset=None):
         self.config, self.log, self.progress = config, log, progress
         c = config
         c.validate()
@@ -59,7 +59,8 @@ class Trainer:
         self.score_params = score_params(c)
         self.filtered = c.generation.top_p < 1.0 or c.generation.top_k > 0
         # Cheap things first, so a bad reward or dataset fails before any model loads.
-        functions = list(reward_funcs if reward_funcs is not None else c.reward.functions)
+        functions = reward_funcs if reward_funcs is not None else c.reward.functions
+        functions = list(functions) if isinstance(functions, (list, tuple)) else [functions]  # one function, as TRL takes it too
         self.rewards = RewardSet(functions, None if c.reward.reward_model else c.reward.weights)
         self.source = prompt_source(c, train_dataset)
         self.device = device = c.device()

@@ -61,6 +61,21 @@ def test_file_source_resumes_where_it_stopped_and_covers_each_epoch(tmp_path):
     assert sorted(first + rest[:4]) == sorted(f"q{i}" for i in range(7))
 
 
+def test_a_checkpointed_source_resumed_with_other_data_is_one_sentence():
+    rows = [{"prompt": f"q{i}"} for i in range(7)]
+    dataset, arithmetic = FileSource(rows).state_dict(), ArithmeticSource().state_dict()
+    with pytest.raises(RlhfspecError, match="written with prompts from a dataset, and this run takes them from the built-in arithmetic task"):
+        ArithmeticSource().load_state_dict(dataset)
+    with pytest.raises(RlhfspecError, match="written with prompts from the built-in arithmetic task, and this run takes them from a dataset"):
+        FileSource(rows).load_state_dict(arithmetic)
+    with pytest.raises(RlhfspecError, match="a dataset of 7 rows and this one has 6"):
+        FileSource(rows[:6]).load_state_dict(dataset)
+    # checkpoints written before the kind was kept
+    FileSource(rows).load_state_dict({"epoch": 1, "position": 2})
+    with pytest.raises(RlhfspecError, match="from the built-in arithmetic task, and this run takes them from a dataset"):
+        FileSource(rows).load_state_dict({"batches": 1, "digits": 1})
+
+
 def test_arithmetic_answers_are_right_and_the_curriculum_moves():
     src = ArithmeticSource(seed=1, digits=1, terms=3)
     for row in src.next(50):

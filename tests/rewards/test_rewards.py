@@ -36,7 +36,10 @@ def test_a_raising_function_is_named_with_its_sample():
         RewardSet([picky]).score(["p0", "p1", "p2"], ["ok", "fine", "bad"], [[1]] * 3, {})
 
 
-@pytest.mark.parametrize("returned, message", [([1.0], "returned 1 rewards for 2"), (["x", 1.0], "returned 'x' for sample 0"), ([float("nan"), 1.0], "returned NaN for sample 0")])
+@pytest.mark.parametrize("returned, message", [([1.0], "returned 1 rewards for 2"), (["x", 1.0], "returned 'x' for sample 0"),
+                                               ([float("nan"), 1.0], "returned nan for sample 0"), ([1.0, float("-inf")], "returned -inf for sample 1"),
+                                               (1.0, "returned a float, not a list of 2 rewards"), (None, "returned None, not a list of 2"),
+                                               ((r for r in (1.0, 2.0)), "returned a generator, not a list"), ("ab", "returned a str, not a list")])
 def test_bad_reward_values_are_clear_errors(returned, message):
     with pytest.raises(RlhfspecError, match=message):
         RewardSet([lambda prompts, completions, **_: returned]).score(["a", "b"], ["x", "y"], [[1], [2]], {})
@@ -47,6 +50,10 @@ def test_unknown_reward_names_are_clear_errors():
         RewardSet(["no_such_reward"])
     with pytest.raises(RlhfspecError, match="could not be imported"):
         RewardSet(["no.such.module:fn"])
+    with pytest.raises(RlhfspecError, match="reward function 42 is neither a function nor a name"):
+        RewardSet([42])
+    with pytest.raises(RlhfspecError, match="reward function 'math:pi' is a float, not a function"):
+        RewardSet(["math:pi"])
 
 
 def test_reward_model_scores_equal_transformers_sequence_classification(tmp_path):

@@ -65,6 +65,8 @@ def test_a_module_function_reward_imports_from_the_current_directory(tmp_path, m
     ({"generation.refresh_buffer": 0}, "generation.refresh_buffer is 0; it must be at least 1 (iterations of rollouts)."),
     ({"generation.refresh_unroll": "sometimes"}, "generation.refresh_unroll is 'sometimes'; it must be true, false or 'auto'."),
     ({"generation.refresh_trace_every": 0}, "generation.refresh_trace_every is 0; it must be at least 1 (1: every sample keeps its targets)."),
+    ({"generation.drafters": "[ngramm]", "generation.speculative": "true"}, "generation.drafters: 'ngramm' is neither a drafter (ngram, draft, eagle, eagle-tree) nor the path"),
+    ({"model.dtype": "float16"}, "model.dtype 'float16' is not float32 or bfloat16 (the master weights' precision"),
 ])
 def test_bad_settings_fail_before_the_model_loads(tmp_path, overrides, message):
     # The policy path does not exist: reaching load_model would raise a different error.
@@ -77,6 +79,36 @@ def test_bad_settings_fail_before_the_model_loads(tmp_path, overrides, message):
 def test_a_gpu_run_without_a_gpu_is_one_sentence(tmp_path, device):
     with pytest.raises(RlhfspecError, match=rf"^run.device is '{device}', but this torch \(.*\) sees no CUDA GPU; use cpu \(or auto"):
         Trainer(_config(tmp_path, tmp_path / "no-such-policy", **{"run.device": device}), progress=False, log=lambda m: None)
+
+
+@pytest.mark.parametrize("reward_funcs, message", [
+    (lambda prompts, completions, **_: [0.0] * len(completions), "no-such-policy"),  # one function, as TRL takes it: accepted
+    ("answer_format", "no-such-policy"),  # one name, not its letters
+    ([42], "reward function 42 is neither a function nor a name"),
+])
+def test_reward_funcs_take_one_function_or_a_list_as_trl_does(tmp_path, reward_funcs, message):
+    # Rewards are resolved before the model loads: reaching the missing policy means they were accepted.
+    with pytest.raises(RlhfspecError, match=message):
+        Trainer(_config(tmp_path, tmp_path / "no-such-policy"), reward_funcs=reward_funcs, progress=False, log=lambda m: None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_load_model_on_a_device_this_torch_lacks_is_one_sentence(tmp_path):
+    from rlhfspec import load_model
+
+    with pytest.raises(RlhfspecError, match=r"^device is 'cuda', but this torch \(.*\) sees no CUDA GPU"):
+        load_model(tmp_path / "no-such-policy", device="cuda")
+    with pytest.raises(RlhfspecError, match=r"^device 'foo' is not auto, cpu, cuda or cuda:N\.$"):
+        load_model(tmp_path / "no-such-policy", device="foo")
+
+
+def test_a_float16_model_on_the_batch_invariant_engine_is_one_sentence(tiny_checkpoint):
+    from rlhfspec import SamplingParams, generate, load_model
+
+    model, _ = load_model(tiny_checkpoint("llama"), dtype="float16", tokenizer=False)
+    with pytest.raises(RlhfspecError, match="the batch-invariant engine runs float32 and bfloat16 models, and this one is float16"):
+        generate(model, [[5, 6, 7]], SamplingParams(max_new_tokens=2))
+    assert len(generate(model, [[5, 6, 7]], SamplingParams(max_new_tokens=2), batch_invariant=False)[0].token_ids) == 2
 
 
 def test_public_api_exports_the_trainer_and_its_config():
@@ -107,6 +139,14 @@ def test_an_empty_prompt_is_refused_before_the_chat_template_hides_it(tmp_path):
         encode_prompt(tok, "   ")
     with pytest.raises(RlhfspecError, match="no message with any content"):
         encode_prompt(tok, [{"role": "user", "content": ""}])
+    with pytest.raises(RlhfspecError, match=r"a prompt is text or a list of chat messages, not a value of type int \('5'\)"):
+        encode_prompt(tok, 5)
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(RlhfspecError, match=r"chat=False \(generate --raw\) encodes a prompt's text as it is"):
+        encode_prompt(tok, messages, chat=False)
+    tok.chat_template = None
+    with pytest.raises(RlhfspecError, match="the tokenizer has no chat template"):
+        encode_prompt(tok, messages)
 
 
 def test_a_bad_drafter_path_says_it_is_the_drafter(tiny_checkpoint):
