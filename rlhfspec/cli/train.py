@@ -15,6 +15,7 @@ def register(sub) -> None:
     e = sub.add_parser("export", help="write a run's policy as a Hugging Face checkpoint")
     e.add_argument("run_dir", type=Path)
     e.add_argument("out", type=Path)
+    e.add_argument("--overwrite", action="store_true", help="write into OUT even if it already holds files")
     e.set_defaults(run=run_export)
     p = sub.add_parser("plot", help="PNG plots of a run's metrics (reward, KL, stage times, acceptance)")
     p.add_argument("run_dir", type=Path, nargs="+")
@@ -63,7 +64,11 @@ def run_export(args) -> int:
 
     path = ckpt.latest(args.run_dir)
     if path is None:
-        raise RlhfspecError(f"{args.run_dir} has no checkpoint to export.")
+        raise RlhfspecError(f"{args.run_dir} has no checkpoint to export; export takes a run directory (run.output_dir). "
+                            "To write a model itself as a Hugging Face checkpoint, use rlhfspec.save_pretrained(model, dir, tokenizer).")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.overwrite:
+        raise RlhfspecError(f"{args.out} already exists and is not an empty directory (it may be a model you still need); "
+                            "pass --overwrite to write the checkpoint there anyway, or choose another directory.")
     config = yaml.safe_load((args.run_dir / "config.yaml").read_text())
     model, tok = load_model(config["model"]["policy"], dtype=config["model"]["dtype"])
     tensors, _ = ckpt.load(path)

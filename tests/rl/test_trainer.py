@@ -82,6 +82,10 @@ def test_export_writes_a_checkpoint_transformers_loads(tmp_path, policy):
     model = AutoModelForCausalLM.from_pretrained(str(out))
     tensors, _ = ckpt.load(ckpt.latest(tmp_path / "run"))
     assert torch.equal(model.model.embed_tokens.weight, tensors["policy"]["embed.weight"])
+    # A directory that holds files (here the policy the run started from) is not written over unless asked.
+    again = subprocess.run([sys.executable, "-m", "rlhfspec.cli.main", "export", str(tmp_path / "run"), str(policy)], capture_output=True, text=True)
+    assert again.returncode == 2 and f"{policy} already exists and is not an empty directory" in again.stderr
+    subprocess.run([sys.executable, "-m", "rlhfspec.cli.main", "export", str(tmp_path / "run"), str(out), "--overwrite"], check=True, capture_output=True)
 
 
 def _chat_task(path: Path) -> Path:
