@@ -6,6 +6,7 @@ import importlib
 import math
 import os
 import sys
+import warnings
 from typing import Callable
 
 import torch
@@ -89,6 +90,10 @@ class RewardSet:
                 if not math.isfinite(table[i, j]):
                     raise RlhfspecError(f"reward function {self.names[j]} returned {v!r} for sample {i} (prompt {str(prompts[i])[:60]!r}); "
                                         "a reward must be a finite number or None.")
+        unscored = table.isnan().all(dim=1).nonzero().flatten().tolist()
+        if unscored:  # as TRL warns: such a sample's reward is 0, which is rarely what was meant
+            warnings.warn(f"every reward function returned None for {len(unscored)} of {n} samples (the first: sample {unscored[0]}, "
+                          f"prompt {str(prompts[unscored[0]])[:60]!r}); their reward is 0.", stacklevel=2)
         weights = torch.tensor(self.weights, dtype=torch.float64)
         return table, (table * weights).nansum(dim=1)
 

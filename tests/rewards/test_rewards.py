@@ -20,6 +20,15 @@ def test_weighted_sum_ignores_none_like_trl():
     assert total.tolist() == [2.0, 0.0, 2.0]
 
 
+def test_a_sample_no_function_scores_is_warned_of_as_trl_does():
+    def some(prompts, completions, **_):
+        return [None, 1.0, None]
+
+    with pytest.warns(UserWarning, match=r"every reward function returned None for 2 of 3 samples \(the first: sample 0, prompt 'p0'\); their reward is 0"):
+        _, total = RewardSet([some]).score(["p0", "p1", "p2"], ["a", "b", "c"], [[1]] * 3, {})
+    assert total.tolist() == [0.0, 1.0, 0.0]
+
+
 def test_builtins_score_answers_and_format():
     assert arithmetic_correct(None, ["Answer: 12", "12 apples", "Answer: 13"], answer=[12, 12, 12]) == [1.0, 1.0, 0.0]
     assert answer_format(None, ["work...\nAnswer: 12", "12"]) == [0.2, 0.0]
