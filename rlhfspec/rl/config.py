@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +14,7 @@ from rlhfspec.errors import RlhfspecError
 from rlhfspec.models import hardware
 from rlhfspec.models.rounding import ROUNDINGS
 from rlhfspec.rl.losses import AGGREGATIONS
+from rlhfspec.rl.typed import coerce_fields
 from rlhfspec.rollout.generate import BACKENDS
 
 
@@ -259,7 +257,7 @@ class Config:
 
     def device(self) -> str:
         """run.device resolved: "auto" is "cuda" when torch sees a CUDA GPU, else "cpu"."""
-        return check_device(self.run.device)
+        return hardware.check_device(self.run.device, "run.device")
 
     def engine_device(self) -> str:
         """Where the generation instances run: run.device in this process; on Ray, an actor's own
@@ -280,10 +278,7 @@ class Config:
         from rlhfspec.engine.sampling import SamplingParams
 
         for part in dataclasses.fields(self):  # settings made in Python are typed as a file's are
-            section = getattr(self, part.name)
-            hints = typing.get_type_hints(type(section))
-            for f in dataclasses.fields(section):
-                setattr(section, f.name, coerce(getattr(section, f.name), hints[f.name], f"{part.name}.{f.name}", "config"))
+            coerce_fields(getattr(self, part.name), part.name, "config")
         g, a, t, r, d = self.generation, self.algorithm, self.train, self.run, self.data
         if a.kl_in_reward is None:
             a.kl_in_reward = a.name in ("ppo", "rloo")
@@ -374,57 +369,3 @@ class Config:
 
             if importlib.util.find_spec("wandb") is None:
                 raise RlhfspecError("run.wandb is true but wandb is not installed; pip install 'rlhfspec[wandb]' (or set run.wandb false).")
-
-
-UNIONS = (typing.Union, types.UnionType)
-
-
-def coerce(value: Any, hint: Any, dotted: str, source: str) -> Any:
-    """`value` as setting `dotted` of type `hint` takes it (an int for a float, text for a number
-    where YAML read one, "on"/"off" for a bool, one item for a list), or one sentence."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if value is None:
-        if type(None) in args:
-            return None
-        raise RlhfspecError(f"{source}: {dotted} cannot be null.")
-    if origin in UNIONS:
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return coerce(value, a, dotted, source)
-            except RlhfspecError:
-                continue
-        raise RlhfspecError(f"{source}: {dotted} = {value!r} is not a valid {hint}.")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        return [coerce(v, args[0], dotted, source) for v in value]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise RlhfspecError(f"{source}: {dotted} needs {len(args)} values, got {value!r}.")
-        return tuple(coerce(v, a, dotted, source) for v, a in zip(value, args))
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("on", "off", "true", "false"):
-            return value.lower() in ("on", "true")
-        raise RlhfspecError(f"{source}: {dotted} must be true/false (or on/off), not {value!r}.")
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML reads "1e-5" (no dot) as a string
-        except ValueError:
-            pass
-    if hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if hint is str and isinstance(value, (str, int, float, os.PathLike)) and not isinstance(value, bool):
-        return str(value)
-    raise RlhfspecError(f"{source}: {dotted} = {value!r} is not a valid {getattr(hint, '__name__', hint)}.")
-
-
-def check_device(device: str) -> str:
-    """run.device resolved ("auto": a CUDA GPU when torch sees one), or one sentence on why a run
-    cannot use it."""
-    return hardware.check_device(device, "run.device")

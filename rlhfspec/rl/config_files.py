@@ -11,7 +11,8 @@ from typing import Any
 import yaml
 
 from rlhfspec.errors import RlhfspecError
-from rlhfspec.rl.config import UNIONS, Config, coerce
+from rlhfspec.rl.config import Config
+from rlhfspec.rl.typed import UNIONS, coerce
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
